@@ -1,0 +1,32 @@
+# The two commands a new user needs (see README): `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    ?= /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test install data clean
+
+$(BIN)/swap: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+install: $(BIN)/swap
+
+# Fashion-MNIST: Debian's package when we are root on Debian/Ubuntu, else `swap data fetch`.
+data: install
+	@$(BIN)/swap data find fashion-mnist >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	    else $(BIN)/swap data fetch fashion-mnist; fi; }
+
+demo: data
+	$(BIN)/swap train --config fashion_mnist_quick --workers 2 --out $(DEMO_OUT) --overwrite
+
+test: data
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,101 @@
+"""What every algorithm needs on each rank: process set-up, data on the device, model factory,
+optimizer, loaders, evaluation and the metrics sink. The algorithms compose these.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import distributed
+from ..config import Config
+from ..data import Augment, ImageDataset, Loader, load_dataset
+from ..models import build_model
+from ..rundir import RunDir, machine_info
+from ..schedules import warmup_decay
+from ..train import evaluate
+
+
+@dataclass
+class Context:
+    """One rank's view of a run. Build with :meth:`create` (inside each process)."""
+    cfg: Config
+    dist: distributed.Dist
+    run: RunDir
+    train_set: ImageDataset
+    test_set: ImageDataset
+    mean: torch.Tensor
+    std: torch.Tensor
+    t0: float                             # run start (time.time()), shared by all ranks
+
+    @classmethod
+    def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None) -> "Context":
+        d = distributed.setup(cfg.device, cfg.threads)
+        train_set, test_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset,
+                                           cfg.data.test_subset, device=d.device)
+        mean, std = train_set.channel_stats()
+        t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
+        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0)
+
+    # ------------------------------------------------------------------ building blocks
+    def build_model(self) -> nn.Module:
+        """The configured model, initialised from the run seed (identical on every rank)."""
+        torch.manual_seed(self.cfg.seed)
+        c = self.train_set.images.shape[1]
+        model = build_model(self.cfg.model.name, self.train_set.num_classes, c, self.cfg.model.width)
+        model = model.to(self.dist.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
+        """SGD with the configured (Nesterov) momentum and weight decay; the LR is set per update."""
+        o = self.cfg.optim
+        return torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+
+    def augment(self) -> Augment:
+        d = self.cfg.data
+        return Augment(d.crop_padding, d.flip, d.cutout)
+
+    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True) -> Loader:
+        """Training batches; ``data_parallel`` slices each global batch to this rank's share."""
+        rank, world = (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
+        return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
+                      self.augment() if augment else None, rank, world, self.cfg.channels_last)
+
+    @staticmethod
+    def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):
+        return warmup_decay(peak_lr, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch, shape)
+
+    def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float:
+        """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``."""
+        return evaluate(model, self.test_set, self.mean, self.std, distributed=distributed_eval,
+                        channels_last=self.cfg.channels_last)
+
+    # ------------------------------------------------------------------ reporting
+    def sink(self, phase: str, worker: int | None, epochs: int):
+        """Per-epoch callback: one metrics.jsonl record and one progress line."""
+        label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
+
+        def on_epoch(rec: dict) -> None:
+            rec = {"phase": phase, "worker": worker, **rec, "phase_wall_s": rec["wall_s"],
+                   "wall_s": time.time() - self.t0}
+            self.run.log(rec)
+            test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
+            tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f} "
+                       f"train {rec['train_acc']:.2f}%{test} ({rec['samples_per_s']:.0f} samples/s)", file=sys.stderr)
+        return on_epoch
+
+    def progress(self, total: int, label: str, position: int = 0):
+        """A tqdm bar over updates, only on a terminal (per-epoch lines are printed regardless)."""
+        return tqdm(total=total, desc=label, position=position, leave=False, dynamic_ncols=True,
+                    disable=not sys.stderr.isatty(), file=sys.stderr)
+
+    def machine(self) -> dict:
+        return machine_info(self.dist.device, self.dist.threads, self.dist.world_size)

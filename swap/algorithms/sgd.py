@@ -1,0 +1,79 @@
+"""Synchronous data-parallel minibatch SGD: the paper's "SGD (small-batch)" and "SGD (large-batch)"
+baselines and, with a stopping accuracy, SWAP's phase 1 (Gupta et al., ICLR 2020, Algorithm 1).
+
+Every rank holds the same model wrapped in DistributedDataParallel; each global batch is the
+same set of samples a single process would draw (shared permutation), split evenly over ranks
+and, within a rank, into micro-batches with gradient accumulation.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import distributed
+from ..checkpoint import save_checkpoint
+from ..config import Config, check_world
+from ..train import train, unwrap
+from .common import Context
+
+
+def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
+                        peak_lr: float, warmup_epochs: float, epochs: int, schedule: str,
+                        stop_acc: float | None = None) -> dict:
+    """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``.
+
+    ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
+    end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``.
+
+    Raises:
+        SwapError: ``batch_size`` not divisible by the world size.
+    """
+    cfg, d = ctx.cfg, ctx.dist
+    check_world(cfg, d.world_size, batch_size, phase if phase == "sgd" else "phase1")
+    loader = ctx.loader(batch_size, (phase, 0), data_parallel=True)
+    steps = len(loader)
+    lr_at = ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
+    # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
+    # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
+    ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    optimizer = ctx.optimizer(model)
+    t = time.perf_counter()
+    bar = ctx.progress(epochs * steps, phase) if d.is_main else None
+    out = train(ddp, loader, optimizer, lr_at, epochs, micro_batch_size=micro_batch_size, stop_acc=stop_acc,
+                evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
+                on_epoch=ctx.sink(phase, None, epochs) if d.is_main else None, progress=bar)
+    if bar is not None:
+        bar.close()
+    return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps}
+
+
+def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None) -> dict | None:
+    """The SGD baseline on every rank (``swap train --method sgd``); rank 0 returns the summary.
+
+    Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory.
+    """
+    ctx = Context.create(cfg, run_path, t0)
+    s = cfg.sgd
+    model = ctx.build_model()
+    out = train_data_parallel(ctx, model, phase="sgd", batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
+                              peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs, schedule=s.schedule)
+    summary = None
+    if ctx.dist.is_main:
+        save_checkpoint(ctx.run.checkpoint("sgd"), unwrap(model),
+                        {"config_hash": cfg.hash(), "phase": "sgd", "epoch": out["epoch"], "test_acc": out["test_acc"]})
+        summary = {
+            "method": "sgd", "config": cfg.name, "seed": cfg.seed,
+            "test_acc": {"final": out["test_acc"]},
+            "train_acc": {"final": out["train_acc"]},
+            "wall_s": {"total": out["wall_s"]},
+            "epochs": {"sgd": out["epoch"]},
+            "updates": {"sgd": out["updates"], "critical_path": out["updates"]},
+            "batch_size": {"sgd": s.batch_size},
+            "machine": ctx.machine(),
+        }
+        ctx.run.write_summary(summary)
+    distributed.teardown()
+    return summary

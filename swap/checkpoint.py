@@ -1,0 +1,89 @@
+"""Checkpoints: weights as safetensors plus a small JSON of metadata, written atomically.
+
+``NAME.safetensors`` holds the state dict (parameters and BN buffers); ``NAME.json`` holds the
+metadata (config hash, phase, worker, epoch, accuracy, a SHA-256 of the weights file, ...). Both
+are written to a temporary file, fsynced and renamed, so a crash never leaves a half-written
+checkpoint under the real name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import SwapError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
+    """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = path.with_suffix(".safetensors")
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(state, str(tmp))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, weights)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=1).encode())
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    path = Path(path)
+    return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None) -> dict:
+    """Load weights into ``model`` after checking them; return the metadata.
+
+    Raises:
+        SwapError: files missing or corrupt, weights hash differs from the metadata, config hash
+            differs from ``config_hash``, or keys/shapes do not match ``model`` (naming the first).
+    """
+    path = Path(path)
+    weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        blob = weights.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise SwapError(f"checkpoint {path}: cannot read ({exc})") from None
+    if meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise SwapError(f"checkpoint {weights}: contents do not match the hash in {meta_path.name} (corrupt)")
+    if config_hash is not None and meta.get("config_hash") != config_hash:
+        raise SwapError(f"checkpoint {path} was written with config {meta.get('config_hash')}, this run's config is "
+                        f"{config_hash}; resume with the saved config or start a new run directory")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise SwapError(f"checkpoint {weights}: not a readable safetensors file ({exc})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise SwapError(f"checkpoint {weights} does not match the model: "
+                        f"{'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}"
+                        f" ({len(missing)} missing, {len(extra)} unexpected keys)")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise SwapError(f"checkpoint {weights} does not match the model: '{k}' has shape "
+                            f"{tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        model.load_state_dict(state)
+    return meta

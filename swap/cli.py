@@ -1,0 +1,125 @@
+"""Command line: ``swap train``, ``swap data``. Errors print one line and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import SwapError, check_world, load_config
+
+EPILOG = """examples:
+  swap train --config fashion_mnist_quick --workers 2
+  swap train --config fashion_mnist_quick --method sgd --set sgd.batch_size=128
+  swap train --config cifar10_paper --data-dir ~/data --workers 8 --out runs/c10
+  torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m swap.cli train --config cifar10_paper --workers 8 --out runs/c10
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swap", description="Large-batch training that generalizes: SWAP "
+                                     "(Gupta et al., ICLR 2020) and its SGD baselines.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with SWAP or plain SGD; writes a run directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    t.add_argument("--config", required=True, help="preset name under configs/ (e.g. fashion_mnist_quick) or a YAML path")
+    t.add_argument("--method", choices=["swap", "sgd"], default="swap", help="SWAP (3 phases) or plain SGD baseline")
+    t.add_argument("--workers", type=int, help="W: phase-2 workers (SWAP) / data-parallel ranks (SGD); config key 'workers'")
+    t.add_argument("--procs", type=int, help="local processes (default min(W, CPU cores)); config key 'procs'")
+    t.add_argument("--data-dir", help="folder with the dataset files, searched first; config key 'data.dir'")
+    t.add_argument("--out", help="run directory (default runs/CONFIG-METHOD-seedSEED)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted (e.g. phase1.batch_size=4096); repeatable")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue a run: finished phases/workers are loaded, not retrained")
+
+    dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a dataset with checksum verification")
+    f.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
+    f.add_argument("--dest", help="target folder (default: the user cache)")
+    f.add_argument("--url", help="base URL instead of the canonical one (a mirror)")
+    fd = dsub.add_parser("find", help="print the folder a dataset would be read from")
+    fd.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
+    fd.add_argument("--data-dir")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .algorithms.sgd import run_sgd
+    from .algorithms.swap import run_swap
+    from .data import load_dataset
+    from .report import results_table
+    from .rundir import RunDir
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    if args.procs is not None:
+        overrides.append(f"procs={args.procs}")
+    if args.data_dir is not None:
+        overrides.append(f"data.dir={args.data_dir}")
+    cfg = load_config(args.config, overrides)
+    fn = run_swap if args.method == "swap" else run_sgd
+    out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
+    extra = (args.resume,) if args.method == "swap" else ()
+
+    if distributed.under_launcher():
+        # torchrun started this process: it is one rank; the first process on each machine prepares
+        # that machine's run directory.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            RunDir.prepare(out, cfg, args.overwrite, args.resume)
+        summary = fn(cfg, out, None, *extra)
+    else:
+        procs = cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+        batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
+        for section, b in batches:
+            check_world(cfg, procs, b, section)
+        # Validate the data before creating anything: missing or corrupt files fail here.
+        train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset)
+        for section, b in batches + ([("phase2", cfg.phase2.batch_size)] if args.method == "swap" else []):
+            if b > len(train_set):
+                raise SwapError(f"{section}.batch_size={b} exceeds the {len(train_set)} training samples")
+        del train_set
+        RunDir.prepare(out, cfg, args.overwrite, args.resume)
+        threads = cfg.threads or distributed.default_threads(procs)
+        print(f"swap: {args.method} on {cfg.data.name}, {cfg.workers} workers in {procs} processes x {threads} "
+              f"threads, run directory {out}", file=sys.stderr)
+        summary = distributed.launch(fn, procs, cfg, out, time.time(), *extra)
+    if summary is not None:
+        print(results_table(summary))
+        print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import fetch, find_data_dir
+
+    if args.data_command == "fetch":
+        print(fetch(args.name, Path(args.dest) if args.dest else None, args.url))
+    else:
+        print(find_data_dir(args.name, args.data_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_data(args)
+    except SwapError as exc:
+        print(f"swap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("swap: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

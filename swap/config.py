@@ -1,0 +1,285 @@
+"""Every knob of a run, as dataclasses; YAML presets, ``--set KEY=VALUE`` overrides, validation.
+
+A config is resolved once, validated before any work starts, and saved with the run
+(``config.yaml`` in the run directory). Names follow the SWAP paper (Gupta, Akle Serrano, DeCoste,
+ICLR 2020): phase 1 is the large-batch data-parallel phase, phase 2 the independent small-batch
+workers, phase 3 the averaging. Units: batch sizes in samples, epochs in passes over the training
+set, learning rates per update, accuracies in percent (0-100).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class SwapError(Exception):
+    """The one error type for bad input: its message says what was wrong and how to fix it.
+
+    The CLI prints the message on one line (no traceback) and exits with status 2.
+    """
+
+
+@dataclass
+class DataConfig:
+    """Dataset and augmentation. ``dir`` is searched first, then ``$SWAP_DATA``, then system paths."""
+    name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100
+    dir: str | None = None
+    train_subset: int = 0                # 0 = all training samples; else the first N of a fixed shuffle
+    test_subset: int = 0
+    crop_padding: int = 2                # random crop after zero padding, pixels per side (0 = off)
+    flip: bool = True                    # random horizontal flip
+    cutout: int = 8                      # cutout square side in pixels (DeVries & Taylor 2017; 0 = off)
+
+
+@dataclass
+class ModelConfig:
+    """``resnet9``: the DAWNBench cifar10-fast ResNet-9; ``smallcnn``: early-downsampling CPU net."""
+    name: str = "smallcnn"
+    width: float = 1.0                   # channel multiplier
+
+
+@dataclass
+class OptimConfig:
+    """SGD settings shared by all phases (paper: Nesterov momentum 0.9, weight decay 5e-4)."""
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class Phase1Config:
+    """Large-batch synchronous data-parallel phase (SWAP Algorithm 1, phase 1)."""
+    batch_size: int = 4096               # global batch, split evenly over the ranks
+    micro_batch_size: int = 256          # per-rank gradient-accumulation chunk (0 = whole share)
+    peak_lr: float = 1.2
+    warmup_epochs: float = 30
+    max_epochs: int = 150                # the LR schedule spans max_epochs; stopping usually comes first
+    stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
+    schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
+
+
+@dataclass
+class Phase2Config:
+    """Independent small-batch refinement (SWAP Algorithm 1, phase 2), one model per worker."""
+    batch_size: int = 512                # per-worker batch
+    peak_lr: float = 0.12
+    warmup_epochs: float = 0
+    epochs: int = 30
+    schedule: str = "linear"
+
+
+@dataclass
+class Phase3Config:
+    """Averaging and BN-statistics recomputation (SWAP Algorithm 1, phase 3)."""
+    bn_batch_size: int = 512             # batch size of the one pass that recomputes BN statistics
+    bn_augment: bool = True              # pass augmented training batches, as training saw them
+
+
+@dataclass
+class SGDConfig:
+    """Plain data-parallel SGD baseline (the paper's rows 'SGD (small-batch)' and 'SGD (large-batch)')."""
+    batch_size: int = 512
+    micro_batch_size: int = 256
+    peak_lr: float = 0.12
+    warmup_epochs: float = 0
+    epochs: int = 30
+    schedule: str = "linear"
+
+
+@dataclass
+class Config:
+    """A whole run. ``workers`` is W, the number of phase-2 models; ``procs`` the number of local
+    processes (0 = min(W, CPU cores) on CPU, so processes x threads never oversubscribes the cores)."""
+    name: str = "custom"
+    seed: int = 0
+    workers: int = 2
+    procs: int = 0
+    threads: int = 0                     # torch threads per process (0 = cores // processes)
+    device: str = "cpu"                  # cpu | cuda | auto
+    channels_last: bool = True
+    eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    phase3: Phase3Config = field(default_factory=Phase3Config)
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short content hash of the resolved config (first 16 hex digits of SHA-256)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading and merging
+
+def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise SwapError(f"config section '{where or 'top'}' must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise SwapError(f"unknown config key '{path}' (known here: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, current, known[key].type, path))
+
+
+def _coerce(value: Any, current: Any, annotation: str, path: str) -> Any:
+    """Check ``value`` against the field's type; ints are accepted where floats are expected."""
+    optional = "None" in str(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise SwapError(f"config key '{path}' cannot be null")
+    kind = "str" if optional else type(current).__name__
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise SwapError(f"config key '{path}' expects {kind}, got {value!r}")
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """Map a preset name (``fashion_mnist_quick``) or a YAML path to an existing file.
+
+    Raises:
+        SwapError: neither a file nor a preset of that name exists.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise SwapError(f"no config file or preset '{name_or_path}' (presets: {', '.join(names)})")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["phase1.batch_size=4096", "seed=3"]`` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SwapError(f"--set expects KEY=VALUE, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset/YAML file and overrides.
+
+    Args:
+        name_or_path: preset name under ``configs/`` or a YAML path; ``None`` for the defaults.
+        overrides: ``KEY=VALUE`` strings (dotted keys) or a nested dict, applied after the file.
+
+    Raises:
+        SwapError: unreadable YAML, unknown key, wrong type, or an impossible value (see :func:`validate`).
+    """
+    cfg = Config()
+    if name_or_path is not None:
+        path = resolve_preset(name_or_path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SwapError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        _merge(cfg, values, "")
+        if "name" not in values:
+            cfg.name = path.stem
+    if overrides:
+        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a validated config from :meth:`Config.to_dict` output (e.g. a saved ``config.yaml``)."""
+    cfg = Config()
+    _merge(cfg, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible settings before any work starts.
+
+    Raises:
+        SwapError: naming the key, the bad value and what would be valid.
+    """
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise SwapError(msg)
+
+    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100"),
+         f"data.name must be fashion-mnist, mnist, cifar10 or cifar100, got '{cfg.data.name}'")
+    need(cfg.model.name in ("resnet9", "smallcnn"), f"model.name must be resnet9 or smallcnn, got '{cfg.model.name}'")
+    need(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
+    need(cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}")
+    need(cfg.procs >= 0, f"procs must be >= 0, got {cfg.procs}")
+    need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
+    need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
+    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
+    need(cfg.data.crop_padding >= 0 and cfg.data.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")
+    need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+    for section, epochs_key in (("phase1", "max_epochs"), ("phase2", "epochs"), ("sgd", "epochs")):
+        sec = getattr(cfg, section)
+        need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
+        need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")
+        epochs = getattr(sec, epochs_key)
+        need(epochs >= 1, f"{section}.{epochs_key} must be >= 1, got {epochs}")
+        need(0 <= sec.warmup_epochs <= epochs,
+             f"{section}.warmup_epochs must be in [0, {section}.{epochs_key}={epochs}], got {sec.warmup_epochs}")
+        need(sec.schedule in ("linear", "cosine"), f"{section}.schedule must be linear or cosine, got '{sec.schedule}'")
+        micro = getattr(sec, "micro_batch_size", 0)
+        need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
+    need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
+    need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
+
+
+def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> None:
+    """A global batch must split evenly over the ranks, else ranks would see unequal shares.
+
+    Raises:
+        SwapError: ``batch_size`` is not divisible by ``world_size``.
+    """
+    if batch_size % world_size:
+        raise SwapError(f"{section}.batch_size={batch_size} is not divisible by the number of processes "
+                        f"({world_size}); pick a multiple of {world_size} or set procs")

@@ -1,0 +1,70 @@
+"""Datasets in memory as uint8 tensors: readers (IDX, CIFAR pickle), search order, batched loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cifar import load_cifar
+from .idx import load_idx_pair, read_idx
+from .loader import Augment, Loader, eval_batches, stream_seed
+from .sources import fetch, find_data_dir, get_source
+
+
+@dataclass
+class ImageDataset:
+    """Images and labels held as tensors.
+
+    Attributes:
+        images: uint8 (N, C, H, W), raw pixel values 0-255.
+        labels: int64 (N,), class indices in [0, num_classes).
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "ImageDataset":
+        return ImageDataset(self.images.to(device), self.labels.to(device), self.num_classes)
+
+    def subset(self, n: int) -> "ImageDataset":
+        """The first ``n`` samples of a fixed shuffle (seed 0, independent of the run seed), so
+        every run and method sees the same subset; ``n <= 0`` or ``n >= N`` keeps all."""
+        if n <= 0 or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n]
+        return ImageDataset(self.images[idx], self.labels[idx], self.num_classes)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the pixel values (float32, shape (C,)), for normalisation."""
+        x = self.images.float()
+        return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+
+
+def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
+                 device: torch.device | str = "cpu") -> tuple[ImageDataset, ImageDataset]:
+    """Find, read and check a dataset; return (train, test) on ``device``.
+
+    Args:
+        name: fashion-mnist | mnist | cifar10 | cifar100.
+        data_dir: searched first (see :mod:`swap.data.sources` for the order).
+        train_subset, test_subset: keep the first N of a fixed shuffle (0 = all).
+    Raises:
+        SwapError: files missing (with how to get them), corrupt, truncated or mismatched.
+    """
+    src = get_source(name)
+    folder = find_data_dir(name, data_dir)
+    if name in ("fashion-mnist", "mnist"):
+        train = load_idx_pair(folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
+        test = load_idx_pair(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")
+    else:
+        train, test = load_cifar(folder / src.required[0].split("/")[0], src.num_classes)
+    train_set = ImageDataset(*train, src.num_classes).subset(train_subset)
+    test_set = ImageDataset(*test, src.num_classes).subset(test_subset)
+    return train_set.to(device), test_set.to(device)
+
+
+__all__ = ["ImageDataset", "load_dataset", "Loader", "Augment", "eval_batches", "stream_seed",
+           "fetch", "find_data_dir", "read_idx", "load_idx_pair", "load_cifar"]

@@ -1,0 +1,148 @@
+"""Device-resident batches: a per-epoch permutation, augmentation on whole batches, normalisation.
+
+Every random stream derives from (run seed, phase, worker, epoch) through :func:`stream_seed`, so
+a run is reproducible and data-parallel ranks agree on the global batch without communicating:
+each rank draws the same permutation and augmentation parameters for the whole global batch and
+then keeps its own slice. A W-rank run therefore sees exactly the samples a 1-rank run sees.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple such as (seed, "phase2", worker, epoch); stable across runs."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched augmentation: random crop after zero padding, horizontal flip, cutout.
+
+    Cutout (DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout") zeroes a
+    ``cutout`` x ``cutout`` square at a uniformly random centre, clipped at the borders, as SWAP's
+    experiments use. Sizes in pixels; 0 turns a transform off.
+    """
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+
+    def draw(self, n: int, height: int, width: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random parameters for ``n`` samples (CPU int64/bool tensors), drawn in a fixed order."""
+        p = self.crop_padding
+        return {
+            "shift": torch.randint(0, 2 * p + 1, (n, 2), generator=gen),
+            "flip": torch.rand(n, generator=gen) < 0.5,
+            "centre": torch.stack([torch.randint(0, height, (n,), generator=gen),
+                                   torch.randint(0, width, (n,), generator=gen)], dim=1),
+        }
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment float images ``x`` (N, C, H, W) with parameters from :meth:`draw` (sliced to N)."""
+        n, _, h, w = x.shape
+        dev = x.device
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = F.pad(x, (p, p, p, p))
+            shift = params["shift"].to(dev)
+            rows = shift[:, 0:1] + torch.arange(h, device=dev)            # (N, H)
+            cols = shift[:, 1:2] + torch.arange(w, device=dev)            # (N, W)
+            batch = torch.arange(n, device=dev)[:, None, None]
+            x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (N,H,W,C)->(N,C,H,W)
+        if self.flip:
+            x = torch.where(params["flip"].to(dev)[:, None, None, None], x.flip(3), x)
+        if self.cutout:
+            s = self.cutout
+            top = params["centre"][:, 0:1].to(dev) - s // 2
+            left = params["centre"][:, 1:2].to(dev) - s // 2
+            ys = torch.arange(h, device=dev)[None, :]
+            xs = torch.arange(w, device=dev)[None, :]
+            in_rows = (ys >= top) & (ys < top + s)                       # (N, H)
+            in_cols = (xs >= left) & (xs < left + s)                     # (N, W)
+            keep = ~(in_rows[:, :, None] & in_cols[:, None, :])
+            x = x * keep[:, None, :, :]
+        return x.contiguous()
+
+
+def _normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+class Loader:
+    """Training batches of ``data`` for one phase and worker, sliced to one rank's share.
+
+    Each epoch draws a permutation of all N samples and, for each global batch of
+    ``batch_size`` samples (the last partial batch is dropped so all updates see equal batches),
+    its augmentation parameters; rank ``rank`` of ``world_size`` keeps samples
+    ``[rank*B/W, (rank+1)*B/W)`` of every global batch.
+
+    Args:
+        data: an ``ImageDataset`` (uint8 images on the training device).
+        batch_size: global batch in samples.
+        seed_parts: identifies the stream, e.g. ``(seed, "phase1", 0)``; the epoch is appended.
+        mean, std: float32 (C,) normalisation constants, in pixel units 0-255.
+        augment: ``Augment`` or ``None`` for clean batches.
+        rank, world_size: this process's slice of each global batch.
+        channels_last: return batches in channels_last memory format.
+    Yields (from :meth:`epoch`):
+        (x float32 (B/W, C, H, W) normalised, y int64 (B/W,)).
+    Raises:
+        ValueError: the dataset holds fewer samples than one global batch.
+    """
+
+    def __init__(self, data, batch_size: int, seed_parts: tuple, mean: torch.Tensor, std: torch.Tensor,
+                 augment: Augment | None = None, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False):
+        if len(data) < batch_size:
+            raise ValueError(f"training set of {len(data)} samples is smaller than one batch of {batch_size}")
+        self.data, self.batch_size, self.seed_parts = data, batch_size, tuple(seed_parts)
+        self.mean, self.std = mean.to(data.images.device), std.to(data.images.device)
+        self.augment, self.rank, self.world_size = augment, rank, world_size
+        self.share = batch_size // world_size
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        """Updates per epoch."""
+        return len(self.data) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
+        perm = torch.randperm(len(self.data), generator=gen)
+        _, _, h, w = self.data.images.shape
+        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
+        for step in range(len(self)):
+            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
+            params = self.augment.draw(self.batch_size, h, w, gen) if self.augment else None
+            idx = idx[lo:hi].to(self.data.images.device)
+            if self.augment:
+                # Augment raw pixels, then normalise: padding and cutout fill with black (0) pixels.
+                x = self.augment.apply(self.data.images[idx].float(), {k: v[lo:hi] for k, v in params.items()})
+                x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            else:
+                x = _normalise(self.data.images[idx], self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.data.labels[idx]
+
+
+def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, rank: int = 0,
+                 world_size: int = 1, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Clean, ordered batches of rank ``rank``'s contiguous shard of ``data`` (all samples kept).
+
+    Yields (x float32 (b, C, H, W) normalised, y int64 (b,)), b <= batch_size.
+    """
+    n = len(data)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    mean, std = mean.to(data.images.device), std.to(data.images.device)
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        x = _normalise(data.images[start:stop], mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, data.labels[start:stop]

@@ -1,0 +1,137 @@
+"""The run directory: resolved config, metrics.jsonl, summary.json, checkpoints/.
+
+Layout::
+
+    RUN/config.yaml          the resolved config (every knob, after presets and --set)
+    RUN/metrics.jsonl        one JSON object per epoch per worker (and per phase event)
+    RUN/summary.json         the final table: accuracies, wall time per phase, machine
+    RUN/checkpoints/NAME.safetensors + NAME.json
+
+Nothing already written is overwritten unless the user asks (``overwrite``); ``resume``
+continues in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import atomic_write_bytes
+from .config import Config, SwapError, config_from_dict
+
+
+class RunDir:
+    """Paths and writers of one run directory (exists once :meth:`prepare` has run)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def checkpoint(self, name: str) -> Path:
+        """Base path (no suffix) of checkpoint ``name``, e.g. ``phase1``, ``worker0``, ``swap``."""
+        return self.path / "checkpoints" / name
+
+    @classmethod
+    def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False) -> "RunDir":
+        """Create the run directory and save the resolved config, before any training.
+
+        Raises:
+            SwapError: the directory exists and holds files but neither ``overwrite`` nor
+                ``resume`` is set; ``resume`` on a directory without a config, or whose saved
+                config differs from ``cfg``; both flags at once.
+        """
+        run = cls(path)
+        if overwrite and resume:
+            raise SwapError("--overwrite and --resume exclude each other")
+        exists = run.path.exists() and any(run.path.iterdir())
+        if resume:
+            if not run.config_path.is_file():
+                raise SwapError(f"cannot resume: {run.config_path} not found (start the run without --resume)")
+            saved = run.load_config()
+            if saved.hash() != cfg.hash():
+                diff = _first_difference(saved.to_dict(), cfg.to_dict())
+                raise SwapError(f"cannot resume {run.path}: config differs from the saved one ({diff}); "
+                                f"resume with the same settings or use a new --out")
+            return run
+        if exists and not overwrite:
+            raise SwapError(f"run directory {run.path} already exists; pass --overwrite to replace it, "
+                            f"--resume to continue it, or choose another --out")
+        if exists:
+            shutil.rmtree(run.path)
+        (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        return run
+
+    def load_config(self) -> Config:
+        """The config saved with this run.
+
+        Raises:
+            SwapError: missing or invalid config.yaml.
+        """
+        try:
+            return config_from_dict(yaml.safe_load(self.config_path.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise SwapError(f"cannot read {self.config_path}: {exc}") from None
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl. Lines under 4 KiB written with O_APPEND do not
+        interleave, so several processes may log to one file."""
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary_path.read_text())
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for k in a:
+        if isinstance(a[k], dict) and isinstance(b.get(k), dict):
+            found = _first_difference(a[k], b[k], f"{prefix}{k}.")
+            if found:
+                return found
+        elif a[k] != b.get(k):
+            return f"{prefix}{k}: saved {a[k]!r}, now {b.get(k)!r}"
+    return ""
+
+
+def machine_info(device: torch.device, threads: int, procs: int) -> dict:
+    """CPU model, cores, processes, threads per process, torch version and device name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "procs": procs, "threads_per_proc": threads,
+            "torch": torch.__version__, "device": dev, "python": platform.python_version()}

@@ -1,0 +1,151 @@
+"""The one train loop (any phase, any batch, with or without DistributedDataParallel) and evaluation.
+
+Gradient accumulation: a rank's share of the global batch is split into micro-batches; each
+micro-batch loss is weighted by its fraction of the share, and DDP averages over ranks, so the
+update equals one step on the mean loss of the whole global batch. BatchNorm normalises each
+micro-batch with its own statistics, as when each micro-batch sits on its own GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .data.loader import eval_batches
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_bn_buffers(model: nn.Module) -> None:
+    """Make BN running statistics identical on all ranks: the mean over ranks (no-op for 1 rank).
+
+    Phase 1 runs DDP with ``broadcast_buffers=False`` (no per-forward broadcast); this is called
+    before every evaluation and at the end of the phase instead.
+    """
+    world = _world()
+    if world == 1:
+        return
+    for name, buf in unwrap(model).named_buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 1024,
+             distributed: bool = False, channels_last: bool = False) -> float:
+    """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on ``data``.
+
+    With ``distributed=True`` every rank evaluates its shard and the counts are summed with
+    all_reduce, so all ranks return the same number. Returns a float in [0, 100].
+    """
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in eval_batches(data, batch_size, mean, std, rank, world, channels_last):
+        counts[0] += (model(x).argmax(1) == y).sum().item()
+        counts[1] += len(y)
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return 100.0 * counts[0].item() / max(1.0, counts[1].item())
+
+
+def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
+          epochs: int, *, start_epoch: int = 0, micro_batch_size: int = 0, stop_acc: float | None = None,
+          evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
+          on_epoch: Callable[[dict], None] | None = None, progress=None) -> dict:
+    """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
+
+    Args:
+        model: a module, or a DDP-wrapped module whose ranks all run this loop in step.
+        loader: a :class:`swap.data.Loader` yielding this rank's share of each global batch.
+        lr_at: schedule over the global update index ``epoch * len(loader) + i``.
+        micro_batch_size: split each share into chunks of this many samples (0 = one chunk).
+        stop_acc: stop after the first epoch whose training accuracy (percent, over that epoch's
+            augmented batches, summed over ranks) reaches it (SWAP phase 1's stopping rule).
+        evaluate_fn: ``model -> test accuracy %``, called every ``eval_every`` epochs and at the end.
+        on_epoch: receives one record per epoch: epoch (1-based), lr (last update's), batch_size
+            (global), train_loss, train_acc, test_acc (None when not evaluated), samples_per_s
+            (training samples per second of that epoch, this process), wall_s (since start), eval_s.
+        progress: an optional tqdm-like bar; ``update(1)`` per update.
+    Returns:
+        The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
+    """
+    is_ddp = isinstance(model, DDP)
+    steps = len(loader)
+    world = _world() if is_ddp else 1
+    t_start = time.perf_counter()
+    record: dict = {}
+    updates = 0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t_epoch = time.perf_counter()
+        # loss sum, correct, samples (this rank), kept on the device: no host sync per update
+        totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
+        lr = 0.0
+        for i, (x, y) in enumerate(loader.epoch(epoch)):
+            lr = lr_at(epoch * steps + i)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            chunk = micro_batch_size if 0 < micro_batch_size < len(y) else len(y)
+            n_chunks = (len(y) + chunk - 1) // chunk
+            for j in range(n_chunks):
+                xc, yc = x[j * chunk:(j + 1) * chunk], y[j * chunk:(j + 1) * chunk]
+                # Only the last micro-batch's backward all-reduces gradients (DDP's no_sync).
+                sync = contextlib.nullcontext() if not is_ddp or j == n_chunks - 1 else model.no_sync()
+                with sync:
+                    out = model(xc)
+                    loss = F.cross_entropy(out, yc)
+                    (loss * (len(yc) / len(y))).backward()
+                totals += torch.stack([loss.detach().double() * len(yc),
+                                       (out.argmax(1) == yc).sum().double(),
+                                       torch.tensor(float(len(yc)), dtype=torch.float64, device=totals.device)])
+            optimizer.step()
+            updates += 1
+            if progress is not None:
+                progress.update(1)
+        samples = totals[2].item()                          # waits for the device, then time it
+        train_s = time.perf_counter() - t_epoch
+        if is_ddp:
+            dist.all_reduce(totals)
+        train_acc = 100.0 * totals[1].item() / totals[2].item()
+        stopping = stop_acc is not None and train_acc >= stop_acc
+        last = epoch == epochs - 1 or stopping
+        test_acc, eval_s = None, 0.0
+        if evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last):
+            t_eval = time.perf_counter()
+            if is_ddp:
+                average_bn_buffers(model)
+            test_acc = evaluate_fn(model)
+            eval_s = time.perf_counter() - t_eval
+        record = {
+            "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
+            "train_loss": totals[0].item() / totals[2].item(), "train_acc": train_acc, "test_acc": test_acc,
+            "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
+            "wall_s": time.perf_counter() - t_start, "eval_s": eval_s,
+        }
+        if on_epoch is not None:
+            on_epoch(record)
+        if stopping:
+            break
+    if is_ddp:
+        average_bn_buffers(model)
+    return {**record, "stopped_early": bool(record) and stop_acc is not None and record["train_acc"] >= stop_acc,
+            "updates": updates}

@@ -1,0 +1,23 @@
+"""swap: large-batch training that still generalizes.
+
+SWAP (Gupta, Akle Serrano, DeCoste, ICLR 2020) and its baselines as a library and a CLI::
+
+    import swap
+    model, summary = swap.train_swap(make_model, (x_train, y_train), (x_test, y_test),
+                                     {"workers": 4, "phase1": {"batch_size": 1024}})
+
+Building blocks: :func:`average_models`, :func:`average_state_dicts`, :func:`recompute_bn`,
+:func:`warmup_decay`, :func:`cyclic`, :func:`train`, :func:`evaluate`, :class:`Loader`.
+"""
+from .api import train_sgd, train_swap
+from .averaging import average_models, average_state_dicts, bn_buffer_names, recompute_bn
+from .config import Config, SwapError, load_config
+from .data import Augment, ImageDataset, Loader, load_dataset
+from .models import build_model, resnet9, small_cnn
+from .schedules import cyclic, warmup_decay
+from .train import evaluate, train
+
+__version__ = "0.1.0"
+__all__ = ["train_swap", "train_sgd", "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
+           "Config", "SwapError", "load_config", "Augment", "ImageDataset", "Loader", "load_dataset",
+           "build_model", "resnet9", "small_cnn", "cyclic", "warmup_decay", "evaluate", "train"]

@@ -27,8 +27,8 @@ def average_models(models: Iterable[nn.Module]) -> nn.Module:
     models = list(models)
     if not models:
         raise ValueError("average_models needs at least one model")
-    averaged = AveragedModel(models[0])          # keeps a deep copy, so the inputs stay untouched
-    for m in models[1:]:
+    averaged = AveragedModel(models[0])          # a deep copy, so the inputs stay untouched
+    for m in models:                             # n_averaged starts at 0: the first call copies models[0]
         averaged.update_parameters(m)
     return averaged.module
 

@@ -67,14 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     fn = run_swap if args.method == "swap" else run_sgd
     out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
-    extra = (args.resume,) if args.method == "swap" else ()
 
     if distributed.under_launcher():
         # torchrun started this process: it is one rank; the first process on each machine prepares
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             RunDir.prepare(out, cfg, args.overwrite, args.resume)
-        summary = fn(cfg, out, None, *extra)
+        summary = fn(cfg, out, None, args.resume)
     else:
         procs = cfg.procs or min(cfg.workers, os.cpu_count() or 1)
         batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
@@ -90,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads = cfg.threads or distributed.default_threads(procs)
         print(f"swap: {args.method} on {cfg.data.name}, {cfg.workers} workers in {procs} processes x {threads} "
               f"threads, run directory {out}", file=sys.stderr)
-        summary = distributed.launch(fn, procs, cfg, out, time.time(), *extra)
+        summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
     if summary is not None:
         print(results_table(summary))
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")

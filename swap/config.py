@@ -60,7 +60,7 @@ class Phase1Config:
     batch_size: int = 4096               # global batch, split evenly over the ranks
     micro_batch_size: int = 256          # per-rank gradient-accumulation chunk (0 = whole share)
     peak_lr: float = 1.2
-    warmup_epochs: float = 30
+    warmup_epochs: float = 30.0
     max_epochs: int = 150                # the LR schedule spans max_epochs; stopping usually comes first
     stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
     schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
@@ -71,7 +71,7 @@ class Phase2Config:
     """Independent small-batch refinement (SWAP Algorithm 1, phase 2), one model per worker."""
     batch_size: int = 512                # per-worker batch
     peak_lr: float = 0.12
-    warmup_epochs: float = 0
+    warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
 
@@ -89,7 +89,7 @@ class SGDConfig:
     batch_size: int = 512
     micro_batch_size: int = 256
     peak_lr: float = 0.12
-    warmup_epochs: float = 0
+    warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
 
@@ -138,17 +138,18 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             _merge(current, value, path)
         else:
-            setattr(obj, key, _coerce(value, current, known[key].type, path))
+            setattr(obj, key, _coerce(value, known[key].type, path))
 
 
-def _coerce(value: Any, current: Any, annotation: str, path: str) -> Any:
+def _coerce(value: Any, annotation: str, path: str) -> Any:
     """Check ``value`` against the field's type; ints are accepted where floats are expected."""
-    optional = "None" in str(annotation)
+    annotation = str(annotation)          # the declared type, e.g. "float" or "str | None"
+    optional = "None" in annotation
     if value is None:
         if optional:
             return None
         raise SwapError(f"config key '{path}' cannot be null")
-    kind = "str" if optional else type(current).__name__
+    kind = annotation.split("|")[0].strip()
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,22 +33,29 @@ class Context:
     mean: torch.Tensor
     std: torch.Tensor
     t0: float                             # run start (time.time()), shared by all ranks
+    model_fn: Callable[[], nn.Module] | None = None
 
     @classmethod
-    def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None) -> "Context":
+    def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
+               model_fn: Callable[[], nn.Module] | None = None,
+               data: tuple[ImageDataset, ImageDataset] | None = None) -> "Context":
+        """Join the process group, put the data on the device. ``model_fn`` and ``data`` replace
+        the configured model and dataset (library use, :func:`swap.train_swap`)."""
         d = distributed.setup(cfg.device, cfg.threads)
-        train_set, test_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset,
-                                           cfg.data.test_subset, device=d.device)
+        if data is None:
+            data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset)
+        train_set, test_set = (x.to(d.device) for x in data)
         mean, std = train_set.channel_stats()
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
-        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0)
+        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn)
 
     # ------------------------------------------------------------------ building blocks
     def build_model(self) -> nn.Module:
-        """The configured model, initialised from the run seed (identical on every rank)."""
+        """The configured model (or ``model_fn()``), initialised from the run seed (identical on every rank)."""
         torch.manual_seed(self.cfg.seed)
         c = self.train_set.images.shape[1]
-        model = build_model(self.cfg.model.name, self.train_set.num_classes, c, self.cfg.model.width)
+        model = (self.model_fn() if self.model_fn is not None else
+                 build_model(self.cfg.model.name, self.train_set.num_classes, c, self.cfg.model.width))
         model = model.to(self.dist.device)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -50,12 +50,15 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps}
 
 
-def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None) -> dict | None:
+def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
+            model_fn=None, data=None) -> dict | None:
     """The SGD baseline on every rank (``swap train --method sgd``); rank 0 returns the summary.
 
-    Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory.
+    Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory. ``resume``
+    is accepted for a common signature: a baseline run has no intermediate checkpoint yet and
+    trains from the start. ``model_fn``/``data`` as in :func:`swap.algorithms.swap.run_swap`.
     """
-    ctx = Context.create(cfg, run_path, t0)
+    ctx = Context.create(cfg, run_path, t0, model_fn, data)
     s = cfg.sgd
     model = ctx.build_model()
     out = train_data_parallel(ctx, model, phase="sgd", batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,

@@ -31,13 +31,15 @@ from .common import Context
 from .sgd import train_data_parallel
 
 
-def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False) -> dict | None:
+def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
+             model_fn=None, data=None) -> dict | None:
     """SWAP on every rank; rank 0 writes ``summary.json`` and returns the summary (others ``None``).
 
     With ``resume`` a finished phase 1 and finished workers are loaded from their checkpoints
-    (verified against the config hash) instead of being trained again.
+    (verified against the config hash) instead of being trained again. ``model_fn`` and ``data``
+    (train, test ``ImageDataset``) replace the configured model and dataset.
     """
-    ctx = Context.create(cfg, run_path, t0)
+    ctx = Context.create(cfg, run_path, t0, model_fn, data)
     d, run = ctx.dist, ctx.run
     config_hash = cfg.hash()
 

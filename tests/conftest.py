@@ -1,0 +1,79 @@
+"""Shared test helpers: writers for the exact published byte formats, and the real-data path."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write ``array`` (uint8) in IDX format: 0x00 0x00 0x08 ndim, big-endian uint32 sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
+def write_fashion_files(folder: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def write_cifar10(folder: Path, per_batch: int = 4, seed: int = 0) -> dict:
+    """Tiny CIFAR-10 in the python format: ``cifar-10-batches-py/data_batch_1..5``, ``test_batch``."""
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * per_batch}, fh, protocol=2)
+        written[name] = (data, labels)
+    return written
+
+
+def write_cifar100(folder: Path, n: int = 6, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-100-python"
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in ("train", "test"):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"filenames": [b"x.png"] * n, b"fine_labels": fine,
+                         b"coarse_labels": [v // 5 for v in fine], b"data": data}, fh, protocol=2)
+        written[name] = (data, fine)
+    return written
+
+
+@pytest.fixture
+def no_system_data(tmp_path, monkeypatch):
+    """Hide $SWAP_DATA and the user cache so only explicitly given folders are searched."""
+    monkeypatch.delenv("SWAP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def real_fashion():
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST missing in {FASHION_DIR}: `make test` installs it (dataset-fashion-mnist)")
+    return FASHION_DIR

@@ -1,0 +1,65 @@
+"""Config: presets, overrides, and the impossible settings refused before any work."""
+from __future__ import annotations
+
+import pytest
+
+from swap.config import SwapError, check_world, load_config, parse_overrides
+
+
+def test_preset_and_overrides():
+    cfg = load_config("fashion_mnist_quick", ["phase1.batch_size=4096", "seed=3", "phase2.peak_lr=0.1",
+                                              "data.dir=/tmp/x", "phase1.warmup_epochs=2"])
+    assert cfg.name == "fashion_mnist_quick"
+    assert (cfg.phase1.batch_size, cfg.seed, cfg.phase2.peak_lr, cfg.data.dir) == (4096, 3, 0.1, "/tmp/x")
+    assert isinstance(cfg.phase1.warmup_epochs, float)
+
+
+def test_paper_presets_hold_the_published_settings():
+    c10 = load_config("cifar10_paper")
+    assert (c10.phase1.batch_size, c10.phase1.peak_lr, c10.phase1.warmup_epochs, c10.phase1.stop_acc) == (4096, 1.2, 30, 98.0)
+    assert (c10.phase2.batch_size, c10.phase2.peak_lr, c10.phase2.epochs) == (512, 0.12, 30)
+    c100 = load_config("cifar100_paper")
+    assert (c100.phase1.batch_size, c100.phase1.peak_lr, c100.phase1.warmup_epochs, c100.phase1.stop_acc) == (2048, 1.2, 45, 90.0)
+    assert (c100.phase2.batch_size, c100.phase2.peak_lr) == (128, 0.05)
+    for c in (c10, c100):
+        assert (c.optim.momentum, c.optim.nesterov, c.optim.weight_decay, c.model.name) == (0.9, True, 5e-4, "resnet9")
+
+
+def test_hash_changes_with_any_knob():
+    assert load_config("fashion_mnist_quick").hash() == load_config("fashion_mnist_quick").hash()
+    assert load_config("fashion_mnist_quick").hash() != load_config("fashion_mnist_quick", ["seed=1"]).hash()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("phase1.stop_acc=0", "stop_acc must be in \\(0, 100\\]"),
+    ("phase1.stop_acc=100.5", "stop_acc"),
+    ("phase1.peak_lr=-0.1", "phase1.peak_lr must be > 0"),
+    ("phase2.epochs=0", "phase2.epochs must be >= 1"),
+    ("sgd.batch_size=0", "sgd.batch_size"),
+    ("phase1.warmup_epochs=99", "warmup_epochs must be in"),
+    ("phase1.bogus=1", "unknown config key 'phase1.bogus'"),
+    ("phase1.batch_size=big", "expects int"),
+    ("model.name=vgg", "model.name"),
+    ("workers=0", "workers must be >= 1"),
+])
+def test_impossible_configs_are_refused(override, message):
+    with pytest.raises(SwapError, match=message):
+        load_config("fashion_mnist_quick", [override])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(SwapError, match="fashion_mnist_quick"):
+        load_config("no_such_preset")
+
+
+def test_batch_must_split_over_ranks():
+    cfg = load_config("fashion_mnist_quick")
+    check_world(cfg, 2, 4096, "phase1")
+    with pytest.raises(SwapError, match="not divisible by the number of processes \\(3\\)"):
+        check_world(cfg, 3, 4096, "phase1")
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+    with pytest.raises(SwapError, match="KEY=VALUE"):
+        parse_overrides(["nokey"])

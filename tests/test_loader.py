@@ -1,0 +1,70 @@
+"""Loader: augmentation geometry, determinism of the streams, rank slices of the global batch."""
+from __future__ import annotations
+
+import torch
+
+from swap.data import Augment, ImageDataset, Loader, stream_seed
+
+
+def _data(n=64, c=1, size=8):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8)
+    return ImageDataset(images, torch.arange(n) % 10, 10)
+
+
+def test_crop_shift_matches_manual_padding():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
+    aug = Augment(crop_padding=1)
+    params = {"shift": torch.tensor([[0, 2], [1, 1]]), "flip": torch.tensor([False, False]),
+              "centre": torch.zeros(2, 2, dtype=torch.long)}
+    out = aug.apply(x, params)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    assert torch.equal(out[0], padded[0, :, 0:4, 2:6])   # shift (dy, dx) = (0, 2)
+    assert torch.equal(out[1], x[1])                     # shift (1, 1) = the original image
+
+
+def test_flip_and_cutout():
+    x = torch.ones(3, 2, 8, 8)
+    aug = Augment(flip=True, cutout=4)
+    params = {"shift": torch.zeros(3, 2, dtype=torch.long), "flip": torch.tensor([True, False, False]),
+              "centre": torch.tensor([[4, 4], [0, 0], [7, 7]])}
+    out = aug.apply(x, params)
+    assert (out[0] == 0).sum() == 2 * 16                  # full 4x4 square in each channel
+    assert torch.equal(out[0, :, 2:6, 2:6], torch.zeros(2, 4, 4))
+    assert (out[1] == 0).sum() == 2 * 4                   # clipped at the top-left corner: 2x2
+    assert (out[2] == 0).sum() == 2 * 9                   # clipped at the bottom-right: rows/cols 5..7
+    y = torch.arange(8.0).expand(1, 1, 8, 8).clone()
+    flipped = Augment(flip=True).apply(y, {"flip": torch.tensor([True]), "shift": torch.zeros(1, 2, dtype=torch.long),
+                                           "centre": torch.zeros(1, 2, dtype=torch.long)})
+    assert torch.equal(flipped[0, 0, 0], torch.arange(7.0, -1, -1))
+
+
+def test_streams_are_deterministic_and_distinct():
+    data = _data()
+    mean, std = data.channel_stats()
+    a = Loader(data, 16, (0, "phase2", 0), mean, std, Augment(2, True, 4))
+    b = Loader(data, 16, (0, "phase2", 0), mean, std, Augment(2, True, 4))
+    c = Loader(data, 16, (0, "phase2", 1), mean, std, Augment(2, True, 4))
+    xa = torch.cat([x for x, _ in a.epoch(3)])
+    assert torch.equal(xa, torch.cat([x for x, _ in b.epoch(3)]))
+    assert not torch.equal(xa, torch.cat([x for x, _ in c.epoch(3)]))      # worker 1: own data order
+    assert not torch.equal(xa, torch.cat([x for x, _ in a.epoch(4)]))      # next epoch: new order
+    assert stream_seed(0, "phase2", 0, 3) != stream_seed(0, "phase2", 1, 3)
+
+
+def test_rank_shares_concatenate_to_the_single_process_batch():
+    data = _data(n=70)
+    mean, std = data.channel_stats()
+    whole = Loader(data, 32, (5, "phase1", 0), mean, std, Augment(2, True, 4))
+    shares = [Loader(data, 32, (5, "phase1", 0), mean, std, Augment(2, True, 4), rank=r, world_size=2)
+              for r in range(2)]
+    assert len(whole) == 2                                # 70 // 32: the partial batch is dropped
+    for (x, y), (x0, y0), (x1, y1) in zip(whole.epoch(0), shares[0].epoch(0), shares[1].epoch(0)):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+
+
+def test_normalised_batches_have_zero_mean_unit_std():
+    data = _data(n=256)
+    mean, std = data.channel_stats()
+    x = torch.cat([x for x, _ in Loader(data, 64, (0,), mean, std).epoch(0)])
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2

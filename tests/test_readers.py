@@ -1,0 +1,151 @@
+"""Readers on tiny files in the exact published formats, plus corrupt and mismatched files."""
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from swap.config import SwapError
+from swap.data import fetch, find_data_dir, load_dataset, read_idx
+from swap.data.sources import IDX_FILES
+
+from conftest import FASHION_DIR, write_cifar10, write_cifar100, write_fashion_files, write_idx
+
+
+def test_idx_roundtrip_gz_and_raw(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a.gz", a)), a)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a", a, gz=False)), a)
+
+
+def test_fashion_loader_matches_written_arrays(tmp_path, no_system_data):
+    arrays = write_fashion_files(tmp_path / "fm", n_train=20, n_test=10)
+    train, test = load_dataset("fashion-mnist", str(tmp_path / "fm"))
+    assert train.images.shape == (20, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64
+    assert np.array_equal(train.images[:, 0].numpy(), arrays["train"][0])
+    assert np.array_equal(test.labels.numpy(), arrays["t10k"][1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-50]), "cannot read"),                       # truncated gzip
+    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-7])), "truncated"),
+    (lambda p: p.write_bytes(gzip.compress(b"\x01\x02" + gzip.decompress(p.read_bytes())[2:])), "magic"),
+    (lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x0d" + gzip.decompress(p.read_bytes())[3:])), "type code"),
+])
+def test_corrupt_idx_raises(tmp_path, no_system_data, damage, message):
+    write_fashion_files(tmp_path / "fm")
+    damage(tmp_path / "fm" / "train-images-idx3-ubyte.gz")
+    with pytest.raises(SwapError, match=message):
+        load_dataset("fashion-mnist", str(tmp_path / "fm"))
+
+
+def test_label_file_not_matching_images(tmp_path, no_system_data):
+    write_fashion_files(tmp_path / "fm", n_train=20)
+    write_idx(tmp_path / "fm" / "train-labels-idx1-ubyte.gz", np.zeros(19, dtype=np.uint8))
+    with pytest.raises(SwapError, match="do not belong together"):
+        load_dataset("fashion-mnist", str(tmp_path / "fm"))
+
+
+def test_label_out_of_range_and_wrong_dims(tmp_path, no_system_data):
+    write_fashion_files(tmp_path / "fm", n_train=20)
+    write_idx(tmp_path / "fm" / "train-labels-idx1-ubyte.gz", np.full(20, 10, dtype=np.uint8))
+    with pytest.raises(SwapError, match="outside"):
+        load_dataset("fashion-mnist", str(tmp_path / "fm"))
+    write_fashion_files(tmp_path / "fm2", n_train=20)
+    write_idx(tmp_path / "fm2" / "train-images-idx3-ubyte.gz", np.zeros((20, 784), dtype=np.uint8))
+    with pytest.raises(SwapError, match="3 dimensions"):
+        load_dataset("fashion-mnist", str(tmp_path / "fm2"))
+
+
+def test_cifar10_reader(tmp_path, no_system_data):
+    written = write_cifar10(tmp_path, per_batch=4)
+    train, test = load_dataset("cifar10", str(tmp_path))
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    # Row layout: 1024 red, then green, then blue values of a row-major 32x32 image.
+    data, labels = written["data_batch_2"]
+    img = train.images[4 + 1]
+    assert torch.equal(img[0].flatten(), torch.from_numpy(data[1, :1024]))
+    assert torch.equal(img[2, 5, 7], torch.tensor(data[1, 2048 + 5 * 32 + 7]))
+    assert train.labels[4 + 1].item() == labels[1]
+    assert train.num_classes == 10
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path, no_system_data):
+    written = write_cifar100(tmp_path, n=6)
+    train, test = load_dataset("cifar100", str(tmp_path))
+    assert train.num_classes == 100 and train.images.shape == (6, 3, 32, 32)
+    assert train.labels.tolist() == written["train"][1]
+
+
+def test_cifar_corrupt_and_mismatched(tmp_path, no_system_data):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(SwapError, match="data_batch_3"):
+        load_dataset("cifar10", str(tmp_path))
+    import pickle
+    write_cifar10(tmp_path)
+    with open(batch, "wb") as fh:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]}, fh)
+    with pytest.raises(SwapError, match="4 images but 3 labels"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, no_system_data, monkeypatch):
+    import dataclasses
+    from swap.data import sources
+    with pytest.raises(SwapError, match="not found.*swap data fetch cifar10.*--data-dir"):
+        find_data_dir("cifar10", str(tmp_path / "nowhere"))
+    hidden = dataclasses.replace(sources.SOURCES["fashion-mnist"], system_dirs=(str(tmp_path / "no-system"),))
+    monkeypatch.setitem(sources.SOURCES, "fashion-mnist", hidden)
+    with pytest.raises(SwapError, match="apt-get install -y dataset-fashion-mnist"):
+        find_data_dir("fashion-mnist", str(tmp_path / "nowhere"))
+
+
+def test_search_order_data_dir_then_env(tmp_path, no_system_data, monkeypatch):
+    write_fashion_files(tmp_path / "a")
+    write_fashion_files(tmp_path / "b")
+    monkeypatch.setenv("SWAP_DATA", str(tmp_path / "b"))
+    assert find_data_dir("fashion-mnist", str(tmp_path / "a")) == tmp_path / "a"
+    assert find_data_dir("fashion-mnist", None) == tmp_path / "b"
+
+
+def _serve(folder):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_fetch_verifies_checksums(tmp_path, real_fashion):
+    """`swap data fetch` from a local mirror (loopback): good files land, a corrupt one is refused."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for f in IDX_FILES:
+        shutil.copy(real_fashion / f, mirror / f)
+    server = _serve(mirror)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        dest = fetch("fashion-mnist", tmp_path / "cache", base_url=url)
+        assert all((dest / f).is_file() for f in IDX_FILES)
+        # A different payload (one label changed) must be refused and must not land.
+        labels = gzip.decompress((mirror / IDX_FILES[3]).read_bytes())
+        (mirror / IDX_FILES[3]).write_bytes(gzip.compress(labels[:-1] + bytes([(labels[-1] + 1) % 10])))
+        with pytest.raises(SwapError, match="does not match the published"):
+            fetch("fashion-mnist", tmp_path / "cache2", base_url=url)
+        assert not (tmp_path / "cache2" / IDX_FILES[3]).exists()
+    finally:
+        server.shutdown()
+
+
+def test_fetch_without_network_explains(tmp_path):
+    with pytest.raises(SwapError, match="cannot download.*--data-dir"):
+        fetch("fashion-mnist", tmp_path, base_url="http://127.0.0.1:9/", timeout_s=2)

@@ -9,7 +9,6 @@ DEMO_OUT ?= runs/demo
 
 $(BIN)/swap: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 

@@ -72,7 +72,7 @@ def no_system_data(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_fashion():
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST missing in {FASHION_DIR}: `make test` installs it (dataset-fashion-mnist)")

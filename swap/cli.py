@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue a run: finished phases/workers are loaded, not retrained")
 
+    c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="methods: sgd-small, sgd-large, swap, swa-large, swa-lb-sb, swa-small")
+    c.add_argument("--config", required=True, help="preset name or YAML path (e.g. fashion_mnist_compare)")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..S-1, interleaved across methods")
+    c.add_argument("--methods", default="sgd-small,sgd-large,swap,swa-large,swa-lb-sb,swa-small",
+                   help="comma-separated methods (default: all six)")
+    c.add_argument("--out", help="compare directory (default runs/compare-CONFIG); finished runs are reused")
+    c.add_argument("--procs", type=int, help="local processes per run (default min(workers, CPU cores))")
+    c.add_argument("--data-dir", help="folder with the dataset files")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (applies to every method)")
+
     dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a dataset with checksum verification")
     f.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
@@ -80,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for section, b in batches:
             check_world(cfg, procs, b, section)
         # Validate the data before creating anything: missing or corrupt files fail here.
-        train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset)
+        train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
+                                holdout=cfg.data.holdout)
         for section, b in batches + ([("phase2", cfg.phase2.batch_size)] if args.method == "swap" else []):
             if b > len(train_set):
                 raise SwapError(f"{section}.batch_size={b} exceeds the {len(train_set)} training samples")
@@ -93,6 +107,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary is not None:
         print(results_table(summary))
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import plan, run_compare
+    from .data import load_dataset
+
+    overrides = list(args.overrides)
+    if args.procs is not None:
+        overrides.append(f"procs={args.procs}")
+    if args.data_dir is not None:
+        overrides.append(f"data.dir={args.data_dir}")
+    cfg = load_config(args.config, overrides)
+    if args.seeds < 1:
+        raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    plan(methods)
+    load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset, holdout=cfg.data.holdout)
+    procs = cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+    out = Path(args.out or f"runs/compare-{cfg.name}")
+    from .report import compare_table
+    report = run_compare(cfg, args.seeds, methods, out, procs)
+    print(compare_table(report))
+    print(f"\nReport: {out}/report.md, report.json, report.png")
     return 0
 
 
@@ -111,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_data(args)
     except SwapError as exc:
         print(f"swap: error: {exc}", file=sys.stderr)

@@ -37,6 +37,8 @@ class DataConfig:
     crop_padding: int = 2                # random crop after zero padding, pixels per side (0 = off)
     flip: bool = True                    # random horizontal flip
     cutout: int = 8                      # cutout square side in pixels (DeVries & Taylor 2017; 0 = off)
+    holdout: int = 0                     # > 0: the last N training samples become the evaluation set
+                                         # (a validation split for tuning); the test set is not touched
 
 
 @dataclass
@@ -95,6 +97,21 @@ class SGDConfig:
 
 
 @dataclass
+class SWAConfig:
+    """Sequential SWA baselines of ``swap compare`` (Izmailov et al. 2018; SWAP paper Sec. 5.3).
+
+    As the SWAP paper specifies, SWA samples as many models as SWAP has workers (``workers``) and
+    trains as many epochs per sample as a SWAP worker (``phase2.epochs``). Each cycle's LR falls
+    linearly from its max to its min; a model is sampled at the end of each cycle.
+    Small-batch cycles use ``phase2.batch_size`` and LR ``phase2.peak_lr`` -> ``lr_min``;
+    large-batch cycles use ``phase1.batch_size`` and LR ``large_lr_max`` -> ``large_lr_min``.
+    """
+    lr_min: float = 0.005
+    large_lr_max: float = 0.4
+    large_lr_min: float = 0.04
+
+
+@dataclass
 class Config:
     """A whole run. ``workers`` is W, the number of phase-2 models; ``procs`` the number of local
     processes (0 = min(W, CPU cores) on CPU, so processes x threads never oversubscribes the cores)."""
@@ -113,6 +130,10 @@ class Config:
     phase2: Phase2Config = field(default_factory=Phase2Config)
     phase3: Phase3Config = field(default_factory=Phase3Config)
     sgd: SGDConfig = field(default_factory=SGDConfig)
+    # `swap compare` settings of its baselines: sgd-small and sgd-large run `sgd` with these sections
+    sgd_small: SGDConfig = field(default_factory=SGDConfig)
+    sgd_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=1.2, warmup_epochs=5.0))
+    swa: SWAConfig = field(default_factory=SWAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,7 +281,11 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
-    for section, epochs_key in (("phase1", "max_epochs"), ("phase2", "epochs"), ("sgd", "epochs")):
+    need(cfg.data.holdout >= 0, f"data.holdout must be >= 0, got {cfg.data.holdout}")
+    need(0 < cfg.swa.lr_min and 0 < cfg.swa.large_lr_min <= cfg.swa.large_lr_max,
+         "swa.lr_min and swa.large_lr_min must be > 0 and swa.large_lr_min <= swa.large_lr_max")
+    for section, epochs_key in (("phase1", "max_epochs"), ("phase2", "epochs"), ("sgd", "epochs"),
+                                ("sgd_small", "epochs"), ("sgd_large", "epochs")):
         sec = getattr(cfg, section)
         need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
         need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")

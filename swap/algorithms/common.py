@@ -43,7 +43,8 @@ class Context:
         the configured model and dataset (library use, :func:`swap.train_swap`)."""
         d = distributed.setup(cfg.device, cfg.threads)
         if data is None:
-            data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset)
+            data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
+                                holdout=cfg.data.holdout)
         train_set, test_set = (x.to(d.device) for x in data)
         mean, std = train_set.channel_stats()
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())

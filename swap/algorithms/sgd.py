@@ -21,21 +21,23 @@ from .common import Context
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
-                        peak_lr: float, warmup_epochs: float, epochs: int, schedule: str,
-                        stop_acc: float | None = None) -> dict:
-    """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``.
+                        epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
+                        lr_at=None, stop_acc: float | None = None, after_epoch=None) -> dict:
+    """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``
+    and ``samples`` (training samples processed, all ranks).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
-    end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``.
+    end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
+    or ``lr_at(step)`` if given. ``after_epoch(record)`` runs on every rank after each epoch.
 
     Raises:
         SwapError: ``batch_size`` not divisible by the world size.
     """
     cfg, d = ctx.cfg, ctx.dist
-    check_world(cfg, d.world_size, batch_size, phase if phase == "sgd" else "phase1")
+    check_world(cfg, d.world_size, batch_size, phase)
     loader = ctx.loader(batch_size, (phase, 0), data_parallel=True)
     steps = len(loader)
-    lr_at = ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
+    lr_at = lr_at or ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
     # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
     ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
@@ -44,10 +46,16 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     bar = ctx.progress(epochs * steps, phase) if d.is_main else None
     out = train(ddp, loader, optimizer, lr_at, epochs, micro_batch_size=micro_batch_size, stop_acc=stop_acc,
                 evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                on_epoch=ctx.sink(phase, None, epochs) if d.is_main else None, progress=bar)
+                on_epoch=_both(ctx.sink(phase, None, epochs) if d.is_main else None, after_epoch), progress=bar)
     if bar is not None:
         bar.close()
-    return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps}
+    return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps, "samples": out["updates"] * batch_size}
+
+
+def _both(first, second):
+    """One per-epoch callback calling both (either may be None)."""
+    hooks = [h for h in (first, second) if h is not None]
+    return (lambda rec: [h(rec) for h in hooks]) if hooks else None
 
 
 def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
@@ -74,6 +82,7 @@ def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
             "wall_s": {"total": out["wall_s"]},
             "epochs": {"sgd": out["epoch"]},
             "updates": {"sgd": out["updates"], "critical_path": out["updates"]},
+            "samples": out["samples"],
             "batch_size": {"sgd": s.batch_size},
             "machine": ctx.machine(),
         }

@@ -54,6 +54,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
                                   warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs, schedule=p1.schedule,
                                   stop_acc=p1.stop_acc)
         phase1 = {"config_hash": config_hash, "phase": "phase1", "epoch": out["epoch"], "updates": out["updates"],
+                  "samples": out["samples"],
                   "train_acc": out["train_acc"], "test_acc": out["test_acc"], "wall_s": out["wall_s"],
                   "stopped_early": out["stopped_early"]}
         if d.is_main:
@@ -133,6 +134,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
             # on W devices); the measure of SWAP's speed that does not depend on this machine.
             "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
                         "critical_path": phase1["updates"] + max(p2_updates)},
+            "samples": phase1["samples"] + sum(p2_updates) * p2.batch_size,     # all workers' samples
             "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
             "machine": ctx.machine(),
         }

@@ -8,6 +8,7 @@ import torch
 from .cifar import load_cifar
 from .idx import load_idx_pair, read_idx
 from .loader import Augment, Loader, eval_batches, stream_seed
+from ..config import SwapError
 from .sources import fetch, find_data_dir, get_source
 
 
@@ -44,13 +45,15 @@ class ImageDataset:
 
 
 def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
-                 device: torch.device | str = "cpu") -> tuple[ImageDataset, ImageDataset]:
+                 device: torch.device | str = "cpu", holdout: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Find, read and check a dataset; return (train, test) on ``device``.
 
     Args:
         name: fashion-mnist | mnist | cifar10 | cifar100.
         data_dir: searched first (see :mod:`swap.data.sources` for the order).
         train_subset, test_subset: keep the first N of a fixed shuffle (0 = all).
+        holdout: if > 0, return (first N - holdout, last holdout) of the training samples (after
+            ``train_subset``) instead of (train, test): a validation split for tuning.
     Raises:
         SwapError: files missing (with how to get them), corrupt, truncated or mismatched.
     """
@@ -63,6 +66,12 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
         train, test = load_cifar(folder / src.required[0].split("/")[0], src.num_classes)
     train_set = ImageDataset(*train, src.num_classes).subset(train_subset)
     test_set = ImageDataset(*test, src.num_classes).subset(test_subset)
+    if holdout > 0:
+        if holdout >= len(train_set):
+            raise SwapError(f"data.holdout={holdout} leaves no training samples (of {len(train_set)})")
+        cut = len(train_set) - holdout
+        test_set = ImageDataset(train_set.images[cut:], train_set.labels[cut:], src.num_classes)
+        train_set = ImageDataset(train_set.images[:cut], train_set.labels[:cut], src.num_classes)
     return train_set.to(device), test_set.to(device)
 
 

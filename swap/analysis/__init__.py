@@ -1,0 +1,1 @@
+"""The paper's analysis: figures from run directories."""

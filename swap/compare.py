@@ -1,0 +1,218 @@
+"""`swap compare`: the SWAP paper's Tables 1, 2 and 4 measured side by side on one machine.
+
+Methods (Gupta et al., ICLR 2020, Sec. 5):
+    sgd-small   small-batch SGD ("SGD (small-batch)"), config section ``sgd_small``
+    sgd-large   large-batch SGD ("SGD (large-batch)"), config section ``sgd_large``
+    swap        SWAP; reported before averaging (mean of workers) and after
+    swa-large   SWAP's phase 1, then large-batch SWA cycles ("Large-batch SWA")
+    swa-lb-sb   SWAP's phase 1, then small-batch SWA cycles ("Large-batch followed by small-batch SWA")
+    swa-small   sgd-small's model, then small-batch SWA cycles ("Small-batch SWA")
+
+Each method and seed is an ordinary run directory ``OUT/METHOD/seedS`` (finished ones are reused,
+so a compare resumes). Seeds are interleaved: seed 0 of every method, then seed 1, ... so that
+machine drift spreads evenly. The SWA methods start from the phase-1 (or sgd-small) checkpoint of
+the same seed: the same computation a separate run would repeat bit for bit, so it is reused and
+its wall time, updates and samples are added to the SWA method's.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from . import distributed
+from .config import Config, SwapError, check_world
+from .rundir import RunDir
+
+METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small")
+STARTS = {"swa-small": ("sgd-small", "sgd"), "swa-lb-sb": ("swap", "phase1"), "swa-large": ("swap", "phase1")}
+
+
+def method_config(cfg: Config, method: str, seed: int) -> Config:
+    """The run config of one method and seed: sgd-small/sgd-large copy their section into ``sgd``."""
+    out = copy.deepcopy(cfg)
+    out.seed = seed
+    if method == "sgd-small":
+        out.sgd = copy.deepcopy(cfg.sgd_small)
+    elif method == "sgd-large":
+        out.sgd = copy.deepcopy(cfg.sgd_large)
+    return out
+
+
+def plan(methods: list[str]) -> list[str]:
+    """Methods in run order, with the runs the SWA methods start from added first.
+
+    Raises:
+        SwapError: unknown method.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SwapError(f"unknown method '{unknown[0]}' (known: {', '.join(METHODS)})")
+    needed = set(methods) | {STARTS[m][0] for m in methods if m in STARTS}
+    return [m for m in METHODS if m in needed]
+
+
+def check_compare(cfg: Config, methods: list[str], procs: int) -> None:
+    """Refuse a compare whose batches cannot split over ``procs`` before any run starts."""
+    batches = {"sgd-small": [("sgd_small", cfg.sgd_small.batch_size)], "sgd-large": [("sgd_large", cfg.sgd_large.batch_size)],
+               "swap": [("phase1", cfg.phase1.batch_size)], "swa-large": [("phase1", cfg.phase1.batch_size)],
+               "swa-lb-sb": [("phase2", cfg.phase2.batch_size)], "swa-small": [("phase2", cfg.phase2.batch_size)]}
+    for m in methods:
+        for section, b in batches[m]:
+            check_world(cfg, procs, b, section)
+
+
+def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, procs: int) -> dict:
+    """Run every (seed, method) not yet finished, then build, write and return the report."""
+    from .algorithms.sgd import run_sgd
+    from .algorithms.swa import run_swa
+    from .algorithms.swap import run_swap
+
+    out = Path(out)
+    order = plan(methods)
+    check_compare(cfg, order, procs)
+    for seed in range(seeds):
+        for method in order:
+            run = RunDir(out / method / f"seed{seed}")
+            if run.summary_path.is_file():
+                continue
+            mcfg = method_config(cfg, method, seed)
+            resume = method == "swap" and run.config_path.is_file()
+            RunDir.prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
+            print(f"swap compare: seed {seed} {method} -> {run.path}", file=sys.stderr)
+            if method in STARTS:
+                source, ckpt = STARTS[method]
+                src = RunDir(out / source / f"seed{seed}")
+                start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
+                distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start)
+            else:
+                fn = run_swap if method == "swap" else run_sgd
+                distributed.launch(fn, procs, mcfg, run.path, time.time(), resume)
+    report = build_report(out, methods, seeds)
+    write_report(out, report)
+    return report
+
+
+# ------------------------------------------------------------------------------- measurement
+
+def timeline(run: RunDir, summary: dict, out: Path | None = None) -> list[tuple[float, float]]:
+    """(wall seconds since the method started, test accuracy %) of the model the method holds.
+
+    SGD: every evaluated epoch. SWAP: phase-1 epochs, then per phase-2 epoch the mean accuracy of
+    the workers (at the slowest worker's time), then the averaged model. SWA: the start run's
+    timeline up to its model, then the running SGD iterate's epochs and the SWA average, shifted
+    by the start's wall time.
+    """
+    records = [r for r in run.read_metrics() if r.get("test_acc") is not None]
+    method = summary["method"]
+    if method == "swap":
+        points = [(r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "phase1"]
+        by_epoch: dict[int, list] = {}
+        for r in records:
+            if r["phase"] == "phase2":
+                by_epoch.setdefault(r["epoch"], []).append(r)
+        for epoch in sorted(by_epoch):
+            rs = by_epoch[epoch]
+            if len(rs) == summary["workers"]:
+                points.append((max(r["wall_s"] for r in rs), statistics.mean(r["test_acc"] for r in rs)))
+        points += [(r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "phase3"]
+        return points
+    if method in STARTS:
+        source, phase = STARTS[method]
+        start_run = RunDir((out or run.path.parent.parent) / source / run.path.name)
+        start = [(r["wall_s"], r["test_acc"]) for r in start_run.read_metrics()
+                 if r.get("phase") == phase and r.get("test_acc") is not None]
+        offset = summary["wall_s"]["start"]
+        return start + [(offset + r["wall_s"], r["test_acc"]) for r in records]
+    return [(r["wall_s"], r["test_acc"]) for r in records]
+
+
+def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
+    """First wall time (s) whose accuracy is >= ``target``; ``None`` when never reached."""
+    for wall, acc in sorted(points):
+        if acc >= target:
+            return wall
+    return None
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": statistics.median(values), "n": len(values)}
+
+
+def build_report(out: str | Path, methods: list[str], seeds: int, target: float | None = None) -> dict:
+    """Collect every run's summary into the report (see module docstring for the rows).
+
+    ``target`` defaults to the mean final accuracy of sgd-small minus 0.1 points.
+
+    Raises:
+        SwapError: a run has no summary.json (it did not finish).
+    """
+    out = Path(out)
+    runs: dict[str, list[tuple[RunDir, dict]]] = {}
+    for method in methods:
+        for seed in range(seeds):
+            run = RunDir(out / method / f"seed{seed}")
+            if not run.summary_path.is_file():
+                raise SwapError(f"{run.path} has no summary.json: run `swap compare` again to finish it")
+            runs.setdefault(method, []).append((run, run.read_summary()))
+
+    def final(summary):
+        return summary["test_acc"]["averaged"] if summary["method"] == "swap" else summary["test_acc"]["final"]
+
+    if target is None and "sgd-small" in runs:
+        target = statistics.mean(final(s) for _, s in runs["sgd-small"]) - 0.1
+    rows = []
+    for method in methods:
+        entries = runs[method]
+        ttt = [time_to_target(timeline(r, s, out), target) if target is not None else None for r, s in entries]
+        row = {"method": method, "test_acc": _stats([final(s) for _, s in entries]),
+               "wall_s": _stats([s["wall_s"]["total"] for _, s in entries]),
+               "time_to_target_s": _stats(ttt), "reached": sum(t is not None for t in ttt),
+               "per_seed": {"test_acc": [final(s) for _, s in entries], "wall_s": [s["wall_s"]["total"] for _, s in entries],
+                            "time_to_target_s": ttt},
+               "critical_path_updates": _stats([s["updates"]["critical_path"] for _, s in entries]),
+               "samples": _stats([s["samples"] for _, s in entries])}
+        rows.append(row)
+        if method == "swap":
+            before = [s["test_acc"]["workers_mean"] for _, s in entries]
+            best = [max(s["test_acc"]["workers"]) for _, s in entries]
+            row["before_averaging"] = _stats(before)
+            row["best_worker"] = _stats(best)
+            row["above_best_worker"] = sum(final(s) > max(s["test_acc"]["workers"]) for _, s in entries)
+    base = next((r for r in rows if r["method"] == "sgd-small"), None)
+    for row in rows:
+        if base:
+            row["wall_ratio"] = row["wall_s"]["mean"] / base["wall_s"]["mean"]
+            a, b = row["time_to_target_s"]["median"], base["time_to_target_s"]["median"]
+            row["time_to_target_ratio"] = a / b if a is not None and b else None
+            row["updates_ratio"] = row["critical_path_updates"]["mean"] / base["critical_path_updates"]["mean"]
+    first = runs[methods[0]][0][1]
+    return {"target_acc": target, "seeds": seeds, "methods": methods, "rows": rows, "machine": first["machine"],
+            "config": first["config"], "eval_set": "validation" if _holdout(runs[methods[0]][0][0]) else "test"}
+
+
+def _holdout(run: RunDir) -> bool:
+    return run.load_config().data.holdout > 0
+
+
+def write_report(out: str | Path, report: dict) -> None:
+    """``report.json``, ``report.md`` and ``report.png`` (accuracy against wall time) in ``out``."""
+    from .analysis.plots import plot_compare
+    from .report import compare_table
+
+    out = Path(out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(compare_table(report) + "\n")
+    curves = {}
+    for method in report["methods"]:
+        for seed in range(report["seeds"]):
+            run = RunDir(out / method / f"seed{seed}")
+            curves.setdefault(method, []).append(timeline(run, run.read_summary(), out))
+    plot_compare(curves, report["target_acc"], out / "report.png", eval_set=report["eval_set"])

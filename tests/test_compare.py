@@ -1,0 +1,50 @@
+"""swap compare: time-to-target logic on synthetic records, and a tiny real compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from swap.cli import main
+from swap.compare import plan, time_to_target
+
+
+def test_time_to_target_reached_late_and_never():
+    points = [(10.0, 80.0), (20.0, 90.5), (30.0, 91.2), (40.0, 90.9)]
+    assert time_to_target(points, 90.0) == 20.0                # reached at the second evaluation
+    assert time_to_target(points, 91.0) == 30.0                # reached late
+    assert time_to_target(points, 91.5) is None                # never reached
+    assert time_to_target([(30.0, 92.0), (10.0, 93.0)], 92.5) == 10.0   # order of records does not matter
+
+
+def test_plan_adds_start_runs_and_refuses_unknown():
+    assert plan(["swa-small"]) == ["sgd-small", "swa-small"]
+    assert plan(["swa-lb-sb", "sgd-large"]) == ["sgd-large", "swap", "swa-lb-sb"]
+    with pytest.raises(Exception, match="unknown method 'sgd-huge'"):
+        plan(["sgd-huge"])
+
+
+def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", "fashion_mnist_compare", "--seeds", "2", "--methods", "sgd-small,swap,swa-lb-sb",
+            "--out", str(out), "--data-dir", str(real_fashion), "--procs", "1",
+            "--set", "data.train_subset=1024", "--set", "data.test_subset=500", "--set", "workers=2",
+            "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
+            "--set", "phase2.epochs=1", "--set", "sgd_small.epochs=1"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["sgd-small", "swap", "swa-lb-sb"]
+    for row in report["rows"]:
+        assert len(row["per_seed"]["test_acc"]) == 2 and all(a > 10 for a in row["per_seed"]["test_acc"])
+    swa = json.loads((out / "swa-lb-sb" / "seed1" / "summary.json").read_text())
+    swap_s = json.loads((out / "swap" / "seed1" / "summary.json").read_text())
+    assert swa["models_averaged"] == 2                                  # one sample per cycle, W cycles
+    assert swa["updates"]["start"] == swap_s["updates"]["phase1"]       # starts from SWAP's phase 1
+    assert swa["wall_s"]["start"] == pytest.approx(swap_s["wall_s"]["phase1"])
+    md = (out / "report.md").read_text()
+    assert "swap (before averaging)" in md and "Critical-path updates" in md
+    assert (out / "report.png").stat().st_size > 10_000
+    # a second invocation reuses every finished run
+    mtime = (out / "swap" / "seed0" / "summary.json").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "swap" / "seed0" / "summary.json").stat().st_mtime == mtime

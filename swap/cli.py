@@ -51,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (applies to every method)")
 
+    pl = sub.add_parser("plot", help="Fig. 1: LR and test accuracy per worker against epochs and wall time")
+    pl.add_argument("run_dir")
+    pl.add_argument("--svg", action="store_true", help="also write SVG")
+    ls = sub.add_parser("landscape", help="Figs. 2-3: train/test error on the plane through three models")
+    ls.add_argument("run_dir")
+    ls.add_argument("--points", nargs=3, default=["phase1", "worker0", "swap"], metavar=("A", "B", "C"),
+                    help="checkpoint names: phase1, workerN, swap (default: phase1 worker0 swap)")
+    ls.add_argument("--grid", type=int, default=9, help="grid points per axis (default 9)")
+    ls.add_argument("--margin", type=float, default=0.3, help="grid margin beyond the points, as a fraction of their span")
+    ls.add_argument("--subset", type=int, default=10000,
+                    help="training samples for the BN pass and the train error (0 = all; default 10000)")
+    ls.add_argument("--procs", type=int, help="processes sharing the grid points (default: CPU cores)")
+    ls.add_argument("--recompute", action="store_true", help="ignore the cached .npz")
+    ls.add_argument("--svg", action="store_true")
+    co = sub.add_parser("cosine", help="Fig. 4: cosine between -gradient and the direction to the SWAP average")
+    co.add_argument("run_dir")
+    co.add_argument("--batch-size", type=int, default=512, help="mini-batch for the gradient (default 512)")
+    co.add_argument("--svg", action="store_true")
+
     dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a dataset with checksum verification")
     f.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
@@ -134,6 +153,92 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(run_dir: str) -> Path:
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise SwapError(f"{run.path} is not a run directory (no config.yaml)")
+    (run.path / "figures").mkdir(exist_ok=True)
+    return run.path / "figures"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .analysis.plots import plot_run
+    from .rundir import RunDir
+
+    figs = _figures(args.run_dir)
+    records = RunDir(args.run_dir).read_metrics()
+    if not records:
+        raise SwapError(f"{args.run_dir} has no metrics.jsonl records yet")
+    keys = ["phase", "worker", "epoch", "lr", "batch_size", "train_loss", "train_acc", "test_acc", "wall_s"]
+    _write_csv(figs / "curves.csv", [{k: r.get(k) for k in keys} for r in records])
+    files = plot_run(records, figs / "curves", args.svg)
+    if not any(r["phase"] == "average" for r in records):
+        print("swap: note: no per-epoch average recorded; train with --set phase2.track_average=true for that curve",
+              file=sys.stderr)
+    print("\n".join(str(f) for f in files + [figs / "curves.csv"]))
+    return 0
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import distributed
+    from .analysis.landscape import landscape_rank
+    from .analysis.plots import plot_landscape
+    from .checkpoint import checkpoint_exists
+    from .rundir import RunDir
+
+    figs = _figures(args.run_dir)
+    run = RunDir(args.run_dir)
+    for name in args.points:
+        if not checkpoint_exists(run.checkpoint(name)):
+            raise SwapError(f"no checkpoint '{name}' in {run.path}/checkpoints (names: phase1, workerN, swap)")
+    if args.grid < 2:
+        raise SwapError(f"--grid must be >= 2, got {args.grid}")
+    stem = figs / f"landscape_{'_'.join(args.points)}"
+    cache = stem.with_suffix(".npz")
+    settings = np.array([args.grid, args.margin, args.subset])
+    grid = None
+    if cache.is_file() and not args.recompute:
+        loaded = dict(np.load(cache))
+        if np.array_equal(loaded.get("settings"), settings):
+            grid = loaded
+            print(f"swap: using cached {cache} (--recompute to evaluate again)", file=sys.stderr)
+    if grid is None:
+        procs = args.procs or (os.cpu_count() or 1)
+        t = time.time()
+        grid = distributed.launch(landscape_rank, procs, str(run.path), list(args.points), args.grid, args.margin, args.subset)
+        grid["settings"], grid["seconds"] = settings, np.array(time.time() - t)
+        np.savez(cache, **grid)
+        print(f"swap: {args.grid}x{args.grid} grid in {float(grid['seconds']):.0f} s on {procs} processes", file=sys.stderr)
+    files = plot_landscape(grid, stem, args.svg)
+    print("\n".join(str(f) for f in files + [cache]))
+    return 0
+
+
+def cmd_cosine(args: argparse.Namespace) -> int:
+    from .analysis.cosine import cosine_rows
+    from .analysis.plots import plot_cosine
+
+    figs = _figures(args.run_dir)
+    rows = cosine_rows(args.run_dir, args.batch_size)
+    _write_csv(figs / "cosine.csv", rows)
+    files = plot_cosine(rows, figs / "cosine", args.svg)
+    print("\n".join(str(f) for f in files + [figs / "cosine.csv"]))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import fetch, find_data_dir
 
@@ -151,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command in ("plot", "landscape", "cosine"):
+            return {"plot": cmd_plot, "landscape": cmd_landscape, "cosine": cmd_cosine}[args.command](args)
         return cmd_data(args)
     except SwapError as exc:
         print(f"swap: error: {exc}", file=sys.stderr)

@@ -76,6 +76,9 @@ class Phase2Config:
     warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
+    track_average: bool = False          # after training: test accuracy of the workers' average (BN
+                                         # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
+    save_every: int = 0                  # save each worker's weights every N updates (0 = off), for `swap cosine`
 
 
 @dataclass
@@ -297,6 +300,7 @@ def validate(cfg: Config) -> None:
         micro = getattr(sec, "micro_batch_size", 0)
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
     need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
+    need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
 
 

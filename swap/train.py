@@ -69,7 +69,8 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
 def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
           epochs: int, *, start_epoch: int = 0, micro_batch_size: int = 0, stop_acc: float | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
-          on_epoch: Callable[[dict], None] | None = None, progress=None) -> dict:
+          on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
+          progress=None) -> dict:
     """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
@@ -83,6 +84,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         on_epoch: receives one record per epoch: epoch (1-based), lr (last update's), batch_size
             (global), train_loss, train_acc, test_acc (None when not evaluated), samples_per_s
             (training samples per second of that epoch, this process), wall_s (since start), eval_s.
+        on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
+            after each optimizer step.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
     Returns:
         The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
@@ -119,6 +122,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
                                        torch.tensor(float(len(yc)), dtype=torch.float64, device=totals.device)])
             optimizer.step()
             updates += 1
+            if on_step is not None:
+                on_step(epoch * steps + i + 1)
             if progress is not None:
                 progress.update(1)
         samples = totals[2].item()                          # waits for the device, then time it

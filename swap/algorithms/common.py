@@ -78,6 +78,13 @@ class Context:
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
                       self.augment() if augment else None, rank, world, self.cfg.channels_last)
 
+    def bn_batches(self):
+        """Inputs of the one pass over the training data that recomputes BN statistics (phase 3,
+        SWA): ``phase3.bn_batch_size`` samples each, augmented if ``phase3.bn_augment``."""
+        p3 = self.cfg.phase3
+        return (x for x, _ in self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False,
+                                          augment=p3.bn_augment).epoch(0))
+
     @staticmethod
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):
         return warmup_decay(peak_lr, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch, shape)

@@ -68,9 +68,7 @@ def run_swa(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     summary = None
     if d.is_main:
         t_bn = time.perf_counter()
-        bn_loader = ctx.loader(cfg.phase3.bn_batch_size, ("phase3", 0), data_parallel=False,
-                               augment=cfg.phase3.bn_augment)
-        recompute_bn(averaged.module, (x for x, _ in bn_loader.epoch(0)))
+        recompute_bn(averaged.module, ctx.bn_batches())
         acc = ctx.evaluate(averaged.module)
         bn_s = time.perf_counter() - t_bn
         save_checkpoint(ctx.run.checkpoint("swa"), averaged.module,

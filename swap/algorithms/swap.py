@@ -79,7 +79,8 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
             tw = time.perf_counter()
             out = train(worker, loader, ctx.optimizer(worker), lr_at, p2.epochs,
                         evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
-                        on_epoch=ctx.sink("phase2", w, p2.epochs), progress=bar)
+                        on_epoch=_phase2_epoch_hook(ctx, worker, w), on_step=_phase2_step_hook(ctx, worker, w),
+                        progress=bar)
             bar.close()
             workers[w] = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
                           "updates": out["updates"], "train_acc": out["train_acc"], "test_acc": out["test_acc"],
@@ -106,11 +107,10 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     gathered = distributed.all_gather_objects({"workers": workers, "phase2_wall_s": phase2_wall})
     summary = None
     if d.is_main:
-        bn_loader = ctx.loader(cfg.phase3.bn_batch_size, ("phase3", 0), data_parallel=False,
-                               augment=cfg.phase3.bn_augment)
-        recompute_bn(averaged, (x for x, _ in bn_loader.epoch(0)))
+        recompute_bn(averaged, ctx.bn_batches())
         averaged_acc = ctx.evaluate(averaged)
         phase3_wall = time.perf_counter() - t3
+        track_s = _average_curve(ctx, model, averaged_acc) if p2.track_average else 0.0
         all_workers = {w: m for g in gathered for w, m in g["workers"].items()}
         worker_accs = [all_workers[w]["test_acc"] for w in range(cfg.workers)]
         save_checkpoint(run.checkpoint("swap"), averaged,
@@ -130,6 +130,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
             "wall_s": walls,
             "epochs": {"phase1": phase1["epoch"], "phase2": p2.epochs},
             "phase1_stopped_early": phase1["stopped_early"],
+            "analysis_s": {"track_average": track_s},        # not part of training time
             # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
             # on W devices); the measure of SWAP's speed that does not depend on this machine.
             "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
@@ -141,3 +142,58 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         run.write_summary(summary)
     distributed.teardown()
     return summary
+
+
+def _phase2_epoch_hook(ctx: Context, worker, w: int):
+    """Per-epoch sink of worker ``w``; with ``phase2.track_average`` it also keeps the worker's
+    weights at the end of each epoch but the last (the last one is the worker checkpoint)."""
+    sink = ctx.sink("phase2", w, ctx.cfg.phase2.epochs)
+
+    def hook(record: dict) -> None:
+        sink(record)
+        if ctx.cfg.phase2.track_average and record["epoch"] < ctx.cfg.phase2.epochs:
+            save_checkpoint(ctx.run.checkpoint(f"track/worker{w}_epoch{record['epoch']}"), worker,
+                            {"worker": w, "epoch": record["epoch"]})
+    return hook
+
+
+def _phase2_step_hook(ctx: Context, worker, w: int):
+    """With ``phase2.save_every = K``: save worker ``w``'s iterate every K updates (and its start)."""
+    k = ctx.cfg.phase2.save_every
+    if not k:
+        return None
+    save_checkpoint(ctx.run.checkpoint(f"iterates/worker{w}_step0"), worker, {"worker": w, "step": 0})
+
+    def hook(step: int) -> None:
+        if step % k == 0:
+            save_checkpoint(ctx.run.checkpoint(f"iterates/worker{w}_step{step}"), worker, {"worker": w, "step": step})
+    return hook
+
+
+def _average_curve(ctx: Context, template, final_acc: float) -> float:
+    """Test accuracy of the average of all workers (BN recomputed) at each phase-2 epoch, logged as
+    ``phase: average`` records at the slowest worker's time for that epoch (SWAP paper Fig. 1).
+    Returns the seconds it cost; each record carries its own ``cost_s``."""
+    cfg, run = ctx.cfg, ctx.run
+    records = [r for r in run.read_metrics() if r["phase"] == "phase2"]
+    buffers = bn_buffer_names(template)
+    total = 0.0
+    for epoch in range(1, cfg.phase2.epochs + 1):
+        t = time.perf_counter()
+        wall = max(r["wall_s"] for r in records if r["epoch"] == epoch)
+        if epoch == cfg.phase2.epochs:                     # the final SWAP model, already evaluated
+            acc = final_acc
+        else:
+            states = []
+            for w in range(cfg.workers):
+                m = copy.deepcopy(template)
+                load_checkpoint(run.checkpoint(f"track/worker{w}_epoch{epoch}"), m)
+                states.append(m.state_dict())
+            averaged = copy.deepcopy(template)
+            averaged.load_state_dict(average_state_dicts(states, buffers))
+            recompute_bn(averaged, ctx.bn_batches())
+            acc = ctx.evaluate(averaged)
+        cost = time.perf_counter() - t
+        total += cost
+        run.log({"phase": "average", "worker": None, "epoch": epoch, "test_acc": acc, "wall_s": wall, "cost_s": cost})
+    return total

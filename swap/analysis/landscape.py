@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    """All parameters of ``model`` as one float64 vector (P,); buffers are not included."""
-    return parameters_to_vector([p.detach().to(torch.float64) for p in model.parameters()])
+    """All parameters of ``model`` as one float64 vector (P,), in logical (NCHW) order whatever the
+    memory format (channels_last weights cannot be viewed flat); buffers are not included."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters()])
 
 
 @dataclass
@@ -72,9 +72,19 @@ def grid_axes(coords: list[tuple[float, float]], size: int, margin: float) -> tu
 
 
 def load_point(model: nn.Module, vector: torch.Tensor) -> nn.Module:
-    """Write the parameter vector into ``model`` (in place; dtype of the model kept)."""
+    """Write a vector from :func:`flat_params` back into ``model`` (in place; dtype and memory format kept).
+
+    Raises:
+        ValueError: the vector's length differs from the model's parameter count.
+    """
     params = list(model.parameters())
-    vector_to_parameters(vector.to(params[0].dtype), params)
+    if vector.numel() != sum(p.numel() for p in params):
+        raise ValueError(f"vector of {vector.numel()} values for a model of {sum(p.numel() for p in params)} parameters")
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(vector[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
     return model
 
 

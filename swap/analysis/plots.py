@@ -98,8 +98,8 @@ def plot_run(records: list[dict], path: str | Path, svg: bool = False) -> list[P
         axes[2].scatter([r["wall_s"]], [r["test_acc"]], color="red", marker="*", s=150, zorder=5, label="SWAP (final)")
     accs = [r["test_acc"] for r in records if r.get("test_acc") is not None]
     for ax in axes[1:]:
-        if accs:
-            ax.set_ylim(max(min(accs), max(accs) - 10), max(accs) + 0.5)
+        if accs:                         # show phase 1's rise, but keep phase 2's spread readable
+            ax.set_ylim(max(min(accs), max(accs) - 25) - 0.5, max(accs) + 0.5)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("learning rate (at epoch end)")

@@ -21,6 +21,9 @@ def test_crop_shift_matches_manual_padding():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     assert torch.equal(out[0], padded[0, :, 0:4, 2:6])   # shift (dy, dx) = (0, 2)
     assert torch.equal(out[1], x[1])                     # shift (1, 1) = the original image
+    rgb = torch.rand(2, 3, 5, 5)                          # every channel shifted alike
+    out3 = aug.apply(rgb, params)
+    assert torch.equal(out3[0], torch.nn.functional.pad(rgb, (1, 1, 1, 1))[0, :, 0:5, 2:7])
 
 
 def test_flip_and_cutout():

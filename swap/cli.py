@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace):
+    """The validated config of ``--config`` with ``--set`` and the option shortcuts applied
+    (``--workers``, ``--procs``, ``--data-dir`` are the keys workers, procs, data.dir)."""
+    overrides = list(args.overrides)
+    for option, key in (("workers", "workers"), ("procs", "procs"), ("data_dir", "data.dir")):
+        if getattr(args, option, None) is not None:
+            overrides.append(f"{key}={getattr(args, option)}")
+    return load_config(args.config, overrides)
+
+
+def local_procs(cfg) -> int:
+    """Local processes: ``procs`` if set, else min(W, CPU cores) so processes never oversubscribe."""
+    return cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .algorithms.sgd import run_sgd
@@ -89,14 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .report import results_table
     from .rundir import RunDir
 
-    overrides = list(args.overrides)
-    if args.workers is not None:
-        overrides.append(f"workers={args.workers}")
-    if args.procs is not None:
-        overrides.append(f"procs={args.procs}")
-    if args.data_dir is not None:
-        overrides.append(f"data.dir={args.data_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     fn = run_swap if args.method == "swap" else run_sgd
     out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
 
@@ -107,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             RunDir.prepare(out, cfg, args.overwrite, args.resume)
         summary = fn(cfg, out, None, args.resume)
     else:
-        procs = cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+        procs = local_procs(cfg)
         batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
         for section, b in batches:
             check_world(cfg, procs, b, section)
@@ -133,18 +141,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
     from .data import load_dataset
 
-    overrides = list(args.overrides)
-    if args.procs is not None:
-        overrides.append(f"procs={args.procs}")
-    if args.data_dir is not None:
-        overrides.append(f"data.dir={args.data_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     if args.seeds < 1:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
     load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset, holdout=cfg.data.holdout)
-    procs = cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+    procs = local_procs(cfg)
     out = Path(args.out or f"runs/compare-{cfg.name}")
     from .report import compare_table
     report = run_compare(cfg, args.seeds, methods, out, procs)

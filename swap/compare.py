@@ -7,6 +7,8 @@ Methods (Gupta et al., ICLR 2020, Sec. 5):
     swa-large   SWAP's phase 1, then large-batch SWA cycles ("Large-batch SWA")
     swa-lb-sb   SWAP's phase 1, then small-batch SWA cycles ("Large-batch followed by small-batch SWA")
     swa-small   sgd-small's model, then small-batch SWA cycles ("Small-batch SWA")
+    extrap-large  large-batch SGD with extrapolated SGD (Lin et al., ICML 2020), section ``sgd_large``
+    swap-extrap   SWAP whose phase 1 uses extrapolated SGD (section ``extrap``)
 
 Each method and seed is an ordinary run directory ``OUT/METHOD/seedS`` (finished ones are reused,
 so a compare resumes). Seeds are interleaved: seed 0 of every method, then seed 1, ... so that
@@ -27,7 +29,7 @@ from . import distributed
 from .config import Config, SwapError, check_world
 from .rundir import RunDir
 
-METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small")
+METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small", "extrap-large", "swap-extrap")
 STARTS = {"swa-small": ("sgd-small", "sgd"), "swa-lb-sb": ("swap", "phase1"), "swa-large": ("swap", "phase1")}
 
 
@@ -37,8 +39,11 @@ def method_config(cfg: Config, method: str, seed: int) -> Config:
     out.seed = seed
     if method == "sgd-small":
         out.sgd = copy.deepcopy(cfg.sgd_small)
-    elif method == "sgd-large":
+    elif method in ("sgd-large", "extrap-large"):
         out.sgd = copy.deepcopy(cfg.sgd_large)
+        out.sgd.optimizer = "extrap" if method == "extrap-large" else "sgd"
+    elif method == "swap-extrap":
+        out.phase1.optimizer = "extrap"
     return out
 
 
@@ -59,7 +64,8 @@ def check_compare(cfg: Config, methods: list[str], procs: int) -> None:
     """Refuse a compare whose batches cannot split over ``procs`` before any run starts."""
     batches = {"sgd-small": [("sgd_small", cfg.sgd_small.batch_size)], "sgd-large": [("sgd_large", cfg.sgd_large.batch_size)],
                "swap": [("phase1", cfg.phase1.batch_size)], "swa-large": [("phase1", cfg.phase1.batch_size)],
-               "swa-lb-sb": [("phase2", cfg.phase2.batch_size)], "swa-small": [("phase2", cfg.phase2.batch_size)]}
+               "swa-lb-sb": [("phase2", cfg.phase2.batch_size)], "swa-small": [("phase2", cfg.phase2.batch_size)],
+               "extrap-large": [("sgd_large", cfg.sgd_large.batch_size)], "swap-extrap": [("phase1", cfg.phase1.batch_size)]}
     for m in methods:
         for section, b in batches[m]:
             check_world(cfg, procs, b, section)
@@ -80,7 +86,7 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
             if run.summary_path.is_file():
                 continue
             mcfg = method_config(cfg, method, seed)
-            resume = method == "swap" and run.config_path.is_file()
+            resume = method in ("swap", "swap-extrap") and run.config_path.is_file()
             RunDir.prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
             print(f"swap compare: seed {seed} {method} -> {run.path}", file=sys.stderr)
             if method in STARTS:
@@ -89,7 +95,7 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
                 start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
                 distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start)
             else:
-                fn = run_swap if method == "swap" else run_sgd
+                fn = run_swap if method in ("swap", "swap-extrap") else run_sgd
                 distributed.launch(fn, procs, mcfg, run.path, time.time(), resume)
     report = build_report(out, methods, seeds)
     write_report(out, report)
@@ -180,7 +186,7 @@ def build_report(out: str | Path, methods: list[str], seeds: int, target: float 
                "critical_path_updates": _stats([s["updates"]["critical_path"] for _, s in entries]),
                "samples": _stats([s["samples"] for _, s in entries])}
         rows.append(row)
-        if method == "swap":
+        if summary_method(entries) == "swap":
             before = [s["test_acc"]["workers_mean"] for _, s in entries]
             best = [max(s["test_acc"]["workers"]) for _, s in entries]
             row["before_averaging"] = _stats(before)
@@ -196,6 +202,11 @@ def build_report(out: str | Path, methods: list[str], seeds: int, target: float 
     first = runs[methods[0]][0][1]
     return {"target_acc": target, "seeds": seeds, "methods": methods, "rows": rows, "machine": first["machine"],
             "config": first["config"], "eval_set": "validation" if _holdout(runs[methods[0]][0][0]) else "test"}
+
+
+def summary_method(entries: list) -> str:
+    """The algorithm behind a compare method's runs (``swap`` or ``sgd`` or an SWA variant)."""
+    return entries[0][1]["method"]
 
 
 def _holdout(run: RunDir) -> bool:

@@ -66,6 +66,7 @@ class Phase1Config:
     max_epochs: int = 150                # the LR schedule spans max_epochs; stopping usually comes first
     stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
     schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
+    optimizer: str = "sgd"               # sgd | extrap (extrapolated SGD, section `extrap`)
 
 
 @dataclass
@@ -97,6 +98,16 @@ class SGDConfig:
     warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
+    optimizer: str = "sgd"               # sgd | extrap
+
+
+@dataclass
+class ExtrapConfig:
+    """Extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML 2020), used where an ``optimizer`` is ``extrap``.
+    gamma_t = gamma_ratio * eta_t, sigma_t = sigma_ratio * eta_t (same warm-up and decay as the LR)."""
+    variant: str = "extragradient"       # extragradient | past-gradient | gaussian
+    gamma_ratio: float = 1.0
+    sigma_ratio: float = 0.01
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Config:
     sgd_small: SGDConfig = field(default_factory=SGDConfig)
     sgd_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=1.2, warmup_epochs=5.0))
     swa: SWAConfig = field(default_factory=SWAConfig)
+    extrap: ExtrapConfig = field(default_factory=ExtrapConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,9 +309,14 @@ def validate(cfg: Config) -> None:
         need(0 <= sec.warmup_epochs <= epochs,
              f"{section}.warmup_epochs must be in [0, {section}.{epochs_key}={epochs}], got {sec.warmup_epochs}")
         need(sec.schedule in ("linear", "cosine"), f"{section}.schedule must be linear or cosine, got '{sec.schedule}'")
+        if hasattr(sec, "optimizer"):
+            need(sec.optimizer in ("sgd", "extrap"), f"{section}.optimizer must be sgd or extrap, got '{sec.optimizer}'")
         micro = getattr(sec, "micro_batch_size", 0)
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
     need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
+    need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
+         f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
+    need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
 

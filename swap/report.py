@@ -57,8 +57,8 @@ def compare_table(report: dict) -> str:
                  if "wall_ratio" in row else "-")
         lines.append(f"| {row['method']} | {_pm(row['test_acc'])} | {_pm(row['wall_s'], 1)} | {reached} | {ratio} | "
                      f"{row['critical_path_updates']['mean']:.0f} | {row['samples']['mean']:.3g} |")
-        if row["method"] == "swap":
-            lines.append(f"| swap (before averaging) | {_pm(row['before_averaging'])} | | | | | |")
+        if "before_averaging" in row:
+            lines.append(f"| {row['method']} (before averaging) | {_pm(row['before_averaging'])} | | | | | |")
     lines.append("")
     swap_row = next((r for r in report["rows"] if r["method"] == "swap"), None)
     if swap_row:

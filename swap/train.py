@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .algorithms.extrap import frozen_bn_stats
 from .data.loader import eval_batches
 
 
@@ -66,6 +67,30 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
+def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
+          backward: bool = True) -> torch.Tensor:
+    """Forward (and backward) over ``x`` in micro-batches; each loss weighted by its share of the
+    batch, so accumulated gradients are those of the batch's mean loss. With DDP, gradients are
+    all-reduced on the last micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise).
+    Returns float64 (3,): loss sum, correct predictions, samples."""
+    is_ddp = isinstance(model, DDP)
+    chunk = micro_batch_size if 0 < micro_batch_size < len(y) else len(y)
+    n_chunks = (len(y) + chunk - 1) // chunk
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for j in range(n_chunks):
+        xc, yc = x[j * chunk:(j + 1) * chunk], y[j * chunk:(j + 1) * chunk]
+        reduce = sync and j == n_chunks - 1
+        comm = model.no_sync() if is_ddp and not reduce else contextlib.nullcontext()
+        with comm, (contextlib.nullcontext() if backward else torch.no_grad()):
+            out = model(xc)
+            loss = F.cross_entropy(out, yc)
+            if backward:
+                (loss * (len(yc) / len(y))).backward()
+        totals += torch.stack([loss.detach().double() * len(yc), (out.argmax(1) == yc).sum().double(),
+                               torch.tensor(float(len(yc)), dtype=torch.float64, device=x.device)])
+    return totals
+
+
 def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
           epochs: int, *, start_epoch: int = 0, micro_batch_size: int = 0, stop_acc: float | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
@@ -75,6 +100,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
 
     Args:
         model: a module, or a DDP-wrapped module whose ranks all run this loop in step.
+        optimizer: any torch optimizer, or :class:`swap.algorithms.extrap.ExtrapSGD` (then each
+            update takes the extrapolation steps of Lin et al. 2020).
         loader: a :class:`swap.data.Loader` yielding this rank's share of each global batch.
         lr_at: schedule over the global update index ``epoch * len(loader) + i``.
         micro_batch_size: split each share into chunks of this many samples (0 = one chunk).
@@ -91,6 +118,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
     """
     is_ddp = isinstance(model, DDP)
+    extrapolated = hasattr(optimizer, "extrapolate")       # swap.algorithms.extrap.ExtrapSGD
     steps = len(loader)
     world = _world() if is_ddp else 1
     t_start = time.perf_counter()
@@ -107,19 +135,16 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            chunk = micro_batch_size if 0 < micro_batch_size < len(y) else len(y)
-            n_chunks = (len(y) + chunk - 1) // chunk
-            for j in range(n_chunks):
-                xc, yc = x[j * chunk:(j + 1) * chunk], y[j * chunk:(j + 1) * chunk]
-                # Only the last micro-batch's backward all-reduces gradients (DDP's no_sync).
-                sync = contextlib.nullcontext() if not is_ddp or j == n_chunks - 1 else model.no_sync()
-                with sync:
-                    out = model(xc)
-                    loss = F.cross_entropy(out, yc)
-                    (loss * (len(yc) / len(y))).backward()
-                totals += torch.stack([loss.detach().double() * len(yc),
-                                       (out.argmax(1) == yc).sum().double(),
-                                       torch.tensor(float(len(yc)), dtype=torch.float64, device=totals.device)])
+            if extrapolated:
+                # Pass at the iterate x_t: metrics and BN statistics, and for extragradient the
+                # rank's local gradient (no all-reduce). Then the all-reduced gradient at x_t + u.
+                totals += _pass(model, x, y, micro_batch_size, sync=False, backward=optimizer.needs_local_gradient)
+                optimizer.extrapolate()
+                optimizer.zero_grad(set_to_none=True)
+                with frozen_bn_stats(unwrap(model)):
+                    _pass(model, x, y, micro_batch_size, sync=True)
+            else:
+                totals += _pass(model, x, y, micro_batch_size, sync=True)
             optimizer.step()
             updates += 1
             if on_step is not None:

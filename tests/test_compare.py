@@ -26,14 +26,18 @@ def test_plan_adds_start_runs_and_refuses_unknown():
 
 def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--config", "fashion_mnist_compare", "--seeds", "2", "--methods", "sgd-small,swap,swa-lb-sb",
+    args = ["compare", "--config", "fashion_mnist_compare", "--seeds", "2",
+            "--methods", "sgd-small,swap,swa-lb-sb,extrap-large,swap-extrap",
             "--out", str(out), "--data-dir", str(real_fashion), "--procs", "1",
             "--set", "data.train_subset=1024", "--set", "data.test_subset=500", "--set", "workers=2",
             "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
-            "--set", "phase2.epochs=1", "--set", "sgd_small.epochs=1"]
+            "--set", "phase2.epochs=1", "--set", "sgd_small.epochs=1",
+            "--set", "sgd_large.batch_size=512", "--set", "sgd_large.epochs=1", "--set", "sgd_large.warmup_epochs=0"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["sgd-small", "swap", "swa-lb-sb"]
+    assert [r["method"] for r in report["rows"]] == ["sgd-small", "swap", "swa-lb-sb", "extrap-large", "swap-extrap"]
+    for method, key in (("extrap-large", "optimizer"), ("swap-extrap", "phase1_optimizer")):
+        assert json.loads((out / method / "seed0" / "summary.json").read_text())[key] == "extrap"
     for row in report["rows"]:
         assert len(row["per_seed"]["test_acc"]) == 2 and all(a > 10 for a in row["per_seed"]["test_acc"])
     swa = json.loads((out / "swa-lb-sb" / "seed1" / "summary.json").read_text())
@@ -42,7 +46,7 @@ def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
     assert swa["updates"]["start"] == swap_s["updates"]["phase1"]       # starts from SWAP's phase 1
     assert swa["wall_s"]["start"] == pytest.approx(swap_s["wall_s"]["phase1"])
     md = (out / "report.md").read_text()
-    assert "swap (before averaging)" in md and "Critical-path updates" in md
+    assert "swap (before averaging)" in md and "swap-extrap (before averaging)" in md and "Critical-path updates" in md
     assert (out / "report.png").stat().st_size > 10_000
     # a second invocation reuses every finished run
     mtime = (out / "swap" / "seed0" / "summary.json").stat().st_mtime

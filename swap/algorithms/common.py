@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..config import Config
-from ..data import Augment, ImageDataset, Loader, load_dataset
+from ..data import Augment, ImageDataset, Loader, load_dataset, stream_seed
 from ..models import build_model
 from ..rundir import RunDir, machine_info
 from ..schedules import warmup_decay
 from ..train import evaluate
+from .extrap import ExtrapSGD
 
 
 @dataclass
@@ -62,11 +63,18 @@ class Context:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def optimizer(self, model: nn.Module) -> torch.optim.SGD:
-        """SGD with the configured (Nesterov) momentum and weight decay; the LR is set per update."""
+    def optimizer(self, model: nn.Module, kind: str = "sgd", stream: tuple = ()):
+        """SGD with the configured (Nesterov) momentum and weight decay (the LR is set per update);
+        ``kind="extrap"`` wraps it in extrapolated SGD (section ``extrap``), whose gaussian noise
+        is drawn from the stream (seed, *stream, rank)."""
         o = self.cfg.optim
-        return torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay)
+        if kind != "extrap":
+            return sgd
+        e = self.cfg.extrap
+        gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
+        return ExtrapSGD(sgd, e.variant, e.gamma_ratio, e.sigma_ratio, gen)
 
     def augment(self) -> Augment:
         d = self.cfg.data
@@ -95,12 +103,14 @@ class Context:
                         channels_last=self.cfg.channels_last)
 
     # ------------------------------------------------------------------ reporting
-    def sink(self, phase: str, worker: int | None, epochs: int):
-        """Per-epoch callback: one metrics.jsonl record and one progress line."""
+    def sink(self, phase: str, worker: int | None, epochs: int, optimizer: str = "sgd"):
+        """Per-epoch callback: one metrics.jsonl record and one progress line. Records name the
+        optimizer (``sgd`` or ``extrap:VARIANT``)."""
         label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
+        optimizer = f"extrap:{self.cfg.extrap.variant}" if optimizer == "extrap" else optimizer
 
         def on_epoch(rec: dict) -> None:
-            rec = {"phase": phase, "worker": worker, **rec, "phase_wall_s": rec["wall_s"],
+            rec = {"phase": phase, "worker": worker, "optimizer": optimizer, **rec, "phase_wall_s": rec["wall_s"],
                    "wall_s": time.time() - self.t0}
             self.run.log(rec)
             test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""

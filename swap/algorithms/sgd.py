@@ -22,13 +22,14 @@ from .common import Context
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
-                        lr_at=None, stop_acc: float | None = None, after_epoch=None) -> dict:
+                        lr_at=None, stop_acc: float | None = None, after_epoch=None, optimizer: str = "sgd") -> dict:
     """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``
     and ``samples`` (training samples processed, all ranks).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``after_epoch(record)`` runs on every rank after each epoch.
+    ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
 
     Raises:
         SwapError: ``batch_size`` not divisible by the world size.
@@ -41,12 +42,12 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
     # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
     ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
-    optimizer = ctx.optimizer(model)
+    opt = ctx.optimizer(model, optimizer, (phase,))
     t = time.perf_counter()
     bar = ctx.progress(epochs * steps, phase) if d.is_main else None
-    out = train(ddp, loader, optimizer, lr_at, epochs, micro_batch_size=micro_batch_size, stop_acc=stop_acc,
+    out = train(ddp, loader, opt, lr_at, epochs, micro_batch_size=micro_batch_size, stop_acc=stop_acc,
                 evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                on_epoch=_both(ctx.sink(phase, None, epochs) if d.is_main else None, after_epoch), progress=bar)
+                on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None, after_epoch), progress=bar)
     if bar is not None:
         bar.close()
     return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps, "samples": out["updates"] * batch_size}
@@ -70,13 +71,14 @@ def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     s = cfg.sgd
     model = ctx.build_model()
     out = train_data_parallel(ctx, model, phase="sgd", batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
-                              peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs, schedule=s.schedule)
+                              peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs, schedule=s.schedule,
+                              optimizer=s.optimizer)
     summary = None
     if ctx.dist.is_main:
         save_checkpoint(ctx.run.checkpoint("sgd"), unwrap(model),
                         {"config_hash": cfg.hash(), "phase": "sgd", "epoch": out["epoch"], "test_acc": out["test_acc"]})
         summary = {
-            "method": "sgd", "config": cfg.name, "seed": cfg.seed,
+            "method": "sgd", "optimizer": s.optimizer, "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},
             "train_acc": {"final": out["train_acc"]},
             "wall_s": {"total": out["wall_s"]},

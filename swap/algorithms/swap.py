@@ -52,7 +52,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size,
                                   micro_batch_size=p1.micro_batch_size, peak_lr=p1.peak_lr,
                                   warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs, schedule=p1.schedule,
-                                  stop_acc=p1.stop_acc)
+                                  stop_acc=p1.stop_acc, optimizer=p1.optimizer)
         phase1 = {"config_hash": config_hash, "phase": "phase1", "epoch": out["epoch"], "updates": out["updates"],
                   "samples": out["samples"],
                   "train_acc": out["train_acc"], "test_acc": out["test_acc"], "wall_s": out["wall_s"],
@@ -122,7 +122,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         walls["total"] = sum(walls.values())
         p2_updates = [all_workers[w]["updates"] for w in range(cfg.workers)]
         summary = {
-            "method": "swap", "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
+            "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
             "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
                          "averaged": averaged_acc, "phase1": phase1["test_acc"]},
             "train_acc": {"phase1": phase1["train_acc"],

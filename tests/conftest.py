@@ -77,3 +77,25 @@ def real_fashion():
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST missing in {FASHION_DIR}: `make test` installs it (dataset-fashion-mnist)")
     return FASHION_DIR
+
+
+def ddp_rank_setup(data_seed: int):
+    """Inside a launched rank (or a single process): join the group, make 128 random 28x28
+    images, and a seeded smallcnn wrapped in DDP when there are several ranks.
+    Returns (dist, data, mean, std, model, wrapped)."""
+    import torch
+
+    from swap import distributed
+    from swap.data import ImageDataset
+    from swap.models import build_model
+
+    d = distributed.setup("cpu")
+    g = torch.Generator().manual_seed(data_seed)
+    data = ImageDataset(torch.randint(0, 256, (128, 1, 28, 28), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 10, (128,), generator=g), 10)
+    mean, std = data.channel_stats()
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1)
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+               if d.world_size > 1 else model)
+    return d, data, mean, std, model, wrapped

@@ -8,27 +8,18 @@ from pathlib import Path
 import torch
 
 from swap import distributed
-from swap.data import Augment, ImageDataset, Loader
+from swap.data import Augment, Loader
 from swap.models import build_model
 from swap.train import train
+
+from conftest import ddp_rank_setup
 
 TOL = 1e-5      # float32; measured differences are ~4e-7 (summation order of the all-reduce)
 
 
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return ImageDataset(torch.randint(0, 256, (128, 1, 28, 28), generator=g, dtype=torch.uint8),
-                        torch.randint(0, 10, (128,), generator=g), 10)
-
-
 def take_steps(micro_batch_size: int) -> dict:
     """Two updates of a global batch of 64 on every rank; returns each rank's weights and grads."""
-    d = distributed.setup("cpu")
-    data = _data()
-    mean, std = data.channel_stats()
-    torch.manual_seed(0)
-    model = build_model("smallcnn", 10, 1)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=1)
     loader = Loader(data, 64, (0, "phase1", 0), mean, std, Augment(2, True, 8), d.rank, d.world_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     train(wrapped, loader, opt, lambda s: 0.1, epochs=1, micro_batch_size=micro_batch_size)

@@ -17,6 +17,8 @@ from swap.data import ImageDataset, Loader
 from swap.models import build_model
 from swap.train import train
 
+from conftest import ddp_rank_setup
+
 LR, MOM, WD, GAMMA, SIGMA = 0.1, 0.9, 0.01, 0.5, 0.3
 A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 2.0, 0.2], [0.0, 0.2, 1.0]], dtype=torch.float64)
 X0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -81,12 +83,7 @@ def _data():
 
 def extrap_steps(_: int = 0) -> list:
     """Two extragradient updates of a global batch of 64 on every rank of the launch."""
-    d = distributed.setup("cpu")
-    data = _data()
-    mean, std = data.channel_stats()
-    torch.manual_seed(0)
-    model = build_model("smallcnn", 10, 1)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=3)
     loader = Loader(data, 64, (0, "phase1", 0), mean, std, None, d.rank, d.world_size)
     opt = ExtrapSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
                     "extragradient", gamma_ratio=1.0)

@@ -8,6 +8,7 @@ checkpoint under the real name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -30,10 +31,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
-    """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``."""
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=None) -> None:
+    """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``;
+    with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. The JSON is
+    written last, so a checkpoint whose JSON exists is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if optimizer is not None:
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        atomic_write_bytes(path.with_suffix(".optim.pt"), buffer.getvalue())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = path.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".tmp")
@@ -50,8 +57,8 @@ def checkpoint_exists(path: str | Path) -> bool:
     return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None) -> dict:
-    """Load weights into ``model`` after checking them; return the metadata.
+def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None, optimizer=None) -> dict:
+    """Load weights into ``model`` (and, if given, the optimizer state) after checking them; return the metadata.
 
     Raises:
         SwapError: files missing or corrupt, weights hash differs from the metadata, config hash
@@ -86,4 +93,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
                             f"{tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
     with torch.no_grad():
         model.load_state_dict(state)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(torch.load(path.with_suffix(".optim.pt"), weights_only=True))
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
     return meta

@@ -137,6 +137,8 @@ class Config:
     device: str = "cpu"                  # cpu | cuda | auto
     channels_last: bool = True
     eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
+    checkpoint_every: int = 1            # resumable checkpoint (weights + optimizer) every N epochs of
+                                         # every phase and worker (0 = only at phase ends)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -291,6 +293,7 @@ def validate(cfg: Config) -> None:
     need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
     need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
     need(cfg.data.crop_padding >= 0 and cfg.data.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")
     need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")

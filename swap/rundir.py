@@ -99,6 +99,11 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def rewrite_metrics(self, keep) -> None:
+        """Keep only the records for which ``keep(record)`` is true (atomic rewrite)."""
+        lines = [json.dumps(r) + "\n" for r in self.read_metrics() if keep(r)]
+        atomic_write_bytes(self.metrics_path, "".join(lines).encode())
+
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():
             return []

@@ -14,43 +14,76 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
-from ..checkpoint import save_checkpoint
+from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..config import Config, check_world
-from ..train import train, unwrap
+from ..train import average_bn_buffers, train, unwrap
 from .common import Context
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
-                        lr_at=None, stop_acc: float | None = None, after_epoch=None, optimizer: str = "sgd") -> dict:
+                        lr_at=None, stop_acc: float | None = None, after_epoch=None, optimizer: str = "sgd",
+                        resume: bool = False) -> dict:
     """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``
-    and ``samples`` (training samples processed, all ranks).
+    and ``samples`` (training samples processed, all ranks), counted over resumed sessions too.
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``after_epoch(record)`` runs on every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
 
+    Every ``checkpoint_every`` epochs rank 0 writes ``checkpoints/PHASE_last`` (weights, BN
+    statistics averaged over ranks, optimizer state, epoch, progress). With ``resume`` the phase
+    continues from it; since every data stream derives from (seed, phase, worker, epoch), the
+    continued run is the uninterrupted one, bit for bit on CPU.
+
     Raises:
-        SwapError: ``batch_size`` not divisible by the world size.
+        SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
     cfg, d = ctx.cfg, ctx.dist
     check_world(cfg, d.world_size, batch_size, phase)
     loader = ctx.loader(batch_size, (phase, 0), data_parallel=True)
     steps = len(loader)
     lr_at = lr_at or ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
+    opt = ctx.optimizer(model, optimizer, (phase,))
+    last = ctx.run.checkpoint(f"{phase}_last")
+    start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
+    if resume and checkpoint_exists(last):
+        meta = load_checkpoint(last, model, cfg.hash(), opt)
+        if meta["done"]:
+            return meta["result"]
+        start_epoch, before = meta["epoch"], meta["progress"]
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
     # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
     ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
-    opt = ctx.optimizer(model, optimizer, (phase,))
     t = time.perf_counter()
-    bar = ctx.progress(epochs * steps, phase) if d.is_main else None
-    out = train(ddp, loader, opt, lr_at, epochs, micro_batch_size=micro_batch_size, stop_acc=stop_acc,
-                evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None, after_epoch), progress=bar)
+
+    def progress(rec: dict) -> dict:
+        updates = before["updates"] + (rec["epoch"] - start_epoch) * steps
+        return {"updates": updates, "wall_s": before["wall_s"] + time.perf_counter() - t}
+
+    def checkpoint(rec: dict) -> None:
+        done = rec["epoch"] == epochs or (stop_acc is not None and rec["train_acc"] >= stop_acc)
+        if not done and not (cfg.checkpoint_every and rec["epoch"] % cfg.checkpoint_every == 0):
+            return
+        average_bn_buffers(ddp)                       # collective: every rank is here
+        if d.is_main:
+            p = progress(rec)
+            result = {**rec, **p, "stopped_early": stop_acc is not None and rec["train_acc"] >= stop_acc,
+                      "steps_per_epoch": steps, "samples": p["updates"] * batch_size}
+            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": rec["epoch"],
+                                          "done": done, "progress": p, "result": result}, opt)
+
+    bar = ctx.progress((epochs - start_epoch) * steps, phase) if d.is_main else None
+    out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, micro_batch_size=micro_batch_size,
+                stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
+                eval_every=cfg.eval_every, progress=bar,
+                on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None,
+                               _both(checkpoint, after_epoch)))
     if bar is not None:
         bar.close()
-    return {**out, "wall_s": time.perf_counter() - t, "steps_per_epoch": steps, "samples": out["updates"] * batch_size}
+    p = progress(out)
+    return {**out, **p, "steps_per_epoch": steps, "samples": p["updates"] * batch_size}
 
 
 def _both(first, second):
@@ -63,16 +96,17 @@ def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
             model_fn=None, data=None) -> dict | None:
     """The SGD baseline on every rank (``swap train --method sgd``); rank 0 returns the summary.
 
-    Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory. ``resume``
-    is accepted for a common signature: a baseline run has no intermediate checkpoint yet and
-    trains from the start. ``model_fn``/``data`` as in :func:`swap.algorithms.swap.run_swap`.
+    Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory; ``resume``
+    continues from ``checkpoints/sgd_last``. ``model_fn``/``data`` as in :func:`swap.algorithms.swap.run_swap`.
     """
     ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    if resume:
+        ctx.prune_metrics_for_resume()
     s = cfg.sgd
     model = ctx.build_model()
     out = train_data_parallel(ctx, model, phase="sgd", batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
                               peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs, schedule=s.schedule,
-                              optimizer=s.optimizer)
+                              optimizer=s.optimizer, resume=resume)
     summary = None
     if ctx.dist.is_main:
         save_checkpoint(ctx.run.checkpoint("sgd"), unwrap(model),

@@ -42,6 +42,8 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     ctx = Context.create(cfg, run_path, t0, model_fn, data)
     d, run = ctx.dist, ctx.run
     config_hash = cfg.hash()
+    if resume:
+        ctx.prune_metrics_for_resume()
 
     # ---------------------------------------------------------------- phase 1: large-batch SGD
     model = ctx.build_model()
@@ -52,7 +54,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size,
                                   micro_batch_size=p1.micro_batch_size, peak_lr=p1.peak_lr,
                                   warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs, schedule=p1.schedule,
-                                  stop_acc=p1.stop_acc, optimizer=p1.optimizer)
+                                  stop_acc=p1.stop_acc, optimizer=p1.optimizer, resume=resume)
         phase1 = {"config_hash": config_hash, "phase": "phase1", "epoch": out["epoch"], "updates": out["updates"],
                   "samples": out["samples"],
                   "train_acc": out["train_acc"], "test_acc": out["test_acc"], "wall_s": out["wall_s"],
@@ -68,23 +70,28 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     states, workers = [], {}
     for position, w in enumerate(mine):
         worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
-        ckpt = run.checkpoint(f"worker{w}")
+        ckpt, last = run.checkpoint(f"worker{w}"), run.checkpoint(f"worker{w}_last")
         if resume and checkpoint_exists(ckpt):
             workers[w] = load_checkpoint(ckpt, worker, config_hash)
         else:
+            opt = ctx.optimizer(worker)
+            start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
+            if resume and checkpoint_exists(last):    # continue this worker from its last epoch
+                meta = load_checkpoint(last, worker, config_hash, opt)
+                start_epoch, before = meta["epoch"], meta["progress"]
             loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
             steps = len(loader)
             lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
-            bar = ctx.progress(p2.epochs * steps, f"phase2 worker {w}", position=d.local_rank)
+            bar = ctx.progress((p2.epochs - start_epoch) * steps, f"phase2 worker {w}", position=d.local_rank)
             tw = time.perf_counter()
-            out = train(worker, loader, ctx.optimizer(worker), lr_at, p2.epochs,
+            out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
                         evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
-                        on_epoch=_phase2_epoch_hook(ctx, worker, w), on_step=_phase2_step_hook(ctx, worker, w),
-                        progress=bar)
+                        on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, tw),
+                        on_step=_phase2_step_hook(ctx, worker, w), progress=bar)
             bar.close()
             workers[w] = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
-                          "updates": out["updates"], "train_acc": out["train_acc"], "test_acc": out["test_acc"],
-                          "wall_s": time.perf_counter() - tw}
+                          "updates": before["updates"] + out["updates"], "train_acc": out["train_acc"],
+                          "test_acc": out["test_acc"], "wall_s": before["wall_s"] + time.perf_counter() - tw}
             save_checkpoint(ckpt, worker, workers[w])
         states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
         del worker
@@ -144,16 +151,24 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     return summary
 
 
-def _phase2_epoch_hook(ctx: Context, worker, w: int):
-    """Per-epoch sink of worker ``w``; with ``phase2.track_average`` it also keeps the worker's
-    weights at the end of each epoch but the last (the last one is the worker checkpoint)."""
-    sink = ctx.sink("phase2", w, ctx.cfg.phase2.epochs)
+def _phase2_epoch_hook(ctx: Context, worker, w: int, opt, before: dict, t_start: float):
+    """Per-epoch sink of worker ``w``; every ``checkpoint_every`` epochs a resumable checkpoint
+    (``worker{w}_last``: weights, optimizer state, epoch, progress); with ``phase2.track_average``
+    the worker's weights at the end of each epoch but the last (that one is the worker checkpoint)."""
+    cfg = ctx.cfg
+    sink = ctx.sink("phase2", w, cfg.phase2.epochs)
+    steps = len(ctx.train_set) // cfg.phase2.batch_size
 
     def hook(record: dict) -> None:
         sink(record)
-        if ctx.cfg.phase2.track_average and record["epoch"] < ctx.cfg.phase2.epochs:
-            save_checkpoint(ctx.run.checkpoint(f"track/worker{w}_epoch{record['epoch']}"), worker,
-                            {"worker": w, "epoch": record["epoch"]})
+        epoch = record["epoch"]
+        if cfg.phase2.track_average and epoch < cfg.phase2.epochs:
+            save_checkpoint(ctx.run.checkpoint(f"track/worker{w}_epoch{epoch}"), worker, {"worker": w, "epoch": epoch})
+        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.phase2.epochs:
+            progress = {"updates": epoch * steps, "wall_s": before["wall_s"] + time.perf_counter() - t_start}
+            save_checkpoint(ctx.run.checkpoint(f"worker{w}_last"), worker,
+                            {"config_hash": cfg.hash(), "phase": "phase2", "worker": w, "epoch": epoch,
+                             "progress": progress}, opt)
     return hook
 
 

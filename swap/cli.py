@@ -112,8 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # torchrun started this process: it is one rank; the first process on each machine prepares
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            RunDir.prepare(out, cfg, args.overwrite, args.resume)
-        summary = fn(cfg, out, None, args.resume)
+            with RunDir.prepare(out, cfg, args.overwrite, args.resume).locked():
+                summary = fn(cfg, out, None, args.resume)
+        else:
+            summary = fn(cfg, out, None, args.resume)
     else:
         procs = local_procs(cfg)
         batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
@@ -126,11 +128,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if b > len(train_set):
                 raise SwapError(f"{section}.batch_size={b} exceeds the {len(train_set)} training samples")
         del train_set
-        RunDir.prepare(out, cfg, args.overwrite, args.resume)
+        run = RunDir.prepare(out, cfg, args.overwrite, args.resume)
         threads = cfg.threads or distributed.default_threads(procs)
         print(f"swap: {args.method} on {cfg.data.name}, {cfg.workers} workers in {procs} processes x {threads} "
               f"threads, run directory {out}", file=sys.stderr)
-        summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
+        with run.locked():
+            summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
     if summary is not None:
         print(results_table(summary))
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ class Config:
     device: str = "cpu"                  # cpu | cuda | auto
     channels_last: bool = True
     eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
+    max_grad_norm: float = 1.0e4         # a larger or non-finite gradient norm stops the phase (divergence)
     checkpoint_every: int = 1            # resumable checkpoint (weights + optimizer) every N epochs of
                                          # every phase and worker (0 = only at phase ends)
     data: DataConfig = field(default_factory=DataConfig)
@@ -188,6 +190,11 @@ def _coerce(value: Any, annotation: str, path: str) -> Any:
             return None
         raise SwapError(f"config key '{path}' cannot be null")
     kind = annotation.split("|")[0].strip()
+    if kind in ("int", "float") and isinstance(value, str):
+        try:                             # YAML 1.1 reads "1e4" as a string; users mean a number
+            value = float(value)
+        except ValueError:
+            pass
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -198,6 +205,8 @@ def _coerce(value: Any, annotation: str, path: str) -> Any:
             return int(value)
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SwapError(f"config key '{path}' must be a finite number, got {value!r}")
             return float(value)
     elif kind == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -293,6 +302,7 @@ def validate(cfg: Config) -> None:
     need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
     need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    need(cfg.max_grad_norm > 0, f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
     need(cfg.data.crop_padding >= 0 and cfg.data.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")

@@ -12,10 +12,12 @@ continues in place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -59,6 +61,7 @@ class RunDir:
         run = cls(path)
         if overwrite and resume:
             raise SwapError("--overwrite and --resume exclude each other")
+        run.check_lock()
         exists = run.path.exists() and any(run.path.iterdir())
         if resume:
             if not run.config_path.is_file():
@@ -77,6 +80,53 @@ class RunDir:
         (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         return run
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "run.lock"
+
+    def check_lock(self) -> None:
+        """Refuse a run directory that a live process owns; report and clear a stale lock.
+
+        Raises:
+            SwapError: ``run.lock`` names a process that is still running.
+        """
+        try:
+            pid = int(self.lock_path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        if pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"swap: {self.lock_path} is stale (pid {pid} is not running); taking the run over", file=sys.stderr)
+            self.lock_path.unlink(missing_ok=True)
+            return
+        except PermissionError:
+            pass
+        raise SwapError(f"run directory {self.path} is in use by process {pid} ({self.lock_path}); "
+                        f"wait for it or stop it, or choose another --out")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold ``run.lock`` (this pid) while the block runs: one ``swap train`` per run directory.
+
+        Raises:
+            SwapError: another live process took the lock first.
+        """
+        self.check_lock()
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            self.check_lock()
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        try:
+            yield self
+        finally:
+            self.lock_path.unlink(missing_ok=True)
 
     def load_config(self) -> Config:
         """The config saved with this run.

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .algorithms.extrap import frozen_bn_stats
+from .config import SwapError
 from .data.loader import eval_batches
 
 
@@ -67,6 +68,20 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
+def check_gradient(model: nn.Module, max_norm: float, label: str, epoch: int, step: int) -> None:
+    """Raise when the gradient norm is non-finite or above ``max_norm`` (a diverging run: common
+    at large-batch peak LRs). The weights are not updated, so the last checkpoint stays good.
+
+    Raises:
+        SwapError: naming ``label``, epoch and step (1-based) and the norm.
+    """
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
+    if not torch.isfinite(norm) or norm > max_norm:
+        raise SwapError(f"{label} diverged at epoch {epoch}, step {step}: gradient norm {float(norm):.3g} "
+                        f"(limit max_grad_norm={max_norm:g}); lower the peak LR or lengthen the warm-up, "
+                        f"then --resume from the last checkpoint")
+
+
 def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
           backward: bool = True) -> torch.Tensor:
     """Forward (and backward) over ``x`` in micro-batches; each loss weighted by its share of the
@@ -95,7 +110,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
           epochs: int, *, start_epoch: int = 0, micro_batch_size: int = 0, stop_acc: float | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
-          progress=None) -> dict:
+          progress=None, max_grad_norm: float = float("inf"), label: str = "training") -> dict:
     """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
@@ -114,8 +129,13 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
             after each optimizer step.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
+        max_grad_norm: divergence guard: before each step the norm of the (all-reduced) gradient
+            is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2 worker 3")
+            names the run in that message. The gradient is identical on all ranks, so all stop.
     Returns:
         The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
+    Raises:
+        SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
     """
     is_ddp = isinstance(model, DDP)
     extrapolated = hasattr(optimizer, "extrapolate")       # swap.algorithms.extrap.ExtrapSGD
@@ -145,6 +165,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
                     _pass(model, x, y, micro_batch_size, sync=True)
             else:
                 totals += _pass(model, x, y, micro_batch_size, sync=True)
+            check_gradient(model, max_grad_norm, label, epoch + 1, i + 1)
             optimizer.step()
             updates += 1
             if on_step is not None:

@@ -12,6 +12,8 @@ def test_preset_and_overrides():
     assert cfg.name == "fashion_mnist_quick"
     assert (cfg.phase1.batch_size, cfg.seed, cfg.phase2.peak_lr, cfg.data.dir) == (4096, 3, 0.1, "/tmp/x")
     assert isinstance(cfg.phase1.warmup_epochs, float)
+    sci = load_config("fashion_mnist_quick", ["phase2.peak_lr=1e-2", "phase1.batch_size=4e3"])
+    assert sci.phase2.peak_lr == 0.01 and sci.phase1.batch_size == 4000
 
 
 def test_paper_presets_hold_the_published_settings():
@@ -41,6 +43,8 @@ def test_hash_changes_with_any_knob():
     ("phase1.batch_size=big", "expects int"),
     ("model.name=vgg", "model.name"),
     ("workers=0", "workers must be >= 1"),
+    ("phase1.peak_lr=inf", "finite"),
+    ("phase2.peak_lr=.nan", "finite"),
 ])
 def test_impossible_configs_are_refused(override, message):
     with pytest.raises(SwapError, match=message):

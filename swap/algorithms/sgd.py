@@ -77,7 +77,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     bar = ctx.progress((epochs - start_epoch) * steps, phase) if d.is_main else None
     out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, micro_batch_size=micro_batch_size,
                 stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
-                eval_every=cfg.eval_every, progress=bar,
+                eval_every=cfg.eval_every, progress=bar, max_grad_norm=cfg.max_grad_norm, label=phase,
                 on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None,
                                _both(checkpoint, after_epoch)))
     if bar is not None:

@@ -87,7 +87,8 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
             out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
                         evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
                         on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, tw),
-                        on_step=_phase2_step_hook(ctx, worker, w), progress=bar)
+                        on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
+                        max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
             bar.close()
             workers[w] = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
                           "updates": before["updates"] + out["updates"], "train_acc": out["train_acc"],

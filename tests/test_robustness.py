@@ -1,0 +1,54 @@
+"""Divergence stops a phase with a message naming it; one process owns a run directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from swap.checkpoint import checkpoint_exists
+from swap.cli import main
+from swap.config import SwapError, load_config
+from swap.rundir import RunDir
+
+TINY = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--set", "data.train_subset=1024",
+        "--set", "data.test_subset=200", "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=2",
+        "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=1", "--set", "sgd.batch_size=256", "--set", "sgd.epochs=1"]
+
+
+def test_divergence_in_phase2_names_worker_epoch_step_and_keeps_phase1(tmp_path, real_fashion, capsys):
+    out = tmp_path / "run"
+    code = main(["train", *TINY, "--data-dir", str(real_fashion), "--out", str(out), "--set", "phase2.peak_lr=1e4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = [x for x in err.splitlines() if x.startswith("swap: error:")][0]
+    assert "phase2 worker 0 diverged at epoch 1, step" in line and "gradient norm" in line
+    assert checkpoint_exists(out / "checkpoints" / "phase1")          # the last good checkpoint stays
+    assert not (out / "summary.json").exists()
+
+
+def test_gradient_limit_stops_at_the_first_step(tmp_path, real_fashion, capsys):
+    code = main(["train", *TINY, "--method", "sgd", "--data-dir", str(real_fashion), "--out", str(tmp_path / "r"),
+                 "--set", "max_grad_norm=1e-9"])
+    assert code == 2 and "sgd diverged at epoch 1, step 1" in capsys.readouterr().err
+
+
+def test_a_live_owner_blocks_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    cfg = load_config("fashion_mnist_quick")
+    run = RunDir.prepare(tmp_path / "run", cfg)
+    run.lock_path.write_text(f"{os.getppid()}\n")                     # a live process (pytest's parent)
+    with pytest.raises(SwapError, match=f"in use by process {os.getppid()}"):
+        RunDir.prepare(tmp_path / "run", cfg, resume=True)
+    assert main(["train", "--config", "fashion_mnist_quick", "--out", str(tmp_path / "run"), "--overwrite"]) == 2
+    assert (tmp_path / "run" / "config.yaml").exists()                  # --overwrite did not delete it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.lock_path.write_text(f"{dead.pid}\n")
+    capsys.readouterr()
+    RunDir.prepare(tmp_path / "run", cfg, resume=True)
+    assert "stale" in capsys.readouterr().err and not run.lock_path.exists()
+    with run.locked():
+        assert json.loads("1") == 1 and run.lock_path.read_text().strip() == str(os.getpid())
+    assert not run.lock_path.exists()

@@ -7,8 +7,10 @@ SWAP (Gupta, Akle Serrano, DeCoste, ICLR 2020) and its baselines as a library an
                                      {"workers": 4, "phase1": {"batch_size": 1024}})
 
 Building blocks: :func:`average_models`, :func:`average_state_dicts`, :func:`recompute_bn`,
-:func:`warmup_decay`, :func:`cyclic`, :func:`train`, :func:`evaluate`, :class:`Loader`.
+:func:`warmup_decay`, :func:`cyclic`, :func:`train`, :func:`evaluate`, :class:`Loader`,
+:class:`ExtrapSGD` (extrapolated SGD, Lin et al. 2020).
 """
+from .algorithms.extrap import ExtrapSGD
 from .api import train_sgd, train_swap
 from .averaging import average_models, average_state_dicts, bn_buffer_names, recompute_bn
 from .config import Config, SwapError, load_config
@@ -18,6 +20,6 @@ from .schedules import cyclic, warmup_decay
 from .train import evaluate, train
 
 __version__ = "0.1.0"
-__all__ = ["train_swap", "train_sgd", "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
+__all__ = ["train_swap", "train_sgd", "ExtrapSGD", "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
            "Config", "SwapError", "load_config", "Augment", "ImageDataset", "Loader", "load_dataset",
            "build_model", "resnet9", "small_cnn", "cyclic", "warmup_decay", "evaluate", "train"]

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, dotted (e.g. phase1.batch_size=4096); repeatable")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--resume", action="store_true", help="continue a run: finished phases/workers are loaded, not retrained")
+    g.add_argument("--resume", action="store_true", help="continue a run from its last checkpoint (every checkpoint_every epochs): "
+                   "finished phases and workers are loaded, not retrained; the result is the uninterrupted run's")
 
     c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

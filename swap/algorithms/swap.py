@@ -66,34 +66,10 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     # ---------------------------------------------------------------- phase 2: W independent workers
     p2 = cfg.phase2
     t2 = time.perf_counter()
-    mine = list(range(d.rank, cfg.workers, d.world_size))
     states, workers = [], {}
-    for position, w in enumerate(mine):
+    for w in range(d.rank, cfg.workers, d.world_size):     # rank r trains workers r, r + world, ...
         worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
-        ckpt, last = run.checkpoint(f"worker{w}"), run.checkpoint(f"worker{w}_last")
-        if resume and checkpoint_exists(ckpt):
-            workers[w] = load_checkpoint(ckpt, worker, config_hash)
-        else:
-            opt = ctx.optimizer(worker)
-            start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
-            if resume and checkpoint_exists(last):    # continue this worker from its last epoch
-                meta = load_checkpoint(last, worker, config_hash, opt)
-                start_epoch, before = meta["epoch"], meta["progress"]
-            loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
-            steps = len(loader)
-            lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
-            bar = ctx.progress((p2.epochs - start_epoch) * steps, f"phase2 worker {w}", position=d.local_rank)
-            tw = time.perf_counter()
-            out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
-                        evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
-                        on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, tw),
-                        on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
-                        max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
-            bar.close()
-            workers[w] = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
-                          "updates": before["updates"] + out["updates"], "train_acc": out["train_acc"],
-                          "test_acc": out["test_acc"], "wall_s": before["wall_s"] + time.perf_counter() - tw}
-            save_checkpoint(ckpt, worker, workers[w])
+        workers[w] = _train_worker(ctx, worker, w, resume)
         states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
         del worker
     phase2_wall = time.perf_counter() - t2
@@ -150,6 +126,39 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         run.write_summary(summary)
     distributed.teardown()
     return summary
+
+
+def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
+    """Phase 2 for worker ``w``: small-batch SGD on its own data order (stream ("phase2", w)), LR
+    ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place (or loads it when
+    a finished checkpoint exists and ``resume``; continues from ``worker{w}_last`` if one does),
+    saves ``checkpoints/worker{w}`` and returns its metadata (epoch, updates, accuracies, wall_s)."""
+    cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
+    config_hash = cfg.hash()
+    ckpt, last = run.checkpoint(f"worker{w}"), run.checkpoint(f"worker{w}_last")
+    if resume and checkpoint_exists(ckpt):
+        return load_checkpoint(ckpt, worker, config_hash)
+    opt = ctx.optimizer(worker)
+    start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
+    if resume and checkpoint_exists(last):            # continue this worker from its last epoch
+        meta = load_checkpoint(last, worker, config_hash, opt)
+        start_epoch, before = meta["epoch"], meta["progress"]
+    loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
+    steps = len(loader)
+    lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
+    bar = ctx.progress((p2.epochs - start_epoch) * steps, f"phase2 worker {w}", position=ctx.dist.local_rank)
+    t = time.perf_counter()
+    out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
+                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
+                on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t),
+                on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
+                max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
+    bar.close()
+    meta = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
+            "updates": before["updates"] + out["updates"], "train_acc": out["train_acc"],
+            "test_acc": out["test_acc"], "wall_s": before["wall_s"] + time.perf_counter() - t}
+    save_checkpoint(ckpt, worker, meta)
+    return meta
 
 
 def _phase2_epoch_hook(ctx: Context, worker, w: int, opt, before: dict, t_start: float):

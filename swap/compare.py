@@ -109,8 +109,8 @@ def timeline(run: RunDir, summary: dict, out: Path | None = None) -> list[tuple[
 
     SGD: every evaluated epoch. SWAP: phase-1 epochs, then per phase-2 epoch the mean accuracy of
     the workers (at the slowest worker's time), then the averaged model. SWA: the start run's
-    timeline up to its model, then the running SGD iterate's epochs and the SWA average, shifted
-    by the start's wall time.
+    timeline up to its model, then the SWA average (shifted by the start's wall time). The SGD
+    iterates of the SWA cycles are not included: with a cyclic LR they are not what SWA returns.
     """
     records = [r for r in run.read_metrics() if r.get("test_acc") is not None]
     method = summary["method"]
@@ -132,7 +132,7 @@ def timeline(run: RunDir, summary: dict, out: Path | None = None) -> list[tuple[
         start = [(r["wall_s"], r["test_acc"]) for r in start_run.read_metrics()
                  if r.get("phase") == phase and r.get("test_acc") is not None]
         offset = summary["wall_s"]["start"]
-        return start + [(offset + r["wall_s"], r["test_acc"]) for r in records]
+        return start + [(offset + r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "swa_average"]
     return [(r["wall_s"], r["test_acc"]) for r in records]
 
 

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 def plot_compare(curves: dict[str, list[list[tuple[float, float]]]], target: float | None, path: str | Path,
                  eval_set: str = "test") -> Path:
     """Accuracy against wall time: one colour per method, one line per seed; the target dashed.
+    SWA methods, whose curves begin with their start run's, are drawn under the others.
 
     Args:
         curves: method -> list over seeds of [(wall seconds, accuracy %)].
@@ -20,10 +21,12 @@ def plot_compare(curves: dict[str, list[list[tuple[float, float]]]], target: flo
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, runs) in enumerate(curves.items()):
+        base = not method.startswith("swa-")     # SWA curves repeat their start run: draw them underneath
         for j, points in enumerate(runs):
             if points:
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.8, marker=".", markersize=3,
+                ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.9 if base else 0.6, marker=".",
+                        markersize=3, linewidth=1.6 if base else 1.0, zorder=3 if base else 2,
                         label=method if j == 0 else None)
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}%")

@@ -125,7 +125,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         evaluate_fn: ``model -> test accuracy %``, called every ``eval_every`` epochs and at the end.
         on_epoch: receives one record per epoch: epoch (1-based), lr (last update's), batch_size
             (global), train_loss, train_acc, test_acc (None when not evaluated), samples_per_s
-            (training samples per second of that epoch, this process), wall_s (since start), eval_s.
+            (training samples per second of that epoch, this process), wall_s (since start), eval_s,
+            stopped (the stopping accuracy was reached: this is the last epoch).
         on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
             after each optimizer step.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
@@ -190,7 +191,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
             "train_loss": totals[0].item() / totals[2].item(), "train_acc": train_acc, "test_acc": test_acc,
             "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
-            "wall_s": time.perf_counter() - t_start, "eval_s": eval_s,
+            "wall_s": time.perf_counter() - t_start, "eval_s": eval_s, "stopped": stopping,
         }
         if on_epoch is not None:
             on_epoch(record)
@@ -198,5 +199,4 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             break
     if is_ddp:
         average_bn_buffers(model)
-    return {**record, "stopped_early": bool(record) and stop_acc is not None and record["train_acc"] >= stop_acc,
-            "updates": updates}
+    return {**record, "stopped_early": record.get("stopped", False), "updates": updates}

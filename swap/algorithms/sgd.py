@@ -63,14 +63,14 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         return {"updates": updates, "wall_s": before["wall_s"] + time.perf_counter() - t}
 
     def checkpoint(rec: dict) -> None:
-        done = rec["epoch"] == epochs or (stop_acc is not None and rec["train_acc"] >= stop_acc)
+        done = rec["epoch"] == epochs or rec["stopped"]
         if not done and not (cfg.checkpoint_every and rec["epoch"] % cfg.checkpoint_every == 0):
             return
         average_bn_buffers(ddp)                       # collective: every rank is here
         if d.is_main:
             p = progress(rec)
-            result = {**rec, **p, "stopped_early": stop_acc is not None and rec["train_acc"] >= stop_acc,
-                      "steps_per_epoch": steps, "samples": p["updates"] * batch_size}
+            result = {**rec, **p, "stopped_early": rec["stopped"], "steps_per_epoch": steps,
+                      "samples": p["updates"] * batch_size}
             save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": rec["epoch"],
                                           "done": done, "progress": p, "result": result}, opt)
 

@@ -150,7 +150,7 @@ def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     t = time.perf_counter()
     out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
-                on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t),
+                on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t, steps),
                 on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
                 max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
     bar.close()
@@ -161,13 +161,12 @@ def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     return meta
 
 
-def _phase2_epoch_hook(ctx: Context, worker, w: int, opt, before: dict, t_start: float):
-    """Per-epoch sink of worker ``w``; every ``checkpoint_every`` epochs a resumable checkpoint
+def _phase2_epoch_hook(ctx: Context, worker, w: int, opt, before: dict, t_start: float, steps: int):
+    """Per-epoch sink of worker ``w`` (``steps`` updates per epoch); every ``checkpoint_every`` epochs a resumable checkpoint
     (``worker{w}_last``: weights, optimizer state, epoch, progress); with ``phase2.track_average``
     the worker's weights at the end of each epoch but the last (that one is the worker checkpoint)."""
     cfg = ctx.cfg
     sink = ctx.sink("phase2", w, cfg.phase2.epochs)
-    steps = len(ctx.train_set) // cfg.phase2.batch_size
 
     def hook(record: dict) -> None:
         sink(record)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import SwapError, check_world, load_config
+from .interrupt import Interrupted
 
 EPILOG = """examples:
   swap train --config fashion_mnist_quick --workers 2
@@ -114,9 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             with RunDir.prepare(out, cfg, args.overwrite, args.resume).locked():
-                summary = fn(cfg, out, None, args.resume)
+                summary = distributed.run_rank(fn, cfg, out, None, args.resume)
         else:
-            summary = fn(cfg, out, None, args.resume)
+            summary = distributed.run_rank(fn, cfg, out, None, args.resume)
     else:
         procs = local_procs(cfg)
         batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
@@ -134,7 +137,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"swap: {args.method} on {cfg.data.name}, {cfg.workers} workers in {procs} processes x {threads} "
               f"threads, run directory {out}", file=sys.stderr)
         with run.locked():
-            summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
+            try:
+                summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
+            except Interrupted as exc:
+                summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
+    if summary is not None and "interrupted" in summary:
+        stop = summary["interrupted"]
+        again = [a for a in args.argv if a not in ("--overwrite", "--resume")]
+        if not args.out:
+            again += ["--out", str(out)]
+        print(f"swap: stopped by {signal.Signals(stop['signal']).name} {stop['where']}; every process wrote its "
+              f"checkpoint. Continue with:\n  swap {shlex.join(again + ['--resume'])}", file=sys.stderr)
+        return 128 + stop["signal"]
     if summary is not None:
         print(results_table(summary))
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")
@@ -258,6 +272,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "train":
             return cmd_train(args)

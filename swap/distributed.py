@@ -7,6 +7,8 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) that both launchers
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -14,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from . import interrupt
 from .config import SwapError
 
 
@@ -79,26 +82,56 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
+    """One rank's body: ``fn(*args)`` with SIGINT/SIGTERM turned into a clean stop
+    (:mod:`swap.interrupt`), after which the checkpoints are written. A stopped rank returns
+    ``{"interrupted": {"signal", "where"}}`` when it runs in the caller's process, and exits with
+    status 128 + signal number under a launcher (whose agent may be shutting down and no longer
+    reading return values). The process group is always left."""
+    try:
+        with interrupt.handle_signals():
+            return fn(*args)
+    except interrupt.Interrupted as exc:
+        if under_launcher():
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"swap: rank 0 {exc}; checkpoint written", file=sys.stderr, flush=True)
+            teardown()
+            sys.exit(128 + int(exc.signum))
+        return {"interrupted": {"signal": int(exc.signum), "where": exc.where}}
+    finally:
+        teardown()
+
+
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> Any:
-    """Run ``fn(*args)`` in ``nprocs`` local processes; return rank 0's return value.
+    """Run ``fn(*args)`` in ``nprocs`` local processes (each through :func:`run_rank`); return
+    rank 0's return value.
 
     One process runs in this process (no launcher, no process group). More use
     ``torch.distributed.launcher.api.elastic_launch`` with a c10d rendezvous on localhost,
-    which sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for :func:`setup`.
+    which sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for :func:`setup`. When this process gets
+    SIGINT/SIGTERM, the elastic agent forwards it to the ranks and waits (up to 30 s) while they
+    write their checkpoints; then no rank process is left.
 
     Raises:
         SwapError: a rank failed; the message names the rank and its error.
+        swap.interrupt.Interrupted: this (parent) process received SIGINT/SIGTERM.
     """
     if nprocs == 1:
-        return fn(*args)
+        return run_rank(fn, *args)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     try:
-        results = elastic_launch(config, fn)(*args)
+        results = elastic_launch(config, run_rank)(fn, *args)
+    except SignalException as exc:
+        raise interrupt.Interrupted(int(exc.sigval), "while the ranks were running") from None
     except ChildFailedError as exc:
+        stops = {f.exitcode - 128 for f in exc.failures.values()}
+        if stops <= {int(signal.SIGINT), int(signal.SIGTERM)}:      # the ranks were stopped by a signal
+            raise interrupt.Interrupted(stops.pop(), "while the ranks were running") from None
         rank, failure = exc.get_first_failure()
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         last = [line for line in str(message).strip().splitlines() if line.strip()]

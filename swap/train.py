@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .algorithms.extrap import frozen_bn_stats
 from .config import SwapError
 from .data.loader import eval_batches
+from .interrupt import Interrupted, stop_agreed
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -107,10 +108,12 @@ def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: 
 
 
 def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
-          epochs: int, *, start_epoch: int = 0, micro_batch_size: int = 0, stop_acc: float | None = None,
+          epochs: int, *, start_epoch: int = 0, start_step: int = 0, start_totals: list[float] | None = None,
+          micro_batch_size: int = 0, stop_acc: float | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
-          progress=None, max_grad_norm: float = float("inf"), label: str = "training") -> dict:
+          progress=None, max_grad_norm: float = float("inf"), label: str = "training",
+          on_interrupt: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
@@ -119,6 +122,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             update takes the extrapolation steps of Lin et al. 2020).
         loader: a :class:`swap.data.Loader` yielding this rank's share of each global batch.
         lr_at: schedule over the global update index ``epoch * len(loader) + i``.
+        start_step, start_totals: continue epoch ``start_epoch`` at update ``start_step`` with the
+            epoch's partial (loss sum, correct, samples) of this rank, as saved by ``on_interrupt``.
         micro_batch_size: split each share into chunks of this many samples (0 = one chunk).
         stop_acc: stop after the first epoch whose training accuracy (percent, over that epoch's
             augmented batches, summed over ranks) reaches it (SWAP phase 1's stopping rule).
@@ -133,10 +138,15 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         max_grad_norm: divergence guard: before each step the norm of the (all-reduced) gradient
             is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2 worker 3")
             names the run in that message. The gradient is identical on all ranks, so all stop.
+        on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; all ranks agree on the
+            update), called with ``epoch`` (0-based, in progress), ``step`` (updates done in it),
+            ``totals`` (this rank's partial loss sum, correct, samples) and ``updates`` (this call),
+            so the caller can write a checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
     Returns:
         The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
     Raises:
         SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
+        Interrupted: a stop signal, after ``on_interrupt``.
     """
     is_ddp = isinstance(model, DDP)
     extrapolated = hasattr(optimizer, "extrapolate")       # swap.algorithms.extrap.ExtrapSGD
@@ -145,13 +155,17 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
     t_start = time.perf_counter()
     record: dict = {}
     updates = 0
+    device = next(model.parameters()).device
     for epoch in range(start_epoch, epochs):
         model.train()
         t_epoch = time.perf_counter()
         # loss sum, correct, samples (this rank), kept on the device: no host sync per update
-        totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        first = start_step if epoch == start_epoch else 0
+        carried = start_totals if first and start_totals is not None else [0.0, 0.0, 0.0]
+        totals += torch.tensor(carried, dtype=torch.float64, device=device)
         lr = 0.0
-        for i, (x, y) in enumerate(loader.epoch(epoch)):
+        for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
             lr = lr_at(epoch * steps + i)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -173,7 +187,12 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
                 on_step(epoch * steps + i + 1)
             if progress is not None:
                 progress.update(1)
-        samples = totals[2].item()                          # waits for the device, then time it
+            signum = stop_agreed(is_ddp, device)
+            if signum:
+                if on_interrupt is not None:
+                    on_interrupt({"epoch": epoch, "step": i + 1, "totals": totals.tolist(), "updates": updates})
+                raise Interrupted(signum, f"in {label} at epoch {epoch + 1}, step {i + 1} of {steps}")
+        samples = totals[2].item() - carried[2]             # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
         if is_ddp:
             dist.all_reduce(totals)

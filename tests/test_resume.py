@@ -71,3 +71,58 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, reference, real_fashi
     assert len(keys) == len(set(keys)) == 3 + 2 * 2
     s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
     assert s_got["updates"] == s_ref["updates"] and s_got["test_acc"] == s_ref["test_acc"]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids of live processes in process group ``pgid`` (from /proc; zombies excluded)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def reference_2procs(tmp_path_factory, real_fashion):
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    assert main(["train", *SETTINGS, "--procs", "2", "--data-dir", str(real_fashion), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("procs, signum, to_group, trigger", [
+    ("1", signal.SIGINT, True, "checkpoints/worker0_last.json"),     # Ctrl-C in phase 2, mid-epoch
+    ("2", signal.SIGTERM, False, "checkpoints/phase1_last.json"),     # scheduler stops the launcher in phase 1
+])
+def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashion, procs, signum, to_group, trigger):
+    """SIGINT/SIGTERM: all ranks stop after the same update, write a mid-epoch checkpoint, exit with
+    128 + signal and a resume command; no process is left; the resumed run equals the reference."""
+    reference = request.getfixturevalue("reference" if procs == "1" else "reference_2procs")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["train", *SETTINGS, "--procs", procs, "--data-dir", str(real_fashion), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "swap.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / trigger).exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal point"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume" in stderr
+    assert _group_members(proc.pid) == [], "processes left behind"
+    stops = [json.loads(p.read_text()).get("partial") for p in (out / "checkpoints").glob("*_last.json")]
+    assert any(s and s["step"] > 0 for s in stops), "no mid-epoch checkpoint was written"
+    assert not (out / "summary.json").exists()
+    assert main(args + ["--resume"]) == 0
+    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference, out))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after the signal and resume"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
+    assert len(keys) == len(set(keys)) == 3 + 2 * 2

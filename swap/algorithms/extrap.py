@@ -117,11 +117,16 @@ class ExtrapSGD:
         self.base.step()
 
     def state_dict(self) -> dict:
-        return {"base": self.base.state_dict(), "variant": self.variant, "past": self._past}
+        """Base SGD state, the past gradient and the noise stream's position (so a resumed
+        ``gaussian`` run draws the noise the uninterrupted run would have drawn)."""
+        rng = self.generator.get_state() if self.generator is not None else None
+        return {"base": self.base.state_dict(), "variant": self.variant, "past": self._past, "noise_rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
         self._past = state.get("past")
+        if self.generator is not None and state.get("noise_rng") is not None:
+            self.generator.set_state(state["noise_rng"])
 
 
 @contextlib.contextmanager

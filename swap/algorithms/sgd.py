@@ -47,19 +47,19 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     lr_at = lr_at or ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
     opt = ctx.optimizer(model, optimizer, (phase,))
     last = ctx.run.checkpoint(f"{phase}_last")
-    start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
+    start_epoch, before, partial = 0, {"updates": 0, "wall_s": 0.0}, {}
     if resume and checkpoint_exists(last):
         meta = load_checkpoint(last, model, cfg.hash(), opt)
         if meta["done"]:
             return meta["result"]
-        start_epoch, before = meta["epoch"], meta["progress"]
+        start_epoch, before, partial = meta["epoch"], meta["progress"], meta.get("partial") or {}
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
     # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
     ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
     t = time.perf_counter()
 
     def progress(rec: dict) -> dict:
-        updates = before["updates"] + (rec["epoch"] - start_epoch) * steps
+        updates = before["updates"] + rec["epoch"] * steps - (start_epoch * steps + partial.get("step", 0))
         return {"updates": updates, "wall_s": before["wall_s"] + time.perf_counter() - t}
 
     def checkpoint(rec: dict) -> None:
@@ -74,8 +74,20 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
             save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": rec["epoch"],
                                           "done": done, "progress": p, "result": result}, opt)
 
-    bar = ctx.progress((epochs - start_epoch) * steps, phase) if d.is_main else None
-    out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, micro_batch_size=micro_batch_size,
+    def interrupted(state: dict) -> None:
+        """SIGINT/SIGTERM: a checkpoint mid-epoch; every rank's partial epoch totals, kept by rank 0."""
+        average_bn_buffers(ddp)
+        totals = distributed.all_gather_objects(state["totals"])
+        if d.is_main:
+            p = {"updates": before["updates"] + state["updates"], "wall_s": before["wall_s"] + time.perf_counter() - t}
+            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": state["epoch"],
+                                          "done": False, "progress": p,
+                                          "partial": {"step": state["step"], "totals": totals}}, opt)
+
+    bar = ctx.progress((epochs - start_epoch) * steps - partial.get("step", 0), phase) if d.is_main else None
+    out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
+                start_totals=partial["totals"][d.rank] if partial else None, on_interrupt=interrupted,
+                micro_batch_size=micro_batch_size,
                 stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
                 eval_every=cfg.eval_every, progress=bar, max_grad_norm=cfg.max_grad_norm, label=phase,
                 on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None,

@@ -139,16 +139,26 @@ def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     if resume and checkpoint_exists(ckpt):
         return load_checkpoint(ckpt, worker, config_hash)
     opt = ctx.optimizer(worker)
-    start_epoch, before = 0, {"updates": 0, "wall_s": 0.0}
-    if resume and checkpoint_exists(last):            # continue this worker from its last epoch
+    start_epoch, before, partial = 0, {"updates": 0, "wall_s": 0.0}, {}
+    if resume and checkpoint_exists(last):            # continue this worker where it stopped
         meta = load_checkpoint(last, worker, config_hash, opt)
-        start_epoch, before = meta["epoch"], meta["progress"]
+        start_epoch, before, partial = meta["epoch"], meta["progress"], meta.get("partial") or {}
     loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
     steps = len(loader)
     lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
-    bar = ctx.progress((p2.epochs - start_epoch) * steps, f"phase2 worker {w}", position=ctx.dist.local_rank)
+    bar = ctx.progress((p2.epochs - start_epoch) * steps - partial.get("step", 0), f"phase2 worker {w}",
+                       position=ctx.dist.local_rank)
     t = time.perf_counter()
-    out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch,
+
+    def interrupted(state: dict) -> None:            # SIGINT/SIGTERM: checkpoint mid-epoch
+        progress = {"updates": before["updates"] + state["updates"],
+                    "wall_s": before["wall_s"] + time.perf_counter() - t}
+        save_checkpoint(last, worker, {"config_hash": config_hash, "phase": "phase2", "worker": w,
+                                       "epoch": state["epoch"], "progress": progress,
+                                       "partial": {"step": state["step"], "totals": state["totals"]}}, opt)
+
+    out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
+                start_totals=partial.get("totals"), on_interrupt=interrupted,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
                 on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t, steps),
                 on_step=_phase2_step_hook(ctx, worker, w), progress=bar,

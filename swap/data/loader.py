@@ -112,7 +112,10 @@ class Loader:
         """Updates per epoch."""
         return len(self.data) // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``epoch`` from update ``start`` on: the same batches as a full pass yields
+        from there (the skipped updates' random draws are made and discarded), so a run resumed
+        mid-epoch sees what the uninterrupted run saw."""
         gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
         perm = torch.randperm(len(self.data), generator=gen)
         _, _, h, w = self.data.images.shape
@@ -120,6 +123,8 @@ class Loader:
         for step in range(len(self)):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             params = self.augment.draw(self.batch_size, h, w, gen) if self.augment else None
+            if step < start:
+                continue
             idx = idx[lo:hi].to(self.data.images.device)
             if self.augment:
                 # Augment raw pixels, then normalise: padding and cutout fill with black (0) pixels.

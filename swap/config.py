@@ -81,6 +81,8 @@ class Phase2Config:
     track_average: bool = False          # after training: test accuracy of the workers' average (BN
                                          # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
     save_every: int = 0                  # save each worker's weights every N updates (0 = off), for `swap cosine`
+    isolate_workers: bool = True         # each worker in its own process: one that dies (OOM, kill) costs only
+                                         # its own work; the others finish and the failure is reported
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Phase3Config:
     """Averaging and BN-statistics recomputation (SWAP Algorithm 1, phase 3)."""
     bn_batch_size: int = 512             # batch size of the one pass that recomputes BN statistics
     bn_augment: bool = True              # pass augmented training batches, as training saw them
+    allow_missing_workers: bool = False  # average the workers that finished when some failed (else stop and
+                                         # report; --resume then trains only the missing ones)
 
 
 @dataclass
@@ -159,9 +163,18 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Short content hash of the resolved config (first 16 hex digits of SHA-256)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
+        keys in :data:`NOT_HASHED`: a run may be resumed with those changed."""
+        d = self.to_dict()
+        for key in NOT_HASHED:
+            section, name = key.split(".")
+            d[section].pop(name, None)
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys that change how a run copes with failures, not what it computes; `--resume` accepts new values.
+NOT_HASHED = ("phase2.isolate_workers", "phase3.allow_missing_workers")
 
 
 # --------------------------------------------------------------------------- loading and merging

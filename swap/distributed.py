@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -57,10 +58,11 @@ def default_threads(procs_per_machine: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, procs_per_machine))
 
 
-def setup(device_name: str = "cpu", threads: int = 0) -> Dist:
-    """Join the process group if launched with more than one rank; set device and threads.
+def setup(device_name: str = "cpu", threads: int = 0, join: bool = True) -> Dist:
+    """Join the process group if launched with more than one rank (and ``join``); set device and threads.
 
-    Backend: NCCL on CUDA, gloo on CPU. With one rank no process group is created.
+    Backend: NCCL on CUDA, gloo on CPU. With one rank, or ``join=False`` (a rank's helper process,
+    e.g. an isolated phase-2 worker), no process group is created.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,7 +74,7 @@ def setup(device_name: str = "cpu", threads: int = 0) -> Dist:
         torch.cuda.set_device(device)
     threads = threads or default_threads(local_world)
     torch.set_num_threads(threads)
-    if world > 1 and not dist.is_initialized():
+    if join and world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, device, threads)
 
@@ -135,8 +137,70 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> Any:
         rank, failure = exc.get_first_failure()
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         last = [line for line in str(message).strip().splitlines() if line.strip()]
+        if last and last[-1].startswith("SwapError: "):    # raised alike on every rank: the message says it all
+            raise SwapError(last[-1][len("SwapError: "):]) from None
         raise SwapError(f"rank {rank} failed: {last[-1] if last else 'exit code ' + str(failure.exitcode)}") from None
     return results[0]
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this process when its parent dies, so a killed rank
+    leaves no orphan behind (the SIGTERM makes the orphan checkpoint and exit)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str) -> None:
+    _die_with_parent()
+    try:
+        with interrupt.handle_signals():
+            fn(*args)
+    except interrupt.Interrupted as exc:
+        sys.exit(128 + int(exc.signum))
+    except Exception as exc:                     # reported by the parent, which carries on
+        message = str(exc) if isinstance(exc, SwapError) else f"{type(exc).__name__}: {exc}"
+        Path(error_path).write_text(message.strip().splitlines()[-1] if message.strip() else type(exc).__name__)
+        sys.exit(1)
+
+
+def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path) -> str | None:
+    """Run ``fn(*args)`` in a fresh (spawned) child process and wait; ``None`` if it succeeded,
+    else one line saying why it failed: its exception's message (written to ``error_path``), or the
+    signal that killed it, or its exit status.
+
+    The child joins no process group; tensors in ``args`` travel through shared memory. A
+    SIGINT/SIGTERM received by this process is forwarded to the child, which checkpoints and
+    stops; the child gets SIGTERM if this process dies.
+
+    Raises:
+        swap.interrupt.Interrupted: the child stopped on SIGINT/SIGTERM.
+    """
+    error_path = Path(error_path)
+    error_path.unlink(missing_ok=True)
+    child = torch.multiprocessing.get_context("spawn").Process(target=_isolated_main,
+                                                               args=(fn, args, str(error_path)))
+    child.start()
+    forwarded = 0
+    while child.exitcode is None:
+        child.join(0.2)
+        signum = interrupt.requested()
+        if signum and not forwarded and child.exitcode is None:
+            os.kill(child.pid, signum)
+            forwarded = signum
+    code = child.exitcode
+    if code == 0:
+        return None
+    if code - 128 in (int(signal.SIGINT), int(signal.SIGTERM)):
+        raise interrupt.Interrupted(code - 128, f"in process {child.pid}")
+    if error_path.is_file():
+        return error_path.read_text()
+    if code < 0:
+        return f"process {child.pid} was killed by {signal.Signals(-code).name}"
+    return f"process {child.pid} exited with status {code}"
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

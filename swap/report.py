@@ -13,7 +13,7 @@ def results_table(summary: dict) -> str:
     if summary["method"] == "swap":
         before = wall["phase1"] + wall["phase2"]
         rows.append(("SWAP phase 1 (large-batch, at stop)", acc["phase1"], wall["phase1"]))
-        for w, a in enumerate(acc["workers"]):
+        for w, a in zip(summary.get("averaged_workers", range(len(acc["workers"]))), acc["workers"]):
             rows.append((f"SWAP worker {w}", a, before))
         rows.append(("SWAP (before averaging)", acc["workers_mean"], before))
         rows.append(("SWAP (after averaging)", acc["averaged"], wall["total"]))
@@ -29,6 +29,9 @@ def results_table(summary: dict) -> str:
                      f"epochs x {summary['workers']} workers, batch {summary['batch_size']['phase2']}), "
                      f"3 = {wall['phase3']:.1f}; total {wall['total']:.1f}. Updates on the critical path: "
                      f"{u['critical_path']} ({u['phase1']} + {u['phase2_per_worker']}).")
+    if summary.get("failed_workers"):
+        lines.append("Failed workers, not averaged (phase3.allow_missing_workers): " +
+                     "; ".join(f"{w}: {why}" for w, why in summary["failed_workers"].items()) + ".")
     m = summary["machine"]
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['procs']} processes x {m['threads_per_proc']} "
                  f"threads, torch {m['torch']}, device {m['device']}.")

@@ -71,6 +71,8 @@ class RunDir:
                 diff = _first_difference(saved.to_dict(), cfg.to_dict())
                 raise SwapError(f"cannot resume {run.path}: config differs from the saved one ({diff}); "
                                 f"resume with the same settings or use a new --out")
+            if saved.to_dict() != cfg.to_dict():       # only keys of config.NOT_HASHED changed
+                atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
             return run
         if exists and not overwrite:
             raise SwapError(f"run directory {run.path} already exists; pass --overwrite to replace it, "

@@ -40,10 +40,10 @@ class Context:
     @classmethod
     def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
                model_fn: Callable[[], nn.Module] | None = None,
-               data: tuple[ImageDataset, ImageDataset] | None = None) -> "Context":
-        """Join the process group, put the data on the device. ``model_fn`` and ``data`` replace
-        the configured model and dataset (library use, :func:`swap.train_swap`)."""
-        d = distributed.setup(cfg.device, cfg.threads)
+               data: tuple[ImageDataset, ImageDataset] | None = None, join: bool = True) -> "Context":
+        """Join the process group (unless ``join=False``), put the data on the device. ``model_fn``
+        and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`)."""
+        d = distributed.setup(cfg.device, cfg.threads, join)
         if data is None:
             data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
                                 holdout=cfg.data.holdout)

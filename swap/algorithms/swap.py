@@ -7,6 +7,9 @@ Averaging in Parallel: Large-Batch Training that Generalizes Well", ICLR 2020, A
     Phase 2  W workers each start from the phase-1 weights and BN buffers and train
              independently with small batches, a lower peak LR decaying to 0, and their own
              data order; no communication. Rank r trains workers r, r + world, r + 2*world, ...
+             each in a child process of its own (``phase2.isolate_workers``), so a worker that
+             dies costs only its own work: the others finish, the failure is reported, and
+             ``--resume`` trains only the missing worker.
     Phase 3  the W parameter vectors are averaged uniformly (an all_reduce of per-rank sums),
              the averaged model's BN statistics are recomputed with one pass over the training
              data, and it is evaluated on the test set.
@@ -17,15 +20,17 @@ launch) and under ``torchrun`` across machines.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .. import distributed
+from .. import distributed, interrupt
 from ..averaging import average_state_dicts, bn_buffer_names, recompute_bn
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from ..config import Config
+from ..config import Config, SwapError
 from ..train import train
 from .common import Context
 from .sgd import train_data_parallel
@@ -64,15 +69,28 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     distributed.barrier()
 
     # ---------------------------------------------------------------- phase 2: W independent workers
-    p2 = cfg.phase2
+    p2, p3 = cfg.phase2, cfg.phase3
     t2 = time.perf_counter()
-    states, workers = [], {}
+    states, workers, failures = [], {}, {}
     for w in range(d.rank, cfg.workers, d.world_size):     # rank r trains workers r, r + world, ...
         worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
-        workers[w] = _train_worker(ctx, worker, w, resume)
-        states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
+        meta = _phase2_worker(ctx, worker, w, resume)
+        if isinstance(meta, str):
+            failures[w] = meta
+            tqdm.write(f"[phase2 worker {w}] FAILED: {meta}", file=sys.stderr)
+        else:
+            workers[w] = meta
+            states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
         del worker
     phase2_wall = time.perf_counter() - t2
+    gathered = distributed.all_gather_objects({"workers": workers, "failures": failures, "phase2_wall_s": phase2_wall})
+    failures = {w: why for g in gathered for w, why in g["failures"].items()}
+    finished = sorted(w for g in gathered for w in g["workers"])
+    if failures and not (p3.allow_missing_workers and finished):
+        names = "; ".join(f"worker {w}: {why}" for w, why in sorted(failures.items()))
+        raise SwapError(f"phase 2: {len(failures)} of {cfg.workers} workers failed ({names}); the other "
+                        f"{len(finished)} finished and are kept. --resume trains only the failed ones; "
+                        f"--set phase3.allow_missing_workers=true averages the {len(finished)} that finished")
 
     # ---------------------------------------------------------------- phase 3: average, recompute BN
     t3 = time.perf_counter()
@@ -80,37 +98,39 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     averaged = copy.deepcopy(model)
     avg_state = averaged.state_dict()
     params = [k for k, v in avg_state.items() if v.is_floating_point() and k not in buffers]
-    # Sum of this rank's workers (mean x count), summed over ranks, divided by W: the uniform mean.
+    # Sum of this rank's workers (mean x count), summed over ranks, divided by the number of
+    # finished workers (W unless some failed and phase3.allow_missing_workers): the uniform mean.
     local_mean = average_state_dicts(states, buffers) if states else None
     sums = [(local_mean[k] * len(states) if states else torch.zeros_like(avg_state[k])).to(torch.float64)
             for k in params]
     distributed.all_reduce_sum_(sums)
     with torch.no_grad():
         for k, s in zip(params, sums):
-            avg_state[k].copy_(s / cfg.workers)
-    gathered = distributed.all_gather_objects({"workers": workers, "phase2_wall_s": phase2_wall})
+            avg_state[k].copy_(s / len(finished))
     summary = None
     if d.is_main:
         recompute_bn(averaged, ctx.bn_batches())
         averaged_acc = ctx.evaluate(averaged)
         phase3_wall = time.perf_counter() - t3
-        track_s = _average_curve(ctx, model, averaged_acc) if p2.track_average else 0.0
+        track_s = _average_curve(ctx, model, averaged_acc, finished) if p2.track_average else 0.0
         all_workers = {w: m for g in gathered for w, m in g["workers"].items()}
-        worker_accs = [all_workers[w]["test_acc"] for w in range(cfg.workers)]
+        worker_accs = [all_workers[w]["test_acc"] for w in finished]
         save_checkpoint(run.checkpoint("swap"), averaged,
-                        {"config_hash": config_hash, "phase": "phase3", "workers": cfg.workers, "test_acc": averaged_acc})
+                        {"config_hash": config_hash, "phase": "phase3", "workers": finished, "test_acc": averaged_acc})
         run.log({"phase": "phase3", "worker": None, "epoch": None, "test_acc": averaged_acc,
                  "phase_wall_s": phase3_wall, "wall_s": time.time() - ctx.t0})
         walls = {"phase1": phase1["wall_s"], "phase2": max(g["phase2_wall_s"] for g in gathered),
                  "phase3": phase3_wall}
         walls["total"] = sum(walls.values())
-        p2_updates = [all_workers[w]["updates"] for w in range(cfg.workers)]
+        p2_updates = [all_workers[w]["updates"] for w in finished]
         summary = {
             "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
+            # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
+            "averaged_workers": finished, "failed_workers": {str(w): why for w, why in sorted(failures.items())},
             "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
                          "averaged": averaged_acc, "phase1": phase1["test_acc"]},
             "train_acc": {"phase1": phase1["train_acc"],
-                          "workers": [all_workers[w]["train_acc"] for w in range(cfg.workers)]},
+                          "workers": [all_workers[w]["train_acc"] for w in finished]},
             "wall_s": walls,
             "epochs": {"phase1": phase1["epoch"], "phase2": p2.epochs},
             "phase1_stopped_early": phase1["stopped_early"],
@@ -128,16 +148,57 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     return summary
 
 
+def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
+    """Worker ``w``'s phase 2: its metadata, with ``worker`` holding its final weights, or one line
+    saying why it failed (a diverged run, an exception, a killed process). Finished workers are
+    loaded on ``resume``. With ``phase2.isolate_workers`` it trains in a child process of this
+    rank (:func:`swap.distributed.run_isolated`), so a worker that dies takes no other with it.
+
+    Raises:
+        swap.interrupt.Interrupted: SIGINT/SIGTERM (the worker's checkpoint is written first).
+    """
+    ckpt = ctx.run.checkpoint(f"worker{w}")
+    error = ckpt.with_suffix(".error")             # why the worker failed, kept for resumes
+    if resume and checkpoint_exists(ckpt):
+        return load_checkpoint(ckpt, worker, ctx.cfg.hash())
+    if resume and ctx.cfg.phase3.allow_missing_workers and error.is_file():
+        return error.read_text()                    # failed before; averaged without it, not retrained
+    if interrupt.requested():              # a stop signal arrived between two workers
+        raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
+    if ctx.cfg.phase2.isolate_workers:
+        start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
+        data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
+        why = distributed.run_isolated(_isolated_worker, (ctx.cfg, ctx.run.path, ctx.t0, w, resume, start,
+                                                          ctx.model_fn, data), error)
+        if why is None:
+            return load_checkpoint(ckpt, worker, ctx.cfg.hash())
+    else:
+        error.unlink(missing_ok=True)
+        try:
+            return _train_worker(ctx, worker, w, resume)
+        except (SwapError, RuntimeError) as exc:      # divergence, out of memory, ...
+            why = str(exc).strip().splitlines()[-1]
+    error.write_text(why)
+    return why
+
+
+def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data) -> None:
+    """Body of an isolated phase-2 worker process: rebuild the rank's context without joining the
+    process group, start from the phase-1 state ``start`` and train (checkpoints go to disk)."""
+    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False)
+    worker = ctx.build_model()
+    worker.load_state_dict(start)
+    _train_worker(ctx, worker, w, resume)
+
+
 def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     """Phase 2 for worker ``w``: small-batch SGD on its own data order (stream ("phase2", w)), LR
-    ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place (or loads it when
-    a finished checkpoint exists and ``resume``; continues from ``worker{w}_last`` if one does),
-    saves ``checkpoints/worker{w}`` and returns its metadata (epoch, updates, accuracies, wall_s)."""
+    ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place,
+    saves ``checkpoints/worker{w}`` and returns its metadata (epoch, updates, accuracies, wall_s).
+    ``resume`` continues from ``worker{w}_last`` (end of an epoch, or mid-epoch after a signal)."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
     config_hash = cfg.hash()
     ckpt, last = run.checkpoint(f"worker{w}"), run.checkpoint(f"worker{w}_last")
-    if resume and checkpoint_exists(ckpt):
-        return load_checkpoint(ckpt, worker, config_hash)
     opt = ctx.optimizer(worker)
     start_epoch, before, partial = 0, {"updates": 0, "wall_s": 0.0}, {}
     if resume and checkpoint_exists(last):            # continue this worker where it stopped
@@ -204,8 +265,8 @@ def _phase2_step_hook(ctx: Context, worker, w: int):
     return hook
 
 
-def _average_curve(ctx: Context, template, final_acc: float) -> float:
-    """Test accuracy of the average of all workers (BN recomputed) at each phase-2 epoch, logged as
+def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]) -> float:
+    """Test accuracy of the average of the ``finished`` workers (BN recomputed) at each phase-2 epoch, logged as
     ``phase: average`` records at the slowest worker's time for that epoch (SWAP paper Fig. 1).
     Returns the seconds it cost; each record carries its own ``cost_s``."""
     cfg, run = ctx.cfg, ctx.run
@@ -219,7 +280,7 @@ def _average_curve(ctx: Context, template, final_acc: float) -> float:
             acc = final_acc
         else:
             states = []
-            for w in range(cfg.workers):
+            for w in finished:
                 m = copy.deepcopy(template)
                 load_checkpoint(run.checkpoint(f"track/worker{w}_epoch{epoch}"), m)
                 states.append(m.state_dict())

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with SWAP or plain SGD; writes a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     t.add_argument("--config", required=True, help="preset name under configs/ (e.g. fashion_mnist_quick) or a YAML path")
-    t.add_argument("--method", choices=["swap", "sgd"], default="swap", help="SWAP (3 phases) or plain SGD baseline")
+    t.add_argument("--method", choices=["swap", "sgd", "abs", "absa"], default="swap",
+                   help="SWAP (3 phases), plain SGD, or adaptive batch size (abs; absa adds FGSM adversarial training)")
     t.add_argument("--workers", type=int, help="W: phase-2 workers (SWAP) / data-parallel ranks (SGD); config key 'workers'")
     t.add_argument("--procs", type=int, help="local processes (default min(W, CPU cores)); config key 'procs'")
     t.add_argument("--data-dir", help="folder with the dataset files, searched first; config key 'data.dir'")
@@ -102,6 +103,7 @@ def local_procs(cfg) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
+    from .algorithms.adaptive_batch import run_abs, train_abs
     from .algorithms.sgd import run_sgd
     from .algorithms.swap import run_swap
     from .data import load_dataset
@@ -109,7 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .rundir import RunDir
 
     cfg = config_from_args(args)
-    fn = run_swap if args.method == "swap" else run_sgd
+    fn = {"swap": run_swap, "sgd": run_sgd}.get(args.method)
+    rank_args: tuple = ()
+    if fn is None:                                     # abs, absa: adaptive batch size
+        fn, rank_args = run_abs, (None, None, args.method == "absa", False)
     out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
 
     if distributed.under_launcher():
@@ -117,12 +122,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             with RunDir.prepare(out, cfg, args.overwrite, args.resume).locked():
-                summary = distributed.run_rank(fn, cfg, out, None, args.resume)
+                summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args)
         else:
-            summary = distributed.run_rank(fn, cfg, out, None, args.resume)
+            summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args)
     else:
         procs = local_procs(cfg)
-        batches = ([("phase1", cfg.phase1.batch_size)] if args.method == "swap" else [("sgd", cfg.sgd.batch_size)])
+        batches = {"swap": [("phase1", cfg.phase1.batch_size)], "sgd": [("sgd", cfg.sgd.batch_size)]}.get(
+            args.method, [] if cfg.abs.elastic else [("abs", cfg.abs.batch_size)])
         for section, b in batches:
             check_world(cfg, procs, b, section)
         # Validate the data before creating anything: missing or corrupt files fail here.
@@ -134,11 +140,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         del train_set
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume)
         threads = cfg.threads or distributed.default_threads(procs)
-        print(f"swap: {args.method} on {cfg.data.name}, {cfg.workers} workers in {procs} processes x {threads} "
-              f"threads, run directory {out}", file=sys.stderr)
+        pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
+                if args.method in ("abs", "absa") and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
+        print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}", file=sys.stderr)
         with run.locked():
             try:
-                summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
+                if args.method in ("abs", "absa"):
+                    summary = train_abs(cfg, out, time.time(), args.resume, args.method == "absa", procs)
+                else:
+                    summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
             except Interrupted as exc:
                 summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
     if summary is not None and "interrupted" in summary:

@@ -132,6 +132,33 @@ class SWAConfig:
 
 
 @dataclass
+class ABSConfig:
+    """Adaptive batch size from Hessian information (ABS), and with FGSM adversarial training (ABSA):
+    Yao, Gholami, Keutzer, Mahoney, arXiv 1810.01021. Defaults are the reference implementation's
+    (power iteration 10 iterations, tolerance 1e-2, 128 samples; double when the top eigenvalue
+    halves; fallback after 10 epochs; cap 128x the base batch; 20% FGSM examples, eps 0.005)."""
+    batch_size: int = 128                # base (starting) global batch
+    micro_batch_size: int = 0            # per-rank chunks of the share (0 = one chunk)
+    peak_lr: float = 0.05                # peak LR at the base batch; scaled linearly with the batch
+    warmup_epochs: float = 0.0
+    epochs: int = 10
+    schedule: str = "linear"             # LR shape over epochs, before the batch scaling
+    max_batch_factor: int = 128          # the batch never exceeds this many times the base batch
+    decay_ratio: float = 0.5             # double when eigenvalue <= decay_ratio x reference (reset then)
+    fallback_epochs: int = 10            # double anyway after this many epochs without one (0 = never)
+    eig_every: int = 1                   # epochs between top-eigenvalue evaluations
+    eig_samples: int = 128               # fixed training sample for the eigenvalue (clean images)
+    eig_iters: int = 10
+    eig_tol: float = 1.0e-2
+    adv_fraction: float = 0.2            # ABSA: share of each batch replaced by FGSM examples; halves with
+                                         # every doubling, 0 after half of the epochs (method abs: 0)
+    adv_eps: float = 0.005               # FGSM step, normalised input units; inputs clamped to the data range
+    elastic: bool = True                 # data-parallel processes follow the batch (resize = checkpoint,
+    per_worker_batch: int = 128          # new process group, restore): batch / per_worker_batch of them,
+    max_workers: int = 0                 # at most max_workers (0 = procs, else CPU cores)
+
+
+@dataclass
 class Config:
     """A whole run. ``workers`` is W, the number of phase-2 models; ``procs`` the number of local
     processes (0 = min(W, CPU cores) on CPU, so processes x threads never oversubscribes the cores)."""
@@ -158,6 +185,7 @@ class Config:
     sgd_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=1.2, warmup_epochs=5.0))
     swa: SWAConfig = field(default_factory=SWAConfig)
     extrap: ExtrapConfig = field(default_factory=ExtrapConfig)
+    abs: ABSConfig = field(default_factory=ABSConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -346,6 +374,19 @@ def validate(cfg: Config) -> None:
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
+    a = cfg.abs
+    need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,
+         f"abs.batch_size, abs.peak_lr and abs.epochs must be > 0, got {a.batch_size}, {a.peak_lr}, {a.epochs}")
+    need(0 <= a.warmup_epochs <= a.epochs, f"abs.warmup_epochs must be in [0, abs.epochs={a.epochs}], got {a.warmup_epochs}")
+    need(a.schedule in ("linear", "cosine"), f"abs.schedule must be linear or cosine, got '{a.schedule}'")
+    need(a.micro_batch_size >= 0, f"abs.micro_batch_size must be >= 0, got {a.micro_batch_size}")
+    need(a.max_batch_factor >= 1, f"abs.max_batch_factor must be >= 1, got {a.max_batch_factor}")
+    need(0 < a.decay_ratio < 1, f"abs.decay_ratio must be in (0, 1), got {a.decay_ratio}")
+    need(a.fallback_epochs >= 0 and a.eig_every >= 1, "abs.fallback_epochs must be >= 0 and abs.eig_every >= 1")
+    need(a.eig_samples >= 1 and a.eig_iters >= 1 and a.eig_tol >= 0, "abs.eig_samples/eig_iters must be >= 1, eig_tol >= 0")
+    need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
+    need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
+    need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
 
 
 def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> None:

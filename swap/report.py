@@ -17,6 +17,9 @@ def results_table(summary: dict) -> str:
             rows.append((f"SWAP worker {w}", a, before))
         rows.append(("SWAP (before averaging)", acc["workers_mean"], before))
         rows.append(("SWAP (after averaging)", acc["averaged"], wall["total"]))
+    elif summary["method"] in ("abs", "absa"):
+        b = summary["batch_size"]
+        rows.append((f"{summary['method'].upper()} (batch {b['base']} -> {b['final']})", acc["final"], wall["total"]))
     else:
         rows.append((f"SGD (batch {summary['batch_size']['sgd']})", acc["final"], wall["total"]))
     lines = ["| Method | Test accuracy (%) | Training time (s) |", "|---|---:|---:|"]
@@ -29,6 +32,11 @@ def results_table(summary: dict) -> str:
                      f"epochs x {summary['workers']} workers, batch {summary['batch_size']['phase2']}), "
                      f"3 = {wall['phase3']:.1f}; total {wall['total']:.1f}. Updates on the critical path: "
                      f"{u['critical_path']} ({u['phase1']} + {u['phase2_per_worker']}).")
+    if summary["method"] in ("abs", "absa"):
+        lines.append("")
+        lines.append(f"Updates: {summary['updates']['critical_path']}; batch per epoch: "
+                     f"{', '.join(str(x) for x in summary['batch_size']['per_epoch'])}; pool resizes: "
+                     f"{len(summary['resizes'])}, {wall['resize']:.1f} s ({100 * summary['resize_share']:.2f}% of the run).")
     if summary.get("failed_workers"):
         lines.append("Failed workers, not averaged (phase3.allow_missing_workers): " +
                      "; ".join(f"{w}: {why}" for w, why in summary["failed_workers"].items()) + ".")

@@ -138,7 +138,7 @@ class Context:
             return json.loads(last.with_suffix(".json").read_text())["epoch"] if checkpoint_exists(last) else 0
 
         if self.dist.is_main:
-            self.run.rewrite_metrics(lambda r: r["phase"] in ("phase1", "phase2", "sgd")
+            self.run.rewrite_metrics(lambda r: r["phase"] in ("phase1", "phase2", "sgd", "abs", "absa")
                                      and r["epoch"] is not None and r["epoch"] <= kept_epochs(r))
         distributed.barrier()
 

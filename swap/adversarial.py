@@ -1,0 +1,65 @@
+"""FGSM adversarial examples mixed into training batches (ABSA; Yao, Gholami, Keutzer, Mahoney,
+"Large batch size training of neural networks with adversarial training and second-order
+information", arXiv 1810.01021, Sec. 3.2), after Goodfellow, Shlens, Szegedy 2015 ("Explaining and
+Harnessing Adversarial Examples"): x_adv = clip(x + eps * sign(grad_x loss(x, y)), data range).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """FGSM examples of (x float (N, C, H, W) normalised, y int64 (N,)), made in eval mode so BN
+    running statistics are neither used from the batch nor updated; parameter gradients untouched.
+
+    Every coordinate moves by exactly ``eps`` (normalised input units) before being clamped to
+    [``lo``, ``hi``] (float (C,): the data range, e.g. pixel 0 and 255 normalised).
+    Returns a new tensor shaped like ``x`` (no graph).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    finally:
+        model.train(was_training)
+    shape = (1, -1, 1, 1)
+    return torch.max(torch.min(x.detach() + eps * grad.sign(), hi.view(shape)), lo.view(shape))
+
+
+def adversarial_mask(lo: int, hi: int, fraction: float, device=None) -> torch.Tensor:
+    """bool (hi - lo,): which positions ``lo .. hi-1`` of a global batch are replaced, spread evenly
+    so that any contiguous slice holds its share: position j is chosen when floor((j + 1) f)
+    > floor(j f). A whole batch of B gets round-down(B f) or so, each rank's slice its own part,
+    so a W-rank run replaces the same samples as a 1-rank run."""
+    j = torch.arange(lo, hi, device=device, dtype=torch.float64)
+    return torch.floor((j + 1) * fraction) > torch.floor(j * fraction)
+
+
+class AdversarialBatches:
+    """A :class:`swap.data.Loader` whose batches have a ``fraction`` of samples replaced by their
+    FGSM examples against ``model`` (the current weights at each update).
+
+    Yields (x float (b, C, H, W), y int64 (b,)) like the wrapped loader; ``batch_size``,
+    ``len()``, ``rank``/``share`` pass through.
+    """
+
+    def __init__(self, loader, model: nn.Module, fraction: float, eps: float, lo: torch.Tensor, hi: torch.Tensor):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"adversarial fraction must be in [0, 1], got {fraction}")
+        self.loader, self.model, self.fraction, self.eps, self.lo, self.hi = loader, model, fraction, eps, lo, hi
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start: int = 0):
+        offset = self.loader.rank * self.loader.share          # this rank's slice of the global batch
+        for x, y in self.loader.epoch(epoch, start):
+            mask = adversarial_mask(offset, offset + len(y), self.fraction, x.device)
+            if self.fraction > 0 and mask.any():
+                x = x.clone()
+                x[mask] = fgsm(self.model, x[mask], y[mask], self.eps, self.lo, self.hi).to(x.dtype)
+            yield x, y

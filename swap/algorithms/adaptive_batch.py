@@ -1,0 +1,259 @@
+"""ABS and ABSA: adaptive batch size from Hessian information, optionally with adversarial
+training, on an elastic pool of data-parallel processes (Yao, Gholami, Keutzer, Mahoney, "Large
+batch size training of neural networks with adversarial training and second-order information",
+arXiv 1810.01021, Alg. 1).
+
+    start      batch B = base batch, LR = peak LR (warm-up/decay shape over epochs)
+    each epoch e (every ``eig_every``): lambda_e = top Hessian eigenvalue at the current weights
+               (power iteration on a fixed clean sample, eval mode; swap.hessian)
+               if lambda_e <= decay_ratio x reference, or ``fallback_epochs`` passed without a
+               doubling: B <- 2B (capped at max_batch_factor x base), reference <- lambda_e
+               LR = schedule(e) x B / base batch (linear scaling)
+    ABSA       a fraction of every batch (20%, halved at each doubling, 0 after half of the
+               epochs) is replaced by FGSM examples made in eval mode (swap.adversarial)
+    elastic    processes = B / per_worker_batch (at most max_workers): when the batch changes the
+               number, the group writes a checkpoint (weights, BN statistics, optimizer state, rule
+               state) and exits; the driver starts a group of the new size through the elastic
+               launcher, which restores and continues (as Ray Train's elastic mode does).
+
+Every global batch is the set of samples a 1-process run draws (shared permutation), so a run
+that resizes 1 -> 2 processes follows the same trajectory as one that never resizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import distributed
+from ..adversarial import AdversarialBatches
+from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from ..config import Config
+from ..data import stream_seed
+from ..hessian import model_top_eigenvalue
+from ..schedules import warmup_decay
+from ..train import average_bn_buffers, train
+from .common import Context
+
+_RESOLUTION = 1000          # LR-schedule steps per epoch: the shape is over epochs, whatever the batch
+
+
+@dataclasses.dataclass
+class BatchSizeRule:
+    """The ABS batch-size rule (Yao et al. 2018, Alg. 1), as a small state machine.
+
+    ``update(epoch, eigenvalue)`` runs at the start of each epoch: the first measured eigenvalue
+    becomes the reference; afterwards the batch doubles when the eigenvalue has fallen to at most
+    ``decay_ratio`` x the reference (which is then reset to it), or when ``fallback_epochs`` epochs
+    passed since the last doubling; never above ``max_batch``. Batches are in samples.
+    """
+    batch: int
+    max_batch: int
+    decay_ratio: float = 0.5
+    fallback_epochs: int = 10
+    reference: float | None = None
+    last_change: int = 0
+    doublings: int = 0
+
+    def update(self, epoch: int, eigenvalue: float | None) -> bool:
+        """Apply the rule at the start of ``epoch`` (0-based) with the top eigenvalue measured at the
+        current weights (``None`` when not measured this epoch); True when the batch doubled."""
+        if self.reference is None:
+            self.reference = eigenvalue
+            return False
+        flatter = eigenvalue is not None and eigenvalue <= self.decay_ratio * self.reference
+        stale = self.fallback_epochs > 0 and epoch - self.last_change >= self.fallback_epochs
+        if not (flatter or stale) or 2 * self.batch > self.max_batch:
+            return False
+        self.batch *= 2
+        self.doublings += 1
+        self.last_change = epoch
+        if eigenvalue is not None:
+            self.reference = eigenvalue
+        return True
+
+
+def adversarial_fraction(base: float, doublings: int, epoch: int, epochs: int) -> float:
+    """ABSA's share of FGSM examples in epoch ``epoch``: ``base`` halved per doubling, 0 from half
+    of the epochs on (Yao et al. 2018, Sec. 4)."""
+    return 0.0 if epoch >= epochs / 2 else base / 2 ** doublings
+
+
+def pool_size(batch: int, per_worker_batch: int, max_workers: int) -> int:
+    """Processes for a global batch: batch / per_worker_batch, at most ``max_workers``, at least 1,
+    and a divisor of ``batch`` so every rank gets an equal share."""
+    n = max(1, min(max_workers, batch // per_worker_batch))
+    while batch % n:
+        n -= 1
+    return n
+
+
+def max_pool(cfg: Config) -> int:
+    return cfg.abs.max_workers or cfg.procs or (os.cpu_count() or 1)
+
+
+def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False, model_fn=None,
+            data=None, adversarial: bool = False, elastic: bool = False) -> dict | None:
+    """ABS (or ABSA with ``adversarial``) on every rank of the current group.
+
+    Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
+    world_size), ``checkpoints/abs_last`` after every epoch, and at the end ``checkpoints/abs`` and
+    ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
+    the group checkpoints and every rank returns ``{"resize": n}``; :func:`train_abs` starts the new group.
+
+    Returns:
+        The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
+    """
+    ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    d, a, run = ctx.dist, cfg.abs, ctx.run
+    method = "absa" if adversarial else "abs"
+    model = ctx.build_model()
+    opt = ctx.optimizer(model)
+    last = run.checkpoint(f"{method}_last")
+    rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
+    state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
+             "history": [], "resizes": [], "resize_from": None, "partial": {}}
+    if resume:
+        ctx.prune_metrics_for_resume()
+        if checkpoint_exists(last):
+            meta = load_checkpoint(last, model, cfg.hash(), opt)
+            state, rule = meta["state"], BatchSizeRule(**meta["rule"])
+    ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
+    eig_x, eig_y = _eigen_sample(ctx)
+    mean, std = ctx.mean.view(-1), ctx.std.view(-1)
+    lo, hi = (0.0 - mean) / std, (255.0 - mean) / std               # the data range, normalised
+
+    def save(meta_extra: dict | None = None, opt_state=True) -> None:
+        average_bn_buffers(ddp)
+        if d.is_main:
+            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": method, "epoch": state["epoch"],
+                                          "state": state, "rule": dataclasses.asdict(rule), **(meta_extra or {})},
+                            opt if opt_state else None)
+
+    out = None
+    for epoch in range(state["epoch"], a.epochs):
+        if state["decided"] < epoch:                                  # the rule, once per epoch
+            eig = None
+            if epoch % a.eig_every == 0:
+                eig, iters = _eigenvalue(ctx, model, eig_x, eig_y, epoch)
+                state["eig_iters"] = iters
+            rule.update(epoch, eig)
+            state.update(decided=epoch, eigenvalue=eig)
+            want = pool_size(rule.batch, a.per_worker_batch, max_pool(cfg))
+            if elastic and want != d.world_size:                      # resize: checkpoint, new group
+                state["resize_from"] = {"time": time.time(), "epoch": epoch, "from": d.world_size, "to": want}
+                save()
+                distributed.teardown()
+                return {"resize": want}
+        if state["resize_from"] is not None:                          # first update after a resize
+            r = state["resize_from"]
+            state["resizes"].append({**r, "seconds": time.time() - r["time"]})
+            state["resize_from"] = None
+        fraction = adversarial_fraction(a.adv_fraction, rule.doublings, epoch, a.epochs) if adversarial else 0.0
+        loader = ctx.loader(rule.batch, ("abs", 0), data_parallel=True)
+        if fraction > 0:
+            loader = AdversarialBatches(loader, model, fraction, a.adv_eps, lo, hi)
+        steps, scale = len(loader), rule.batch / a.batch_size
+
+        def lr_at(step: int, steps=steps, scale=scale) -> float:        # step = epoch * steps + i
+            return shape(round(step * _RESOLUTION / steps)) * scale
+
+        extra = {"eigenvalue": state["eigenvalue"], "eig_iters": state["eig_iters"], "adv_fraction": fraction,
+                 "world_size": d.world_size, "doublings": rule.doublings}
+        sink = ctx.sink(method, None, a.epochs) if d.is_main else None
+
+        def on_epoch(rec: dict) -> None:
+            state["history"].append({"epoch": rec["epoch"], "batch_size": rec["batch_size"], "lr": rec["lr"],
+                                     "train_acc": rec["train_acc"], "test_acc": rec["test_acc"], **extra})
+            if sink is not None:
+                sink({**rec, **extra})
+
+        def on_interrupt(stop: dict) -> None:                         # SIGINT/SIGTERM mid-epoch
+            state["partial"] = {"step": stop["step"], "totals": distributed.all_gather_objects(stop["totals"])}
+            state["updates"] += stop["updates"]
+            save()
+
+        partial = state["partial"]
+        out = train(ddp, loader, opt, lr_at, epoch + 1, start_epoch=epoch, start_step=partial.get("step", 0),
+                    start_totals=partial["totals"][d.rank] if partial else None, micro_batch_size=a.micro_batch_size,
+                    evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
+                    max_grad_norm=cfg.max_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
+        done_steps = steps - partial.get("step", 0)
+        state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
+                     samples=state["samples"] + done_steps * rule.batch)
+        save()
+    if out is None:                 # resumed after the last epoch's checkpoint: evaluate it again
+        out = {"test_acc": ctx.evaluate(ddp, distributed_eval=True), "train_acc": state["history"][-1].get("train_acc")}
+    summary = None
+    if d.is_main:
+        save_checkpoint(run.checkpoint(method), model, {"config_hash": cfg.hash(), "phase": method,
+                                                        "epoch": a.epochs, "test_acc": out["test_acc"]})
+        total = time.time() - ctx.t0
+        resize_s = sum(r["seconds"] for r in state["resizes"])
+        summary = {
+            "method": method, "config": cfg.name, "seed": cfg.seed,
+            "test_acc": {"final": out["test_acc"]}, "train_acc": {"final": out["train_acc"]},
+            "wall_s": {"total": total, "resize": resize_s}, "resize_share": resize_s / total,
+            "epochs": {method: a.epochs},
+            "updates": {method: state["updates"], "critical_path": state["updates"]},
+            "samples": state["samples"],
+            "batch_size": {"base": a.batch_size, "final": rule.batch,
+                           "per_epoch": [h["batch_size"] for h in state["history"]]},
+            "doublings": rule.doublings, "history": state["history"], "resizes": state["resizes"],
+            "machine": ctx.machine(),
+        }
+        run.write_summary(summary)
+    return summary
+
+
+def train_abs(cfg: Config, run_path: str | Path, t0: float, resume: bool = False, adversarial: bool = False,
+              procs: int | None = None) -> dict | None:
+    """The driver: launch ABS/ABSA groups until the run finishes. With ``abs.elastic`` the first
+    group has the base batch's pool size and each resize starts a new group (torch.distributed's
+    elastic launcher) that resumes from the checkpoint; otherwise ``procs`` processes throughout.
+
+    Returns:
+        rank 0's summary, or ``{"interrupted": ...}`` after a stop signal.
+    """
+    a = cfg.abs
+    if not a.elastic:
+        return distributed.launch(run_abs, procs or 1, cfg, run_path, t0, resume, None, None, adversarial, False)
+    world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
+    last = Path(run_path) / "checkpoints" / f"{'absa' if adversarial else 'abs'}_last.json"
+    if resume and last.is_file():
+        meta = json.loads(last.read_text())
+        world = pool_size(meta["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
+    while True:
+        out = distributed.launch(run_abs, world, cfg, run_path, t0, resume, None, None, adversarial, True)
+        if not (isinstance(out, dict) and "resize" in out):
+            return out
+        world, resume = out["resize"], True
+
+
+def _eigen_sample(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed clean training sample of the eigenvalue: ``abs.eig_samples`` images drawn once
+    from the stream (seed, "hessian"), normalised, no augmentation."""
+    n = min(ctx.cfg.abs.eig_samples, len(ctx.train_set))
+    gen = torch.Generator().manual_seed(stream_seed(ctx.cfg.seed, "hessian"))
+    idx = torch.randperm(len(ctx.train_set), generator=gen)[:n].to(ctx.train_set.images.device)
+    x = (ctx.train_set.images[idx].float() - ctx.mean.view(1, -1, 1, 1)) / ctx.std.view(1, -1, 1, 1)
+    if ctx.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, ctx.train_set.labels[idx]
+
+
+def _eigenvalue(ctx: Context, model, x, y, epoch: int) -> tuple[float, int]:
+    """Top eigenvalue at the current weights, computed on rank 0 and broadcast, so every rank
+    takes the same batch-size decision."""
+    a = ctx.cfg.abs
+    result = None
+    if ctx.dist.is_main:
+        gen = torch.Generator().manual_seed(stream_seed(ctx.cfg.seed, "hessian", epoch))
+        result = model_top_eigenvalue(model, x, y, a.eig_iters, a.eig_tol, gen)
+    return distributed.broadcast_object(result)

@@ -9,6 +9,8 @@ Methods (Gupta et al., ICLR 2020, Sec. 5):
     swa-small   sgd-small's model, then small-batch SWA cycles ("Small-batch SWA")
     extrap-large  large-batch SGD with extrapolated SGD (Lin et al., ICML 2020), section ``sgd_large``
     swap-extrap   SWAP whose phase 1 uses extrapolated SGD (section ``extrap``)
+    abs         adaptive batch size from the top Hessian eigenvalue (Yao et al. 2018), section ``abs``
+    absa        abs plus FGSM adversarial training
 
 Each method and seed is an ordinary run directory ``OUT/METHOD/seedS`` (finished ones are reused,
 so a compare resumes). Seeds are interleaved: seed 0 of every method, then seed 1, ... so that
@@ -29,7 +31,8 @@ from . import distributed
 from .config import Config, SwapError, check_world
 from .rundir import RunDir
 
-METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small", "extrap-large", "swap-extrap")
+METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small", "extrap-large", "swap-extrap",
+           "abs", "absa")
 STARTS = {"swa-small": ("sgd-small", "sgd"), "swa-lb-sb": ("swap", "phase1"), "swa-large": ("swap", "phase1")}
 
 
@@ -65,7 +68,9 @@ def check_compare(cfg: Config, methods: list[str], procs: int) -> None:
     batches = {"sgd-small": [("sgd_small", cfg.sgd_small.batch_size)], "sgd-large": [("sgd_large", cfg.sgd_large.batch_size)],
                "swap": [("phase1", cfg.phase1.batch_size)], "swa-large": [("phase1", cfg.phase1.batch_size)],
                "swa-lb-sb": [("phase2", cfg.phase2.batch_size)], "swa-small": [("phase2", cfg.phase2.batch_size)],
-               "extrap-large": [("sgd_large", cfg.sgd_large.batch_size)], "swap-extrap": [("phase1", cfg.phase1.batch_size)]}
+               "extrap-large": [("sgd_large", cfg.sgd_large.batch_size)], "swap-extrap": [("phase1", cfg.phase1.batch_size)],
+               "abs": [] if cfg.abs.elastic else [("abs", cfg.abs.batch_size)]}
+    batches["absa"] = batches["abs"]
     for m in methods:
         for section, b in batches[m]:
             check_world(cfg, procs, b, section)
@@ -73,6 +78,7 @@ def check_compare(cfg: Config, methods: list[str], procs: int) -> None:
 
 def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, procs: int) -> dict:
     """Run every (seed, method) not yet finished, then build, write and return the report."""
+    from .algorithms.adaptive_batch import train_abs
     from .algorithms.sgd import run_sgd
     from .algorithms.swa import run_swa
     from .algorithms.swap import run_swap
@@ -94,6 +100,8 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
                 src = RunDir(out / source / f"seed{seed}")
                 start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
                 distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start)
+            elif method in ("abs", "absa"):
+                train_abs(mcfg, run.path, time.time(), False, method == "absa", procs)
             else:
                 fn = run_swap if method in ("swap", "swap-extrap") else run_sgd
                 distributed.launch(fn, procs, mcfg, run.path, time.time(), resume)

@@ -27,15 +27,20 @@ def test_plan_adds_start_runs_and_refuses_unknown():
 def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--config", "fashion_mnist_compare", "--seeds", "2",
-            "--methods", "sgd-small,swap,swa-lb-sb,extrap-large,swap-extrap",
+            "--methods", "sgd-small,swap,swa-lb-sb,extrap-large,swap-extrap,absa",
             "--out", str(out), "--data-dir", str(real_fashion), "--procs", "1",
             "--set", "data.train_subset=1024", "--set", "data.test_subset=500", "--set", "workers=2",
             "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
             "--set", "phase2.epochs=1", "--set", "sgd_small.epochs=1",
-            "--set", "sgd_large.batch_size=512", "--set", "sgd_large.epochs=1", "--set", "sgd_large.warmup_epochs=0"]
+            "--set", "sgd_large.batch_size=512", "--set", "sgd_large.epochs=1", "--set", "sgd_large.warmup_epochs=0",
+            "--set", "abs.epochs=2", "--set", "abs.fallback_epochs=1"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["sgd-small", "swap", "swa-lb-sb", "extrap-large", "swap-extrap"]
+    assert [r["method"] for r in report["rows"]] == ["sgd-small", "swap", "swa-lb-sb", "extrap-large", "swap-extrap", "absa"]
+    absa = json.loads((out / "absa" / "seed0" / "summary.json").read_text())
+    assert absa["batch_size"]["per_epoch"] == [128, 256]                # fallback doubling after epoch 1
+    assert [h["adv_fraction"] for h in absa["history"]] == [0.2, 0.0]   # none in the second half
+    assert absa["updates"]["critical_path"] == 1024 // 128 + 1024 // 256
     for method, key in (("extrap-large", "optimizer"), ("swap-extrap", "phase1_optimizer")):
         assert json.loads((out / method / "seed0" / "summary.json").read_text())[key] == "extrap"
     for row in report["rows"]:

@@ -134,9 +134,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
                                 holdout=cfg.data.holdout)
-        for section, b in batches + ([("phase2", cfg.phase2.batch_size)] if args.method == "swap" else []):
+        keys = [(f"{section}.batch_size", b) for section, b in batches]
+        if args.method == "swap":
+            keys += [("phase2.batch_size", cfg.phase2.batch_size), ("phase3.bn_batch_size", cfg.phase3.bn_batch_size)]
+        for key, b in keys:
             if b > len(train_set):
-                raise SwapError(f"{section}.batch_size={b} exceeds the {len(train_set)} training samples")
+                raise SwapError(f"{key}={b} exceeds the {len(train_set)} training samples")
         del train_set
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume)
         threads = cfg.threads or distributed.default_threads(procs)

@@ -81,8 +81,10 @@ class Phase2Config:
     track_average: bool = False          # after training: test accuracy of the workers' average (BN
                                          # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
     save_every: int = 0                  # save each worker's weights every N updates (0 = off), for `swap cosine`
-    isolate_workers: bool = True         # each worker in its own process: one that dies (OOM, kill) costs only
-                                         # its own work; the others finish and the failure is reported
+    layout: str = "processes"            # processes: each worker in its own child process (one that dies costs
+                                         # only its own work; the others finish, the failure is reported);
+                                         # sequential: in turn inside the rank; vmap: the rank's workers stacked
+                                         # into one computation (torch.func; for GPUs)
 
 
 @dataclass
@@ -201,8 +203,9 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Keys that change how a run copes with failures, not what it computes; `--resume` accepts new values.
-NOT_HASHED = ("phase2.isolate_workers", "phase3.allow_missing_workers")
+# Keys that change how a run is laid out or copes with failures, not what it computes (up to float
+# rounding); `--resume` accepts new values.
+NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers")
 
 
 # --------------------------------------------------------------------------- loading and merging
@@ -373,6 +376,10 @@ def validate(cfg: Config) -> None:
          f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
+    need(cfg.phase2.layout in ("processes", "sequential", "vmap"),
+         f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
+    need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
+         "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
     a = cfg.abs
     need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,

@@ -7,7 +7,7 @@ Averaging in Parallel: Large-Batch Training that Generalizes Well", ICLR 2020, A
     Phase 2  W workers each start from the phase-1 weights and BN buffers and train
              independently with small batches, a lower peak LR decaying to 0, and their own
              data order; no communication. Rank r trains workers r, r + world, r + 2*world, ...
-             each in a child process of its own (``phase2.isolate_workers``), so a worker that
+             each in a child process of its own (``phase2.layout: processes``), so a worker that
              dies costs only its own work: the others finish, the failure is reported, and
              ``--resume`` trains only the missing worker.
     Phase 3  the W parameter vectors are averaged uniformly (an all_reduce of per-rank sums),
@@ -34,6 +34,7 @@ from ..config import Config, SwapError
 from ..train import train
 from .common import Context
 from .sgd import train_data_parallel
+from .stacked import positions, train_stacked
 
 
 def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
@@ -72,9 +73,21 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     p2, p3 = cfg.phase2, cfg.phase3
     t2 = time.perf_counter()
     states, workers, failures = [], {}, {}
-    for w in range(d.rank, cfg.workers, d.world_size):     # rank r trains workers r, r + world, ...
+    mine = list(range(d.rank, cfg.workers, d.world_size))  # rank r trains workers r, r + world, ...
+    stacked = {}
+    if p2.layout == "vmap":                  # this rank's unfinished workers as one computation
+        todo = [w for w in mine if not (resume and checkpoint_exists(run.checkpoint(f"worker{w}")))]
+        if todo and len(positions(ctx, todo, resume)) == 1:
+            try:
+                stacked = train_stacked(ctx, model, todo, resume)
+            except (SwapError, RuntimeError) as exc:
+                why = str(exc).strip().splitlines()[-1]
+                stacked = {w: why for w in todo}
+    for w in mine:
         worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
-        meta = _phase2_worker(ctx, worker, w, resume)
+        if w in stacked and isinstance(stacked[w], dict):
+            load_checkpoint(run.checkpoint(f"worker{w}"), worker)
+        meta = stacked.get(w) or _phase2_worker(ctx, worker, w, resume)
         if isinstance(meta, str):
             failures[w] = meta
             tqdm.write(f"[phase2 worker {w}] FAILED: {meta}", file=sys.stderr)
@@ -151,7 +164,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
 def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
     """Worker ``w``'s phase 2: its metadata, with ``worker`` holding its final weights, or one line
     saying why it failed (a diverged run, an exception, a killed process). Finished workers are
-    loaded on ``resume``. With ``phase2.isolate_workers`` it trains in a child process of this
+    loaded on ``resume``. With ``phase2.layout: processes`` it trains in a child process of this
     rank (:func:`swap.distributed.run_isolated`), so a worker that dies takes no other with it.
 
     Raises:
@@ -165,7 +178,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
         return error.read_text()                    # failed before; averaged without it, not retrained
     if interrupt.requested():              # a stop signal arrived between two workers
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
-    if ctx.cfg.phase2.isolate_workers:
+    if ctx.cfg.phase2.layout == "processes":
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (ctx.cfg, ctx.run.path, ctx.t0, w, resume, start,

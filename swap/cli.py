@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--batch-size", type=int, default=512, help="mini-batch for the gradient (default 512)")
     co.add_argument("--svg", action="store_true")
 
+    pn = sub.add_parser("plan", help="predict sgd-small / sgd-large / SWAP wall time on D devices from a calibration")
+    pn.add_argument("--config", required=True, help="preset name or YAML path")
+    pn.add_argument("--devices", type=int, default=1, help="D: devices (GPUs, or CPU processes) of the prediction")
+    pn.add_argument("--bandwidth", type=float, default=12.5e9, help="all-reduce bandwidth, bytes/s (default 12.5e9)")
+    pn.add_argument("--latency", type=float, default=20e-6, help="all-reduce latency per step, s (default 20e-6)")
+    pn.add_argument("--phase1-epochs", type=int, help="epochs phase 1 takes to its stopping accuracy (default: max_epochs)")
+    pn.add_argument("--measured", help="a `swap compare` directory: compare the prediction with its runs")
+    pn.add_argument("--data-dir", help="folder with the dataset files")
+    pn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a dataset with checksum verification")
     f.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
@@ -273,6 +283,54 @@ def cmd_cosine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+
+    from . import distributed
+    from .data import load_dataset
+    from .models import build_model
+    from .plan import Hardware, calibrate, chunk_sizes, predict
+    from .rundir import RunDir
+
+    cfg = config_from_args(args)
+    if args.devices < 1 or args.bandwidth <= 0 or args.latency < 0:
+        raise SwapError("--devices must be >= 1, --bandwidth > 0 and --latency >= 0")
+    train_set, test_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
+                                       holdout=cfg.data.holdout)
+    measured: dict[str, list[dict]] = {}
+    if args.measured:
+        for method in ("sgd-small", "sgd-large", "swap"):
+            runs = sorted(Path(args.measured, method).glob("seed*"))
+            measured[method] = [RunDir(r).read_summary() for r in runs if (r / "summary.json").is_file()]
+    phase1_epochs = args.phase1_epochs
+    if phase1_epochs is None and measured.get("swap"):
+        phase1_epochs = round(statistics.mean(s["epochs"]["phase1"] for s in measured["swap"]))
+    device = distributed.resolve_device(cfg.device)
+    threads = cfg.threads or distributed.default_threads(args.devices) if device.type == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    c, h, w = train_set.images.shape[1:]
+    t = time.time()
+    thr = calibrate(lambda: build_model(cfg.model.name, train_set.num_classes, c, cfg.model.width), (c, h, w),
+                    train_set.num_classes, chunk_sizes(cfg, args.devices), device, channels_last=cfg.channels_last)
+    pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),
+                   phase1_epochs)
+    print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
+          f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
+          + f", eval {thr.eval:.0f}/s; phase 1 epochs {pred['swap']['phase1_epochs']}", file=sys.stderr)
+    lines = ["| Method | Predicted (s) | Parts (s) | Updates | Measured (s) | Error |", "|---|---:|---|---:|---:|---:|"]
+    for method, row in pred.items():
+        parts = ", ".join(f"{k[:-2]} {v:.0f}" for k, v in row.items() if k.endswith("_s") and k != "total_s")
+        got = [s["wall_s"]["total"] for s in measured.get(method, [])]
+        m = statistics.mean(got) if got else None
+        err = f"{100 * (row['total_s'] - m) / m:+.0f}%" if m else ""
+        lines.append(f"| {method} | {row['total_s']:.0f} | {parts} | {row['updates']} | "
+                     f"{f'{m:.0f}' if m else ''} | {err} |")
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import fetch, find_data_dir
 
@@ -291,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command in ("plot", "landscape", "cosine"):
             return {"plot": cmd_plot, "landscape": cmd_landscape, "cosine": cmd_cosine}[args.command](args)
         return cmd_data(args)

@@ -1,0 +1,167 @@
+"""`swap plan`: predict the wall time of sgd-small, sgd-large and SWAP on D devices before renting them.
+
+The model is the standard data-parallel one: an update of a global batch B on D devices costs the
+slowest device's compute on its share B/D (processed in micro-batches, at the throughput measured
+for that micro-batch size on ONE device) plus one ring all-reduce of the gradients,
+
+    t_allreduce(D, bytes) = 2 (D - 1) / D * bytes / bandwidth + 2 (D - 1) * latency
+
+(Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms"), 0 for D = 1. SWAP's phase 2 runs
+W independent workers, ceil(W / D) rounds of them, with no communication; phase 3 is one forward
+pass over the training set. Each evaluation is a forward pass over the test set (sharded over the
+devices where the phase is data-parallel). Throughputs come from a short calibration of the user's
+model on the user's device (:func:`calibrate`); nothing else is measured, so the prediction is only
+as good as "throughput depends on the per-device batch and nothing else".
+
+Defaults of the communication model: bandwidth 12.5e9 bytes/s and latency 20e-6 s (a 100 Gb/s
+network); pass measured values for other hardware (on one machine with NVLink, ~1e11 B/s).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """D devices, their all-reduce bandwidth (bytes/s) and per-message latency (s)."""
+    devices: int
+    bandwidth: float = 12.5e9
+    latency: float = 20e-6
+
+    def allreduce_s(self, nbytes: int) -> float:
+        """Seconds of one ring all-reduce of ``nbytes`` over the devices (0 for one device)."""
+        d = self.devices
+        if d == 1:
+            return 0.0
+        return 2 * (d - 1) / d * nbytes / self.bandwidth + 2 * (d - 1) * self.latency
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Measured single-device throughputs: ``train`` maps micro-batch size -> training samples/s
+    (forward, backward, SGD step), ``eval`` is forward-only samples/s; ``param_bytes`` the gradient size."""
+    train: dict[int, float]
+    eval: float
+    param_bytes: int
+
+    def train_at(self, batch: int) -> float:
+        """Samples/s at ``batch``: the measured value, else log-linear interpolation between the
+        nearest measured sizes (constant beyond the ends)."""
+        sizes = sorted(self.train)
+        if batch in self.train:
+            return self.train[batch]
+        if batch <= sizes[0]:
+            return self.train[sizes[0]]
+        if batch >= sizes[-1]:
+            return self.train[sizes[-1]]
+        hi = next(s for s in sizes if s > batch)
+        lo = max(s for s in sizes if s < batch)
+        f = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return self.train[lo] + f * (self.train[hi] - self.train[lo])
+
+
+def update_s(thr: Throughput, hw: Hardware, batch: int, micro_batch: int) -> float:
+    """Seconds of one data-parallel update of global ``batch`` on ``hw``: each device's share in
+    micro-batches of ``micro_batch`` (0 = whole share) plus the gradient all-reduce."""
+    share = batch / hw.devices
+    chunk = micro_batch if 0 < micro_batch < share else share
+    return share / thr.train_at(int(chunk)) + hw.allreduce_s(thr.param_bytes)
+
+
+def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: int,
+            phase1_epochs: int | None = None) -> dict[str, dict]:
+    """Predicted wall seconds of sgd-small, sgd-large and SWAP (sections ``sgd_small``,
+    ``sgd_large``, ``phase1-3``) for ``n_train``/``n_test`` samples on ``hw``.
+
+    ``phase1_epochs``: epochs until the stopping accuracy (e.g. from an earlier run); default
+    ``phase1.max_epochs``, an upper bound. Returns {method: {"total_s", "updates", parts...}}.
+    """
+    def evals(epochs: int, sharded: bool) -> float:
+        n = math.ceil(epochs / cfg.eval_every)
+        return n * n_test / thr.eval / (hw.devices if sharded else 1)
+
+    out = {}
+    for method, s in (("sgd-small", cfg.sgd_small), ("sgd-large", cfg.sgd_large)):
+        updates = s.epochs * (n_train // s.batch_size)
+        train_s = updates * update_s(thr, hw, s.batch_size, s.micro_batch_size)
+        out[method] = {"train_s": train_s, "eval_s": evals(s.epochs, True), "updates": updates}
+    p1, p2 = cfg.phase1, cfg.phase2
+    e1 = phase1_epochs or p1.max_epochs
+    u1 = e1 * (n_train // p1.batch_size)
+    phase1 = u1 * update_s(thr, hw, p1.batch_size, p1.micro_batch_size) + evals(e1, True)
+    u2 = p2.epochs * (n_train // p2.batch_size)
+    rounds = math.ceil(cfg.workers / hw.devices)
+    one = Hardware(1)
+    phase2 = rounds * (u2 * update_s(thr, one, p2.batch_size, 0) + evals(p2.epochs, False))
+    phase3 = n_train / thr.eval + n_test / thr.eval                   # BN pass + final evaluation
+    out["swap"] = {"phase1_s": phase1, "phase2_s": phase2, "phase3_s": phase3, "updates": u1 + u2,
+                   "phase1_epochs": e1}
+    for row in out.values():
+        row["total_s"] = sum(v for k, v in row.items() if k.endswith("_s"))
+    return out
+
+
+def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, int], num_classes: int,
+              batches: list[int], device: torch.device, steps: int = 5, warmup: int = 2,
+              channels_last: bool = False, eval_batch: int = 1024) -> Throughput:
+    """Measure training samples/s at each size in ``batches`` (forward, backward, Nesterov SGD step
+    on random inputs of ``sample_shape`` (C, H, W)) and forward-only samples/s at ``eval_batch``,
+    on ``device`` (timed with device synchronisation). Takes ``(warmup + steps)`` updates per size.
+    """
+    torch.manual_seed(0)
+    model = model_fn().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    train = {}
+    model.train()
+    for b in sorted(set(batches)):
+        x = torch.randn(b, *sample_shape, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, num_classes, (b,), device=device)
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        sync()
+        train[b] = b * steps / (time.perf_counter() - t)
+    model.eval()
+    x = torch.randn(eval_batch, *sample_shape, device=device).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t = time.perf_counter()
+            model(x)
+    sync()
+    eval_thr = eval_batch * steps / (time.perf_counter() - t)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Throughput(train, eval_thr, param_bytes)
+
+
+def chunk_sizes(cfg: Config, devices: int) -> list[int]:
+    """The micro-batch sizes a plan on ``devices`` devices needs throughputs for."""
+    def chunk(batch: int, micro: int, d: int) -> int:
+        share = batch // d
+        return micro if 0 < micro < share else share
+    return sorted({chunk(cfg.sgd_small.batch_size, cfg.sgd_small.micro_batch_size, devices),
+                   chunk(cfg.sgd_large.batch_size, cfg.sgd_large.micro_batch_size, devices),
+                   chunk(cfg.phase1.batch_size, cfg.phase1.micro_batch_size, devices),
+                   cfg.phase2.batch_size})

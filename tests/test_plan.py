@@ -1,0 +1,54 @@
+"""`swap plan`'s time model: its arithmetic on synthetic throughput tables, and a calibration run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from swap.config import load_config
+from swap.plan import Hardware, Throughput, calibrate, chunk_sizes, predict, update_s
+
+
+def test_ring_allreduce_cost():
+    assert Hardware(1).allreduce_s(10**9) == 0.0
+    hw = Hardware(4, bandwidth=1e9, latency=1e-5)
+    assert hw.allreduce_s(10**9) == pytest.approx(2 * 3 / 4 * 1.0 + 2 * 3 * 1e-5)
+
+
+def test_throughput_lookup_interpolates_log_linearly():
+    thr = Throughput({128: 1000.0, 512: 3000.0}, eval=9000.0, param_bytes=4)
+    assert thr.train_at(128) == 1000.0 and thr.train_at(64) == 1000.0 and thr.train_at(4096) == 3000.0
+    assert thr.train_at(256) == pytest.approx(2000.0)              # halfway in log2 between 128 and 512
+
+
+def test_predictions_on_a_synthetic_table():
+    cfg = load_config("fashion_mnist_compare", ["workers=8", "eval_every=1"])
+    thr = Throughput({64: 1000.0, 128: 2000.0, 256: 4000.0, 1024: 4000.0}, eval=10000.0, param_bytes=4 * 10**6)
+    hw = Hardware(2, bandwidth=1e9, latency=0.0)
+    comm = 2 * 1 / 2 * 4e6 / 1e9                                     # 4 ms per all-reduce on 2 devices
+    # one update of 2048 on 2 devices: share 1024 in micro-batches of 256 at 4000/s, plus the all-reduce
+    assert update_s(thr, hw, 2048, 256) == pytest.approx(1024 / 4000 + comm)
+    assert update_s(thr, hw, 128, 0) == pytest.approx(64 / 1000 + comm)          # share 64 at 1000/s
+    pred = predict(cfg, thr, hw, n_train=60000, n_test=10000, phase1_epochs=12)
+    small = pred["sgd-small"]
+    assert small["updates"] == 10 * (60000 // 128)
+    assert small["train_s"] == pytest.approx(small["updates"] * (64 / 1000 + comm))
+    assert small["eval_s"] == pytest.approx(10 * 10000 / 10000 / 2)          # sharded evaluation
+    swap = pred["swap"]
+    assert swap["phase1_s"] == pytest.approx(12 * (60000 // 2048) * (1024 / 4000 + comm) + 12 * 10000 / 10000 / 2)
+    # 8 workers on 2 devices: 4 rounds of one worker's 2 epochs at batch 128 (no communication)
+    assert swap["phase2_s"] == pytest.approx(4 * (2 * (60000 // 128) * 128 / 2000 + 2 * 1.0))
+    assert swap["total_s"] == pytest.approx(swap["phase1_s"] + swap["phase2_s"] + swap["phase3_s"])
+    assert swap["updates"] == 12 * (60000 // 2048) + 2 * (60000 // 128)
+    # more devices: phase 2 needs fewer rounds, so SWAP's prediction falls
+    assert predict(cfg, thr, Hardware(8, 1e9, 0.0), 60000, 10000, 12)["swap"]["phase2_s"] < swap["phase2_s"] / 3
+
+
+def test_calibration_measures_each_size():
+    cfg = load_config("fashion_mnist_compare")
+    sizes = chunk_sizes(cfg, 2)
+    assert sizes == sorted({64, 256, 128})
+    thr = calibrate(lambda: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), (1, 28, 28), 10, [16, 64],
+                    torch.device("cpu"), steps=2, warmup=1, eval_batch=64)
+    assert set(thr.train) == {16, 64} and all(v > 0 for v in thr.train.values()) and thr.eval > 0
+    assert thr.param_bytes == (28 * 28 * 10 + 10) * 4

@@ -169,7 +169,9 @@ class Config:
     workers: int = 2
     procs: int = 0
     threads: int = 0                     # torch threads per process (0 = cores // processes)
-    device: str = "cpu"                  # cpu | cuda | auto
+    device: str = "auto"                 # cpu | cuda | auto (CUDA when available)
+    precision: str = "auto"              # fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU)
+    compile: bool = False                # torch.compile the model's forward (nn.Module.compile)
     channels_last: bool = True
     eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
     max_grad_norm: float = 1.0e4         # a larger or non-finite gradient norm stops the phase (divergence)
@@ -346,6 +348,7 @@ def validate(cfg: Config) -> None:
     need(cfg.procs >= 0, f"procs must be >= 0, got {cfg.procs}")
     need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
     need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
+    need(cfg.precision in ("fp32", "bf16", "auto"), f"precision must be fp32, bf16 or auto, got '{cfg.precision}'")
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     need(cfg.max_grad_norm > 0, f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")

@@ -48,8 +48,15 @@ def average_bn_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None`` (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 1024,
-             distributed: bool = False, channels_last: bool = False) -> float:
+             distributed: bool = False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on ``data``.
 
     With ``distributed=True`` every rank evaluates its shard and the counts are summed with
@@ -61,7 +68,8 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
     counts = torch.zeros(2, dtype=torch.float64)
     for x, y in eval_batches(data, batch_size, mean, std, rank, world, channels_last):
-        counts[0] += (model(x).argmax(1) == y).sum().item()
+        with autocast(x.device, amp_dtype):
+            counts[0] += (model(x).argmax(1) == y).sum().item()
         counts[1] += len(y)
     if world > 1:
         dist.all_reduce(counts)
@@ -84,10 +92,11 @@ def check_gradient(model: nn.Module, max_norm: float, label: str, epoch: int, st
 
 
 def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
-          backward: bool = True) -> torch.Tensor:
+          backward: bool = True, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Forward (and backward) over ``x`` in micro-batches; each loss weighted by its share of the
     batch, so accumulated gradients are those of the batch's mean loss. With DDP, gradients are
-    all-reduced on the last micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise).
+    all-reduced on the last micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise). With
+    ``amp_dtype`` (e.g. bfloat16) the forward runs under autocast; gradients stay float32.
     Returns float64 (3,): loss sum, correct predictions, samples."""
     is_ddp = isinstance(model, DDP)
     chunk = micro_batch_size if 0 < micro_batch_size < len(y) else len(y)
@@ -98,8 +107,9 @@ def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: 
         reduce = sync and j == n_chunks - 1
         comm = model.no_sync() if is_ddp and not reduce else contextlib.nullcontext()
         with comm, (contextlib.nullcontext() if backward else torch.no_grad()):
-            out = model(xc)
-            loss = F.cross_entropy(out, yc)
+            with autocast(x.device, amp_dtype):
+                out = model(xc)
+                loss = F.cross_entropy(out.float(), yc)
             if backward:
                 (loss * (len(yc) / len(y))).backward()
         totals += torch.stack([loss.detach().double() * len(yc), (out.argmax(1) == yc).sum().double(),
@@ -113,7 +123,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
           progress=None, max_grad_norm: float = float("inf"), label: str = "training",
-          on_interrupt: Callable[[dict], None] | None = None) -> dict:
+          on_interrupt: Callable[[dict], None] | None = None, amp_dtype: torch.dtype | None = None) -> dict:
     """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
@@ -142,6 +152,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             update), called with ``epoch`` (0-based, in progress), ``step`` (updates done in it),
             ``totals`` (this rank's partial loss sum, correct, samples) and ``updates`` (this call),
             so the caller can write a checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
+        amp_dtype: forward passes under autocast to this dtype (bfloat16 on GPUs); None = float32.
     Returns:
         The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
     Raises:
@@ -173,13 +184,14 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             if extrapolated:
                 # Pass at the iterate x_t: metrics and BN statistics, and for extragradient the
                 # rank's local gradient (no all-reduce). Then the all-reduced gradient at x_t + u.
-                totals += _pass(model, x, y, micro_batch_size, sync=False, backward=optimizer.needs_local_gradient)
+                totals += _pass(model, x, y, micro_batch_size, sync=False, backward=optimizer.needs_local_gradient,
+                                amp_dtype=amp_dtype)
                 optimizer.extrapolate()
                 optimizer.zero_grad(set_to_none=True)
                 with frozen_bn_stats(unwrap(model)):
-                    _pass(model, x, y, micro_batch_size, sync=True)
+                    _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
             else:
-                totals += _pass(model, x, y, micro_batch_size, sync=True)
+                totals += _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
             check_gradient(model, max_grad_norm, label, epoch + 1, i + 1)
             optimizer.step()
             updates += 1

@@ -183,6 +183,7 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
         out = train(ddp, loader, opt, lr_at, epoch + 1, start_epoch=epoch, start_step=partial.get("step", 0),
                     start_totals=partial["totals"][d.rank] if partial else None, micro_batch_size=a.micro_batch_size,
                     evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
+                    amp_dtype=ctx.amp,
                     max_grad_norm=cfg.max_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
         done_steps = steps - partial.get("step", 0)
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],

@@ -20,7 +20,8 @@ from ..data import Augment, ImageDataset, Loader, load_dataset, stream_seed
 from ..models import build_model
 from ..rundir import RunDir, machine_info
 from ..schedules import warmup_decay
-from ..train import evaluate
+from ..averaging import recompute_bn
+from ..train import autocast, evaluate
 from .extrap import ExtrapSGD
 
 
@@ -62,7 +63,20 @@ class Context:
         model = model.to(self.dist.device)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            model.compile()                 # in place: state_dict keys (checkpoints) unchanged
         return model
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        """Autocast dtype of forward passes: bfloat16 for ``precision: bf16`` (``auto`` on CUDA), else None."""
+        p = self.cfg.precision
+        return torch.bfloat16 if p == "bf16" or (p == "auto" and self.dist.device.type == "cuda") else None
+
+    def recompute_bn(self, model: nn.Module) -> None:
+        """Phase 3's BN-statistics pass (:func:`swap.averaging.recompute_bn`) over :meth:`bn_batches`."""
+        with autocast(self.dist.device, self.amp):
+            recompute_bn(model, self.bn_batches())
 
     def optimizer(self, model: nn.Module, kind: str = "sgd", stream: tuple = ()):
         """SGD with the configured (Nesterov) momentum and weight decay (the LR is set per update);
@@ -101,7 +115,7 @@ class Context:
     def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float:
         """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``."""
         return evaluate(model, self.test_set, self.mean, self.std, distributed=distributed_eval,
-                        channels_last=self.cfg.channels_last)
+                        channels_last=self.cfg.channels_last, amp_dtype=self.amp)
 
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer: str = "sgd"):

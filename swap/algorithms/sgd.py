@@ -88,7 +88,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
                 start_totals=partial["totals"][d.rank] if partial else None, on_interrupt=interrupted,
                 micro_batch_size=micro_batch_size,
-                stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
+                stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), amp_dtype=ctx.amp,
                 eval_every=cfg.eval_every, progress=bar, max_grad_norm=cfg.max_grad_norm, label=phase,
                 on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None,
                                _both(checkpoint, after_epoch)))

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from .. import interrupt
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..config import SwapError
+from ..train import autocast
 from .common import Context
 
 
@@ -75,8 +76,9 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     base = copy.deepcopy(model).to("meta")
 
     def loss_fn(p, b, x, y):
-        out = functional_call(base, (p, b), (x,))
-        loss = F.cross_entropy(out, y)
+        with autocast(x.device, ctx.amp):
+            out = functional_call(base, (p, b), (x,))
+        loss = F.cross_entropy(out.float(), y)
         return loss, (loss.detach(), (out.argmax(1) == y).sum())
 
     step_fn = vmap(grad(loss_fn, has_aux=True))

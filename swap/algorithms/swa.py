@@ -21,7 +21,6 @@ from pathlib import Path
 from torch.optim.swa_utils import AveragedModel
 
 from .. import distributed
-from ..averaging import recompute_bn
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..schedules import cyclic
@@ -68,7 +67,7 @@ def run_swa(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     summary = None
     if d.is_main:
         t_bn = time.perf_counter()
-        recompute_bn(averaged.module, ctx.bn_batches())
+        ctx.recompute_bn(averaged.module)
         acc = ctx.evaluate(averaged.module)
         bn_s = time.perf_counter() - t_bn
         save_checkpoint(ctx.run.checkpoint("swa"), averaged.module,

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed, interrupt
-from ..averaging import average_state_dicts, bn_buffer_names, recompute_bn
+from ..averaging import average_state_dicts, bn_buffer_names
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..config import Config, SwapError
 from ..train import train
@@ -122,7 +122,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
             avg_state[k].copy_(s / len(finished))
     summary = None
     if d.is_main:
-        recompute_bn(averaged, ctx.bn_batches())
+        ctx.recompute_bn(averaged)
         averaged_acc = ctx.evaluate(averaged)
         phase3_wall = time.perf_counter() - t3
         track_s = _average_curve(ctx, model, averaged_acc, finished) if p2.track_average else 0.0
@@ -233,7 +233,7 @@ def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
 
     out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
                 start_totals=partial.get("totals"), on_interrupt=interrupted,
-                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every,
+                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, amp_dtype=ctx.amp,
                 on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t, steps),
                 on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
                 max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
@@ -299,7 +299,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
                 states.append(m.state_dict())
             averaged = copy.deepcopy(template)
             averaged.load_state_dict(average_state_dicts(states, buffers))
-            recompute_bn(averaged, ctx.bn_batches())
+            ctx.recompute_bn(averaged)
             acc = ctx.evaluate(averaged)
         cost = time.perf_counter() - t
         total += cost

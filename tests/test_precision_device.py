@@ -1,0 +1,39 @@
+"""Precision and device: bf16 autocast trains (on CPU here), and the CUDA path on a real GPU
+(skipped, with the reason, where none is present)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swap.cli import main
+
+SGD = ["train", "--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1", "--workers", "1",
+       "--set", "data.train_subset=2048", "--set", "data.test_subset=500", "--set", "sgd.batch_size=128",
+       "--set", "sgd.epochs=2", "--set", "sgd.peak_lr=0.05", "--set", "sgd.warmup_epochs=0"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
+
+
+def test_bf16_autocast_trains_and_changes_the_numerics(tmp_path, real_fashion):
+    acc, weights = {}, {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(SGD + ["--data-dir", str(real_fashion), "--out", str(out), "--set", f"precision={precision}"]) == 0
+        acc[precision] = json.loads((out / "summary.json").read_text())["test_acc"]["final"]
+        weights[precision] = load_file(str(out / "checkpoints" / "sgd.safetensors"))
+    assert acc["bf16"] > 40 and abs(acc["bf16"] - acc["fp32"]) < 3            # learns like float32 (10% = chance) ...
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])   # ... in bf16
+    assert all(v.dtype != torch.bfloat16 for v in weights["bf16"].values())      # weights stay float32
+
+
+@needs_cuda
+def test_swap_on_cuda_with_vmap_phase2(tmp_path, real_fashion):
+    out = tmp_path / "cuda"
+    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "4", "--procs", "1", "--data-dir",
+                 str(real_fashion), "--out", str(out), "--set", "device=cuda", "--set", "phase2.layout=vmap",
+                 "--set", "data.train_subset=4096", "--set", "data.test_subset=1000", "--set", "phase1.max_epochs=3",
+                 "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["machine"]["device"] != "cpu" and summary["test_acc"]["averaged"] > 60

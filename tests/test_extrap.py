@@ -157,3 +157,28 @@ def test_short_real_run_learns_and_records_the_variant(tmp_path, real_fashion):
     assert all(r["optimizer"] == "extrap:extragradient" for r in records)
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.2
     assert json.loads((out / "summary.json").read_text())["optimizer"] == "extrap"
+
+
+def test_gaussian_noise_stream_survives_a_checkpoint():
+    """The optimizer state carries the noise generator's position: a resumed gaussian run draws the
+    perturbations the uninterrupted one would have drawn."""
+    def fresh():
+        p = nn.Parameter(torch.zeros(5))
+        opt = ExtrapSGD(torch.optim.SGD([p], lr=0.1), "gaussian", sigma_ratio=1.0,
+                        generator=torch.Generator().manual_seed(7))
+        return p, opt
+
+    p, opt = fresh()
+    for _ in range(3):                               # advance the stream
+        opt.extrapolate()
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    saved = opt.state_dict()
+    opt.extrapolate()
+    expected = p.detach().clone()                    # x_t + u for the 4th update
+    q, resumed = fresh()
+    with torch.no_grad():
+        q.copy_(opt._x[0])                           # x_t of the 4th update
+    resumed.load_state_dict(saved)
+    resumed.extrapolate()
+    assert torch.equal(q.detach(), expected)

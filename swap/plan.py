@@ -10,8 +10,9 @@ for that micro-batch size on ONE device) plus one ring all-reduce of the gradien
 W independent workers, ceil(W / D) rounds of them, with no communication; phase 3 is one forward
 pass over the training set. Each evaluation is a forward pass over the test set (sharded over the
 devices where the phase is data-parallel). Throughputs come from a short calibration of the user's
-model on the user's device (:func:`calibrate`); nothing else is measured, so the prediction is only
-as good as "throughput depends on the per-device batch and nothing else".
+model on the user's device through the real data path and train loop (:func:`calibrate`); nothing
+else is measured, so the prediction is only as good as "throughput depends on the per-device batch
+and nothing else". Process start-up and data loading (seconds per launch) are not modelled.
 
 Defaults of the communication model: bandwidth 12.5e9 bytes/s and latency 20e-6 s (a 100 Gb/s
 network); pass measured values for other hardware (on one machine with NVLink, ~1e11 B/s).
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from .data import Augment, ImageDataset, Loader
+from .train import evaluate, train
 
 
 @dataclass(frozen=True)
@@ -111,49 +113,38 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
 
 
 def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, int], num_classes: int,
-              batches: list[int], device: torch.device, steps: int = 5, warmup: int = 2,
-              channels_last: bool = False, eval_batch: int = 1024) -> Throughput:
-    """Measure training samples/s at each size in ``batches`` (forward, backward, Nesterov SGD step
-    on random inputs of ``sample_shape`` (C, H, W)) and forward-only samples/s at ``eval_batch``,
-    on ``device`` (timed with device synchronisation). Takes ``(warmup + steps)`` updates per size.
+              batches: list[int], device: torch.device, steps: int = 10, augment: Augment | None = None,
+              channels_last: bool = False, amp_dtype: torch.dtype | None = None, eval_batch: int = 1024) -> Throughput:
+    """Measure training samples/s at each size in ``batches`` through the real data path and train
+    loop (:class:`swap.data.Loader` with ``augment``, :func:`swap.train.train`, Nesterov SGD) on
+    synthetic uint8 images of ``sample_shape`` (C, H, W), and forward-only samples/s of
+    :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of ``steps`` updates and
+    keeps the second (warm) epoch's rate, which the train loop times after a device sync.
     """
     torch.manual_seed(0)
-    model = model_fn().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    train = {}
-    model.train()
+    mean, std = torch.full((sample_shape[0],), 128.0), torch.full((sample_shape[0],), 64.0)
+    train_rates = {}
     for b in sorted(set(batches)):
-        x = torch.randn(b, *sample_shape, device=device).contiguous(memory_format=fmt)
-        y = torch.randint(0, num_classes, (b,), device=device)
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        sync()
-        train[b] = b * steps / (time.perf_counter() - t)
-    model.eval()
-    x = torch.randn(eval_batch, *sample_shape, device=device).contiguous(memory_format=fmt)
-    with torch.no_grad():
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                t = time.perf_counter()
-            model(x)
-    sync()
-    eval_thr = eval_batch * steps / (time.perf_counter() - t)
+        model = model_fn().to(device).to(memory_format=fmt)
+        data = _synthetic(b * steps, sample_shape, num_classes, device)
+        loader = Loader(data, b, (0, "calibrate", b), mean, std, augment, channels_last=channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        record = train(model, loader, opt, lambda step: 1e-3, 2, amp_dtype=amp_dtype)
+        train_rates[b] = record["samples_per_s"]
+    data = _synthetic(eval_batch * 3, sample_shape, num_classes, device)
+    evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)     # warm-up
+    t = time.perf_counter()
+    evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)    # syncs (.item())
+    eval_rate = len(data) / (time.perf_counter() - t)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Throughput(train, eval_thr, param_bytes)
+    return Throughput(train_rates, eval_rate, param_bytes)
+
+
+def _synthetic(n: int, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> ImageDataset:
+    g = torch.Generator().manual_seed(n)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    return ImageDataset(images, torch.randint(0, num_classes, (n,), generator=g), num_classes).to(device)
 
 
 def chunk_sizes(cfg: Config, devices: int) -> list[int]:

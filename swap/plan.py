@@ -113,13 +113,14 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
 
 
 def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, int], num_classes: int,
-              batches: list[int], device: torch.device, steps: int = 10, augment: Augment | None = None,
+              batches: list[int], device: torch.device, samples: int = 4096, augment: Augment | None = None,
               channels_last: bool = False, amp_dtype: torch.dtype | None = None, eval_batch: int = 1024) -> Throughput:
     """Measure training samples/s at each size in ``batches`` through the real data path and train
     loop (:class:`swap.data.Loader` with ``augment``, :func:`swap.train.train`, Nesterov SGD) on
     synthetic uint8 images of ``sample_shape`` (C, H, W), and forward-only samples/s of
-    :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of ``steps`` updates and
-    keeps the second (warm) epoch's rate, which the train loop times after a device sync.
+    :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of about ``samples``
+    samples (at least 3 updates) and keeps the second (warm) epoch's rate, which the train loop
+    times after a device sync.
     """
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -127,7 +128,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
     train_rates = {}
     for b in sorted(set(batches)):
         model = model_fn().to(device).to(memory_format=fmt)
-        data = _synthetic(b * steps, sample_shape, num_classes, device)
+        data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
         loader = Loader(data, b, (0, "calibrate", b), mean, std, augment, channels_last=channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
         record = train(model, loader, opt, lambda step: 1e-3, 2, amp_dtype=amp_dtype)

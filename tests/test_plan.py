@@ -49,6 +49,6 @@ def test_calibration_measures_each_size():
     sizes = chunk_sizes(cfg, 2)
     assert sizes == sorted({64, 256, 128})
     thr = calibrate(lambda: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), (1, 28, 28), 10, [16, 64],
-                    torch.device("cpu"), steps=2, eval_batch=64)
+                    torch.device("cpu"), samples=64, eval_batch=64)
     assert set(thr.train) == {16, 64} and all(v > 0 for v in thr.train.values()) and thr.eval > 0
     assert thr.param_bytes == (28 * 28 * 10 + 10) * 4

@@ -102,8 +102,8 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     """ABS (or ABSA with ``adversarial``) on every rank of the current group.
 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
-    world_size), ``checkpoints/abs_last`` after every epoch, and at the end ``checkpoints/abs`` and
-    ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
+    world_size), ``checkpoints/METHOD_last`` after every epoch, and at the end ``checkpoints/METHOD``
+    (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
     the group checkpoints and every rank returns ``{"resize": n}``; :func:`train_abs` starts the new group.
 
     Returns:
@@ -129,22 +129,18 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     mean, std = ctx.mean.view(-1), ctx.std.view(-1)
     lo, hi = (0.0 - mean) / std, (255.0 - mean) / std               # the data range, normalised
 
-    def save(meta_extra: dict | None = None, opt_state=True) -> None:
+    def save() -> None:             # collective (BN statistics averaged over ranks); rank 0 writes
         average_bn_buffers(ddp)
         if d.is_main:
             save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": method, "epoch": state["epoch"],
-                                          "state": state, "rule": dataclasses.asdict(rule), **(meta_extra or {})},
-                            opt if opt_state else None)
+                                          "state": state, "rule": dataclasses.asdict(rule)}, opt)
 
     out = None
     for epoch in range(state["epoch"], a.epochs):
         if state["decided"] < epoch:                                  # the rule, once per epoch
-            eig = None
-            if epoch % a.eig_every == 0:
-                eig, iters = _eigenvalue(ctx, model, eig_x, eig_y, epoch)
-                state["eig_iters"] = iters
+            eig, iters = _eigenvalue(ctx, model, eig_x, eig_y, epoch) if epoch % a.eig_every == 0 else (None, 0)
             rule.update(epoch, eig)
-            state.update(decided=epoch, eigenvalue=eig)
+            state.update(decided=epoch, eigenvalue=eig, eig_iters=iters)
             want = pool_size(rule.batch, a.per_worker_batch, max_pool(cfg))
             if elastic and want != d.world_size:                      # resize: checkpoint, new group
                 state["resize_from"] = {"time": time.time(), "epoch": epoch, "from": d.world_size, "to": want}

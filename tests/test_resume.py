@@ -93,24 +93,18 @@ def reference_2procs(tmp_path_factory, real_fashion):
     return out
 
 
-@pytest.mark.parametrize("procs, signum, to_group, trigger", [
-    ("1", signal.SIGINT, True, "checkpoints/worker0_last.json"),     # Ctrl-C in phase 2, mid-epoch
-    ("2", signal.SIGTERM, False, "checkpoints/phase1_last.json"),     # scheduler stops the launcher in phase 1
-])
-def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashion, procs, signum, to_group, trigger):
-    """SIGINT/SIGTERM: all ranks stop after the same update, write a mid-epoch checkpoint, exit with
-    128 + signal and a resume command; no process is left; the resumed run equals the reference."""
-    reference = request.getfixturevalue("reference" if procs == "1" else "reference_2procs")
-    out = tmp_path / "run"
+def _stop_run(args: list[str], out: Path, trigger: str, signum: int, to_group: bool, delay_s: float = 0.1) -> None:
+    """Run `swap ARGS` in its own session; send ``signum`` ``delay_s`` after ``trigger`` appears (to the
+    whole process group, as Ctrl-C does, or to the launcher only); check the clean stop: exit status
+    128 + signal, the resume command, a mid-epoch checkpoint, no summary and no process left."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = ["train", *SETTINGS, "--procs", procs, "--data-dir", str(real_fashion), "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "swap.cli", *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / trigger).exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before the signal point"
         time.sleep(0.02)
-    time.sleep(0.1)
+    time.sleep(delay_s)
     (os.killpg if to_group else os.kill)(proc.pid, signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, stderr
@@ -123,6 +117,19 @@ def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashi
     stops = [json.loads(p.read_text()).get("partial") for p in (out / "checkpoints").glob("*_last.json")]
     assert any(s and s["step"] > 0 for s in stops), "no mid-epoch checkpoint was written"
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("procs, signum, to_group, trigger", [
+    ("1", signal.SIGINT, True, "checkpoints/worker0_last.json"),     # Ctrl-C in phase 2, mid-epoch
+    ("2", signal.SIGTERM, False, "checkpoints/phase1_last.json"),     # scheduler stops the launcher in phase 1
+])
+def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashion, procs, signum, to_group, trigger):
+    """SIGINT/SIGTERM: all ranks stop after the same update, write a mid-epoch checkpoint, exit with
+    128 + signal and a resume command; no process is left; the resumed run equals the reference."""
+    reference = request.getfixturevalue("reference" if procs == "1" else "reference_2procs")
+    out = tmp_path / "run"
+    args = ["train", *SETTINGS, "--procs", procs, "--data-dir", str(real_fashion), "--out", str(out)]
+    _stop_run(args, out, trigger, signum, to_group)
     assert main(args + ["--resume"]) == 0
     ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference, out))
     for k in ref:
@@ -130,3 +137,24 @@ def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashi
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
     assert len(keys) == len(set(keys)) == 3 + 2 * 2
+
+
+ABS = ["--method", "abs", "--set", "abs.epochs=3", "--set", "abs.batch_size=64", "--set", "abs.fallback_epochs=1",
+       "--set", "abs.eig_samples=64", "--set", "abs.elastic=false", "--set", "data.train_subset=2048"]
+
+
+@pytest.mark.parametrize("extra, final, trigger, delay_s", [
+    (ABS, "abs", "checkpoints/abs_last.json", 0.05),                              # ABS, in its epoch 2
+    (["--set", "phase2.layout=vmap"], "swap", "checkpoints/worker0_last.json", 0.05),   # stacked phase 2
+])
+def test_ctrl_c_and_resume_for_abs_and_the_vmap_layout(tmp_path, real_fashion, extra, final, trigger, delay_s):
+    common = ["train", *SETTINGS, "--procs", "1", "--data-dir", str(real_fashion), *extra]
+    assert main(common + ["--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "run"
+    _stop_run(common + ["--out", str(out)], out, trigger, signal.SIGINT, to_group=True, delay_s=delay_s)
+    assert main(common + ["--out", str(out), "--resume"]) == 0
+    ref, got = (load_file(str(d / "checkpoints" / f"{final}.safetensors")) for d in (tmp_path / "ref", out))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after Ctrl-C and resume"
+    s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", out))
+    assert s_got["updates"] == s_ref["updates"]

@@ -133,7 +133,8 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
         average_bn_buffers(ddp)
         if d.is_main:
             save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": method, "epoch": state["epoch"],
-                                          "state": state, "rule": dataclasses.asdict(rule)}, opt)
+                                          "partial": state["partial"], "state": state,
+                                          "rule": dataclasses.asdict(rule)}, opt)
 
     out = None
     for epoch in range(state["epoch"], a.epochs):

@@ -24,6 +24,7 @@ from .schedules import cyclic, warmup_decay
 from .train import evaluate, train
 
 __version__ = "0.1.0"
-__all__ = ["train_swap", "train_sgd", "ExtrapSGD", "BatchSizeRule", "fgsm", "top_eigenvalues", "hutchinson_trace", "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
+__all__ = ["train_swap", "train_sgd", "ExtrapSGD", "BatchSizeRule", "fgsm", "top_eigenvalues", "hutchinson_trace",
+           "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
            "Config", "SwapError", "load_config", "Augment", "ImageDataset", "Loader", "load_dataset",
            "build_model", "resnet9", "small_cnn", "cyclic", "warmup_decay", "evaluate", "train"]

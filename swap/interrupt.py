@@ -3,10 +3,11 @@ step to stop at, each writes a resumable checkpoint, and the run exits with a me
 to resume.
 
 A handler only sets a flag (nothing is written from inside a signal handler); the train loop
-polls :func:`stop_agreed` after every update. Under data parallelism the ranks may receive the
-signal between different updates (Ctrl-C reaches every process of the terminal's group; the
-elastic agent forwards SIGTERM to its workers one by one), so the flag is all-reduced with MAX:
-all ranks stop after the same update and their checkpoints describe the same point.
+polls :func:`stop_agreed` after every update, or under data parallelism after every
+:data:`CHECK_EVERY`-th one. There the ranks may receive the signal between different updates
+(Ctrl-C reaches every process of the terminal's group; the elastic agent forwards SIGTERM to its
+workers one by one), so the flag is all-reduced with MAX: all ranks stop after the same update and
+their checkpoints describe the same point.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Data-parallel updates between two agreements on a stop: the all-reduce is tiny but synchronous
+# (~0.4 ms with gloo here, ~2% of a small-batch update), so it is not paid on every update.
+CHECK_EVERY = 8
 _received: list[int] = []            # signal numbers received in this process since install
 
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .algorithms.extrap import frozen_bn_stats
 from .config import SwapError
 from .data.loader import eval_batches
-from .interrupt import Interrupted, stop_agreed
+from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -148,8 +148,9 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         max_grad_norm: divergence guard: before each step the norm of the (all-reduced) gradient
             is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2 worker 3")
             names the run in that message. The gradient is identical on all ranks, so all stop.
-        on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; all ranks agree on the
-            update), called with ``epoch`` (0-based, in progress), ``step`` (updates done in it),
+        on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; checked after every update,
+            with DDP after every ``CHECK_EVERY``-th, where all ranks agree on it), called with
+            ``epoch`` (0-based, in progress), ``step`` (updates done in it),
             ``totals`` (this rank's partial loss sum, correct, samples) and ``updates`` (this call),
             so the caller can write a checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
         amp_dtype: forward passes under autocast to this dtype (bfloat16 on GPUs); None = float32.
@@ -199,7 +200,8 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
                 on_step(epoch * steps + i + 1)
             if progress is not None:
                 progress.update(1)
-            signum = stop_agreed(is_ddp, device)
+            check = not is_ddp or (epoch * steps + i + 1) % CHECK_EVERY == 0
+            signum = stop_agreed(is_ddp, device) if check else 0
             if signum:
                 if on_interrupt is not None:
                     on_interrupt({"epoch": epoch, "step": i + 1, "totals": totals.tolist(), "updates": updates})

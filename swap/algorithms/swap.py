@@ -74,15 +74,7 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
     t2 = time.perf_counter()
     states, workers, failures = [], {}, {}
     mine = list(range(d.rank, cfg.workers, d.world_size))  # rank r trains workers r, r + world, ...
-    stacked = {}
-    if p2.layout == "vmap":                  # this rank's unfinished workers as one computation
-        todo = [w for w in mine if not (resume and checkpoint_exists(run.checkpoint(f"worker{w}")))]
-        if todo and len(positions(ctx, todo, resume)) == 1:
-            try:
-                stacked = train_stacked(ctx, model, todo, resume)
-            except (SwapError, RuntimeError) as exc:
-                why = str(exc).strip().splitlines()[-1]
-                stacked = {w: why for w in todo}
+    stacked = _phase2_stacked(ctx, model, mine, resume) if p2.layout == "vmap" else {}
     for w in mine:
         worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
         if w in stacked and isinstance(stacked[w], dict):
@@ -159,6 +151,22 @@ def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume:
         run.write_summary(summary)
     distributed.teardown()
     return summary
+
+
+def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[int, dict | str]:
+    """``phase2.layout: vmap``: this rank's unfinished workers trained as one computation
+    (:mod:`swap.algorithms.stacked`); {worker: metadata, or why it failed}. Workers that would
+    resume from different points are left out (trained in turn by the caller)."""
+    todo = [w for w in mine if not (resume and checkpoint_exists(ctx.run.checkpoint(f"worker{w}")))]
+    if not todo or len(positions(ctx, todo, resume)) != 1:
+        return {}
+    try:
+        return train_stacked(ctx, model, todo, resume)
+    except (SwapError, RuntimeError) as exc:           # divergence, out of memory: all of them failed
+        why = str(exc).strip().splitlines()[-1]
+        for w in todo:
+            ctx.run.checkpoint(f"worker{w}").with_suffix(".error").write_text(why)
+        return {w: why for w in todo}
 
 
 def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:

@@ -291,7 +291,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import Augment, load_dataset
     from .models import build_model
-    from .plan import Hardware, calibrate, chunk_sizes, predict
+    from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict
+    from .train import amp_dtype_for
     from .rundir import RunDir
 
     cfg = config_from_args(args)
@@ -312,25 +313,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     c, h, w = train_set.images.shape[1:]
     t = time.time()
-    amp = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") else None
     thr = calibrate(lambda: build_model(cfg.model.name, train_set.num_classes, c, cfg.model.width), (c, h, w),
                     train_set.num_classes, chunk_sizes(cfg, args.devices), device,
                     augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout),
-                    channels_last=cfg.channels_last, amp_dtype=amp)
+                    channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device))
     pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),
                    phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
           f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
           + f", eval {thr.eval:.0f}/s; phase 1 epochs {pred['swap']['phase1_epochs']}", file=sys.stderr)
-    lines = ["| Method | Predicted (s) | Parts (s) | Updates | Measured (s, median) | Error |", "|---|---:|---|---:|---:|---:|"]
-    for method, row in pred.items():
-        parts = ", ".join(f"{k[:-2]} {v:.0f}" for k, v in row.items() if k.endswith("_s") and k != "total_s")
-        got = [s["wall_s"]["total"] for s in measured.get(method, [])]
-        m = statistics.median(got) if got else None          # median: robust to a run slowed by other work
-        err = f"{100 * (row['total_s'] - m) / m:+.0f}%" if m else ""
-        lines.append(f"| {method} | {row['total_s']:.0f} | {parts} | {row['updates']} | "
-                     f"{f'{m:.0f}' if m else ''} | {err} |")
-    print("\n".join(lines))
+    print(plan_table(pred, {m: [s["wall_s"]["total"] for s in runs] for m, runs in measured.items()}))
     return 0
 
 

@@ -20,6 +20,7 @@ network); pass measured values for other hardware (on one machine with NVLink, ~
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -146,6 +147,20 @@ def _synthetic(n: int, shape: tuple[int, int, int], num_classes: int, device: to
     g = torch.Generator().manual_seed(n)
     images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     return ImageDataset(images, torch.randint(0, num_classes, (n,), generator=g), num_classes).to(device)
+
+
+def plan_table(pred: dict[str, dict], measured: dict[str, list[float]]) -> str:
+    """Markdown table of :func:`predict`'s rows, with the median of ``measured`` wall seconds per
+    method (robust to a run slowed by other work) and the prediction's relative error."""
+    lines = ["| Method | Predicted (s) | Parts (s) | Updates | Measured (s, median) | Error |",
+             "|---|---:|---|---:|---:|---:|"]
+    for method, row in pred.items():
+        parts = ", ".join(f"{k[:-2]} {v:.0f}" for k, v in row.items() if k.endswith("_s") and k != "total_s")
+        got = measured.get(method)
+        m = statistics.median(got) if got else None
+        err = f"{100 * (row['total_s'] - m) / m:+.0f}%" if m else ""
+        lines.append(f"| {method} | {row['total_s']:.0f} | {parts} | {row['updates']} | {f'{m:.0f}' if m else ''} | {err} |")
+    return "\n".join(lines)
 
 
 def chunk_sizes(cfg: Config, devices: int) -> list[int]:

@@ -48,6 +48,12 @@ def average_bn_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of config ``precision`` on ``device``: bfloat16 for ``bf16``, and for
+    ``auto`` on CUDA; None (float32) otherwise."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op for ``None`` (float32)."""
     if dtype is None:

@@ -21,7 +21,7 @@ from ..models import build_model
 from ..rundir import RunDir, machine_info
 from ..schedules import warmup_decay
 from ..averaging import recompute_bn
-from ..train import autocast, evaluate
+from ..train import amp_dtype_for, autocast, evaluate
 from .extrap import ExtrapSGD
 
 
@@ -70,8 +70,7 @@ class Context:
     @property
     def amp(self) -> torch.dtype | None:
         """Autocast dtype of forward passes: bfloat16 for ``precision: bf16`` (``auto`` on CUDA), else None."""
-        p = self.cfg.precision
-        return torch.bfloat16 if p == "bf16" or (p == "auto" and self.dist.device.type == "cuda") else None
+        return amp_dtype_for(self.cfg.precision, self.dist.device)
 
     def recompute_bn(self, model: nn.Module) -> None:
         """Phase 3's BN-statistics pass (:func:`swap.averaging.recompute_bn`) over :meth:`bn_batches`."""

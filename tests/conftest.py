@@ -79,6 +79,20 @@ def real_fashion():
     return FASHION_DIR
 
 
+def live_processes() -> list[dict]:
+    """Live (not zombie) processes from /proc: pid, ppid, pgrp (process group) and cmdline bytes."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            out.append({"pid": int(stat.parent.name), "ppid": int(fields[1]), "pgrp": int(fields[2]), "cmdline": cmdline})
+    return out
+
+
 def ddp_rank_setup(data_seed: int):
     """Inside a launched rank (or a single process): join the group, make 128 random 28x28
     images, and a seeded smallcnn wrapped in DDP when there are several ranks.

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from swap.cli import main
 
+from conftest import live_processes
+
 SETTINGS = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1",
             "--set", "data.train_subset=1024", "--set", "data.test_subset=300",
             "--set", "phase1.batch_size=256", "--set", "phase1.micro_batch_size=128", "--set", "phase1.max_epochs=3",
@@ -74,16 +76,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, reference, real_fashi
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Pids of live processes in process group ``pgid`` (from /proc; zombies excluded)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
+    """Pids of live processes in process group ``pgid``."""
+    return [p["pid"] for p in live_processes() if p["pgrp"] == pgid]
 
 
 @pytest.fixture(scope="module")

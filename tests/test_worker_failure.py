@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from swap.cli import main
 
+from conftest import live_processes
+
 SETTINGS = ["--config", "fashion_mnist_quick", "--workers", "3", "--procs", "1",
             "--set", "data.train_subset=1024", "--set", "data.test_subset=300",
             "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
@@ -26,16 +28,7 @@ SETTINGS = ["--config", "fashion_mnist_quick", "--workers", "3", "--procs", "1",
 
 def _children(pid: int) -> list[int]:
     """Live child processes of ``pid`` that are spawned Python workers (not the resource tracker)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid and b"spawn_main" in cmd:
-            out.append(int(stat.parent.name))
-    return out
+    return [p["pid"] for p in live_processes() if p["ppid"] == pid and b"spawn_main" in p["cmdline"]]
 
 
 def _files(run: Path, w: int) -> dict:

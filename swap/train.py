@@ -83,18 +83,45 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
-def check_gradient(model: nn.Module, max_norm: float, label: str, epoch: int, step: int) -> None:
-    """Raise when the gradient norm is non-finite or above ``max_norm`` (a diverging run: common
-    at large-batch peak LRs). The weights are not updated, so the last checkpoint stays good.
+class DivergenceGuard:
+    """Stops a run whose gradient norm is non-finite or above ``max_norm`` (a diverging run: common
+    at large-batch peak LRs), naming ``label`` (e.g. "phase2 worker 3"), epoch and step.
 
-    Raises:
-        SwapError: naming ``label``, epoch and step (1-based) and the norm.
+    The norm is computed on the device after each backward (:meth:`observe`). Checking it needs a
+    host sync, which on a GPU stalls the queue of kernels every update; so the first bad
+    (epoch, step) is kept on the device and read every ``every`` updates and at the end of each
+    epoch (:meth:`check`), before anything is evaluated or saved. With ``every=1`` (the CPU
+    default) the update with the bad gradient is never applied; otherwise up to ``every - 1``
+    more updates run before the stop, and the last checkpoint, written before them, stays good.
     """
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
-    if not torch.isfinite(norm) or norm > max_norm:
-        raise SwapError(f"{label} diverged at epoch {epoch}, step {step}: gradient norm {float(norm):.3g} "
-                        f"(limit max_grad_norm={max_norm:g}); lower the peak LR or lengthen the warm-up, "
-                        f"then --resume from the last checkpoint")
+
+    def __init__(self, max_norm: float, label: str, device: torch.device, every: int = 1):
+        self.max_norm, self.label, self.every = max_norm, label, every
+        self.first = torch.full((3,), -1.0, dtype=torch.float64, device=device)   # epoch, step, norm
+        self.seen = 0
+
+    def observe(self, model: nn.Module, epoch: int, step: int) -> None:
+        """Norm of the (all-reduced) gradient of update ``step`` (1-based) of ``epoch`` (1-based)."""
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
+        bad = ~torch.isfinite(norm) | (norm > self.max_norm)
+        here = torch.stack([torch.tensor(float(epoch), device=norm.device, dtype=torch.float64),
+                            torch.tensor(float(step), device=norm.device, dtype=torch.float64), norm.double()])
+        self.first = torch.where(bad & (self.first[0] < 0), here, self.first)
+        self.seen += 1
+        if self.seen % self.every == 0:
+            self.check()
+
+    def check(self) -> None:
+        """Raise if a bad gradient was observed (a host sync).
+
+        Raises:
+            SwapError: naming the label, epoch and step (1-based) of the first bad gradient and its norm.
+        """
+        epoch, step, norm = self.first.tolist()
+        if epoch >= 0:
+            raise SwapError(f"{self.label} diverged at epoch {int(epoch)}, step {int(step)}: gradient norm {norm:.3g} "
+                            f"(limit max_grad_norm={self.max_norm:g}); lower the peak LR or lengthen the warm-up, "
+                            f"then --resume from the last checkpoint")
 
 
 def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
@@ -151,9 +178,11 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
         on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
             after each optimizer step.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
-        max_grad_norm: divergence guard: before each step the norm of the (all-reduced) gradient
-            is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2 worker 3")
-            names the run in that message. The gradient is identical on all ranks, so all stop.
+        max_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
+            gradient is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2
+            worker 3") names the run in that message. The gradient is identical on all ranks, so
+            all stop. Checked before every update on CPU, every ``CHECK_EVERY`` updates and at
+            each epoch end on a GPU (no host sync per update).
         on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; checked after every update,
             with DDP after every ``CHECK_EVERY``-th, where all ranks agree on it), called with
             ``epoch`` (0-based, in progress), ``step`` (updates done in it),
@@ -174,6 +203,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
     record: dict = {}
     updates = 0
     device = next(model.parameters()).device
+    guard = DivergenceGuard(max_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
     for epoch in range(start_epoch, epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -199,7 +229,7 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
                     _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
             else:
                 totals += _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
-            check_gradient(model, max_grad_norm, label, epoch + 1, i + 1)
+            guard.observe(model, epoch + 1, i + 1)
             optimizer.step()
             updates += 1
             if on_step is not None:
@@ -209,9 +239,11 @@ def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Cal
             check = not is_ddp or (epoch * steps + i + 1) % CHECK_EVERY == 0
             signum = stop_agreed(is_ddp, device) if check else 0
             if signum:
+                guard.check()                                # never checkpoint a diverged model
                 if on_interrupt is not None:
                     on_interrupt({"epoch": epoch, "step": i + 1, "totals": totals.tolist(), "updates": updates})
                 raise Interrupted(signum, f"in {label} at epoch {epoch + 1}, step {i + 1} of {steps}")
+        guard.check()
         samples = totals[2].item() - carried[2]             # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
         if is_ddp:

@@ -52,3 +52,26 @@ def test_a_live_owner_blocks_and_a_stale_lock_is_taken_over(tmp_path, capsys):
     with run.locked():
         assert json.loads("1") == 1 and run.lock_path.read_text().strip() == str(os.getpid())
     assert not run.lock_path.exists()
+
+
+def test_deferred_divergence_guard_names_the_first_bad_update():
+    """The GPU setting (no host sync per update): a bad gradient at update 3 is reported at the next
+    check, with its own epoch, step and norm, not a later one's."""
+    import torch
+    from torch import nn
+
+    from swap.config import SwapError
+    from swap.train import DivergenceGuard
+
+    layer = nn.Linear(2, 1, bias=False)
+    guard = DivergenceGuard(max_norm=10.0, label="phase1", device=torch.device("cpu"), every=4)
+    for step, g in enumerate([1.0, 2.0, 50.0, float("nan")], start=1):
+        layer.weight.grad = torch.full((1, 2), g)
+        if step < 4:
+            guard.observe(layer, 2, step)                   # no check yet: nothing raised
+    with pytest.raises(SwapError, match=r"phase1 diverged at epoch 2, step 3: gradient norm 70\.7"):
+        guard.observe(layer, 2, 4)                          # 4th update: the deferred check
+    ok = DivergenceGuard(10.0, "x", torch.device("cpu"), every=1)
+    layer.weight.grad = torch.ones(1, 2)
+    ok.observe(layer, 1, 1)
+    ok.check()                                              # a good gradient passes

@@ -85,28 +85,36 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
 
 class DivergenceGuard:
     """Stops a run whose gradient norm is non-finite or above ``max_norm`` (a diverging run: common
-    at large-batch peak LRs), naming ``label`` (e.g. "phase2 worker 3"), epoch and step.
+    at large-batch peak LRs), naming the run (``label``, e.g. "phase2 worker 3", or one label per
+    model when several are stacked), epoch and step.
 
     The norm is computed on the device after each backward (:meth:`observe`). Checking it needs a
     host sync, which on a GPU stalls the queue of kernels every update; so the first bad
-    (epoch, step) is kept on the device and read every ``every`` updates and at the end of each
-    epoch (:meth:`check`), before anything is evaluated or saved. With ``every=1`` (the CPU
+    (epoch, step, model) is kept on the device and read every ``every`` updates and at the end of
+    each epoch (:meth:`check`), before anything is evaluated or saved. With ``every=1`` (the CPU
     default) the update with the bad gradient is never applied; otherwise up to ``every - 1``
     more updates run before the stop, and the last checkpoint, written before them, stays good.
     """
 
-    def __init__(self, max_norm: float, label: str, device: torch.device, every: int = 1):
-        self.max_norm, self.label, self.every = max_norm, label, every
-        self.first = torch.full((3,), -1.0, dtype=torch.float64, device=device)   # epoch, step, norm
+    def __init__(self, max_norm: float, label: str | list[str], device: torch.device, every: int = 1):
+        self.max_norm, self.every = max_norm, every
+        self.labels = [label] if isinstance(label, str) else list(label)
+        self.first = torch.full((4,), -1.0, dtype=torch.float64, device=device)   # epoch, step, model, norm
         self.seen = 0
 
     def observe(self, model: nn.Module, epoch: int, step: int) -> None:
-        """Norm of the (all-reduced) gradient of update ``step`` (1-based) of ``epoch`` (1-based)."""
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
-        bad = ~torch.isfinite(norm) | (norm > self.max_norm)
-        here = torch.stack([torch.tensor(float(epoch), device=norm.device, dtype=torch.float64),
-                            torch.tensor(float(step), device=norm.device, dtype=torch.float64), norm.double()])
-        self.first = torch.where(bad & (self.first[0] < 0), here, self.first)
+        """Norm of ``model``'s (all-reduced) gradient at update ``step`` of ``epoch`` (both 1-based)."""
+        self.observe_norms(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                          float("inf")), epoch, step)
+
+    def observe_norms(self, norms: torch.Tensor, epoch: int, step: int) -> None:
+        """Gradient norms (one per label, float (n,) or a scalar) of update ``step`` of ``epoch``."""
+        norms = norms.reshape(-1).double()
+        bad = ~torch.isfinite(norms) | (norms > self.max_norm)
+        j = torch.argmax(bad.to(torch.int8))                     # the first bad model, if any
+        here = torch.stack([torch.tensor(float(epoch), dtype=torch.float64, device=norms.device),
+                            torch.tensor(float(step), dtype=torch.float64, device=norms.device), j.double(), norms[j]])
+        self.first = torch.where(bad.any() & (self.first[0] < 0), here, self.first)
         self.seen += 1
         if self.seen % self.every == 0:
             self.check()
@@ -117,11 +125,11 @@ class DivergenceGuard:
         Raises:
             SwapError: naming the label, epoch and step (1-based) of the first bad gradient and its norm.
         """
-        epoch, step, norm = self.first.tolist()
+        epoch, step, j, norm = self.first.tolist()
         if epoch >= 0:
-            raise SwapError(f"{self.label} diverged at epoch {int(epoch)}, step {int(step)}: gradient norm {norm:.3g} "
-                            f"(limit max_grad_norm={self.max_norm:g}); lower the peak LR or lengthen the warm-up, "
-                            f"then --resume from the last checkpoint")
+            raise SwapError(f"{self.labels[int(j)]} diverged at epoch {int(epoch)}, step {int(step)}: gradient norm "
+                            f"{norm:.3g} (limit max_grad_norm={self.max_norm:g}); lower the peak LR or lengthen the "
+                            f"warm-up, then --resume from the last checkpoint")
 
 
 def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,

@@ -18,9 +18,11 @@ TINY = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--
         "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=1", "--set", "sgd.batch_size=256", "--set", "sgd.epochs=1"]
 
 
-def test_divergence_in_phase2_names_worker_epoch_step_and_keeps_phase1(tmp_path, real_fashion, capsys):
+@pytest.mark.parametrize("layout", ["processes", "vmap"])
+def test_divergence_in_phase2_names_worker_epoch_step_and_keeps_phase1(tmp_path, real_fashion, capsys, layout):
     out = tmp_path / "run"
-    code = main(["train", *TINY, "--data-dir", str(real_fashion), "--out", str(out), "--set", "phase2.peak_lr=1e4"])
+    code = main(["train", *TINY, "--data-dir", str(real_fashion), "--out", str(out), "--set", "phase2.peak_lr=1e4",
+                 "--set", f"phase2.layout={layout}"])
     err = capsys.readouterr().err
     assert code == 2
     line = [x for x in err.splitlines() if x.startswith("swap: error:")][0]

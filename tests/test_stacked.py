@@ -42,3 +42,15 @@ def test_vmap_layout_equals_sequential_workers(tmp_path, real_fashion):
         assert key(a) == key(b) and abs(a["train_loss"] - b["train_loss"]) < 1e-5 and a["test_acc"] == b["test_acc"]
     s = {k: json.loads((runs[k] / "summary.json").read_text()) for k in runs}
     assert s["vmap"]["updates"] == s["sequential"]["updates"]
+
+
+def test_stacked_guard_reports_the_first_bad_worker():
+    import pytest as _pytest
+
+    from swap.config import SwapError
+    from swap.train import DivergenceGuard
+
+    guard = DivergenceGuard(10.0, ["phase2 worker 4", "phase2 worker 6"], torch.device("cpu"), every=2)
+    guard.observe_norms(torch.tensor([1.0, 3.0]), 1, 1)
+    with _pytest.raises(SwapError, match="phase2 worker 6 diverged at epoch 1, step 2: gradient norm inf"):
+        guard.observe_norms(torch.tensor([2.0, float("inf")]), 1, 2)    # worker 6 at step 2; checked now

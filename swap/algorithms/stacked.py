@@ -25,8 +25,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 from .. import interrupt
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from ..config import SwapError
-from ..train import autocast
+from ..train import DivergenceGuard, autocast
 from .common import Context
 
 
@@ -50,7 +49,8 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     metadata as :func:`swap.algorithms.swap._train_worker` does.
 
     Raises:
-        SwapError: a worker's gradient norm is non-finite or above ``max_grad_norm`` (names it).
+        SwapError: a worker's gradient norm is non-finite or above ``max_grad_norm`` (names it;
+            :class:`swap.train.DivergenceGuard`).
         swap.interrupt.Interrupted: SIGINT/SIGTERM, after every worker's mid-epoch checkpoint.
     """
     cfg, p2, run = ctx.cfg, ctx.cfg.phase2, ctx.run
@@ -86,6 +86,9 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     steps, n = len(loaders[0]), len(workers)
     lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
     sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
+    device = next(model.parameters()).device
+    guard = DivergenceGuard(cfg.max_grad_norm, [f"phase2 worker {w}" for w in workers], device,
+                            every=1 if device.type == "cpu" else interrupt.CHECK_EVERY)
     t = time.perf_counter()
     updates = 0
 
@@ -118,12 +121,8 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             for group in opt.param_groups:
                 group["lr"] = lr
             grads, (loss, correct) = step_fn(params, buffers, x, y)
-            norms = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()))      # (W,)
-            bad = ~torch.isfinite(norms) | (norms > cfg.max_grad_norm)
-            if bad.any():
-                j = int(bad.nonzero()[0])
-                raise SwapError(f"phase2 worker {workers[j]} diverged at epoch {epoch + 1}, step {i + 1}: gradient "
-                                f"norm {float(norms[j]):.3g} (limit max_grad_norm={cfg.max_grad_norm:g})")
+            guard.observe_norms(torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())),
+                                epoch + 1, i + 1)                # (W,) norms; raises as the train loop does
             for k in names:
                 params[k].grad = grads[k]
             opt.step()
@@ -131,9 +130,11 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             totals += torch.stack([loss.double() * y.shape[1], correct.double(),
                                    torch.full((n,), float(y.shape[1]), dtype=torch.float64)], dim=1)
             if interrupt.stop_agreed(False):
+                guard.check()                                    # never checkpoint a diverged worker
                 save_last(epoch, {"step": i + 1, "totals": totals.tolist()})
                 raise interrupt.Interrupted(interrupt.requested(), f"in phase2 workers {workers} at epoch "
                                             f"{epoch + 1}, step {i + 1} of {steps}")
+        guard.check()
         train_s = time.perf_counter() - t_epoch
         unstack()
         last = epoch == p2.epochs - 1

@@ -57,6 +57,20 @@ def checkpoint_exists(path: str | Path) -> bool:
     return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
 
 
+def read_meta(path: str | Path) -> dict:
+    """The metadata (``path.json``) of a checkpoint, without loading or verifying its weights; for
+    decisions such as where a resume continues.
+
+    Raises:
+        SwapError: the metadata file is missing or not valid JSON.
+    """
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SwapError(f"checkpoint {meta_path}: cannot read ({exc})") from None
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None, optimizer=None) -> dict:
     """Load weights into ``model`` (and, if given, the optimizer state) after checking them; return the metadata.
 

@@ -169,8 +169,8 @@ def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str) -> None
 
 def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path) -> str | None:
     """Run ``fn(*args)`` in a fresh (spawned) child process and wait; ``None`` if it succeeded,
-    else one line saying why it failed: its exception's message (written to ``error_path``), or the
-    signal that killed it, or its exit status.
+    else one line saying why it failed: its exception's message, or the signal that killed it, or
+    its exit status. After a failure ``error_path`` holds that line.
 
     The child joins no process group; tensors in ``args`` travel through shared memory. A
     SIGINT/SIGTERM received by this process is forwarded to the child, which checkpoints and
@@ -196,11 +196,12 @@ def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path) ->
         return None
     if code - 128 in (int(signal.SIGINT), int(signal.SIGTERM)):
         raise interrupt.Interrupted(code - 128, f"in process {child.pid}")
-    if error_path.is_file():
+    if error_path.is_file():                   # the child's own exception message
         return error_path.read_text()
-    if code < 0:
-        return f"process {child.pid} was killed by {signal.Signals(-code).name}"
-    return f"process {child.pid} exited with status {code}"
+    why = (f"process {child.pid} was killed by {signal.Signals(-code).name}" if code < 0 else
+           f"process {child.pid} exited with status {code}")
+    error_path.write_text(why)
+    return why
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

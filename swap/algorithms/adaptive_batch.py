@@ -22,7 +22,6 @@ that resizes 1 -> 2 processes follows the same trajectory as one that never resi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -32,10 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
 from ..adversarial import AdversarialBatches
-from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
+from ..rundir import RunDir
 from ..schedules import warmup_decay
 from ..train import average_bn_buffers, train
 from .common import Context
@@ -223,10 +223,9 @@ def train_abs(cfg: Config, run_path: str | Path, t0: float, resume: bool = False
     if not a.elastic:
         return distributed.launch(run_abs, procs or 1, cfg, run_path, t0, resume, None, None, adversarial, False)
     world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
-    last = Path(run_path) / "checkpoints" / f"{'absa' if adversarial else 'abs'}_last.json"
-    if resume and last.is_file():
-        meta = json.loads(last.read_text())
-        world = pool_size(meta["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
+    last = RunDir(run_path).checkpoint(f"{'absa' if adversarial else 'abs'}_last")
+    if resume and checkpoint_exists(last):
+        world = pool_size(read_meta(last)["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
     while True:
         out = distributed.launch(run_abs, world, cfg, run_path, t0, resume, None, None, adversarial, True)
         if not (isinstance(out, dict) and "resize" in out):

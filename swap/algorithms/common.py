@@ -3,7 +3,6 @@ optimizer, loaders, evaluation and the metrics sink. The algorithms compose thes
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -141,14 +140,14 @@ class Context:
         """Before resuming: drop metrics records of work the resume will redo, i.e. epochs of a
         phase or worker past its latest checkpoint, and every phase-3 / averaging record.
         Rank 0 rewrites metrics.jsonl; all ranks wait for it."""
-        from ..checkpoint import checkpoint_exists
+        from ..checkpoint import checkpoint_exists, read_meta
 
         def kept_epochs(record: dict) -> float:
             name = f"worker{record['worker']}" if record["phase"] == "phase2" else record["phase"]
             if checkpoint_exists(self.run.checkpoint(name)):
                 return float("inf")
             last = self.run.checkpoint(f"{name}_last")
-            return json.loads(last.with_suffix(".json").read_text())["epoch"] if checkpoint_exists(last) else 0
+            return read_meta(last)["epoch"] if checkpoint_exists(last) else 0
 
         if self.dist.is_main:
             self.run.rewrite_metrics(lambda r: r["phase"] in ("phase1", "phase2", "sgd", "abs", "absa")

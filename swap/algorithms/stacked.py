@@ -16,7 +16,6 @@ so a run may change layout when resumed.
 from __future__ import annotations
 
 import copy
-import json
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from .. import interrupt
-from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from ..train import DivergenceGuard, autocast
 from .common import Context
 
@@ -35,7 +34,7 @@ def positions(ctx: Context, workers: list[int], resume: bool) -> set[tuple[int, 
     for w in workers:
         last = ctx.run.checkpoint(f"worker{w}_last")
         if resume and checkpoint_exists(last):
-            meta = json.loads(last.with_suffix(".json").read_text())
+            meta = read_meta(last)
             out.add((meta["epoch"], (meta.get("partial") or {}).get("step", 0)))
         else:
             out.add((0, 0))

@@ -190,17 +190,15 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (ctx.cfg, ctx.run.path, ctx.t0, w, resume, start,
-                                                          ctx.model_fn, data), error)
-        if why is None:
-            return load_checkpoint(ckpt, worker, ctx.cfg.hash())
-    else:
-        error.unlink(missing_ok=True)
-        try:
-            return _train_worker(ctx, worker, w, resume)
-        except (SwapError, RuntimeError) as exc:      # divergence, out of memory, ...
-            why = str(exc).strip().splitlines()[-1]
-    error.write_text(why)
-    return why
+                                                          ctx.model_fn, data), error)     # leaves `why` in `error`
+        return why if why is not None else load_checkpoint(ckpt, worker, ctx.cfg.hash())
+    error.unlink(missing_ok=True)
+    try:
+        return _train_worker(ctx, worker, w, resume)
+    except (SwapError, RuntimeError) as exc:          # divergence, out of memory, ...
+        why = str(exc).strip().splitlines()[-1]
+        error.write_text(why)
+        return why
 
 
 def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data) -> None:

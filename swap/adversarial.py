@@ -57,9 +57,14 @@ class AdversarialBatches:
 
     def epoch(self, epoch: int, start: int = 0):
         offset = self.loader.rank * self.loader.share          # this rank's slice of the global batch
+        # Every batch of the epoch has the same share: its positions are found once, on the CPU,
+        # and sent to the device once (a boolean mask on the device would sync at every update).
+        mask = adversarial_mask(offset, offset + self.loader.share, self.fraction)
+        picked = mask.nonzero().flatten()
+        on_device = None
         for x, y in self.loader.epoch(epoch, start):
-            mask = adversarial_mask(offset, offset + len(y), self.fraction, x.device)
-            if self.fraction > 0 and mask.any():
+            if len(picked):
+                on_device = picked.to(x.device) if on_device is None else on_device
                 x = x.clone()
-                x[mask] = fgsm(self.model, x[mask], y[mask], self.eps, self.lo, self.hi).to(x.dtype)
+                x[on_device] = fgsm(self.model, x[on_device], y[on_device], self.eps, self.lo, self.hi).to(x.dtype)
             yield x, y

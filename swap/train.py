@@ -72,10 +72,11 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     was_training = model.training
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
-    counts = torch.zeros(2, dtype=torch.float64)
+    # correct, samples: kept on the data's device (NCCL reduces only device tensors) and read once
+    counts = torch.zeros(2, dtype=torch.float64, device=data.images.device)
     for x, y in eval_batches(data, batch_size, mean, std, rank, world, channels_last):
         with autocast(x.device, amp_dtype):
-            counts[0] += (model(x).argmax(1) == y).sum().item()
+            counts[0] += (model(x).argmax(1) == y).sum()
         counts[1] += len(y)
     if world > 1:
         dist.all_reduce(counts)
@@ -112,8 +113,8 @@ class DivergenceGuard:
         norms = norms.reshape(-1).double()
         bad = ~torch.isfinite(norms) | (norms > self.max_norm)
         j = torch.argmax(bad.to(torch.int8))                     # the first bad model, if any
-        here = torch.stack([torch.tensor(float(epoch), dtype=torch.float64, device=norms.device),
-                            torch.tensor(float(step), dtype=torch.float64, device=norms.device), j.double(), norms[j]])
+        # new_full fills on the device; torch.tensor(..., device=cuda) would be a synchronous copy
+        here = torch.stack([norms.new_full((), float(epoch)), norms.new_full((), float(step)), j.double(), norms[j]])
         self.first = torch.where(bad.any() & (self.first[0] < 0), here, self.first)
         self.seen += 1
         if self.seen % self.every == 0:
@@ -154,7 +155,7 @@ def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: 
             if backward:
                 (loss * (len(yc) / len(y))).backward()
         totals += torch.stack([loss.detach().double() * len(yc), (out.argmax(1) == yc).sum().double(),
-                               torch.tensor(float(len(yc)), dtype=torch.float64, device=x.device)])
+                               totals.new_full((), float(len(yc)))])
     return totals
 
 

@@ -39,6 +39,41 @@ def test_swap_on_cuda_with_vmap_phase2(tmp_path, real_fashion):
     assert summary["machine"]["device"] != "cpu" and summary["test_acc"]["averaged"] > 60
 
 
+@needs_cuda
+def test_updates_on_cuda_never_wait_for_the_device(real_fashion):
+    """An update (loader batch with augmentation, bf16 forward/backward, divergence guard, Nesterov
+    SGD step) only queues GPU work: the sync debug mode raises on any call that waits for the
+    device, such as a CPU->GPU copy or .item(). The per-epoch copies happen before the first batch."""
+    from swap.data import Augment, Loader, load_dataset
+    from swap.models import build_model
+    from swap.train import DivergenceGuard, _pass
+
+    train, _ = load_dataset("fashion-mnist", str(real_fashion), 2048, 100, device="cuda")
+    mean, std = train.channel_stats()
+    loader = Loader(train, 128, (0, "sync-test", 0), mean, std, Augment(2, True, 8), channels_last=True)
+    model = build_model("resnet9", train.num_classes, 1, 0.25).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    guard = DivergenceGuard(1e6, "sync test", torch.device("cuda"), every=8)
+
+    def update(step, x, y):
+        opt.zero_grad(set_to_none=True)
+        totals = _pass(model, x, y, 64, sync=True, amp_dtype=torch.bfloat16)
+        guard.observe(model, 1, step)
+        opt.step()
+        return totals
+
+    batches = loader.epoch(0)
+    update(1, *next(batches))                 # first batch: per-epoch copies, lazy CUDA/cuDNN set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 8):               # the guard reads its flag at update 8: stop before
+            totals = update(step, *next(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert totals[2].item() == 128
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_like_eager_with_the_same_checkpoint_keys(tmp_path, real_fashion):
     """``compile: true`` (nn.Module.compile, inductor on CPU here): checkpoints keep the eager

@@ -86,7 +86,8 @@ class Context:
         if kind != "extrap":
             return sgd
         e = self.cfg.extrap
-        gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
+        # on the parameters' device: noise drawn on the CPU would cost a host-to-device copy per tensor
+        gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
         return ExtrapSGD(sgd, e.variant, e.gamma_ratio, e.sigma_ratio, gen)
 
     def augment(self) -> Augment:

@@ -46,7 +46,8 @@ class ExtrapSGD:
         variant: one of :data:`VARIANTS`.
         gamma_ratio: gamma_t / eta_t for the gradient variants (>= 0).
         sigma_ratio: sigma_t / eta_t for ``gaussian`` (>= 0).
-        generator: random stream for ``gaussian`` (seeded by the caller for reproducibility).
+        generator: random stream for ``gaussian``, on the parameters' device (seeded by the caller
+            for reproducibility).
     Raises:
         ValueError: unknown variant or negative ratio.
     """
@@ -96,7 +97,7 @@ class ExtrapSGD:
                 if self._past is not None and self._past[i] is not None:
                     p.add_(self._past[i], alpha=-self.gamma_ratio * eta)
             else:
-                noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
+                noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
                 p.add_(noise, alpha=self.sigma_ratio * eta)
 
     @torch.no_grad()

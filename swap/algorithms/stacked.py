@@ -57,6 +57,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     models = [copy.deepcopy(model) for _ in workers]
     singles = [ctx.optimizer(m) for m in models]             # per-worker SGD: the checkpoint format
     start_epoch, start_step, before, carried = 0, 0, {"updates": 0, "wall_s": 0.0}, None
+    device = next(model.parameters()).device
     if resume:
         metas = [load_checkpoint(run.checkpoint(f"worker{w}_last"), m, config_hash, o)
                  for w, m, o in zip(workers, models, singles) if checkpoint_exists(run.checkpoint(f"worker{w}_last"))]
@@ -65,7 +66,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             partial = metas[0].get("partial") or {}
             start_step = partial.get("step", 0)
             if partial:
-                carried = torch.tensor([m["partial"]["totals"] for m in metas], dtype=torch.float64)
+                carried = torch.tensor([m["partial"]["totals"] for m in metas], dtype=torch.float64, device=device)
     params, buffers = stack_module_state(models)
     names = list(params)
     o = cfg.optim
@@ -85,7 +86,6 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     steps, n = len(loaders[0]), len(workers)
     lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
     sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
-    device = next(model.parameters()).device
     guard = DivergenceGuard(cfg.max_grad_norm, [f"phase2 worker {w}" for w in workers], device,
                             every=1 if device.type == "cpu" else interrupt.CHECK_EVERY)
     t = time.perf_counter()
@@ -110,7 +110,8 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     for epoch in range(start_epoch, p2.epochs):
         t_epoch = time.perf_counter()
         first = start_step if epoch == start_epoch else 0
-        totals = carried.clone() if first and carried is not None else torch.zeros(n, 3, dtype=torch.float64)
+        totals = (carried.clone() if first and carried is not None else
+                  torch.zeros(n, 3, dtype=torch.float64, device=device))      # on the device: no sync per update
         lr = 0.0
         streams = [loader.epoch(epoch, first) for loader in loaders]
         for i, batches in enumerate(zip(*streams), start=first):
@@ -127,7 +128,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             opt.step()
             updates += 1
             totals += torch.stack([loss.double() * y.shape[1], correct.double(),
-                                   torch.full((n,), float(y.shape[1]), dtype=torch.float64)], dim=1)
+                                   totals.new_full((n,), float(y.shape[1]))], dim=1)
             if interrupt.stop_agreed(False):
                 guard.check()                                    # never checkpoint a diverged worker
                 save_last(epoch, {"step": i + 1, "totals": totals.tolist()})

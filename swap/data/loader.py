@@ -119,16 +119,21 @@ class Loader:
         gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
         perm = torch.randperm(len(self.data), generator=gen)
         _, _, h, w = self.data.images.shape
-        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
-        for step in range(len(self)):
-            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            params = self.augment.draw(self.batch_size, h, w, gen) if self.augment else None
-            if step < start:
-                continue
-            idx = idx[lo:hi].to(self.data.images.device)
+        steps, b = len(self), self.batch_size
+        lo, hi, dev = self.rank * self.share, (self.rank + 1) * self.share, self.data.images.device
+        # The epoch's permutation and augmentation parameters (drawn batch by batch, in the stream's
+        # order) go to the device in one copy each: a CPU->GPU copy per update would make the host
+        # wait for the device at every update.
+        perm = perm[:steps * b].view(steps, b)[start:, lo:hi].to(dev)           # (steps - start, B/W)
+        params = {}
+        if self.augment:
+            drawn = [self.augment.draw(b, h, w, gen) for _ in range(steps)]
+            params = {k: torch.stack([d[k] for d in drawn])[start:, lo:hi].to(dev) for k in drawn[0]}
+        for j in range(steps - start):
+            idx = perm[j]
             if self.augment:
                 # Augment raw pixels, then normalise: padding and cutout fill with black (0) pixels.
-                x = self.augment.apply(self.data.images[idx].float(), {k: v[lo:hi] for k, v in params.items()})
+                x = self.augment.apply(self.data.images[idx].float(), {k: v[j] for k, v in params.items()})
                 x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
             else:
                 x = _normalise(self.data.images[idx], self.mean, self.std)

@@ -1,8 +1,9 @@
 """SWAP where it pays: one GPU, W phase-2 workers stacked on it (issue "the GPU path").
 
 1. Phase-2 layout throughput: W=8 workers stacked with ``vmap`` at batch 128 each against ONE model
-   at batch 1024 (the same 1024 samples per step), training samples/s, bf16 autocast, timed with
-   device synchronisation. Target: >= 0.8x.
+   at batch 1024 (the same 1024 samples per step), training samples/s through the real data path
+   (loader, augmentation on the device), bf16 autocast, timed with device synchronisation
+   (``swap.plan.calibrate``). Target: >= 0.8x.
 2. ``swap compare`` of sgd-small, sgd-large and SWAP (phase 2 vmapped) on full Fashion-MNIST with
    ``configs/fashion_mnist_gpu.yaml``, 3 seeds. Target: SWAP within 0.1 points of sgd-small in
    <= 0.35x its wall time.
@@ -16,7 +17,6 @@ Prints the figures and writes ``benchmarks/results/gpu_compare.json`` (+ the com
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import subprocess
@@ -25,74 +25,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, stack_module_state, vmap
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from swap.data import Augment  # noqa: E402
 from swap.models import build_model  # noqa: E402
+from swap.plan import calibrate  # noqa: E402
 from swap.rundir import machine_info  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def layout_throughput(device: torch.device, workers: int, batch: int, steps: int, amp: bool) -> dict:
-    """Samples/s of W vmapped workers at ``batch`` each vs one model at W x ``batch``."""
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if amp else None
-    model = build_model("smallcnn", 10, 1).to(device).to(memory_format=torch.channels_last)
-
-    def ctx():
-        return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-
-    # one model, batch W x batch
-    x = torch.randn(workers * batch, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (workers * batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-
-    def one_step():
-        opt.zero_grad(set_to_none=True)
-        with ctx():
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-
-    # W stacked models, batch each
-    models = [copy.deepcopy(model) for _ in range(workers)]
-    params, buffers = stack_module_state(models)
-    base = copy.deepcopy(model).to("meta")
-    sopt = torch.optim.SGD(list(params.values()), lr=1e-3, momentum=0.9, nesterov=True)
-    xs = x.view(workers, batch, 1, 28, 28)
-    ys = y.view(workers, batch)
-
-    def loss_fn(p, b, xi, yi):
-        with ctx():
-            out = functional_call(base, (p, b), (xi,))
-        return F.cross_entropy(out.float(), yi)
-
-    step_fn = vmap(grad(loss_fn))
-
-    def stacked_step():
-        grads = step_fn(params, buffers, xs, ys)
-        for k, p in params.items():
-            p.grad = grads[k]
-        sopt.step()
-
-    out = {}
-    for name, fn in (("one_model", one_step), ("vmap", stacked_step)):
-        for _ in range(3):
-            fn()
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(device)
-        out[name] = workers * batch * steps / (time.perf_counter() - t)
+def layout_throughput(device: torch.device, workers: int, batch: int, samples: int, amp: bool) -> dict:
+    """Training samples/s of ``workers`` stacked workers at ``batch`` each against ONE model at
+    ``workers x batch``, both through the real data path (loader, augmentation) with the run's
+    model: :func:`swap.plan.calibrate`, which times the second epoch after a device sync."""
+    thr = calibrate(lambda: build_model("smallcnn", 10, 1), (1, 28, 28), 10, [workers * batch], device,
+                    samples=samples, augment=Augment(2, True, 8), channels_last=True,
+                    amp_dtype=torch.bfloat16 if amp else None, stacked=(workers, batch))
+    out = {"one_model": thr.train[workers * batch], "vmap": thr.stacked[workers]}
     out["ratio"] = out["vmap"] / out["one_model"]
     return out
 
@@ -115,7 +66,7 @@ def main() -> int:
         return 2
     swap = str(ROOT / ".venv" / "bin" / "swap")
     results = {"machine": machine_info(device, torch.get_num_threads(), 1), "quick": args.quick}
-    results["layout"] = layout_throughput(device, 8, 128, 5 if args.quick else 50, amp=device.type == "cuda")
+    results["layout"] = layout_throughput(device, 8, 128, 2048 if args.quick else 65536, amp=device.type == "cuda")
     print(f"phase-2 layout: vmap 8 x 128 {results['layout']['vmap']:.0f} samples/s, one model x 1024 "
           f"{results['layout']['one_model']:.0f} samples/s, ratio {results['layout']['ratio']:.2f} (target >= 0.8)")
 

@@ -316,11 +316,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     thr = calibrate(lambda: build_model(cfg.model.name, train_set.num_classes, c, cfg.model.width), (c, h, w),
                     train_set.num_classes, chunk_sizes(cfg, args.devices), device,
                     augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout),
-                    channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device))
+                    channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
+                    stacked=(-(-cfg.workers // args.devices), cfg.phase2.batch_size) if cfg.phase2.layout == "vmap" else None)
     pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),
                    phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
           f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
+          + "".join(f", {k} stacked x {cfg.phase2.batch_size}: {v:.0f}/s" for k, v in thr.stacked.items())
           + f", eval {thr.eval:.0f}/s; phase 1 epochs {pred['swap']['phase1_epochs']}", file=sys.stderr)
     print(plan_table(pred, {m: [s["wall_s"]["total"] for s in runs] for m, runs in measured.items()}))
     return 0

@@ -7,7 +7,10 @@ for that micro-batch size on ONE device) plus one ring all-reduce of the gradien
     t_allreduce(D, bytes) = 2 (D - 1) / D * bytes / bandwidth + 2 (D - 1) * latency
 
 (Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms"), 0 for D = 1. SWAP's phase 2 runs
-W independent workers, ceil(W / D) rounds of them, with no communication; phase 3 is one forward
+W independent workers with no communication, k = ceil(W / D) per device: in turn (k rounds of one
+worker) for the ``sequential`` and ``processes`` layouts, or stacked into one computation per update
+for ``vmap``, at the samples/s measured for k stacked workers (the GPU case, where one small batch
+leaves the device idle and k of them fill it); phase 3 is one forward
 pass over the training set. Each evaluation is a forward pass over the test set (sharded over the
 devices where the phase is data-parallel). Throughputs come from a short calibration of the user's
 model on the user's device through the real data path and train loop (:func:`calibrate`); nothing
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,6 +34,7 @@ from torch import nn
 from .config import Config
 from .data import Augment, ImageDataset, Loader
 from .train import evaluate, train
+from .algorithms.stacked import StackedWorkers, stacked_batches
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,13 @@ class Hardware:
 @dataclass(frozen=True)
 class Throughput:
     """Measured single-device throughputs: ``train`` maps micro-batch size -> training samples/s
-    (forward, backward, SGD step), ``eval`` is forward-only samples/s; ``param_bytes`` the gradient size."""
+    (forward, backward, SGD step), ``eval`` is forward-only samples/s; ``param_bytes`` the gradient
+    size; ``stacked`` maps k -> training samples/s of k workers stacked at the phase-2 batch
+    (all k workers' samples; measured only for ``phase2.layout: vmap``)."""
     train: dict[int, float]
     eval: float
     param_bytes: int
+    stacked: dict[int, float] = field(default_factory=dict)
 
     def train_at(self, batch: int) -> float:
         """Samples/s at ``batch``: the measured value, else log-linear interpolation between the
@@ -102,9 +109,14 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
     u1 = e1 * (n_train // p1.batch_size)
     phase1 = u1 * update_s(thr, hw, p1.batch_size, p1.micro_batch_size) + evals(e1, True)
     u2 = p2.epochs * (n_train // p2.batch_size)
-    rounds = math.ceil(cfg.workers / hw.devices)
-    one = Hardware(1)
-    phase2 = rounds * (u2 * update_s(thr, one, p2.batch_size, 0) + evals(p2.epochs, False))
+    k = math.ceil(cfg.workers / hw.devices)                          # workers per device
+    if p2.layout == "vmap":
+        if k not in thr.stacked:
+            raise ValueError(f"phase2.layout vmap: no throughput measured for {k} stacked workers "
+                             f"(calibrate with stacked=({k}, {p2.batch_size}))")
+        phase2 = u2 * k * p2.batch_size / thr.stacked[k] + k * evals(p2.epochs, False)
+    else:
+        phase2 = k * (u2 * update_s(thr, Hardware(1), p2.batch_size, 0) + evals(p2.epochs, False))
     phase3 = n_train / thr.eval + n_test / thr.eval                   # BN pass + final evaluation
     out["swap"] = {"phase1_s": phase1, "phase2_s": phase2, "phase3_s": phase3, "updates": u1 + u2,
                    "phase1_epochs": e1}
@@ -115,13 +127,16 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
 
 def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, int], num_classes: int,
               batches: list[int], device: torch.device, samples: int = 4096, augment: Augment | None = None,
-              channels_last: bool = False, amp_dtype: torch.dtype | None = None, eval_batch: int = 1024) -> Throughput:
+              channels_last: bool = False, amp_dtype: torch.dtype | None = None, eval_batch: int = 1024,
+              stacked: tuple[int, int] | None = None) -> Throughput:
     """Measure training samples/s at each size in ``batches`` through the real data path and train
     loop (:class:`swap.data.Loader` with ``augment``, :func:`swap.train.train`, Nesterov SGD) on
     synthetic uint8 images of ``sample_shape`` (C, H, W), and forward-only samples/s of
     :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of about ``samples``
     samples (at least 3 updates) and keeps the second (warm) epoch's rate, which the train loop
-    times after a device sync.
+    times after a device sync. ``stacked=(k, b)`` also measures k workers of batch b stacked into
+    one computation (:class:`swap.algorithms.stacked.StackedWorkers`, each with its own loader),
+    the same way.
     """
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -140,7 +155,22 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
     evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)    # syncs (.item())
     eval_rate = len(data) / (time.perf_counter() - t)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Throughput(train_rates, eval_rate, param_bytes)
+    stacked_rates = {}
+    if stacked is not None:
+        k, b = stacked
+        data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
+        loaders = [Loader(data, b, (0, "calibrate", b, w), mean, std, augment, channels_last=channels_last)
+                   for w in range(k)]
+        stack = StackedWorkers([model_fn().to(device).to(memory_format=fmt) for _ in range(k)], momentum=0.9,
+                               nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
+        for epoch in range(2):                                       # keep the second (warm) epoch
+            t = time.perf_counter()
+            for x, y in stacked_batches(loaders, epoch):
+                norms, _, _ = stack.gradients(x, y)
+                stack.update(1e-3)
+            norms.sum().item()                                       # waits for the device
+            stacked_rates[k] = k * b * len(loaders[0]) / (time.perf_counter() - t)
+    return Throughput(train_rates, eval_rate, param_bytes, stacked_rates)
 
 
 def _synthetic(n: int, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> ImageDataset:

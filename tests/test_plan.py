@@ -44,6 +44,22 @@ def test_predictions_on_a_synthetic_table():
     assert predict(cfg, thr, Hardware(8, 1e9, 0.0), 60000, 10000, 12)["swap"]["phase2_s"] < swap["phase2_s"] / 3
 
 
+def test_stacked_phase2_is_one_computation_per_update():
+    """phase2.layout vmap: k = ceil(W / D) workers stacked on each device, each update k x 128
+    samples at the rate measured for k stacked workers; each worker is still evaluated."""
+    cfg = load_config("fashion_mnist_compare", ["workers=8", "eval_every=1", "phase2.layout=vmap"])
+    thr = Throughput({128: 2000.0}, eval=10000.0, param_bytes=4, stacked={4: 6000.0})
+    swap = predict(cfg, thr, Hardware(2), n_train=60000, n_test=10000, phase1_epochs=12)["swap"]
+    u2 = 2 * (60000 // 128)
+    assert swap["phase2_s"] == pytest.approx(u2 * 4 * 128 / 6000 + 4 * 2 * 1.0)
+    sequential = predict(load_config("fashion_mnist_compare", ["workers=8", "eval_every=1"]), thr, Hardware(2),
+                         60000, 10000, 12)["swap"]
+    assert sequential["phase2_s"] == pytest.approx(4 * (u2 * 128 / 2000 + 2 * 1.0))  # 4 rounds at 2000/s
+    assert swap["phase2_s"] < sequential["phase2_s"] / 2                            # 6000/s vs 2000/s
+    with pytest.raises(ValueError, match="3 stacked workers"):                # W=8 on 3 devices: k = 3
+        predict(cfg, thr, Hardware(3), 60000, 10000, 12)
+
+
 def test_calibration_measures_each_size():
     cfg = load_config("fashion_mnist_compare")
     sizes = chunk_sizes(cfg, 2)
@@ -52,3 +68,10 @@ def test_calibration_measures_each_size():
                     torch.device("cpu"), samples=64, eval_batch=64)
     assert set(thr.train) == {16, 64} and all(v > 0 for v in thr.train.values()) and thr.eval > 0
     assert thr.param_bytes == (28 * 28 * 10 + 10) * 4
+    assert thr.stacked == {}
+
+
+def test_calibration_of_stacked_workers():
+    model = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    thr = calibrate(model, (1, 28, 28), 10, [16], torch.device("cpu"), samples=64, eval_batch=64, stacked=(3, 16))
+    assert set(thr.stacked) == {3} and thr.stacked[3] > 0

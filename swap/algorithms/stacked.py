@@ -67,21 +67,10 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             start_step = partial.get("step", 0)
             if partial:
                 carried = torch.tensor([m["partial"]["totals"] for m in metas], dtype=torch.float64, device=device)
-    params, buffers = stack_module_state(models)
-    names = list(params)
     o = cfg.optim
-    opt = torch.optim.SGD(list(params.values()), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
-                          weight_decay=o.weight_decay)
-    _stack_momentum(opt, singles)
-    base = copy.deepcopy(model).to("meta")
-
-    def loss_fn(p, b, x, y):
-        with autocast(x.device, ctx.amp):
-            out = functional_call(base, (p, b), (x,))
-        loss = F.cross_entropy(out.float(), y)
-        return loss, (loss.detach(), (out.argmax(1) == y).sum())
-
-    step_fn = vmap(grad(loss_fn, has_aux=True))
+    stack = StackedWorkers(models, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                           amp_dtype=ctx.amp)
+    _stack_momentum(stack.optimizer, singles)
     loaders = [ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers]
     steps, n = len(loaders[0]), len(workers)
     lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
@@ -94,8 +83,8 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     def unstack() -> None:
         with torch.no_grad():
             for i, m in enumerate(models):
-                m.load_state_dict({**{k: v[i] for k, v in params.items()}, **{k: v[i] for k, v in buffers.items()}})
-                _unstack_momentum(opt, singles[i], i)
+                m.load_state_dict(stack.state_dict(i))
+                _unstack_momentum(stack.optimizer, singles[i], i)
 
     def save_last(epoch: int, extra: dict) -> None:
         unstack()
@@ -113,19 +102,11 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
         totals = (carried.clone() if first and carried is not None else
                   torch.zeros(n, 3, dtype=torch.float64, device=device))      # on the device: no sync per update
         lr = 0.0
-        streams = [loader.epoch(epoch, first) for loader in loaders]
-        for i, batches in enumerate(zip(*streams), start=first):
-            x = torch.stack([b[0] for b in batches])              # (W, B, C, H, W)
-            y = torch.stack([b[1] for b in batches])              # (W, B)
+        for i, (x, y) in enumerate(stacked_batches(loaders, epoch, first), start=first):
             lr = lr_at(epoch * steps + i)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            grads, (loss, correct) = step_fn(params, buffers, x, y)
-            guard.observe_norms(torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())),
-                                epoch + 1, i + 1)                # (W,) norms; raises as the train loop does
-            for k in names:
-                params[k].grad = grads[k]
-            opt.step()
+            norms, loss, correct = stack.gradients(x, y)
+            guard.observe_norms(norms, epoch + 1, i + 1)          # raises as the train loop does
+            stack.update(lr)
             updates += 1
             totals += torch.stack([loss.double() * y.shape[1], correct.double(),
                                    totals.new_full((n,), float(y.shape[1]))], dim=1)
@@ -160,6 +141,66 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
         save_checkpoint(run.checkpoint(f"worker{w}"), m, meta)
         out[w] = meta
     return out
+
+
+def stacked_batches(loaders: list, epoch: int, start: int = 0):
+    """Each worker's batch of every update of ``epoch`` from update ``start``, from its own loader
+    (its own data order and augmentation): yields x float (W, B, C, H, W), y int64 (W, B)."""
+    for batches in zip(*(loader.epoch(epoch, start) for loader in loaders)):
+        yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+
+class StackedWorkers:
+    """W models of one architecture trained as one computation: parameters and BN buffers stacked
+    along a new leading dimension (``torch.func.stack_module_state``), gradients from one ``vmap``
+    of ``grad(functional_call(...))`` with each model on its own mini-batch and its own BN running
+    statistics (the stacked buffers are vmapped inputs, updated in place in train mode), and one
+    ``torch.optim.SGD`` over the stacked tensors, which is W independent SGDs because momentum,
+    Nesterov and weight decay act element-wise (the workers share the LR).
+
+    Args:
+        models: W modules with identical architecture, on one device (copied, not modified).
+        momentum, nesterov, weight_decay: the SGD settings of every worker.
+        amp_dtype: forward passes under autocast to this dtype (bfloat16 on GPUs); None = float32.
+    """
+
+    def __init__(self, models: list, momentum: float, nesterov: bool, weight_decay: float,
+                 amp_dtype: torch.dtype | None = None):
+        self.params, self.buffers = stack_module_state(models)
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=0.0, momentum=momentum, nesterov=nesterov,
+                                         weight_decay=weight_decay)
+        base = copy.deepcopy(models[0]).to("meta")        # the architecture only; weights come stacked
+
+        def loss_fn(p, b, x, y):
+            with autocast(x.device, amp_dtype):
+                out = functional_call(base, (p, b), (x,))
+            loss = F.cross_entropy(out.float(), y)
+            return loss, (loss.detach(), (out.argmax(1) == y).sum())
+
+        self._grad = vmap(grad(loss_fn, has_aux=True))
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each worker's gradient on its batch, into the stacked ``.grad``s (BN buffers updated).
+
+        Args: x float (W, B, C, H, W), y int64 (W, B): worker w's batch is ``x[w], y[w]``.
+        Returns: gradient norms float64 (W,), mean losses float (W,), correct predictions int64 (W,),
+            all on the device (no host sync).
+        """
+        grads, (loss, correct) = self._grad(self.params, self.buffers, x, y)
+        for k, g in grads.items():
+            self.params[k].grad = g
+        norms = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()))
+        return norms, loss, correct
+
+    def update(self, lr: float) -> None:
+        """One SGD step of every worker at learning rate ``lr`` with the gradients of :meth:`gradients`."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Worker ``i``'s parameters and buffers (views into the stacks), as its module's state_dict."""
+        return {**{k: v[i] for k, v in self.params.items()}, **{k: v[i] for k, v in self.buffers.items()}}
 
 
 def _stack_momentum(stacked: torch.optim.SGD, singles: list[torch.optim.SGD]) -> None:

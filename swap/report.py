@@ -55,15 +55,16 @@ def _pm(stats: dict, digits: int = 2) -> str:
 def compare_table(report: dict) -> str:
     """The compare report as Markdown: the paper's Table 1/2/4 layout plus time to target,
     ratios to sgd-small, critical-path updates, samples processed, and the machine."""
-    target = report["target_acc"]
+    target = report["target_acc"]                      # None without sgd-small (nor --target)
     acc_name = "Validation" if report["eval_set"] == "validation" else "Test"
-    lines = [f"| Method | {acc_name} accuracy (%) | Training time (s) | Time to {target:.2f}% (s, median) | "
+    to = f"{target:.2f}%" if target is not None else "target"
+    lines = [f"| Method | {acc_name} accuracy (%) | Training time (s) | Time to {to} (s, median) | "
              "Time ratio vs sgd-small (total / to target) | Critical-path updates | Samples processed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         ttt = row["time_to_target_s"]
         reached = (f"{ttt['median']:.1f} ({row['reached']}/{report['seeds']} seeds)" if ttt["median"] is not None
-                   else f"not reached (0/{report['seeds']})")
+                   else "-" if target is None else f"not reached (0/{report['seeds']})")
         ratio = (f"{row['wall_ratio']:.2f} / " + (f"{row['time_to_target_ratio']:.2f}" if row.get("time_to_target_ratio") else "-")
                  if "wall_ratio" in row else "-")
         lines.append(f"| {row['method']} | {_pm(row['test_acc'])} | {_pm(row['wall_s'], 1)} | {reached} | {ratio} | "
@@ -76,7 +77,8 @@ def compare_table(report: dict) -> str:
         lines.append(f"SWAP after averaging was above its best worker in {swap_row['above_best_worker']} of "
                      f"{report['seeds']} seeds (best worker {_pm(swap_row['best_worker'])}).")
     m = report["machine"]
-    lines.append(f"{report['seeds']} seeds, interleaved; mean ± std over seeds; target = mean sgd-small accuracy - 0.1. "
+    rule = "target = mean sgd-small accuracy - 0.1" if target is not None else "no target (sgd-small not run)"
+    lines.append(f"{report['seeds']} seeds, interleaved; mean ± std over seeds; {rule}. "
                  f"Machine: {m['cpu']}, {m['cores']} cores, {m['procs']} processes x {m['threads_per_proc']} threads, "
                  f"torch {m['torch']}, device {m['device']}.")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from swap.cli import main
-from swap.compare import plan, time_to_target
+from swap.compare import build_report, plan, time_to_target
+from swap.report import compare_table
 
 
 def test_time_to_target_reached_late_and_never():
@@ -57,3 +58,7 @@ def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
     mtime = (out / "swap" / "seed0" / "summary.json").stat().st_mtime
     assert main(args) == 0
     assert (out / "swap" / "seed0" / "summary.json").stat().st_mtime == mtime
+    # without sgd-small there is no target: the table says so instead of failing
+    alone = build_report(out, ["swap"], 2)
+    assert alone["target_acc"] is None and alone["rows"][0]["reached"] == 0
+    assert "| swap |" in compare_table(alone) and "no target (sgd-small not run)" in compare_table(alone)

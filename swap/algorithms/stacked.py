@@ -186,7 +186,11 @@ class StackedWorkers:
         Returns: gradient norms float64 (W,), mean losses float (W,), correct predictions int64 (W,),
             all on the device (no host sync).
         """
-        grads, (loss, correct) = self._grad(self.params, self.buffers, x, y)
+        # grad() differentiates inside its own transform; under the outer no_grad the results carry
+        # no graph back to the stacked (requires_grad) parameters, which would otherwise be kept
+        # alive by anything holding them: the guard's on-device record leaked a graph per update.
+        with torch.no_grad():
+            grads, (loss, correct) = self._grad(self.params, self.buffers, x, y)
         for k, g in grads.items():
             self.params[k].grad = g
         norms = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()))

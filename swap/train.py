@@ -105,8 +105,8 @@ class DivergenceGuard:
 
     def observe(self, model: nn.Module, epoch: int, step: int) -> None:
         """Norm of ``model``'s (all-reduced) gradient at update ``step`` of ``epoch`` (both 1-based)."""
-        self.observe_norms(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                          float("inf")), epoch, step)
+        self.observe_norms(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]),
+                           epoch, step)
 
     def observe_norms(self, norms: torch.Tensor, epoch: int, step: int) -> None:
         """Gradient norms (one per label, float (n,) or a scalar) of update ``step`` of ``epoch``."""

@@ -71,3 +71,22 @@ def test_normalised_batches_have_zero_mean_unit_std():
     mean, std = data.channel_stats()
     x = torch.cat([x for x, _ in Loader(data, 64, (0,), mean, std).epoch(0)])
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_stacked_batches_are_each_workers_own_batches():
+    """The vmap layout makes all workers' batches in one gather and one augmentation: bit for bit
+    each worker's own loader's batch, also from a mid-epoch start and in channels_last."""
+    from swap.algorithms.stacked import stacked_batches
+
+    data = _data(n=100)
+    mean, std = data.channel_stats()
+    loaders = [Loader(data, 16, (0, "phase2", w), mean, std, Augment(2, True, 4), channels_last=True)
+               for w in range(3)]
+    for start in (0, 2):
+        got = list(stacked_batches(loaders, 1, start))
+        want = list(zip(*(loader.epoch(1, start) for loader in loaders)))
+        assert len(got) == len(want) == 6 - start
+        for (x, y), per_worker in zip(got, want):
+            assert x.shape == (3, 16, 1, 8, 8) and y.shape == (3, 16)
+            for w, (xw, yw) in enumerate(per_worker):
+                assert torch.equal(x[w], xw) and torch.equal(y[w], yw)

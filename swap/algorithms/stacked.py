@@ -144,10 +144,19 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
 
 
 def stacked_batches(loaders: list, epoch: int, start: int = 0):
-    """Each worker's batch of every update of ``epoch`` from update ``start``, from its own loader
-    (its own data order and augmentation): yields x float (W, B, C, H, W), y int64 (W, B)."""
-    for batches in zip(*(loader.epoch(epoch, start) for loader in loaders)):
-        yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+    """Each worker's batch of every update of ``epoch`` from update ``start``, drawn from its own
+    loader (its own data order and augmentation), made for all W workers at once: one gather, one
+    augmentation and one normalisation of W x B samples per update instead of W small ones (the
+    per-sample operations give each worker exactly its own loader's batch). The loaders differ in
+    their stream (``seed_parts``) only: same data, batch, augmentation and normalisation.
+    Yields x float (W, B, C, H, W), y int64 (W, B)."""
+    plans = [loader.plan(epoch, start) for loader in loaders]
+    idx = torch.cat([perm for perm, _ in plans], dim=1)                           # (S, W * B)
+    params = {k: torch.cat([p[k] for _, p in plans], dim=1) for k in plans[0][1]}
+    n = len(loaders)
+    for j in range(len(idx)):
+        x, y = loaders[0].batch(idx[j], {k: v[j] for k, v in params.items()})
+        yield x.view(n, -1, *x.shape[1:]), y.view(n, -1)
 
 
 class StackedWorkers:

@@ -112,34 +112,44 @@ class Loader:
         """Updates per epoch."""
         return len(self.data) // self.batch_size
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``epoch`` from update ``start`` on: the same batches as a full pass yields
-        from there (the skipped updates' random draws are made and discarded), so a run resumed
-        mid-epoch sees what the uninterrupted run saw."""
+    def plan(self, epoch: int, start: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's sample indices and augmentation parameters for updates ``start ..`` of
+        ``epoch``, on the data's device: int64 (S, B/W) and {name: (S, B/W, ...)} with S =
+        ``len(self) - start``. The epoch's permutation and parameters (drawn batch by batch in the
+        stream's order, the skipped updates' too) go to the device in one copy each: a CPU->GPU
+        copy per update would make the host wait for the device at every update."""
         gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
         perm = torch.randperm(len(self.data), generator=gen)
         _, _, h, w = self.data.images.shape
         steps, b = len(self), self.batch_size
         lo, hi, dev = self.rank * self.share, (self.rank + 1) * self.share, self.data.images.device
-        # The epoch's permutation and augmentation parameters (drawn batch by batch, in the stream's
-        # order) go to the device in one copy each: a CPU->GPU copy per update would make the host
-        # wait for the device at every update.
-        perm = perm[:steps * b].view(steps, b)[start:, lo:hi].to(dev)           # (steps - start, B/W)
+        perm = perm[:steps * b].view(steps, b)[start:, lo:hi].to(dev)
         params = {}
         if self.augment:
             drawn = [self.augment.draw(b, h, w, gen) for _ in range(steps)]
             params = {k: torch.stack([d[k] for d in drawn])[start:, lo:hi].to(dev) for k in drawn[0]}
-        for j in range(steps - start):
-            idx = perm[j]
-            if self.augment:
-                # Augment raw pixels, then normalise: padding and cutout fill with black (0) pixels.
-                x = self.augment.apply(self.data.images[idx].float(), {k: v[j] for k, v in params.items()})
-                x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-            else:
-                x = _normalise(self.data.images[idx], self.mean, self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.data.labels[idx]
+        return perm, params
+
+    def batch(self, idx: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of samples ``idx`` (int64 (n,)) with their augmentation ``params``
+        (from :meth:`plan`): x float32 (n, C, H, W) normalised, y int64 (n,)."""
+        if self.augment:
+            # Augment raw pixels, then normalise: padding and cutout fill with black (0) pixels.
+            x = self.augment.apply(self.data.images[idx].float(), params)
+            x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        else:
+            x = _normalise(self.data.images[idx], self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.data.labels[idx]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``epoch`` from update ``start`` on: the same batches as a full pass yields
+        from there (the skipped updates' random draws are made and discarded), so a run resumed
+        mid-epoch sees what the uninterrupted run saw."""
+        perm, params = self.plan(epoch, start)
+        for j in range(len(perm)):
+            yield self.batch(perm[j], {k: v[j] for k, v in params.items()})
 
 
 def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, rank: int = 0,

@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from .. import interrupt
@@ -179,6 +180,13 @@ class StackedWorkers:
         self.optimizer = torch.optim.SGD(list(self.params.values()), lr=0.0, momentum=momentum, nesterov=nesterov,
                                          weight_decay=weight_decay)
         base = copy.deepcopy(models[0]).to("meta")        # the architecture only; weights come stacked
+        if amp_dtype is not None:
+            # vmap's batch-norm rule (stacked running statistics) needs its input in the statistics'
+            # dtype, while the unstacked kernels take bf16 input with float32 statistics and compute
+            # in float32 inside: normalise in float32 here too; the next layer's autocast casts back.
+            for m in base.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.register_forward_pre_hook(lambda _, args: (args[0].float(), *args[1:]))
 
         def loss_fn(p, b, x, y):
             with autocast(x.device, amp_dtype):

@@ -10,7 +10,7 @@
 3. ``swap plan --devices 1`` against those measured runs: prediction error (target within 15%).
 
     .venv/bin/python benchmarks/gpu_compare.py              # on a CUDA machine, ~10 minutes
-    .venv/bin/python benchmarks/gpu_compare.py --device cpu --quick   # smoke test of the script
+    .venv/bin/python benchmarks/gpu_compare.py --device cpu --quick   # smoke test of the script (bf16, as on a GPU)
 
 Prints the figures and writes ``benchmarks/results/gpu_compare.json`` (+ the compare report).
 """
@@ -66,7 +66,7 @@ def main() -> int:
         return 2
     swap = str(ROOT / ".venv" / "bin" / "swap")
     results = {"machine": machine_info(device, torch.get_num_threads(), 1), "quick": args.quick}
-    results["layout"] = layout_throughput(device, 8, 128, 2048 if args.quick else 65536, amp=device.type == "cuda")
+    results["layout"] = layout_throughput(device, 8, 128, 2048 if args.quick else 65536, amp=device.type == "cuda" or args.quick)
     print(f"phase-2 layout: vmap 8 x 128 {results['layout']['vmap']:.0f} samples/s, one model x 1024 "
           f"{results['layout']['one_model']:.0f} samples/s, ratio {results['layout']['ratio']:.2f} (target >= 0.8)")
 
@@ -74,8 +74,8 @@ def main() -> int:
     if args.quick:
         shutil.rmtree(out, ignore_errors=True)
     settings = ["--config", "fashion_mnist_gpu", "--set", f"device={args.device}"]
-    if args.quick:
-        settings += ["--set", "data.train_subset=2048", "--set", "data.test_subset=500", "--set", "workers=2",
+    if args.quick:                   # bf16 as on a GPU (precision auto), so the smoke test takes the GPU's path
+        settings += ["--set", "precision=bf16","--set", "data.train_subset=2048", "--set", "data.test_subset=500", "--set", "workers=2",
                      "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=1",
                      "--set", "sgd_small.epochs=1", "--set", "sgd_large.epochs=1", "--set", "sgd_large.warmup_epochs=0",
                      "--set", "phase1.batch_size=512", "--set", "sgd_large.batch_size=512"]

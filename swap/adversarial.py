@@ -60,11 +60,9 @@ class AdversarialBatches:
         # Every batch of the epoch has the same share: its positions are found once, on the CPU,
         # and sent to the device once (a boolean mask on the device would sync at every update).
         mask = adversarial_mask(offset, offset + self.loader.share, self.fraction)
-        picked = mask.nonzero().flatten()
-        on_device = None
+        picked = mask.nonzero().flatten().to(self.loader.data.images.device)
         for x, y in self.loader.epoch(epoch, start):
             if len(picked):
-                on_device = picked.to(x.device) if on_device is None else on_device
                 x = x.clone()
-                x[on_device] = fgsm(self.model, x[on_device], y[on_device], self.eps, self.lo, self.hi).to(x.dtype)
+                x[picked] = fgsm(self.model, x[picked], y[picked], self.eps, self.lo, self.hi).to(x.dtype)
             yield x, y

@@ -291,7 +291,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import Augment, load_dataset
     from .models import build_model
-    from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict
+    from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
     from .rundir import RunDir
 
@@ -317,7 +317,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     train_set.num_classes, chunk_sizes(cfg, args.devices), device,
                     augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout),
                     channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
-                    stacked=(-(-cfg.workers // args.devices), cfg.phase2.batch_size) if cfg.phase2.layout == "vmap" else None)
+                    stacked=stacked_shape(cfg, args.devices))
     pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),
                    phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "

@@ -193,6 +193,12 @@ def plan_table(pred: dict[str, dict], measured: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def stacked_shape(cfg: Config, devices: int) -> tuple[int, int] | None:
+    """(workers per device, phase-2 batch): the stacked throughput a plan on ``devices`` devices
+    needs for ``phase2.layout: vmap``; None for the other layouts."""
+    return (math.ceil(cfg.workers / devices), cfg.phase2.batch_size) if cfg.phase2.layout == "vmap" else None
+
+
 def chunk_sizes(cfg: Config, devices: int) -> list[int]:
     """The micro-batch sizes a plan on ``devices`` devices needs throughputs for."""
     def chunk(batch: int, micro: int, d: int) -> int:

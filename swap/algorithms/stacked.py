@@ -1,14 +1,11 @@
 """SWAP phase 2 with a rank's workers stacked into one computation (``phase2.layout: vmap``).
 
-The W models' parameters and BN buffers are stacked along a new leading dimension
-(``torch.func.stack_module_state``); one ``vmap`` of ``grad(functional_call(...))`` computes every
-worker's gradient on its own mini-batch, updating its own BN running statistics (the stacked
-buffers are vmapped inputs, changed in place in train mode). One ``torch.optim.SGD`` over the
-stacked tensors is W independent SGDs: momentum, Nesterov and weight decay act element-wise and
-all workers share the phase-2 LR schedule. Each worker keeps its data stream ("phase2", w), so the
-result equals W sequential runs up to float rounding (Gupta et al., ICLR 2020, Algorithm 1,
-phase 2). On a GPU this turns W small batches into one large computation; on a CPU it is slower
-than stepping the workers in turn (measured 0.45-0.94x), hence not the CPU default.
+:class:`StackedWorkers` trains the W models as one (``torch.func``: stacked parameters and BN
+buffers, one ``vmap`` of ``grad``, one SGD over the stacks); each worker keeps its data stream
+("phase2", w), its BN statistics and momentum, so the result equals W sequential runs up to float
+rounding (Gupta et al., ICLR 2020, Algorithm 1, phase 2). On a GPU this turns W small batches into
+one large computation; on a CPU it is slower than stepping the workers in turn (measured 0.3-0.6x),
+hence not the CPU default.
 
 Checkpoints have the sequential layout's format (``worker{w}_last`` with a per-worker SGD state),
 so a run may change layout when resumed.

@@ -47,7 +47,6 @@ def average_bn_buffers(model: nn.Module) -> None:
             buf.div_(world)
 
 
-@torch.no_grad()
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of config ``precision`` on ``device``: bfloat16 for ``bf16``, and for
     ``auto`` on CUDA; None (float32) otherwise."""
@@ -61,6 +60,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 1024,
              distributed: bool = False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on ``data``.

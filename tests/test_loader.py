@@ -1,6 +1,7 @@
 """Loader: augmentation geometry, determinism of the streams, rank slices of the global batch."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from swap.data import Augment, ImageDataset, Loader, stream_seed
@@ -90,3 +91,21 @@ def test_stacked_batches_are_each_workers_own_batches():
             assert x.shape == (3, 16, 1, 8, 8) and y.shape == (3, 16)
             for w, (xw, yw) in enumerate(per_worker):
                 assert torch.equal(x[w], xw) and torch.equal(y[w], yw)
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """evaluate() runs without autograd (its no_grad had slipped onto a neighbouring helper):
+    no forward output requires grad, and the accuracy is the share of correct argmaxes."""
+    from torch import nn
+
+    from swap.train import evaluate
+
+    data = _data(n=40)
+    mean, std = data.channel_stats()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    outputs = []
+    model.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    acc = evaluate(model, data, mean, std, batch_size=16)
+    assert len(outputs) == 3 and not any(o.requires_grad for o in outputs)
+    preds = torch.cat(outputs).argmax(1)
+    assert acc == pytest.approx(100.0 * (preds == data.labels).float().mean().item())

@@ -239,10 +239,7 @@ def _eigen_sample(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
     n = min(ctx.cfg.abs.eig_samples, len(ctx.train_set))
     gen = torch.Generator().manual_seed(stream_seed(ctx.cfg.seed, "hessian"))
     idx = torch.randperm(len(ctx.train_set), generator=gen)[:n].to(ctx.train_set.images.device)
-    x = (ctx.train_set.images[idx].float() - ctx.mean.view(1, -1, 1, 1)) / ctx.std.view(1, -1, 1, 1)
-    if ctx.cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, ctx.train_set.labels[idx]
+    return ctx.loader(n, ("hessian",), data_parallel=False, augment=False).batch(idx, {})
 
 
 def _eigenvalue(ctx: Context, model, x, y, epoch: int) -> tuple[float, int]:

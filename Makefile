@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 DATA    ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install data clean
+.PHONY: demo test fuzz install data clean
 
 $(BIN)/swap: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: data
 
 test: data
 	$(BIN)/python -m pytest -q tests
+
+# Broad random search of the property tests (not part of `make test` / CI, whose examples are fixed).
+fuzz: data
+	$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-profile fuzz
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -7,6 +7,7 @@ checkpoint under the real name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -21,20 +22,40 @@ from torch import nn
 from .config import SwapError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; when the block succeeds, fsync it and rename it to
+    ``path``. When the block (or the fsync or rename) fails, e.g. on a full disk, the temporary file
+    is removed and the error re-raised: no ``*.tmp`` is left, and ``path`` keeps its old contents."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`).
+
+    Raises:
+        OSError: the write failed (nothing is left behind; ``path`` is unchanged).
+    """
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=None) -> None:
     """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``;
     with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. The JSON is
-    written last, so a checkpoint whose JSON exists is complete."""
+    written last, so a checkpoint whose JSON exists is complete. Each file is written atomically.
+
+    Raises:
+        OSError: a write failed (e.g. disk full); no temporary file is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if optimizer is not None:
@@ -42,13 +63,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=No
         torch.save(optimizer.state_dict(), buffer)
         atomic_write_bytes(path.with_suffix(".optim.pt"), buffer.getvalue())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    weights = path.with_suffix(".safetensors")
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, weights)
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
+        save_file(state, str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     atomic_write_bytes(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=1).encode())
 
 

@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .algorithms.adaptive_batch import run_abs, train_abs
     from .algorithms.sgd import run_sgd
     from .algorithms.swap import run_swap
-    from .data import load_dataset
+    from .data import augment_for, load_dataset
     from .report import results_table
     from .rundir import RunDir
 
@@ -150,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, b in keys:
             if b > len(train_set):
                 raise SwapError(f"{key}={b} exceeds the {len(train_set)} training samples")
+        augment_for(cfg.data, train_set)
         del train_set
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume)
         threads = cfg.threads or distributed.default_threads(procs)
@@ -180,14 +181,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
-    from .data import load_dataset
+    from .data import augment_for, load_dataset
 
     cfg = config_from_args(args)
     if args.seeds < 1:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
-    load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset, holdout=cfg.data.holdout)
+    augment_for(cfg.data, load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
+                                       holdout=cfg.data.holdout)[0])
     procs = local_procs(cfg)
     out = Path(args.out or f"runs/compare-{cfg.name}")
     from .report import compare_table
@@ -289,7 +291,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed
-    from .data import Augment, load_dataset
+    from .data import augment_for, load_dataset
     from .models import build_model
     from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
@@ -315,7 +317,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t = time.time()
     thr = calibrate(lambda: build_model(cfg.model.name, train_set.num_classes, c, cfg.model.width), (c, h, w),
                     train_set.num_classes, chunk_sizes(cfg, args.devices), device,
-                    augment=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout),
+                    augment=augment_for(cfg.data, train_set),
                     channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
                     stacked=stacked_shape(cfg, args.devices))
     pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),

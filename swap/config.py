@@ -21,11 +21,22 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, carriage return, ``\\x1e``, ``\\x85``,
+    ``\\u2028``, tab, ...) written as its Python escape, so that it renders as exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class SwapError(Exception):
     """The one error type for bad input: its message says what was wrong and how to fix it.
 
-    The CLI prints the message on one line (no traceback) and exits with status 2.
+    User values quoted in the message may hold any character; the message is stored with
+    non-printable characters escaped (:func:`printable`), so it is always one printable line.
+    The CLI prints it (no traceback) and exits with status 2.
     """
+
+    def __init__(self, message: object = ""):
+        super().__init__(printable(str(message)))
 
 
 @dataclass
@@ -340,6 +351,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise SwapError(msg)
 
+    need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
+         f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
     need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100"),
          f"data.name must be fashion-mnist, mnist, cifar10 or cifar100, got '{cfg.data.name}'")
     need(cfg.model.name in ("resnet9", "smallcnn"), f"model.name must be resnet9 or smallcnn, got '{cfg.model.name}'")

@@ -8,6 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests draw the same examples on every run (`make test`, CI): a fixed budget,
+# derandomized, no example database. Broad random search is `make fuzz` (profile "fuzz").
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("fuzz", max_examples=500, derandomize=False, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile("ci")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

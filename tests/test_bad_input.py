@@ -71,3 +71,111 @@ def test_checkpoint_roundtrip(tmp_path):
     meta = load_checkpoint(tmp_path / "c", b, config_hash="h")
     assert meta["epoch"] == 4 and json.loads((tmp_path / "c.json").read_text())["epoch"] == 4
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A test of refused input fails at once, instead of training, if the input is accepted."""
+    import swap.distributed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bad input was accepted and a run started")
+    monkeypatch.setattr(swap.distributed, "launch", refuse)
+
+
+def _config_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every dotted key of :class:`swap.config.Config`."""
+    import dataclasses
+
+    from swap.config import Config
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys += _config_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x1e", "\x85", "\u2028"])
+def test_a_control_character_in_any_key_gives_one_printable_line(tmp_path, no_system_data, capsys, no_training, char):
+    """Whatever the user types into any config key, the error is exactly one printable line, exit 2.
+    (``x/...`` is refused by every key: names may not hold '/', and no such data folder exists.)"""
+    keys = _config_keys()
+    assert len(keys) > 60 and "data.dir" in keys and "name" in keys
+    for key in keys:
+        code = _train(tmp_path, "--set", f"{key}=x/{char}y")
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert code == 2, key
+        assert len(lines) == 1 and lines[0].startswith("swap: error:") and lines[0].isprintable(), (key, err)
+        assert err == lines[0] + "\n", key
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_data_dir_is_an_error_not_a_fallback(tmp_path, real_fashion, capsys, no_training):
+    """Fashion-MNIST is installed system-wide, but --data-dir names another folder: exit 2."""
+    assert _train(tmp_path, "--data-dir", str(tmp_path / "nonexistent-dir")) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent-dir" in err and "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.cutout=8", "data.cutout=8 is impossible on 8x8 images"),
+    ("data.crop_padding=8", "data.crop_padding=8 is impossible on 8x8 images"),
+    ("data.cutout=12", "must be below 8"),
+])
+def test_augmentation_impossible_for_the_image_size_exits_2(tmp_path, no_system_data, capsys, no_training, setting,
+                                                            message):
+    """8x8 images (IDX files like Fashion-MNIST's): the preset's cutout of 8 would erase them."""
+    import numpy as np
+
+    from conftest import write_idx
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2500), ("t10k", 100)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 8, 8), dtype=np.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    base = ["--data-dir", str(folder), "--set", "data.cutout=0", "--set", "data.crop_padding=1"]
+    assert _train(tmp_path, *base, "--set", setting) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    from swap.config import load_config
+    from swap.data import augment_for, load_dataset
+    train_set, _ = load_dataset("fashion-mnist", str(folder))
+    ok = augment_for(load_config("fashion_mnist_quick", ["data.cutout=7", "data.crop_padding=7"]).data, train_set)
+    assert (ok.cutout, ok.crop_padding, ok.flip) == (7, 7, True)
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Disk full at any of the three file writes of a checkpoint: the error propagates and no
+    *.tmp is left; when the first write fails, the checkpoint written before is untouched."""
+    import errno
+    import os
+
+    import swap.checkpoint as ck
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c", model, {"epoch": 1}, opt)
+    real_fsync = os.fsync
+    for fail_at in range(3):                                  # optim.pt, safetensors, json
+        calls = {"n": 0}
+
+        def full_disk(fd):
+            calls["n"] += 1
+            if calls["n"] > fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+        monkeypatch.setattr(ck.os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(tmp_path / "c", model, {"epoch": 2}, opt)
+        monkeypatch.setattr(ck.os, "fsync", real_fsync)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [], fail_at
+        if fail_at == 0:                                      # nothing was replaced: the old checkpoint loads
+            fresh = build_model("smallcnn", 10, 1)
+            assert load_checkpoint(tmp_path / "c", fresh)["epoch"] == 1

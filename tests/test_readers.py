@@ -102,11 +102,24 @@ def test_missing_data_says_how_to_get_it(tmp_path, no_system_data, monkeypatch):
     import dataclasses
     from swap.data import sources
     with pytest.raises(SwapError, match="not found.*swap data fetch cifar10.*--data-dir"):
-        find_data_dir("cifar10", str(tmp_path / "nowhere"))
+        find_data_dir("cifar10", None)
     hidden = dataclasses.replace(sources.SOURCES["fashion-mnist"], system_dirs=(str(tmp_path / "no-system"),))
     monkeypatch.setitem(sources.SOURCES, "fashion-mnist", hidden)
     with pytest.raises(SwapError, match="apt-get install -y dataset-fashion-mnist"):
-        find_data_dir("fashion-mnist", str(tmp_path / "nowhere"))
+        find_data_dir("fashion-mnist", None)
+
+
+def test_an_explicit_data_dir_is_binding(tmp_path, real_fashion, monkeypatch):
+    """A given --data-dir that does not exist, or lacks files, is an error naming it (and the
+    missing files), even though Fashion-MNIST sits in the system folder and $SWAP_DATA."""
+    monkeypatch.setenv("SWAP_DATA", str(real_fashion))
+    with pytest.raises(SwapError, match="nonexistent-dir.*does not exist"):
+        find_data_dir("fashion-mnist", str(tmp_path / "nonexistent-dir"))
+    write_fashion_files(tmp_path / "partial")
+    (tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(SwapError, match="partial.*lacks fashion-mnist files: t10k-labels-idx1-ubyte.gz$"):
+        find_data_dir("fashion-mnist", str(tmp_path / "partial"))
+    assert find_data_dir("fashion-mnist", None) == real_fashion            # no folder given: the search order
 
 
 def test_search_order_data_dir_then_env(tmp_path, no_system_data, monkeypatch):

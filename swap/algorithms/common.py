@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..config import Config
-from ..data import Augment, ImageDataset, Loader, load_dataset, stream_seed
+from ..data import Augment, ImageDataset, Loader, augment_for, load_dataset, stream_seed
 from ..models import build_model
 from ..rundir import RunDir, machine_info
 from ..schedules import warmup_decay
@@ -48,6 +48,7 @@ class Context:
             data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
                                 holdout=cfg.data.holdout)
         train_set, test_set = (x.to(d.device) for x in data)
+        augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here
         mean, std = train_set.channel_stats()
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn)
@@ -91,8 +92,7 @@ class Context:
         return ExtrapSGD(sgd, e.variant, e.gamma_ratio, e.sigma_ratio, gen)
 
     def augment(self) -> Augment:
-        d = self.cfg.data
-        return Augment(d.crop_padding, d.flip, d.cutout)
+        return augment_for(self.cfg.data, self.train_set)
 
     def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True) -> Loader:
         """Training batches; ``data_parallel`` slices each global batch to this rank's share."""

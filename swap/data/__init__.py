@@ -44,6 +44,17 @@ class ImageDataset:
         return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
 
 
+def augment_for(data_cfg, dataset: ImageDataset) -> Augment:
+    """The training augmentation of config section ``data`` (``crop_padding``, ``flip``,
+    ``cutout``), checked against the images of ``dataset`` (:meth:`Augment.check`).
+
+    Raises:
+        SwapError: a setting impossible for the image size.
+    """
+    h, w = dataset.images.shape[2:]
+    return Augment(data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout).check(int(h), int(w))
+
+
 def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
                  device: torch.device | str = "cpu", holdout: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Find, read and check a dataset; return (train, test) on ``device``.
@@ -75,5 +86,5 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     return train_set.to(device), test_set.to(device)
 
 
-__all__ = ["ImageDataset", "load_dataset", "Loader", "Augment", "eval_batches", "stream_seed",
+__all__ = ["ImageDataset", "load_dataset", "augment_for", "Loader", "Augment", "eval_batches", "stream_seed",
            "fetch", "find_data_dir", "read_idx", "load_idx_pair", "load_cifar"]

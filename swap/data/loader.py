@@ -33,6 +33,24 @@ class Augment:
     flip: bool = False
     cutout: int = 0
 
+    def check(self, height: int, width: int) -> "Augment":
+        """Refuse settings that cannot make sense on ``height`` x ``width`` images (pixels): a
+        padding of ``min(H, W)`` or more lets a crop be all padding, and a cutout square of
+        ``min(H, W)`` or more erases most of every image. Horizontal flip is the user's choice.
+        Returns ``self``.
+
+        Raises:
+            SwapError: naming the key, its value and the image size.
+        """
+        from ..config import SwapError
+
+        side = min(height, width)
+        for key, value in (("data.crop_padding", self.crop_padding), ("data.cutout", self.cutout)):
+            if value >= side:
+                raise SwapError(f"{key}={value} is impossible on {height}x{width} images: it must be below "
+                                f"{side} (the smaller image side), or 0 to turn it off")
+        return self
+
     def draw(self, n: int, height: int, width: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Random parameters for ``n`` samples (CPU int64/bool tensors), drawn in a fixed order."""
         p = self.crop_padding

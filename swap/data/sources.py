@@ -1,9 +1,11 @@
 """Where each dataset's files are found, and how to fetch them.
 
-Search order (first hit wins): ``data.dir`` / ``--data-dir``, ``$SWAP_DATA``, system folders
-(Debian's ``dataset-fashion-mnist`` puts Fashion-MNIST in ``/usr/share/datasets/fashion-mnist``),
-then the user cache ``$XDG_CACHE_HOME/swap/<name>`` (default ``~/.cache/swap/<name>``) that
-:func:`fetch` fills from the dataset's canonical location, verifying checksums.
+A folder given explicitly (``data.dir`` / ``--data-dir``) is binding: the dataset is read from it
+(or its subfolder ``<name>``) or not at all. Without one, the search order is (first hit wins):
+``$SWAP_DATA``, system folders (Debian's ``dataset-fashion-mnist`` puts Fashion-MNIST in
+``/usr/share/datasets/fashion-mnist``), then the user cache ``$XDG_CACHE_HOME/swap/<name>``
+(default ``~/.cache/swap/<name>``) that :func:`fetch` fills from the dataset's canonical location,
+verifying checksums.
 """
 from __future__ import annotations
 
@@ -81,11 +83,12 @@ def cache_dir(name: str) -> Path:
 
 
 def candidate_dirs(name: str, data_dir: str | None = None) -> list[Path]:
-    """The folders searched for ``name``, in order (see module docstring)."""
+    """The folders searched for ``name``, in order (see module docstring): only ``data_dir`` and
+    ``data_dir/name`` when ``data_dir`` is given."""
     src = get_source(name)
-    dirs = []
     if data_dir:
-        dirs += [Path(data_dir), Path(data_dir) / name]
+        return [Path(data_dir), Path(data_dir) / name]
+    dirs = []
     if os.environ.get("SWAP_DATA"):
         dirs += [Path(os.environ["SWAP_DATA"]), Path(os.environ["SWAP_DATA"]) / name]
     dirs += [Path(d) for d in src.system_dirs]
@@ -94,10 +97,12 @@ def candidate_dirs(name: str, data_dir: str | None = None) -> list[Path]:
 
 
 def find_data_dir(name: str, data_dir: str | None = None) -> Path:
-    """First folder holding all of the dataset's files.
+    """First folder holding all of the dataset's files; with ``data_dir``, that folder (or its
+    subfolder ``name``) and no other.
 
     Raises:
         SwapError: none found; the message lists the folders searched and how to get the files.
+            With ``data_dir``: it does not exist, or it lacks files (named in the message).
     """
     src = get_source(name)
     searched = candidate_dirs(name, data_dir)
@@ -107,6 +112,15 @@ def find_data_dir(name: str, data_dir: str | None = None) -> Path:
     how = f"run `swap data fetch {name}`"
     if name == "fashion-mnist":
         how = "run `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, as root) or " + how
+    if data_dir:
+        given = Path(data_dir)
+        if not given.is_dir():
+            raise SwapError(f"data directory {str(given)!r} (--data-dir / data.dir) does not exist; pass the "
+                            f"folder that holds the {name} files, or leave it out and {how}")
+        best = max(searched, key=lambda d: sum((d / f).is_file() for f in src.required))
+        missing = [f for f in src.required if not (best / f).is_file()]
+        raise SwapError(f"data directory {str(best)!r} (--data-dir / data.dir) lacks {name} files: "
+                        f"{', '.join(missing)}")
     how += f", or put {', '.join(src.required)} in a folder and pass --data-dir (or set SWAP_DATA)"
     raise SwapError(f"{name} not found (searched {', '.join(map(str, searched))}); {how}")
 

@@ -35,7 +35,8 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
     fn = run_swap if method == "swap" else run_sgd
-    summary = distributed.launch(fn, procs, cfg, out, time.time(), False, model_fn, (train_set, test_set))
+    summary = distributed.launch(fn, procs, cfg, out, time.time(), False, model_fn, (train_set, test_set),
+                                 log_dir=RunDir(out).logs_dir)
     model = model_fn()
     load_checkpoint(RunDir(out).checkpoint(method), model)
     return model, summary

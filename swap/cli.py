@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/CONFIG-METHOD-seedSEED)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted (e.g. phase1.batch_size=4096); repeatable")
+    t.add_argument("--verbose", action="store_true", help="show torch's own log lines and full tracebacks "
+                   "(same as SWAP_LOG=debug); by default a failure is one line naming RUN/logs/rankR.log")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue a run from its last checkpoint (every checkpoint_every epochs): "
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", help="folder with the dataset files")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (applies to every method)")
+    c.add_argument("--verbose", action="store_true", help="show torch's own log lines and full tracebacks")
 
     pl = sub.add_parser("plot", help="Fig. 1: LR and test accuracy per worker against epochs and wall time")
     pl.add_argument("run_dir")
@@ -132,9 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             with RunDir.prepare(out, cfg, args.overwrite, args.resume).locked():
-                summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args)
+                summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args, log_dir=RunDir(out).logs_dir)
         else:
-            summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args)
+            summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args, log_dir=RunDir(out).logs_dir)
     else:
         procs = local_procs(cfg)
         batches = {"swap": [("phase1", cfg.phase1.batch_size)], "sgd": [("sgd", cfg.sgd.batch_size)]}.get(
@@ -162,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if args.method in ("abs", "absa"):
                     summary = train_abs(cfg, out, time.time(), args.resume, args.method == "absa", procs)
                 else:
-                    summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume)
+                    summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume, log_dir=run.logs_dir)
             except Interrupted as exc:
                 summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
     if summary is not None and "interrupted" in summary:
@@ -264,7 +267,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     if grid is None:
         procs = args.procs or (os.cpu_count() or 1)
         t = time.time()
-        grid = distributed.launch(landscape_rank, procs, str(run.path), list(args.points), args.grid, args.margin, args.subset)
+        grid = distributed.launch(landscape_rank, procs, str(run.path), list(args.points), args.grid, args.margin,
+                                  args.subset, log_dir=run.logs_dir)
         grid["settings"], grid["seconds"] = settings, np.array(time.time() - t)
         np.savez(cache, **grid)
         print(f"swap: {args.grid}x{args.grid} grid in {float(grid['seconds']):.0f} s on {procs} processes", file=sys.stderr)
@@ -343,6 +347,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "verbose", False):
+        os.environ["SWAP_LOG"] = "debug"                 # inherited by every rank and worker process
     try:
         if args.command == "train":
             return cmd_train(args)

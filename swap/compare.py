@@ -99,12 +99,13 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
                 source, ckpt = STARTS[method]
                 src = RunDir(out / source / f"seed{seed}")
                 start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
-                distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start)
+                distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start,
+                                   log_dir=run.logs_dir)
             elif method in ("abs", "absa"):
                 train_abs(mcfg, run.path, time.time(), False, method == "absa", procs)
             else:
                 fn = run_swap if method in ("swap", "swap-extrap") else run_sgd
-                distributed.launch(fn, procs, mcfg, run.path, time.time(), resume)
+                distributed.launch(fn, procs, mcfg, run.path, time.time(), resume, log_dir=run.logs_dir)
     report = build_report(out, methods, seeds)
     write_report(out, report)
     return report

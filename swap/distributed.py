@@ -6,9 +6,11 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) that both launchers
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +86,80 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
+def verbose() -> bool:
+    """True when the user asked for everything (``--verbose`` or ``SWAP_LOG=debug``): torch's
+    own log lines and full tracebacks reach the terminal. Child processes inherit the setting."""
+    return os.environ.get("SWAP_LOG", "").lower() == "debug"
+
+
+# torch.distributed's loggers (elastic agent, rendezvous, c10d): silenced in normal runs, where a
+# failure is reported by our own one-line error and the traceback goes to the run's log files.
+_TORCH_LOGGERS = ("torch.distributed", "c10d")
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Within the block, torch.distributed's and c10d's loggers print nothing (unless
+    :func:`verbose`); their levels are restored afterwards."""
+    import logging
+
+    if verbose():
+        yield
+        return
+    import torch.distributed.launcher.api  # noqa: F401  (creates the elastic loggers first)
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith(_TORCH_LOGGERS)] + [logging.getLogger(n) for n in _TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def log_failure(exc: BaseException, log_path: str | Path | None, who: str) -> SwapError:
+    """Append the full traceback of ``exc`` (being handled) to ``log_path`` and return the
+    one-line :class:`SwapError` to report instead: a ``SwapError`` keeps its message; any other
+    exception becomes ``WHO failed: Type: message (traceback in LOG)``."""
+    import traceback
+
+    where = ""
+    if log_path is not None:
+        log_path = Path(log_path)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as fh:
+                fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} {who}\n")
+                fh.write("".join(traceback.format_exception(exc)))
+            where = f" (traceback in {log_path})"
+        except OSError:
+            pass
+    if isinstance(exc, SwapError):
+        return exc
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return SwapError(f"{who} failed: {type(exc).__name__}: {lines[-1] if lines else ''}{where}")
+
+
+def rank_log(log_dir: str | Path | None) -> Path | None:
+    """This rank's log file in ``log_dir`` (``rank{RANK}.log``), or None without a log folder."""
+    return None if log_dir is None else Path(log_dir) / f"rank{os.environ.get('RANK', '0')}.log"
+
+
+def run_rank(fn: Callable[..., Any], *args: Any, log_dir: str | Path | None = None) -> Any:
     """One rank's body: ``fn(*args)`` with SIGINT/SIGTERM turned into a clean stop
     (:mod:`swap.interrupt`), after which the checkpoints are written. A stopped rank returns
     ``{"interrupted": {"signal", "where"}}`` when it runs in the caller's process, and exits with
     status 128 + signal number under a launcher (whose agent may be shutting down and no longer
-    reading return values). The process group is always left."""
+    reading return values). The process group is always left.
+
+    Raises:
+        SwapError: ``fn`` failed. Its full traceback is appended to ``log_dir/rank{RANK}.log``
+            (when ``log_dir`` is given) and the error is one line naming that file; with
+            :func:`verbose`, the original exception propagates instead.
+    """
     try:
         with interrupt.handle_signals():
             return fn(*args)
@@ -100,13 +170,24 @@ def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
             teardown()
             sys.exit(128 + int(exc.signum))
         return {"interrupted": {"signal": int(exc.signum), "where": exc.where}}
+    except Exception as exc:
+        error = log_failure(exc, rank_log(log_dir), f"rank {os.environ.get('RANK', '0')}")
+        if verbose() or error is exc:
+            raise
+        raise error from None
     finally:
         teardown()
 
 
-def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> Any:
+def _launched_rank(log_dir: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """Entry point of a rank started by :func:`launch` (the launcher passes arguments by position)."""
+    return run_rank(fn, *args, log_dir=log_dir)
+
+
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path | None = None) -> Any:
     """Run ``fn(*args)`` in ``nprocs`` local processes (each through :func:`run_rank`); return
-    rank 0's return value.
+    rank 0's return value. A failed rank's traceback goes to ``log_dir/rank{R}.log`` (when
+    given); torch's own launcher log lines are not shown unless :func:`verbose`.
 
     One process runs in this process (no launcher, no process group). More use
     ``torch.distributed.launcher.api.elastic_launch`` with a c10d rendezvous on localhost,
@@ -119,7 +200,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> Any:
         swap.interrupt.Interrupted: this (parent) process received SIGINT/SIGTERM.
     """
     if nprocs == 1:
-        return run_rank(fn, *args)
+        return run_rank(fn, *args, log_dir=log_dir)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -127,7 +208,8 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> Any:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     try:
-        results = elastic_launch(config, run_rank)(fn, *args)
+        with quiet_torch_logs():
+            results = elastic_launch(config, _launched_rank)(None if log_dir is None else str(log_dir), fn, *args)
     except SignalException as exc:
         raise interrupt.Interrupted(int(exc.sigval), "while the ranks were running") from None
     except ChildFailedError as exc:
@@ -154,7 +236,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str) -> None:
+def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str, log_path: str | None) -> None:
     _die_with_parent()
     try:
         with interrupt.handle_signals():
@@ -162,15 +244,16 @@ def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str) -> None
     except interrupt.Interrupted as exc:
         sys.exit(128 + int(exc.signum))
     except Exception as exc:                     # reported by the parent, which carries on
-        message = str(exc) if isinstance(exc, SwapError) else f"{type(exc).__name__}: {exc}"
-        Path(error_path).write_text(message.strip().splitlines()[-1] if message.strip() else type(exc).__name__)
+        Path(error_path).write_text(str(log_failure(exc, log_path, "process")))
         sys.exit(1)
 
 
-def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path) -> str | None:
+def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path,
+                 log_path: str | Path | None = None) -> str | None:
     """Run ``fn(*args)`` in a fresh (spawned) child process and wait; ``None`` if it succeeded,
     else one line saying why it failed: its exception's message, or the signal that killed it, or
-    its exit status. After a failure ``error_path`` holds that line.
+    its exit status. After a failure ``error_path`` holds that line, and ``log_path`` (when
+    given) the full traceback of an exception.
 
     The child joins no process group; tensors in ``args`` travel through shared memory. A
     SIGINT/SIGTERM received by this process is forwarded to the child, which checkpoints and
@@ -182,7 +265,8 @@ def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path) ->
     error_path = Path(error_path)
     error_path.unlink(missing_ok=True)
     child = torch.multiprocessing.get_context("spawn").Process(target=_isolated_main,
-                                                               args=(fn, args, str(error_path)))
+                                                               args=(fn, args, str(error_path),
+                                                                     None if log_path is None else str(log_path)))
     child.start()
     forwarded = 0
     while child.exitcode is None:

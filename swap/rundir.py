@@ -6,6 +6,7 @@ Layout::
     RUN/metrics.jsonl        one JSON object per epoch per worker (and per phase event)
     RUN/summary.json         the final table: accuracies, wall time per phase, machine
     RUN/checkpoints/NAME.safetensors + NAME.json
+    RUN/logs/rankR.log       full tracebacks of failures (the terminal gets one line naming the file)
 
 Nothing already written is overwritten unless the user asks (``overwrite``); ``resume``
 continues in place.
@@ -44,6 +45,11 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        """``logs/``: full tracebacks of failed ranks (``rankR.log``) and phase-2 workers (``workerN.log``)."""
+        return self.path / "logs"
 
     def checkpoint(self, name: str) -> Path:
         """Base path (no suffix) of checkpoint ``name``, e.g. ``phase1``, ``worker0``, ``swap``."""

@@ -77,3 +77,29 @@ def test_deferred_divergence_guard_names_the_first_bad_update():
     layer.weight.grad = torch.ones(1, 2)
     ok.observe(layer, 1, 1)
     ok.check()                                              # a good gradient passes
+
+
+def net_failing_on_rank_1():
+    """A model factory that raises on rank 1 only: a bug in user code, not a SwapError."""
+    from test_api import tiny_net
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("user bug on rank 1")
+    return tiny_net()
+
+
+def test_a_failed_rank_is_one_line_naming_its_log_file(tmp_path, capfd):
+    """2 processes, rank 1 raises: the terminal gets our one line (naming logs/rank1.log), none of
+    torch elastic's log lines; the full traceback is in the log file."""
+    import swap
+    from test_api import _quadrant_data
+    config = {"workers": 2, "data": {"crop_padding": 0, "flip": False, "cutout": 0},
+              "phase1": {"batch_size": 128, "max_epochs": 1, "warmup_epochs": 0}, "phase2": {"epochs": 1}}
+    with pytest.raises(SwapError) as info:
+        swap.train_swap(net_failing_on_rank_1, _quadrant_data(256, 0), _quadrant_data(64, 1), config,
+                        out=tmp_path / "run", procs=2)
+    log = tmp_path / "run" / "logs" / "rank1.log"
+    assert str(info.value) == f"rank 1 failed: RuntimeError: user bug on rank 1 (traceback in {log})"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "net_failing_on_rank_1" in text
+    err = capfd.readouterr().err
+    assert "torch/distributed" not in err and "Traceback" not in err and "E1" not in err, err

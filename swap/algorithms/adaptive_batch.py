@@ -221,13 +221,15 @@ def train_abs(cfg: Config, run_path: str | Path, t0: float, resume: bool = False
     """
     a = cfg.abs
     if not a.elastic:
-        return distributed.launch(run_abs, procs or 1, cfg, run_path, t0, resume, None, None, adversarial, False)
+        return distributed.launch(run_abs, procs or 1, cfg, run_path, t0, resume, None, None, adversarial, False,
+                                  log_dir=RunDir(run_path).logs_dir)
     world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
     last = RunDir(run_path).checkpoint(f"{'absa' if adversarial else 'abs'}_last")
     if resume and checkpoint_exists(last):
         world = pool_size(read_meta(last)["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
     while True:
-        out = distributed.launch(run_abs, world, cfg, run_path, t0, resume, None, None, adversarial, True)
+        out = distributed.launch(run_abs, world, cfg, run_path, t0, resume, None, None, adversarial, True,
+                                 log_dir=RunDir(run_path).logs_dir)
         if not (isinstance(out, dict) and "resize" in out):
             return out
         world, resume = out["resize"], True

@@ -190,7 +190,8 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (ctx.cfg, ctx.run.path, ctx.t0, w, resume, start,
-                                                          ctx.model_fn, data), error)     # leaves `why` in `error`
+                                                          ctx.model_fn, data), error,     # leaves `why` in `error`
+                                         ctx.run.logs_dir / f"worker{w}.log")
         return why if why is not None else load_checkpoint(ckpt, worker, ctx.cfg.hash())
     error.unlink(missing_ok=True)
     try:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue a run from its last checkpoint (every checkpoint_every epochs): "
                    "finished phases and workers are loaded, not retrained; the result is the uninterrupted run's")
+    g.add_argument("--auto-resume", action="store_true", help="continue the run in --out if it holds one of the same "
+                   "config, else start it: one command line for the first start and every restart "
+                   "(torchrun --max-restarts N, a requeued scheduler job)")
 
     c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -124,6 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .rundir import RunDir
 
     cfg = config_from_args(args)
+    # With --auto-resume every rank runs as a resume: one that finds no checkpoint starts from scratch
+    # (so ranks need not agree whether the directory held a run before the first of them prepared it).
+    resume = args.resume or args.auto_resume
     fn = {"swap": run_swap, "sgd": run_sgd}.get(args.method)
     rank_args: tuple = ()
     if fn is None:                                     # abs, absa: adaptive batch size
@@ -134,10 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # torchrun started this process: it is one rank; the first process on each machine prepares
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            with RunDir.prepare(out, cfg, args.overwrite, args.resume).locked():
-                summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args, log_dir=RunDir(out).logs_dir)
+            with RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume).locked():
+                summary = distributed.run_rank(fn, cfg, out, None, resume, *rank_args, log_dir=RunDir(out).logs_dir)
         else:
-            summary = distributed.run_rank(fn, cfg, out, None, args.resume, *rank_args, log_dir=RunDir(out).logs_dir)
+            summary = distributed.run_rank(fn, cfg, out, None, resume, *rank_args, log_dir=RunDir(out).logs_dir)
     else:
         procs = local_procs(cfg)
         batches = {"swap": [("phase1", cfg.phase1.batch_size)], "sgd": [("sgd", cfg.sgd.batch_size)]}.get(
@@ -155,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise SwapError(f"{key}={b} exceeds the {len(train_set)} training samples")
         augment_for(cfg.data, train_set)
         del train_set
-        run = RunDir.prepare(out, cfg, args.overwrite, args.resume)
+        run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
                 if args.method in ("abs", "absa") and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
@@ -163,14 +169,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         with run.locked():
             try:
                 if args.method in ("abs", "absa"):
-                    summary = train_abs(cfg, out, time.time(), args.resume, args.method == "absa", procs)
+                    summary = train_abs(cfg, out, time.time(), resume, args.method == "absa", procs)
                 else:
-                    summary = distributed.launch(fn, procs, cfg, out, time.time(), args.resume, log_dir=run.logs_dir)
+                    summary = distributed.launch(fn, procs, cfg, out, time.time(), resume, log_dir=run.logs_dir)
             except Interrupted as exc:
                 summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
     if summary is not None and "interrupted" in summary:
         stop = summary["interrupted"]
-        again = [a for a in args.argv if a not in ("--overwrite", "--resume")]
+        again = [a for a in args.argv if a not in ("--overwrite", "--resume", "--auto-resume")]
         if not args.out:
             again += ["--out", str(out)]
         print(f"swap: stopped by {signal.Signals(stop['signal']).name} {stop['where']}; every process wrote its "

@@ -56,17 +56,24 @@ class RunDir:
         return self.path / "checkpoints" / name
 
     @classmethod
-    def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False) -> "RunDir":
+    def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,
+                auto_resume: bool = False) -> "RunDir":
         """Create the run directory and save the resolved config, before any training.
+
+        ``auto_resume`` (``--auto-resume``, for restarts under ``torchrun --max-restarts`` or a
+        scheduler that requeues): continue when the directory holds a run of the same config
+        (as ``resume``), start when it holds no run (no ``config.yaml``) and is empty or absent.
 
         Raises:
             SwapError: the directory exists and holds files but neither ``overwrite`` nor
                 ``resume`` is set; ``resume`` on a directory without a config, or whose saved
-                config differs from ``cfg``; both flags at once.
+                config differs from ``cfg``; more than one of the flags.
         """
         run = cls(path)
-        if overwrite and resume:
-            raise SwapError("--overwrite and --resume exclude each other")
+        if overwrite + resume + auto_resume > 1:
+            raise SwapError("--overwrite, --resume and --auto-resume exclude each other")
+        if auto_resume:
+            resume = run.config_path.is_file()
         run.check_lock()
         exists = run.path.exists() and any(run.path.iterdir())
         if resume:

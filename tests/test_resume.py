@@ -152,3 +152,74 @@ def test_ctrl_c_and_resume_for_abs_and_the_vmap_layout(tmp_path, real_fashion, e
         assert torch.equal(ref[k], got[k]), f"{k} differs after Ctrl-C and resume"
     s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", out))
     assert s_got["updates"] == s_ref["updates"]
+
+
+def test_auto_resume_starts_continues_or_refuses(tmp_path):
+    """--auto-resume: start in an empty or absent directory, continue a run of the same config,
+    refuse one of another config (as --resume does) and a directory that holds other files."""
+    from swap.config import SwapError, load_config
+    from swap.rundir import RunDir
+    cfg = load_config("fashion_mnist_quick")
+    run = RunDir.prepare(tmp_path / "new", cfg, auto_resume=True)
+    assert run.load_config().hash() == cfg.hash()
+    (run.path / "metrics.jsonl").write_text("kept\n")
+    RunDir.prepare(tmp_path / "new", cfg, auto_resume=True)                  # continues: nothing replaced
+    assert (run.path / "metrics.jsonl").read_text() == "kept\n"
+    with pytest.raises(SwapError, match="config differs from the saved one"):
+        RunDir.prepare(tmp_path / "new", load_config("fashion_mnist_quick", ["seed=1"]), auto_resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SwapError, match="already exists"):
+        RunDir.prepare(tmp_path / "other", cfg, auto_resume=True)
+    with pytest.raises(SwapError, match="exclude each other"):
+        RunDir.prepare(tmp_path / "new", cfg, resume=True, auto_resume=True)
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{RANK: pid} of the processes torchrun started (children of ``parent`` with RANK set)."""
+    ranks = {}
+    for p in live_processes():
+        if p["ppid"] != parent:
+            continue
+        try:
+            env = Path(f"/proc/{p['pid']}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = p["pid"]
+    return ranks
+
+
+def test_auto_resume_under_torchrun_survives_a_killed_rank(tmp_path, reference_2procs, real_fashion):
+    """torchrun --max-restarts 1, one command line with --auto-resume: rank 0 is SIGKILLed in
+    phase 1, torchrun restarts the job, which continues from the checkpoint and ends with the
+    weights of an uninterrupted 2-process run, bit for bit."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+           "-m", "swap.cli", "train", *SETTINGS, "--procs", "2", "--data-dir", str(real_fashion), "--out", str(out),
+           "--auto-resume"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "phase1_last.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1] and not (out / "checkpoints" / "phase1.json").exists()
+        os.kill(ranks[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stale" in stderr                        # the restarted rank 0 took over the dead one's lock
+    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference_2procs, out))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after the killed rank and torchrun's restart"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
+    assert len(keys) == len(set(keys)) == 3 + 2 * 2

@@ -1,6 +1,9 @@
 """Library entry points: SWAP and the SGD baseline on a user's own model factory and tensors."""
 from __future__ import annotations
 
+import ast
+import multiprocessing
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +14,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import load_checkpoint
 from .config import Config, SwapError, load_config
-from .data import ImageDataset
+from .data import ImageDataset, augment_for
 from .rundir import RunDir
 
 
@@ -24,14 +27,64 @@ def _as_dataset(data, num_classes: int | None) -> ImageDataset:
     return ImageDataset(images, labels.long(), num_classes or int(labels.max()) + 1)
 
 
+GUARD_FIX = ('put the call under `if __name__ == "__main__":` (the worker processes start with multiprocessing\'s '
+             'spawn and import your script again, which would run it again)')
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either operand order)."""
+    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.comparators) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):
+        return False
+    sides = [node.test.left, node.test.comparators[0]]
+    return (any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
+            and any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides))
+
+
+def check_main_guard(entry: str) -> None:
+    """Refuse, before any work, a library call that worker processes would repeat.
+
+    Our processes start with multiprocessing's spawn, which imports the user's ``__main__`` script
+    in every child. A script that calls ``entry`` at module level without an
+    ``if __name__ == "__main__":`` guard would run again in each child (multiprocessing then stops
+    it with an unclear error, after the parent's work is lost). This finds the script's module-level
+    statement that is running now and checks that it is such a guard. Inside a spawned child that
+    is importing the script, the call is refused at once.
+
+    Raises:
+        SwapError: the call is not guarded, naming the script, the line and the fix.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SwapError(f"swap.{entry} was called while a worker process was importing your script: {GUARD_FIX}")
+    main = sys.modules.get("__main__")
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    if frame is None or getattr(main, "__file__", None) is None:
+        return                               # not during a script's top-level code (or no file to re-import)
+    path, line = frame.f_code.co_filename, frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_text(), path)
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if node.lineno <= line <= (node.end_lineno or node.lineno):
+            if not _is_main_guard(node):
+                raise SwapError(f"{path}:{line} calls swap.{entry} at the top level of the script: {GUARD_FIX}")
+            return
+
+
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite):
     from .algorithms.sgd import run_sgd
     from .algorithms.swap import run_swap
 
     cfg = config if isinstance(config, Config) else load_config(None, config)
+    if procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"):
+        check_main_guard(f"train_{method}")
     num_classes = train_set.num_classes if isinstance(train_set, ImageDataset) else None
-    train_set = _as_dataset(train_set, num_classes)
-    test_set = _as_dataset(test_set, train_set.num_classes)
+    train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
+    test_set = _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
+    augment_for(cfg.data, train_set)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
     fn = run_swap if method == "swap" else run_sgd
@@ -56,10 +109,15 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             e.g. ``{"workers": 4, "phase1": {"batch_size": 1024, "stop_acc": 95}}``.
         out: run directory (default: a new temporary folder); must not hold a run unless ``overwrite``.
         procs: local processes (phase 1 data-parallel ranks; phase-2 workers are spread over them).
+    ``data.train_subset`` / ``data.test_subset`` keep the first N samples of a fixed shuffle, as for
+    the built-in datasets. With ``procs > 1`` or ``phase2.layout: processes`` (the default) worker
+    processes import the calling script again: call this under ``if __name__ == "__main__":``.
     Returns:
         (averaged model on CPU with recomputed BN statistics, summary dict as in ``summary.json``).
     Raises:
-        SwapError: invalid config or data, existing run directory, batch not divisible by procs.
+        SwapError: invalid config or data, existing run directory, batch not divisible by procs,
+            augmentation impossible for the image size, a call from a script's top level without
+            the ``__main__`` guard (:func:`check_main_guard`).
     """
     return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite)
 

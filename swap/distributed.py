@@ -244,7 +244,8 @@ def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str, log_pat
     except interrupt.Interrupted as exc:
         sys.exit(128 + int(exc.signum))
     except Exception as exc:                     # reported by the parent, which carries on
-        Path(error_path).write_text(str(log_failure(exc, log_path, "process")))
+        who = Path(log_path).stem if log_path else f"process {os.getpid()}"
+        Path(error_path).write_text(str(log_failure(exc, log_path, who)))
         sys.exit(1)
 
 

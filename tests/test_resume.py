@@ -33,6 +33,17 @@ def reference(tmp_path_factory, real_fashion):
     return out
 
 
+def _assert_resumed_like(reference: Path, out: Path, how: str) -> None:
+    """The averaged model equals the reference's bit for bit, and no training epoch was logged twice."""
+    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference, out))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), f"{k} differs after {how}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
+    assert len(keys) == len(set(keys)) == 3 + 2 * 2
+
+
 def _kill_when(out: Path, trigger: str, data_dir: Path, delay_s: float) -> None:
     """Start `swap train` in its own process group; SIGKILL it `delay_s` after `trigger` appears."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -125,12 +136,7 @@ def test_signal_checkpoints_every_rank_and_resumes(tmp_path, request, real_fashi
     args = ["train", *SETTINGS, "--procs", procs, "--data-dir", str(real_fashion), "--out", str(out)]
     _stop_run(args, out, trigger, signum, to_group)
     assert main(args + ["--resume"]) == 0
-    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference, out))
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), f"{k} differs after the signal and resume"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
-    assert len(keys) == len(set(keys)) == 3 + 2 * 2
+    _assert_resumed_like(reference, out, "the signal and resume")
 
 
 ABS = ["--method", "abs", "--set", "abs.epochs=3", "--set", "abs.batch_size=64", "--set", "abs.fallback_epochs=1",
@@ -217,9 +223,4 @@ def test_auto_resume_under_torchrun_survives_a_killed_rank(tmp_path, reference_2
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-3000:]
     assert "stale" in stderr                        # the restarted rank 0 took over the dead one's lock
-    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (reference_2procs, out))
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), f"{k} differs after the killed rank and torchrun's restart"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
-    assert len(keys) == len(set(keys)) == 3 + 2 * 2
+    _assert_resumed_like(reference_2procs, out, "the killed rank and torchrun's restart")

@@ -23,50 +23,105 @@ from .config import SwapError
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; when the block succeeds, fsync it and rename it to
-    ``path``. When the block (or the fsync or rename) fails, e.g. on a full disk, the temporary file
-    is removed and the error re-raised: no ``*.tmp`` is left, and ``path`` keeps its old contents."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_paths(*paths: Path):
+    """Yield one temporary path beside each of ``paths`` (a list); when the block succeeds, fsync
+    them all, then rename each to its path, in order. When the block or an fsync fails, e.g. on a
+    full disk, every temporary file is removed and the error re-raised: no ``*.tmp`` is left and
+    every path keeps its old contents. Only the renames, which allocate no space, remain between
+    the old and the new set of files."""
+    tmps = [Path(p).with_name(Path(p).name + ".tmp") for p in paths]
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_path`).
+    """Write ``data`` to ``path`` atomically (:func:`atomic_paths`).
 
     Raises:
         OSError: the write failed (nothing is left behind; ``path`` is unchanged).
     """
-    with atomic_path(Path(path)) as tmp:
+    with atomic_paths(Path(path)) as (tmp,):
         tmp.write_bytes(data)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=None) -> None:
     """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``;
-    with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. The JSON is
-    written last, so a checkpoint whose JSON exists is complete. Each file is written atomically.
+    with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. All files
+    are written and fsynced under temporary names first, then renamed, the JSON last, so a
+    checkpoint whose JSON exists is complete, and a failed write leaves the previous one whole.
 
     Raises:
         OSError: a write failed (e.g. disk full); no temporary file is left behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if optimizer is not None:
-        buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
-        atomic_write_bytes(path.with_suffix(".optim.pt"), buffer.getvalue())
+    targets = ([path.with_suffix(".optim.pt")] if optimizer is not None else []) + [
+        path.with_suffix(".safetensors"), path.with_suffix(".json")]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path.with_suffix(".safetensors")) as tmp:
-        save_file(state, str(tmp))
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=1).encode())
+    with atomic_paths(*targets) as tmps:
+        hashes = {}
+        if optimizer is not None:
+            buffer = io.BytesIO()
+            torch.save(optimizer.state_dict(), buffer)
+            tmps[0].write_bytes(buffer.getvalue())
+            hashes["optim_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        save_file(state, str(tmps[-2]))
+        digest = hashlib.sha256(tmps[-2].read_bytes()).hexdigest()
+        tmps[-1].write_bytes(json.dumps({**meta, "sha256": digest, **hashes}, indent=1).encode())
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def recover(folder: str | Path) -> list[str]:
+    """Finish or discard checkpoint writes that a killed process left half done, before a resume.
+
+    :func:`save_checkpoint` writes every file of a checkpoint under a temporary name, then renames
+    them, the JSON last. A process killed between two renames leaves a checkpoint whose files come
+    from two saves (e.g. the new optimizer state beside the old weights), and resuming from it
+    would not continue the run it came from. Here, a complete ``NAME.json.tmp`` whose hashes match
+    the files (temporary or already renamed) is rolled forward: its remaining renames are done.
+    Any other temporary file is a write that never reached its renames and is removed. Call it
+    only while no process is writing checkpoints (``RunDir.prepare`` does, when resuming).
+
+    Returns:
+        the base names of the checkpoints rolled forward.
+    """
+    folder = Path(folder)
+    done = []
+    for meta_tmp in sorted(folder.rglob("*.json.tmp")):
+        base = meta_tmp.with_name(meta_tmp.name[: -len(".json.tmp")])
+        parts = [(base.with_suffix(".safetensors"), "sha256"), (base.with_suffix(".optim.pt"), "optim_sha256")]
+        try:
+            meta = json.loads(meta_tmp.read_text())
+        except (OSError, ValueError):
+            continue                                     # torn metadata: the renames never began
+        files = [(p, meta[key]) for p, key in parts if key in meta]
+        current = [(p.with_name(p.name + ".tmp") if p.with_name(p.name + ".tmp").is_file() else p, want)
+                   for p, want in files]
+        if "sha256" not in meta or any(_sha256(c) != want for c, want in current):
+            continue
+        for (p, _), (c, _) in zip(files, current):
+            if c != p:
+                os.replace(c, p)
+        os.replace(meta_tmp, base.with_suffix(".json"))
+        done.append(base.name)
+    for tmp in folder.rglob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return done
 
 
 def checkpoint_exists(path: str | Path) -> bool:
@@ -104,6 +159,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
         raise SwapError(f"checkpoint {path}: cannot read ({exc})") from None
     if meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise SwapError(f"checkpoint {weights}: contents do not match the hash in {meta_path.name} (corrupt)")
+    optim_path = path.with_suffix(".optim.pt")
+    if optimizer is not None and meta.get("optim_sha256") and _sha256(optim_path) != meta["optim_sha256"]:
+        raise SwapError(f"checkpoint {optim_path}: contents do not match the hash in {meta_path.name} (corrupt, "
+                        f"or from another save)")
     if config_hash is not None and meta.get("config_hash") != config_hash:
         raise SwapError(f"checkpoint {path} was written with config {meta.get('config_hash')}, this run's config is "
                         f"{config_hash}; resume with the saved config or start a new run directory")

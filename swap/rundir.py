@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, recover
 from .config import Config, SwapError, config_from_dict
 
 
@@ -63,6 +63,8 @@ class RunDir:
         ``auto_resume`` (``--auto-resume``, for restarts under ``torchrun --max-restarts`` or a
         scheduler that requeues): continue when the directory holds a run of the same config
         (as ``resume``), start when it holds no run (no ``config.yaml``) and is empty or absent.
+        When continuing, checkpoint writes that a killed run left half done are finished or
+        discarded first (:func:`swap.checkpoint.recover`).
 
         Raises:
             SwapError: the directory exists and holds files but neither ``overwrite`` nor
@@ -86,6 +88,10 @@ class RunDir:
                                 f"resume with the same settings or use a new --out")
             if saved.to_dict() != cfg.to_dict():       # only keys of config.NOT_HASHED changed
                 atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+            if (run.path / "checkpoints").is_dir():     # writes that a killed run left half done
+                rolled = recover(run.path / "checkpoints")
+                if rolled:
+                    print(f"swap: finished the interrupted write of checkpoint(s) {', '.join(rolled)}", file=sys.stderr)
             return run
         if exists and not overwrite:
             raise SwapError(f"run directory {run.path} already exists; pass --overwrite to replace it, "

@@ -150,8 +150,8 @@ def test_augmentation_impossible_for_the_image_size_exits_2(tmp_path, no_system_
 
 
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """Disk full at any of the three file writes of a checkpoint: the error propagates and no
-    *.tmp is left; when the first write fails, the checkpoint written before is untouched."""
+    """Disk full at any of the three file writes of a checkpoint: the error propagates, no *.tmp is
+    left, and the checkpoint written before is whole: its weights, metadata and optimizer state."""
     import errno
     import os
 
@@ -162,6 +162,8 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     opt.step()
     save_checkpoint(tmp_path / "c", model, {"epoch": 1}, opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.step()                                                # the weights the failed writes try to save
     real_fsync = os.fsync
     for fail_at in range(3):                                  # optim.pt, safetensors, json
         calls = {"n": 0}
@@ -176,6 +178,7 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
             save_checkpoint(tmp_path / "c", model, {"epoch": 2}, opt)
         monkeypatch.setattr(ck.os, "fsync", real_fsync)
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [], fail_at
-        if fail_at == 0:                                      # nothing was replaced: the old checkpoint loads
-            fresh = build_model("smallcnn", 10, 1)
-            assert load_checkpoint(tmp_path / "c", fresh)["epoch"] == 1
+        fresh = build_model("smallcnn", 10, 1)                # nothing was replaced: the old checkpoint loads
+        fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+        assert load_checkpoint(tmp_path / "c", fresh, optimizer=fresh_opt)["epoch"] == 1
+        assert all(torch.equal(a, b) for a, b in zip(before.values(), fresh.state_dict().values()))

@@ -224,3 +224,68 @@ def test_auto_resume_under_torchrun_survives_a_killed_rank(tmp_path, reference_2
     assert proc.returncode == 0, stderr[-3000:]
     assert "stale" in stderr                        # the restarted rank 0 took over the dead one's lock
     _assert_resumed_like(reference_2procs, out, "the killed rank and torchrun's restart")
+
+
+def _saved_pair(tmp_path):
+    """A model + optimizer saved at 'epoch 1' as checkpoint A, and one more update later, at
+    'epoch 2', as checkpoint B (both with their optimizer state)."""
+    from swap.checkpoint import save_checkpoint
+    from swap.models import build_model
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    states = []
+    for epoch, name in ((1, "a"), (2, "b")):
+        opt.zero_grad()
+        model(torch.randn(4, 1, 28, 28)).sum().backward()
+        opt.step()
+        save_checkpoint(tmp_path / "ck" / name, model, {"epoch": epoch}, opt)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+def _load(base):
+    from swap.checkpoint import load_checkpoint
+    from swap.models import build_model
+    model = build_model("smallcnn", 10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    meta = load_checkpoint(base, model, optimizer=opt)
+    return meta, model.state_dict(), opt.state_dict()
+
+
+def test_a_write_killed_between_its_renames_is_rolled_forward(tmp_path):
+    """SIGKILL after the new optimizer state was renamed into place but before the weights and the
+    metadata were: resuming from that mix would not continue the run (the flaky phase-1 kill test
+    hit exactly this). recover() finishes the write, so A becomes the epoch-2 checkpoint, whole."""
+    import shutil
+
+    from swap.checkpoint import recover
+    states = _saved_pair(tmp_path)
+    ck = tmp_path / "ck"
+    shutil.copy(ck / "b.optim.pt", ck / "a.optim.pt")                  # renamed before the kill
+    shutil.copy(ck / "b.safetensors", ck / "a.safetensors.tmp")        # still waiting for their renames
+    shutil.copy(ck / "b.json", ck / "a.json.tmp")
+    with pytest.raises(Exception, match="optim.pt: contents do not match"):
+        _load(ck / "a")                                                # the torn mix is refused
+    assert recover(ck) == ["a"]
+    meta, weights, optim = _load(ck / "a")
+    assert meta["epoch"] == 2 and not list(ck.glob("*.tmp"))
+    assert all(torch.equal(weights[k], states[1][k]) for k in weights)
+    assert all(torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+               for x, y in zip(optim["state"].values(), _load(ck / "b")[2]["state"].values()))
+
+
+def test_a_write_killed_before_its_renames_is_discarded(tmp_path):
+    """Killed while the temporary files were being written (metadata incomplete): the previous
+    checkpoint is whole and stays; the temporary files go."""
+    import shutil
+
+    from swap.checkpoint import recover
+    states = _saved_pair(tmp_path)
+    ck = tmp_path / "ck"
+    shutil.copy(ck / "b.optim.pt", ck / "a.optim.pt.tmp")
+    shutil.copy(ck / "b.safetensors", ck / "a.safetensors.tmp")
+    (ck / "a.json.tmp").write_text((ck / "b.json").read_text()[:40])
+    assert recover(ck) == [] and not list(ck.glob("*.tmp"))
+    meta, weights, _ = _load(ck / "a")
+    assert meta["epoch"] == 1 and all(torch.equal(weights[k], states[0][k]) for k in weights)

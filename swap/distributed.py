@@ -77,8 +77,30 @@ def setup(device_name: str = "cpu", threads: int = 0, join: bool = True) -> Dist
     threads = threads or default_threads(local_world)
     torch.set_num_threads(threads)
     if join and world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=_attempt_store(world), rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
     return Dist(rank, world, local_rank, device, threads)
+
+
+def _attempt_store(world: int) -> "dist.Store":
+    """The key-value store of this launch attempt: a client of the elastic agent's store
+    (MASTER_ADDR:MASTER_PORT) under the prefix ``swap/attempt{TORCHELASTIC_RESTART_COUNT}/``.
+
+    torch's elastic agent keeps one store for all restarts of a job (measured: the same port, and
+    keys of attempt 0 still there in attempt 1), while the process group's rendezvous keys are not
+    namespaced by attempt. A restarted rank could then read a dead rank's address from the previous
+    attempt and wait on it for the whole gloo timeout (seen under ``torchrun --max-restarts 1``:
+    both restarted ranks hung in ``ProcessGroupGloo``'s constructor). The prefix gives every
+    attempt fresh keys.
+    """
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"swap/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def teardown() -> None:

@@ -61,7 +61,7 @@ def our_loop(model, train_set, mean, std, batch: int, micro: int, steps: int) ->
 def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
     """Rank function: train this rank's share of ``workers`` phase-2 workers; return wall seconds."""
     from swap import distributed
-    from swap.algorithms.common import Context
+    from swap.context import Context
     from swap.config import load_config
     from swap.train import train
 

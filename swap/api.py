@@ -11,7 +11,6 @@ from typing import Callable
 
 from torch import nn
 
-from . import distributed
 from .checkpoint import load_checkpoint
 from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
@@ -75,8 +74,7 @@ def check_main_guard(entry: str) -> None:
 
 
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite):
-    from .algorithms.sgd import run_sgd
-    from .algorithms.swap import run_swap
+    from . import methods
 
     cfg = config if isinstance(config, Config) else load_config(None, config)
     if procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"):
@@ -85,13 +83,13 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
     test_set = _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
     augment_for(cfg.data, train_set)
+    methods.METHODS[method].check(cfg, procs, len(train_set))
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
-    fn = run_swap if method == "swap" else run_sgd
-    summary = distributed.launch(fn, procs, cfg, out, time.time(), False, model_fn, (train_set, test_set),
-                                 log_dir=RunDir(out).logs_dir)
+    summary = methods.launch(method, methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set)),
+                             procs)
     model = model_fn()
-    load_checkpoint(RunDir(out).checkpoint(method), model)
+    load_checkpoint(RunDir(out).checkpoint(methods.METHODS[method].checkpoint), model)
     return model, summary
 
 

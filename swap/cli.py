@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -9,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SwapError, check_world, load_config
+from .config import SwapError, load_config
 from .interrupt import Interrupted
+from .methods import METHODS
 
 EPILOG = """examples:
   swap train --config fashion_mnist_quick --workers 2
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with SWAP or plain SGD; writes a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     t.add_argument("--config", required=True, help="preset name under configs/ (e.g. fashion_mnist_quick) or a YAML path")
-    t.add_argument("--method", choices=["swap", "sgd", "abs", "absa"], default="swap",
+    t.add_argument("--method", choices=[m.name for m in METHODS.values() if m.cli], default="swap",
                    help="SWAP (3 phases), plain SGD, or adaptive batch size (abs; absa adds FGSM adversarial training)")
     t.add_argument("--workers", type=int, help="W: phase-2 workers (SWAP) / data-parallel ranks (SGD); config key 'workers'")
     t.add_argument("--procs", type=int, help="local processes (default min(W, CPU cores)); config key 'procs'")
@@ -118,47 +120,34 @@ def local_procs(cfg) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .algorithms.adaptive_batch import run_abs, train_abs
-    from .algorithms.sgd import run_sgd
-    from .algorithms.swap import run_swap
+    from . import distributed, methods
     from .data import augment_for, load_dataset
     from .report import results_table
     from .rundir import RunDir
 
     cfg = config_from_args(args)
+    method = methods.get_method(args.method)
     # With --auto-resume every rank runs as a resume: one that finds no checkpoint starts from scratch
     # (so ranks need not agree whether the directory held a run before the first of them prepared it).
     resume = args.resume or args.auto_resume
-    fn = {"swap": run_swap, "sgd": run_sgd}.get(args.method)
-    rank_args: tuple = ()
-    if fn is None:                                     # abs, absa: adaptive batch size
-        fn, rank_args = run_abs, (None, None, args.method == "absa", False)
     out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
+    spec = methods.RunSpec(cfg, out, None, resume)
 
     if distributed.under_launcher():
         # torchrun started this process: it is one rank; the first process on each machine prepares
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             with RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume).locked():
-                summary = distributed.run_rank(fn, cfg, out, None, resume, *rank_args, log_dir=RunDir(out).logs_dir)
+                summary = methods.run_rank(args.method, spec)
         else:
-            summary = distributed.run_rank(fn, cfg, out, None, resume, *rank_args, log_dir=RunDir(out).logs_dir)
+            summary = methods.run_rank(args.method, spec)
     else:
         procs = local_procs(cfg)
-        batches = {"swap": [("phase1", cfg.phase1.batch_size)], "sgd": [("sgd", cfg.sgd.batch_size)]}.get(
-            args.method, [] if cfg.abs.elastic else [("abs", cfg.abs.batch_size)])
-        for section, b in batches:
-            check_world(cfg, procs, b, section)
+        method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
                                 holdout=cfg.data.holdout)
-        keys = [(f"{section}.batch_size", b) for section, b in batches]
-        if args.method == "swap":
-            keys += [("phase2.batch_size", cfg.phase2.batch_size), ("phase3.bn_batch_size", cfg.phase3.bn_batch_size)]
-        for key, b in keys:
-            if b > len(train_set):
-                raise SwapError(f"{key}={b} exceeds the {len(train_set)} training samples")
+        method.check(cfg, procs, len(train_set))
         augment_for(cfg.data, train_set)
         del train_set
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
@@ -168,10 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}", file=sys.stderr)
         with run.locked():
             try:
-                if args.method in ("abs", "absa"):
-                    summary = train_abs(cfg, out, time.time(), resume, args.method == "absa", procs)
-                else:
-                    summary = distributed.launch(fn, procs, cfg, out, time.time(), resume, log_dir=run.logs_dir)
+                summary = methods.launch(args.method, dataclasses.replace(spec, t0=time.time()), procs)
             except Interrupted as exc:
                 summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
     if summary is not None and "interrupted" in summary:

@@ -20,34 +20,19 @@ its wall time, updates and samples are added to the SWA method's.
 """
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from . import distributed
-from .config import Config, SwapError, check_world
+from .config import Config, SwapError
+from .methods import METHODS, RunSpec, launch
 from .rundir import RunDir
 
-METHODS = ("sgd-small", "sgd-large", "swap", "swa-large", "swa-lb-sb", "swa-small", "extrap-large", "swap-extrap",
-           "abs", "absa")
-STARTS = {"swa-small": ("sgd-small", "sgd"), "swa-lb-sb": ("swap", "phase1"), "swa-large": ("swap", "phase1")}
-
-
-def method_config(cfg: Config, method: str, seed: int) -> Config:
-    """The run config of one method and seed: sgd-small/sgd-large copy their section into ``sgd``."""
-    out = copy.deepcopy(cfg)
-    out.seed = seed
-    if method == "sgd-small":
-        out.sgd = copy.deepcopy(cfg.sgd_small)
-    elif method in ("sgd-large", "extrap-large"):
-        out.sgd = copy.deepcopy(cfg.sgd_large)
-        out.sgd.optimizer = "extrap" if method == "extrap-large" else "sgd"
-    elif method == "swap-extrap":
-        out.phase1.optimizer = "extrap"
-    return out
+# The compare's methods, in run order (each SWA method after the run it starts from).
+COMPARED = tuple(name for name in METHODS if name != "sgd")
+STARTS = {name: m.start for name, m in METHODS.items() if m.start}
 
 
 def plan(methods: list[str]) -> list[str]:
@@ -56,56 +41,39 @@ def plan(methods: list[str]) -> list[str]:
     Raises:
         SwapError: unknown method.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in COMPARED]
     if unknown:
-        raise SwapError(f"unknown method '{unknown[0]}' (known: {', '.join(METHODS)})")
+        raise SwapError(f"unknown method '{unknown[0]}' (known: {', '.join(COMPARED)})")
     needed = set(methods) | {STARTS[m][0] for m in methods if m in STARTS}
-    return [m for m in METHODS if m in needed]
-
-
-def check_compare(cfg: Config, methods: list[str], procs: int) -> None:
-    """Refuse a compare whose batches cannot split over ``procs`` before any run starts."""
-    batches = {"sgd-small": [("sgd_small", cfg.sgd_small.batch_size)], "sgd-large": [("sgd_large", cfg.sgd_large.batch_size)],
-               "swap": [("phase1", cfg.phase1.batch_size)], "swa-large": [("phase1", cfg.phase1.batch_size)],
-               "swa-lb-sb": [("phase2", cfg.phase2.batch_size)], "swa-small": [("phase2", cfg.phase2.batch_size)],
-               "extrap-large": [("sgd_large", cfg.sgd_large.batch_size)], "swap-extrap": [("phase1", cfg.phase1.batch_size)],
-               "abs": [] if cfg.abs.elastic else [("abs", cfg.abs.batch_size)]}
-    batches["absa"] = batches["abs"]
-    for m in methods:
-        for section, b in batches[m]:
-            check_world(cfg, procs, b, section)
+    return [m for m in COMPARED if m in needed]
 
 
 def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, procs: int) -> dict:
-    """Run every (seed, method) not yet finished, then build, write and return the report."""
-    from .algorithms.adaptive_batch import train_abs
-    from .algorithms.sgd import run_sgd
-    from .algorithms.swa import run_swa
-    from .algorithms.swap import run_swap
+    """Run every (seed, method) not yet finished, then build, write and return the report.
 
+    Raises:
+        SwapError: an unknown method, or a batch that does not split over ``procs`` (before any run).
+    """
     out = Path(out)
     order = plan(methods)
-    check_compare(cfg, order, procs)
+    for name in order:
+        METHODS[name].check(cfg, procs)
     for seed in range(seeds):
-        for method in order:
-            run = RunDir(out / method / f"seed{seed}")
+        for name in order:
+            method = METHODS[name]
+            run = RunDir(out / name / f"seed{seed}")
             if run.summary_path.is_file():
                 continue
-            mcfg = method_config(cfg, method, seed)
-            resume = method in ("swap", "swap-extrap") and run.config_path.is_file()
+            mcfg = method.config(cfg, seed)
+            resume = method.summary == "swap" and run.config_path.is_file()
             RunDir.prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
-            print(f"swap compare: seed {seed} {method} -> {run.path}", file=sys.stderr)
-            if method in STARTS:
-                source, ckpt = STARTS[method]
+            print(f"swap compare: seed {seed} {name} -> {run.path}", file=sys.stderr)
+            start = None
+            if method.start:
+                source, ckpt = method.start
                 src = RunDir(out / source / f"seed{seed}")
                 start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
-                distributed.launch(run_swa, procs, mcfg, run.path, time.time(), False, None, None, method, start,
-                                   log_dir=run.logs_dir)
-            elif method in ("abs", "absa"):
-                train_abs(mcfg, run.path, time.time(), False, method == "absa", procs)
-            else:
-                fn = run_swap if method in ("swap", "swap-extrap") else run_sgd
-                distributed.launch(fn, procs, mcfg, run.path, time.time(), resume, log_dir=run.logs_dir)
+            launch(name, RunSpec(mcfg, run.path, time.time(), resume, start=start), procs)
     report = build_report(out, methods, seeds)
     write_report(out, report)
     return report

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .methods import METHODS
 from .config import Config
 from .data import Augment, ImageDataset, Loader
 from .train import evaluate, train
@@ -100,7 +101,8 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
         return n * n_test / thr.eval / (hw.devices if sharded else 1)
 
     out = {}
-    for method, s in (("sgd-small", cfg.sgd_small), ("sgd-large", cfg.sgd_large)):
+    for method in ("sgd-small", "sgd-large"):
+        s = METHODS[method].config(cfg).sgd                          # the section the method trains with
         updates = s.epochs * (n_train // s.batch_size)
         train_s = updates * update_s(thr, hw, s.batch_size, s.micro_batch_size)
         out[method] = {"train_s": train_s, "eval_s": evals(s.epochs, True), "updates": updates}
@@ -204,7 +206,5 @@ def chunk_sizes(cfg: Config, devices: int) -> list[int]:
     def chunk(batch: int, micro: int, d: int) -> int:
         share = batch // d
         return micro if 0 < micro < share else share
-    return sorted({chunk(cfg.sgd_small.batch_size, cfg.sgd_small.micro_batch_size, devices),
-                   chunk(cfg.sgd_large.batch_size, cfg.sgd_large.micro_batch_size, devices),
-                   chunk(cfg.phase1.batch_size, cfg.phase1.micro_batch_size, devices),
-                   cfg.phase2.batch_size})
+    sections = [METHODS[m].config(cfg).sgd for m in ("sgd-small", "sgd-large")] + [cfg.phase1]
+    return sorted({chunk(s.batch_size, s.micro_batch_size, devices) for s in sections} | {cfg.phase2.batch_size})

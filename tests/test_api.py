@@ -48,3 +48,14 @@ def test_train_swap_with_custom_model(tmp_path):
     mean, std = train_x.float().mean(dim=(0, 2, 3)), train_x.float().std(dim=(0, 2, 3))
     acc = swap.evaluate(model, swap.ImageDataset(x_test, y_test, 4), mean, std)
     assert abs(acc - summary["test_acc"]["averaged"]) < 1e-9
+
+
+def test_batches_impossible_for_the_processes_or_the_data_are_refused_before_any_work(tmp_path):
+    import pytest
+    config = {"data": {"crop_padding": 0, "flip": False, "cutout": 0}, "phase1": {"batch_size": 100}}
+    with pytest.raises(swap.SwapError, match="phase1.batch_size=100 is not divisible by the number of processes"):
+        swap.train_swap(tiny_net, _quadrant_data(1024, 0), _quadrant_data(64, 1), config, out=tmp_path / "a", procs=3)
+    with pytest.raises(swap.SwapError, match="phase2.batch_size=512 exceeds the 256 training samples"):
+        swap.train_swap(tiny_net, _quadrant_data(256, 0), _quadrant_data(64, 1), {**config, "phase1": {"batch_size": 128}},
+                        out=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -93,7 +93,8 @@ def test_a_failed_rank_is_one_line_naming_its_log_file(tmp_path, capfd):
     import swap
     from test_api import _quadrant_data
     config = {"workers": 2, "data": {"crop_padding": 0, "flip": False, "cutout": 0},
-              "phase1": {"batch_size": 128, "max_epochs": 1, "warmup_epochs": 0}, "phase2": {"epochs": 1}}
+              "phase1": {"batch_size": 128, "max_epochs": 1, "warmup_epochs": 0}, "phase2": {"batch_size": 32, "epochs": 1},
+              "phase3": {"bn_batch_size": 64}}
     with pytest.raises(SwapError) as info:
         swap.train_swap(net_failing_on_rank_1, _quadrant_data(256, 0), _quadrant_data(64, 1), config,
                         out=tmp_path / "run", procs=2)

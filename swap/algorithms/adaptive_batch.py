@@ -38,7 +38,8 @@ from ..hessian import model_top_eigenvalue
 from ..rundir import RunDir
 from ..schedules import warmup_decay
 from ..train import average_bn_buffers, train
-from .common import Context
+from ..context import Context
+from ..methods import RunSpec
 
 _RESOLUTION = 1000          # LR-schedule steps per epoch: the shape is over epochs, whatever the batch
 
@@ -97,8 +98,7 @@ def max_pool(cfg: Config) -> int:
     return cfg.abs.max_workers or cfg.procs or (os.cpu_count() or 1)
 
 
-def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False, model_fn=None,
-            data=None, adversarial: bool = False, elastic: bool = False) -> dict | None:
+def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> dict | None:
     """ABS (or ABSA with ``adversarial``) on every rank of the current group.
 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
@@ -109,7 +109,8 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     Returns:
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
     """
-    ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    ctx = Context.for_run(spec)
+    cfg, resume = spec.cfg, spec.resume
     d, a, run = ctx.dist, cfg.abs, ctx.run
     method = "absa" if adversarial else "abs"
     model = ctx.build_model()
@@ -210,8 +211,7 @@ def run_abs(cfg: Config, run_path: str | Path, t0: float | None = None, resume: 
     return summary
 
 
-def train_abs(cfg: Config, run_path: str | Path, t0: float, resume: bool = False, adversarial: bool = False,
-              procs: int | None = None) -> dict | None:
+def train_abs(spec: RunSpec, procs: int | None = None, adversarial: bool = False) -> dict | None:
     """The driver: launch ABS/ABSA groups until the run finishes. With ``abs.elastic`` the first
     group has the base batch's pool size and each resize starts a new group (torch.distributed's
     elastic launcher) that resumes from the checkpoint; otherwise ``procs`` processes throughout.
@@ -219,20 +219,19 @@ def train_abs(cfg: Config, run_path: str | Path, t0: float, resume: bool = False
     Returns:
         rank 0's summary, or ``{"interrupted": ...}`` after a stop signal.
     """
+    cfg, run = spec.cfg, RunDir(spec.run_path)
     a = cfg.abs
     if not a.elastic:
-        return distributed.launch(run_abs, procs or 1, cfg, run_path, t0, resume, None, None, adversarial, False,
-                                  log_dir=RunDir(run_path).logs_dir)
+        return distributed.launch(run_abs, procs or 1, spec, adversarial, False, log_dir=run.logs_dir)
     world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
-    last = RunDir(run_path).checkpoint(f"{'absa' if adversarial else 'abs'}_last")
-    if resume and checkpoint_exists(last):
+    last = run.checkpoint(f"{'absa' if adversarial else 'abs'}_last")
+    if spec.resume and checkpoint_exists(last):
         world = pool_size(read_meta(last)["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
     while True:
-        out = distributed.launch(run_abs, world, cfg, run_path, t0, resume, None, None, adversarial, True,
-                                 log_dir=RunDir(run_path).logs_dir)
+        out = distributed.launch(run_abs, world, spec, adversarial, True, log_dir=run.logs_dir)
         if not (isinstance(out, dict) and "resize" in out):
             return out
-        world, resume = out["resize"], True
+        world, spec = out["resize"], dataclasses.replace(spec, resume=True)
 
 
 def _eigen_sample(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:

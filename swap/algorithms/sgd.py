@@ -17,7 +17,8 @@ from .. import distributed
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..config import Config, check_world
 from ..train import average_bn_buffers, train, unwrap
-from .common import Context
+from ..context import Context
+from ..methods import RunSpec
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
@@ -104,14 +105,14 @@ def _both(first, second):
     return (lambda rec: [h(rec) for h in hooks]) if hooks else None
 
 
-def run_sgd(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
-            model_fn=None, data=None) -> dict | None:
+def run_sgd(spec: RunSpec) -> dict | None:
     """The SGD baseline on every rank (``swap train --method sgd``); rank 0 returns the summary.
 
     Writes metrics, ``checkpoints/sgd`` and ``summary.json`` into the run directory; ``resume``
-    continues from ``checkpoints/sgd_last``. ``model_fn``/``data`` as in :func:`swap.algorithms.swap.run_swap`.
+    continues from ``checkpoints/sgd_last``. ``spec`` as in :func:`swap.algorithms.swap.run_swap`.
     """
-    ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    ctx = Context.for_run(spec)
+    cfg, resume = spec.cfg, spec.resume
     if resume:
         ctx.prune_metrics_for_resume()
     s = cfg.sgd

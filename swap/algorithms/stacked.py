@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from .. import interrupt
 from ..checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from ..train import DivergenceGuard, autocast
-from .common import Context
+from ..context import Context
 
 
 def positions(ctx: Context, workers: list[int], resume: bool) -> set[tuple[int, int]]:

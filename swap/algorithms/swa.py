@@ -24,28 +24,29 @@ from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..schedules import cyclic
-from .common import Context
+from ..context import Context
+from ..methods import RunSpec
 from .sgd import train_data_parallel
 
 VARIANTS = ("swa-large", "swa-lb-sb", "swa-small")
 
 
-def run_swa(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False, model_fn=None,
-            data=None, variant: str = "swa-small", start: dict | None = None) -> dict | None:
+def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
     """SWA cycles from a start checkpoint on every rank; rank 0 returns the summary.
 
     Args:
+        spec: the run; ``spec.start`` is ``{"checkpoint": base path of the start model, "summary":
+            the start run's summary.json}``; its wall time, updates and samples are added to this
+            run's, since the SWA method includes the training that produced its start model.
         variant: one of :data:`VARIANTS`.
-        start: ``{"checkpoint": base path of the start model, "summary": the start run's
-            summary.json}``; its wall time, updates and samples are added to this run's, since
-            the SWA method includes the training that produced its start model.
     Raises:
         ValueError: unknown variant or no start.
         SwapError: the start checkpoint does not match the model.
     """
+    cfg, start = spec.cfg, spec.start
     if variant not in VARIANTS or not start:
         raise ValueError(f"run_swa needs a variant in {VARIANTS} and a start checkpoint")
-    ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    ctx = Context.for_run(spec)
     d = ctx.dist
     model = ctx.build_model()
     load_checkpoint(start["checkpoint"], model)

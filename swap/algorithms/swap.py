@@ -32,20 +32,21 @@ from ..averaging import average_state_dicts, bn_buffer_names
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..config import Config, SwapError
 from ..train import train
-from .common import Context
+from ..context import Context
+from ..methods import RunSpec
 from .sgd import train_data_parallel
 from .stacked import positions, train_stacked
 
 
-def run_swap(cfg: Config, run_path: str | Path, t0: float | None = None, resume: bool = False,
-             model_fn=None, data=None) -> dict | None:
+def run_swap(spec: RunSpec) -> dict | None:
     """SWAP on every rank; rank 0 writes ``summary.json`` and returns the summary (others ``None``).
 
-    With ``resume`` a finished phase 1 and finished workers are loaded from their checkpoints
-    (verified against the config hash) instead of being trained again. ``model_fn`` and ``data``
-    (train, test ``ImageDataset``) replace the configured model and dataset.
+    With ``spec.resume`` a finished phase 1 and finished workers are loaded from their checkpoints
+    (verified against the config hash) instead of being trained again. ``spec.model_fn`` and
+    ``spec.data`` (train, test ``ImageDataset``) replace the configured model and dataset.
     """
-    ctx = Context.create(cfg, run_path, t0, model_fn, data)
+    ctx = Context.for_run(spec)
+    cfg, resume = spec.cfg, spec.resume
     d, run = ctx.dist, ctx.run
     config_hash = cfg.hash()
     if resume:

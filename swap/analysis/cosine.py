@@ -60,7 +60,7 @@ def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
     Raises:
         SwapError: no iterates saved (run with ``phase2.save_every`` > 0) or no SWAP checkpoint.
     """
-    from ..algorithms.common import Context
+    from ..context import Context
     from ..checkpoint import load_checkpoint
     from ..config import SwapError
     from ..rundir import RunDir
@@ -70,8 +70,7 @@ def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
     names = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
     if not names:
         raise SwapError(f"{run.path} has no saved phase-2 iterates; train with --set phase2.save_every=K (updates)")
-    cfg = run.load_config()
-    ctx = Context.create(cfg, run_path)
+    ctx = Context.from_run_dir(run_path)
     model = ctx.build_model()
     load_checkpoint(run.checkpoint("swap"), model)
     target = flat_params(model)

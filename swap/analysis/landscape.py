@@ -115,13 +115,11 @@ def landscape_rank(run_path: str, names: list[str], size: int, margin: float, su
     ``coords`` and ``names``.
     """
     from .. import distributed
-    from ..algorithms.common import Context
+    from ..context import Context
     from ..checkpoint import load_checkpoint
-    from ..rundir import RunDir
 
-    run = RunDir(run_path)
-    cfg = run.load_config()
-    ctx = Context.create(cfg, run_path)
+    ctx = Context.from_run_dir(run_path)
+    run, cfg = ctx.run, ctx.cfg
     model = ctx.build_model()
     vectors = []
     for name in names:

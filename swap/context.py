@@ -1,5 +1,6 @@
-"""What every algorithm needs on each rank: process set-up, data on the device, model factory,
-optimizer, loaders, evaluation and the metrics sink. The algorithms compose these.
+"""One rank's view of a run: process set-up, data on the device, model factory, optimizer, loaders,
+evaluation and the metrics sink. The algorithms compose these; the analysis commands rebuild a
+finished run's context with :meth:`Context.from_run_dir`.
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import distributed
-from ..config import Config
-from ..data import Augment, ImageDataset, Loader, augment_for, load_dataset, stream_seed
-from ..models import build_model
-from ..rundir import RunDir, machine_info
-from ..schedules import warmup_decay
-from ..averaging import recompute_bn
-from ..train import amp_dtype_for, autocast, evaluate
-from .extrap import ExtrapSGD
+from . import distributed
+from .config import Config
+from .data import Augment, ImageDataset, Loader, augment_for, load_dataset, stream_seed
+from .models import build_model
+from .rundir import RunDir, machine_info
+from .schedules import warmup_decay
+from .averaging import recompute_bn
+from .train import amp_dtype_for, autocast, evaluate
+from .algorithms.extrap import ExtrapSGD
 
 
 @dataclass
@@ -36,6 +37,21 @@ class Context:
     std: torch.Tensor
     t0: float                             # run start (time.time()), shared by all ranks
     model_fn: Callable[[], nn.Module] | None = None
+
+    @classmethod
+    def for_run(cls, spec, join: bool = True) -> "Context":
+        """The context of a :class:`swap.methods.RunSpec` (inside each rank)."""
+        return cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join)
+
+    @classmethod
+    def from_run_dir(cls, run_path: str | Path) -> "Context":
+        """The context of an existing run directory, from its saved config (for the analysis
+        commands: ``swap landscape``, ``swap cosine``).
+
+        Raises:
+            SwapError: no readable ``config.yaml``; the data cannot be loaded.
+        """
+        return cls.create(RunDir(run_path).load_config(), run_path)
 
     @classmethod
     def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
@@ -141,7 +157,7 @@ class Context:
         """Before resuming: drop metrics records of work the resume will redo, i.e. epochs of a
         phase or worker past its latest checkpoint, and every phase-3 / averaging record.
         Rank 0 rewrites metrics.jsonl; all ranks wait for it."""
-        from ..checkpoint import checkpoint_exists, read_meta
+        from .checkpoint import checkpoint_exists, read_meta
 
         def kept_epochs(record: dict) -> float:
             name = f"worker{record['worker']}" if record["phase"] == "phase2" else record["phase"]

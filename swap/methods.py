@@ -1,0 +1,199 @@
+"""The method registry: every training method in one table, read by ``swap train``, ``swap compare``,
+the library API and ``swap plan``.
+
+A :class:`Method` says which per-rank function trains it (run on every rank by
+:func:`swap.distributed.launch`, or by each process under ``torchrun``), the config sections whose
+``batch_size`` is a global batch split over the ranks, the batches that must fit in the training
+set, how its run config derives from the user's (``sgd-small`` runs the SGD trainer with section
+``sgd_small``), its final checkpoint and the shape of its summary. A :class:`RunSpec` carries what
+every rank function receives, in place of positional argument tuples.
+
+Methods: ``sgd`` (``swap train --method sgd``), the paper's baselines ``sgd-small`` and ``sgd-large``
+(Gupta et al., ICLR 2020, Table 1), ``swap`` (Algorithm 1), the sequential SWA baselines ``swa-large``,
+``swa-lb-sb``, ``swa-small`` (Table 4; Izmailov et al., UAI 2018), extrapolated SGD ``extrap-large``
+and ``swap-extrap`` (Lin et al., ICML 2020), adaptive batch size ``abs`` and ``absa`` (Yao et al. 2018).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Config, SwapError, check_world
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a rank function receives: ``cfg`` (the method's resolved config), ``run_path`` (its run
+    directory), ``t0`` (the run's start, ``time.time()`` seconds, shared by the ranks; None = now),
+    ``resume`` (continue from the checkpoints), for library use ``model_fn`` (a model factory)
+    and ``data`` ((train, test) :class:`swap.data.ImageDataset`), replacing the configured ones,
+    and for the SWA methods their ``start`` model."""
+    cfg: Config
+    run_path: str | Path
+    t0: float | None = None
+    resume: bool = False
+    model_fn: Callable | None = None
+    data: tuple | None = None
+    start: dict | None = None              # SWA methods: {"checkpoint": base path, "summary": dict} of the start
+
+
+
+
+def _copy_section(name: str, optimizer: str | None = None, phase1_optimizer: str | None = None):
+    """A config transform: section ``name`` copied into ``sgd`` (with ``sgd.optimizer`` set), or
+    ``phase1.optimizer`` set."""
+    def configure(cfg: Config) -> None:
+        if name:
+            cfg.sgd = copy.deepcopy(getattr(cfg, name))
+            cfg.sgd.optimizer = optimizer or cfg.sgd.optimizer
+        if phase1_optimizer:
+            cfg.phase1.optimizer = phase1_optimizer
+    return configure
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method of the registry (see the module docstring).
+
+    Attributes:
+        name: the method's name (``swap compare --methods``, ``swap train --method``).
+        rank_fn: ``"module:function"`` of its per-rank function ``fn(spec: RunSpec, **options)``,
+            which returns the summary on rank 0 (imported when run).
+        split: config sections whose ``batch_size`` is a global batch split over the ranks.
+        sized: dotted keys of further batches (besides ``split``'s) that must not exceed the
+            training samples.
+        checkpoint: name of its final checkpoint in ``RUN/checkpoints`` (the trained model).
+        summary: the shape of its ``summary.json``: ``swap`` | ``sgd`` | ``swa`` | ``abs``.
+        options: keyword options of ``rank_fn`` (e.g. the SWA variant).
+        configure: turns the user's config (a copy) into the method's run config, in place.
+        start: ``(method, checkpoint)`` an SWA method starts from (trained first by a compare).
+        driver: ``"module:function"`` that launches the ranks itself (ABS's elastic pool), else None.
+        cli: offered by ``swap train --method``.
+    """
+    name: str
+    rank_fn: str
+    split: Callable[[Config], tuple[str, ...]]
+    sized: tuple[str, ...]
+    checkpoint: str
+    summary: str
+    options: dict = field(default_factory=dict)
+    configure: Callable[[Config], None] | None = None
+    start: tuple[str, str] | None = None
+    driver: str | None = None
+    cli: bool = False
+
+    def config(self, cfg: Config, seed: int | None = None) -> Config:
+        """The run config of this method: a copy of ``cfg`` (with ``seed``), transformed by ``configure``."""
+        out = copy.deepcopy(cfg)
+        if seed is not None:
+            out.seed = seed
+        if self.configure is not None:
+            self.configure(out)
+        return out
+
+    def batches(self, cfg: Config) -> list[tuple[str, int]]:
+        """(section, global batch) of every batch split over the ranks, from the user's config."""
+        return [(s, getattr(cfg, s).batch_size) for s in self.split(cfg)]
+
+    def check(self, cfg: Config, procs: int, train_samples: int | None = None) -> None:
+        """Refuse, before any work, batches that do not split over ``procs`` processes or that
+        exceed ``train_samples``.
+
+        Raises:
+            SwapError: naming the key, its value and the limit.
+        """
+        for section, batch in self.batches(cfg):
+            check_world(cfg, procs, batch, section)
+        if train_samples is not None:
+            for key in [f"{s}.batch_size" for s in self.split(cfg)] + list(self.sized):
+                section, name = key.split(".")
+                value = getattr(getattr(cfg, section), name)
+                if value > train_samples:
+                    raise SwapError(f"{key}={value} exceeds the {train_samples} training samples")
+
+    def function(self, which: str = "rank_fn") -> Callable[..., Any]:
+        """The per-rank function (or the driver) of this method, imported."""
+        module, name = getattr(self, which).split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _phase1(cfg: Config) -> tuple[str, ...]:
+    return ("phase1",)
+
+
+def _abs(cfg: Config) -> tuple[str, ...]:
+    return () if cfg.abs.elastic else ("abs",)      # an elastic pool sizes itself to the batch
+
+
+def _section(name: str) -> Callable[[Config], tuple[str, ...]]:
+    return lambda cfg: (name,)
+
+
+SWAP_SIZED = ("phase2.batch_size", "phase3.bn_batch_size")
+_SWA = "swap.algorithms.swa:run_swa"
+_ABS = "swap.algorithms.adaptive_batch:run_abs"
+_DRIVER = "swap.algorithms.adaptive_batch:train_abs"
+
+# In run order: a compare trains each SWA method's start before it.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sgd", "swap.algorithms.sgd:run_sgd", _section("sgd"), (), "sgd", "sgd", cli=True),
+    Method("sgd-small", "swap.algorithms.sgd:run_sgd", _section("sgd_small"), (), "sgd", "sgd",
+           configure=_copy_section("sgd_small")),
+    Method("sgd-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
+           configure=_copy_section("sgd_large", optimizer="sgd")),
+    Method("swap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", cli=True),
+    Method("swa-large", _SWA, _phase1, (), "swa", "swa", {"variant": "swa-large"}, start=("swap", "phase1")),
+    Method("swa-lb-sb", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-lb-sb"}, start=("swap", "phase1")),
+    Method("swa-small", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-small"}, start=("sgd-small", "sgd")),
+    Method("extrap-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd",
+           "sgd", configure=_copy_section("sgd_large", optimizer="extrap")),
+    Method("swap-extrap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
+           configure=_copy_section("", phase1_optimizer="extrap")),
+    Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER, cli=True),
+    Method("absa", _ABS, _abs, (), "absa", "abs", {"adversarial": True}, driver=_DRIVER, cli=True),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The registry entry of ``name``.
+
+    Raises:
+        SwapError: unknown method (the message lists the known ones).
+    """
+    if name not in METHODS:
+        raise SwapError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def _rank(name: str, spec: RunSpec) -> Any:
+    """Body of one rank (picklable by name for the launcher): the method's function on ``spec``."""
+    method = METHODS[name]
+    return method.function()(spec, **method.options)
+
+
+def launch(name: str, spec: RunSpec, procs: int) -> Any:
+    """Train method ``name`` as ``spec`` says, in ``procs`` local processes (through the method's
+    driver if it has one); return rank 0's summary, or ``{"interrupted": ...}`` after a stop signal.
+    A failed rank's traceback goes to ``RUN/logs``.
+
+    Raises:
+        SwapError: a rank failed (one line; see :func:`swap.distributed.launch`).
+    """
+    from . import distributed
+    from .rundir import RunDir
+
+    method = get_method(name)
+    if method.driver is not None:
+        return method.function("driver")(spec, procs, **method.options)
+    return distributed.launch(_rank, procs, name, spec, log_dir=RunDir(spec.run_path).logs_dir)
+
+
+def run_rank(name: str, spec: RunSpec) -> Any:
+    """This process is one rank (under ``torchrun``): train method ``name`` here."""
+    from . import distributed
+    from .rundir import RunDir
+
+    return distributed.run_rank(_rank, name, spec, log_dir=RunDir(spec.run_path).logs_dir)

@@ -1,0 +1,51 @@
+"""The method registry: each method's run config, batch checks and per-rank function."""
+from __future__ import annotations
+
+import pytest
+
+from swap.config import SwapError, load_config
+from swap.methods import METHODS, get_method
+
+
+def test_each_method_derives_its_run_config_from_the_users():
+    cfg = load_config("fashion_mnist_compare", ["seed=5"])
+    runs = {name: m.config(cfg, seed=2) for name, m in METHODS.items()}
+    assert all(r.seed == 2 for r in runs.values()) and cfg.seed == 5          # a copy; the user's is untouched
+    assert runs["sgd-small"].sgd == cfg.sgd_small
+    assert runs["sgd-large"].sgd == cfg.sgd_large and runs["sgd-large"].sgd.optimizer == "sgd"
+    assert runs["extrap-large"].sgd.batch_size == cfg.sgd_large.batch_size
+    assert runs["extrap-large"].sgd.optimizer == "extrap" and cfg.sgd_large.optimizer == "sgd"
+    assert runs["swap-extrap"].phase1.optimizer == "extrap" and runs["swap"].phase1.optimizer == "sgd"
+    for name in ("sgd", "swap", "swa-large", "swa-lb-sb", "swa-small", "abs", "absa"):
+        expected = load_config("fashion_mnist_compare", ["seed=2"])
+        assert runs[name].to_dict() == expected.to_dict(), name
+
+
+def test_batches_are_checked_against_the_processes_and_the_data():
+    cfg = load_config("fashion_mnist_compare", ["sgd_small.batch_size=130", "phase2.batch_size=100"])
+    with pytest.raises(SwapError, match="sgd_small.batch_size=130 is not divisible by the number of processes"):
+        get_method("sgd-small").check(cfg, 4)
+    get_method("sgd-large").check(cfg, 4)
+    with pytest.raises(SwapError, match="phase2.batch_size=100 is not divisible"):
+        get_method("swa-small").check(cfg, 8)
+    with pytest.raises(SwapError, match="phase3.bn_batch_size=512 exceeds the 300 training samples"):
+        get_method("swap").check(load_config("fashion_mnist_compare", ["phase1.batch_size=256",
+                                                                        "phase2.batch_size=128"]), 2, 300)
+    elastic = load_config("fashion_mnist_compare", ["abs.batch_size=127"])
+    get_method("abs").check(elastic, 2)                                         # the elastic pool sizes itself
+    with pytest.raises(SwapError, match="abs.batch_size=127"):
+        get_method("absa").check(load_config("fashion_mnist_compare", ["abs.batch_size=127", "abs.elastic=false"]), 2)
+
+
+def test_every_method_resolves_to_its_functions_and_checkpoint():
+    for name, m in METHODS.items():
+        assert callable(m.function()) and (m.driver is None or callable(m.function("driver")))
+        assert m.summary in ("swap", "sgd", "swa", "abs")
+        if m.start:
+            assert m.start[0] in METHODS and list(METHODS).index(m.start[0]) < list(METHODS).index(name)
+    with pytest.raises(SwapError, match="unknown method 'sgd-tiny'"):
+        get_method("sgd-tiny")
+    from swap.cli import build_parser
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                   if a.dest == "method").choices
+    assert sorted(choices) == sorted(n for n, m in METHODS.items() if m.cli) == ["abs", "absa", "sgd", "swap"]

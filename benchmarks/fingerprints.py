@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,8 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="swap-fingerprints-"))
     t = time.time()
     done = subprocess.run([sys.executable, "-m", "swap.cli", "compare", *SETTINGS, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          capture_output=True, text=True,         # SWAP_SET would change the runs: not inherited
+                          env={**{k: v for k, v in os.environ.items() if k != "SWAP_SET"}, "PYTHONPATH": str(ROOT)})
     if done.returncode:
         print(done.stderr[-3000:], file=sys.stderr)
         return 1

@@ -22,6 +22,11 @@ from torch import nn
 from .config import SwapError
 
 
+def _tmp(path: Path) -> Path:
+    """Where :func:`atomic_paths` stages ``path`` (and where :func:`recover` looks for it)."""
+    return path.with_name(path.name + ".tmp")
+
+
 @contextlib.contextmanager
 def atomic_paths(*paths: Path):
     """Yield one temporary path beside each of ``paths`` (a list); when the block succeeds, fsync
@@ -29,7 +34,7 @@ def atomic_paths(*paths: Path):
     full disk, every temporary file is removed and the error re-raised: no ``*.tmp`` is left and
     every path keeps its old contents. Only the renames, which allocate no space, remain between
     the old and the new set of files."""
-    tmps = [Path(p).with_name(Path(p).name + ".tmp") for p in paths]
+    tmps = [_tmp(Path(p)) for p in paths]
     try:
         yield tmps
         for tmp in tmps:
@@ -109,14 +114,13 @@ def recover(folder: str | Path) -> list[str]:
             meta = json.loads(meta_tmp.read_text())
         except (OSError, ValueError):
             continue                                     # torn metadata: the renames never began
-        files = [(p, meta[key]) for p, key in parts if key in meta]
-        current = [(p.with_name(p.name + ".tmp") if p.with_name(p.name + ".tmp").is_file() else p, want)
-                   for p, want in files]
-        if "sha256" not in meta or any(_sha256(c) != want for c, want in current):
+        # each file of the save: still staged (its rename not done yet) or already renamed
+        staged = [(p, _tmp(p) if _tmp(p).is_file() else p, meta[key]) for p, key in parts if key in meta]
+        if "sha256" not in meta or any(_sha256(source) != want for _, source, want in staged):
             continue
-        for (p, _), (c, _) in zip(files, current):
-            if c != p:
-                os.replace(c, p)
+        for path, source, _ in staged:
+            if source != path:
+                os.replace(source, path)
         os.replace(meta_tmp, base.with_suffix(".json"))
         done.append(base.name)
     for tmp in folder.rglob("*.tmp"):
@@ -160,9 +164,15 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     if meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise SwapError(f"checkpoint {weights}: contents do not match the hash in {meta_path.name} (corrupt)")
     optim_path = path.with_suffix(".optim.pt")
-    if optimizer is not None and meta.get("optim_sha256") and _sha256(optim_path) != meta["optim_sha256"]:
-        raise SwapError(f"checkpoint {optim_path}: contents do not match the hash in {meta_path.name} (corrupt, "
-                        f"or from another save)")
+    optim_blob = None
+    if optimizer is not None:
+        try:
+            optim_blob = optim_path.read_bytes()
+        except OSError as exc:
+            raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
+        if meta.get("optim_sha256") and hashlib.sha256(optim_blob).hexdigest() != meta["optim_sha256"]:
+            raise SwapError(f"checkpoint {optim_path}: contents do not match the hash in {meta_path.name} (corrupt, "
+                            f"or from another save)")
     if config_hash is not None and meta.get("config_hash") != config_hash:
         raise SwapError(f"checkpoint {path} was written with config {meta.get('config_hash')}, this run's config is "
                         f"{config_hash}; resume with the saved config or start a new run directory")
@@ -185,7 +195,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
         model.load_state_dict(state)
     if optimizer is not None:
         try:
-            optimizer.load_state_dict(torch.load(path.with_suffix(".optim.pt"), weights_only=True))
+            optimizer.load_state_dict(torch.load(io.BytesIO(optim_blob), weights_only=True))
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
     return meta

@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
-                if args.method in ("abs", "absa") and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
+                if method.driver and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
         print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}", file=sys.stderr)
         with run.locked():
             try:

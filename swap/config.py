@@ -330,8 +330,9 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
             cfg.name = path.stem
     if overrides:
         _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
-    if env_overrides():
-        _merge(cfg, parse_overrides(env_overrides()), "")
+    from_env = env_overrides()
+    if from_env:
+        _merge(cfg, parse_overrides(from_env), "")
     validate(cfg)
     return cfg
 

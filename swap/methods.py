@@ -42,16 +42,19 @@ class RunSpec:
 
 
 
-def _copy_section(name: str, optimizer: str | None = None, phase1_optimizer: str | None = None):
-    """A config transform: section ``name`` copied into ``sgd`` (with ``sgd.optimizer`` set), or
-    ``phase1.optimizer`` set."""
+def _sgd_from(section: str, optimizer: str | None = None) -> Callable[[Config], None]:
+    """A config transform: section ``section`` (e.g. ``sgd_small``) becomes the SGD trainer's
+    section ``sgd``, with ``sgd.optimizer`` set to ``optimizer`` when given."""
     def configure(cfg: Config) -> None:
-        if name:
-            cfg.sgd = copy.deepcopy(getattr(cfg, name))
-            cfg.sgd.optimizer = optimizer or cfg.sgd.optimizer
-        if phase1_optimizer:
-            cfg.phase1.optimizer = phase1_optimizer
+        cfg.sgd = copy.deepcopy(getattr(cfg, section))
+        if optimizer:
+            cfg.sgd.optimizer = optimizer
     return configure
+
+
+def _extrapolated_phase1(cfg: Config) -> None:
+    """A config transform: SWAP's phase 1 uses extrapolated SGD (section ``extrap``)."""
+    cfg.phase1.optimizer = "extrap"
 
 
 @dataclass(frozen=True)
@@ -141,17 +144,17 @@ _DRIVER = "swap.algorithms.adaptive_batch:train_abs"
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sgd", "swap.algorithms.sgd:run_sgd", _section("sgd"), (), "sgd", "sgd", cli=True),
     Method("sgd-small", "swap.algorithms.sgd:run_sgd", _section("sgd_small"), (), "sgd", "sgd",
-           configure=_copy_section("sgd_small")),
+           configure=_sgd_from("sgd_small")),
     Method("sgd-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
-           configure=_copy_section("sgd_large", optimizer="sgd")),
+           configure=_sgd_from("sgd_large", optimizer="sgd")),
     Method("swap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", cli=True),
     Method("swa-large", _SWA, _phase1, (), "swa", "swa", {"variant": "swa-large"}, start=("swap", "phase1")),
     Method("swa-lb-sb", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-lb-sb"}, start=("swap", "phase1")),
     Method("swa-small", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-small"}, start=("sgd-small", "sgd")),
     Method("extrap-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd",
-           "sgd", configure=_copy_section("sgd_large", optimizer="extrap")),
+           "sgd", configure=_sgd_from("sgd_large", optimizer="extrap")),
     Method("swap-extrap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
-           configure=_copy_section("", phase1_optimizer="extrap")),
+           configure=_extrapolated_phase1),
     Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER, cli=True),
     Method("absa", _ABS, _abs, (), "absa", "abs", {"adversarial": True}, driver=_DRIVER, cli=True),
 )}

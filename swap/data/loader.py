@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..config import SwapError
+
 
 def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple such as (seed, "phase2", worker, epoch); stable across runs."""
@@ -42,8 +44,6 @@ class Augment:
         Raises:
             SwapError: naming the key, its value and the image size.
         """
-        from ..config import SwapError
-
         side = min(height, width)
         for key, value in (("data.crop_padding", self.crop_padding), ("data.cutout", self.cutout)):
             if value >= side:

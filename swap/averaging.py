@@ -7,9 +7,11 @@ Izmailov et al. 2018, Sec. 3.2). Both steps use ``torch.optim.swa_utils``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
@@ -62,6 +64,36 @@ def average_state_dicts(state_dicts: Iterable[Mapping[str, torch.Tensor]],
     return out
 
 
+def distributed_average_(model: nn.Module, states: list[Mapping[str, torch.Tensor]], count: int) -> nn.Module:
+    """Set ``model``'s parameters to the uniform mean of ``count`` state dicts spread over the ranks
+    of the process group, of which this rank holds ``states`` (possibly none): SWAP's phase-3
+    average (Gupta et al., ICLR 2020, Algorithm 1) of W workers trained on several ranks.
+
+    Each rank sums its states (their mean x their number, in the parameters' dtype), the sums are
+    all-reduced in float64 and divided by ``count``. BN statistics and integer buffers keep
+    ``model``'s values: recompute them (:func:`recompute_bn`). Collective: every rank calls it,
+    and all end with the same parameters. Without a process group it is the local mean.
+    Returns ``model`` (modified in place).
+
+    Raises:
+        ValueError: ``count`` < 1, or the states' keys or shapes differ.
+    """
+    if count < 1:
+        raise ValueError(f"distributed_average_ needs count >= 1, got {count}")
+    buffers = bn_buffer_names(model)
+    target = model.state_dict()
+    params = [k for k, v in target.items() if v.is_floating_point() and k not in buffers]
+    local_mean = average_state_dicts(states, buffers) if states else None
+    sums = [(local_mean[k] * len(states) if states else torch.zeros_like(target[k])).to(torch.float64) for k in params]
+    if dist.is_available() and dist.is_initialized():
+        for s in sums:
+            dist.all_reduce(s)
+    with torch.no_grad():
+        for k, s in zip(params, sums):
+            target[k].copy_(s / count)
+    return model
+
+
 def recompute_bn(model: nn.Module, batches: Iterable[torch.Tensor | tuple]) -> nn.Module:
     """Reset and recompute every BatchNorm layer's running mean/var with one pass over ``batches``.
 
@@ -84,3 +116,19 @@ def bn_buffer_names(model: nn.Module) -> set[str]:
                 names.add(f"{prefix}.{b}" if prefix else b)
     return names
 
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm layers normalise with batch statistics as usual, but their running mean, var and
+    counter are restored on exit: the extrapolated pass leaves no trace in them."""
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)

@@ -21,8 +21,9 @@ from .models import build_model
 from .rundir import RunDir, machine_info
 from .schedules import warmup_decay
 from .averaging import recompute_bn
-from .train import amp_dtype_for, autocast, evaluate
-from .algorithms.extrap import ExtrapSGD
+from .phase import Phase
+from .train import SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate
+from .algorithms.extrap import ExtrapSGD, ExtrapStep
 
 
 @dataclass
@@ -107,6 +108,13 @@ class Context:
         gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
         return ExtrapSGD(sgd, e.variant, e.gamma_ratio, e.sigma_ratio, gen)
 
+    def update_step(self, model: nn.Module, optimizer, micro_batch_size: int = 0) -> UpdateStep:
+        """The train loop's update for ``optimizer`` (from :meth:`optimizer`) on ``model`` (plain or
+        DDP-wrapped): extrapolated SGD's two passes for ``extrap``, SGD with micro-batches of
+        ``micro_batch_size`` samples (0 = one pass) otherwise; forward passes at :attr:`amp`."""
+        kind = ExtrapStep if isinstance(optimizer, ExtrapSGD) else SGDStep
+        return kind(model, optimizer, micro_batch_size, self.amp)
+
     def augment(self) -> Augment:
         return augment_for(self.cfg.data, self.train_set)
 
@@ -157,14 +165,9 @@ class Context:
         """Before resuming: drop metrics records of work the resume will redo, i.e. epochs of a
         phase or worker past its latest checkpoint, and every phase-3 / averaging record.
         Rank 0 rewrites metrics.jsonl; all ranks wait for it."""
-        from .checkpoint import checkpoint_exists, read_meta
-
         def kept_epochs(record: dict) -> float:
-            name = f"worker{record['worker']}" if record["phase"] == "phase2" else record["phase"]
-            if checkpoint_exists(self.run.checkpoint(name)):
-                return float("inf")
-            last = self.run.checkpoint(f"{name}_last")
-            return read_meta(last)["epoch"] if checkpoint_exists(last) else 0
+            name = RunDir.worker(record["worker"]) if record["phase"] == "phase2" else record["phase"]
+            return Phase.epochs_kept(self.run, name)
 
         if self.dist.is_main:
             self.run.rewrite_metrics(lambda r: r["phase"] in ("phase1", "phase2", "sgd", "abs", "absa")

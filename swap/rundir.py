@@ -52,8 +52,31 @@ class RunDir:
         return self.path / "logs"
 
     def checkpoint(self, name: str) -> Path:
-        """Base path (no suffix) of checkpoint ``name``, e.g. ``phase1``, ``worker0``, ``swap``."""
+        """Base path (no suffix) of checkpoint ``name``, e.g. ``phase1``, ``worker0``, ``swap``: a
+        finished phase, worker or method (weights and metadata, no optimizer state)."""
         return self.path / "checkpoints" / name
+
+    def last_checkpoint(self, name: str) -> Path:
+        """Base path of the resumable checkpoint of ``name`` (``NAME_last``: weights, optimizer state,
+        epoch and, after a stop signal, the position inside the epoch); see :mod:`swap.phase`."""
+        return self.checkpoint(f"{name}_last")
+
+    @staticmethod
+    def worker(w: int) -> str:
+        """Checkpoint name of phase-2 worker ``w`` (``worker3``)."""
+        return f"worker{w}"
+
+    def worker_error(self, w: int) -> Path:
+        """``checkpoints/workerW.error``: one line saying why worker ``w`` failed, kept for resumes."""
+        return self.checkpoint(self.worker(w)).with_suffix(".error")
+
+    def track_checkpoint(self, w: int, epoch: int) -> Path:
+        """Worker ``w``'s weights at the end of phase-2 epoch ``epoch`` (``phase2.track_average``)."""
+        return self.checkpoint(f"track/worker{w}_epoch{epoch}")
+
+    def iterate_checkpoint(self, w: int, step: int) -> Path:
+        """Worker ``w``'s weights after phase-2 update ``step`` (``phase2.save_every``, ``swap cosine``)."""
+        return self.checkpoint(f"iterates/worker{w}_step{step}")
 
     @classmethod
     def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,

@@ -1,4 +1,11 @@
-"""The one train loop (any phase, any batch, with or without DistributedDataParallel) and evaluation.
+"""The one train loop (any phase, any batch, any layout) and evaluation.
+
+:func:`train` drives epochs, updates, the stopping accuracy, stop signals, the divergence guard and
+the per-epoch records. What one update does is an :class:`UpdateStep`: :class:`SGDStep` here (SGD
+with micro-batches, with or without DistributedDataParallel), extrapolated SGD in
+:mod:`swap.algorithms.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Where a run
+resumes and what it checkpoints is :mod:`swap.phase`'s business, reached through the loop's
+``on_epoch`` and ``on_interrupt`` callbacks.
 
 Gradient accumulation: a rank's share of the global batch is split into micro-batches; each
 micro-batch loss is weighted by its fraction of the share, and DDP averages over ranks, so the
@@ -9,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -17,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .algorithms.extrap import frozen_bn_stats
 from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
@@ -105,8 +112,7 @@ class DivergenceGuard:
 
     def observe(self, model: nn.Module, epoch: int, step: int) -> None:
         """Norm of ``model``'s (all-reduced) gradient at update ``step`` of ``epoch`` (both 1-based)."""
-        self.observe_norms(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]),
-                           epoch, step)
+        self.observe_norms(gradient_norm(model), epoch, step)
 
     def observe_norms(self, norms: torch.Tensor, epoch: int, step: int) -> None:
         """Gradient norms (one per label, float (n,) or a scalar) of update ``step`` of ``epoch``."""
@@ -131,6 +137,11 @@ class DivergenceGuard:
             raise SwapError(f"{self.labels[int(j)]} diverged at epoch {int(epoch)}, step {int(step)}: gradient norm "
                             f"{norm:.3g} (limit max_grad_norm={self.max_norm:g}); lower the peak LR or lengthen the "
                             f"warm-up, then --resume from the last checkpoint")
+
+
+def gradient_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm (float scalar tensor, on the device: no host sync) of all of ``model``'s gradients."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
@@ -159,124 +170,203 @@ def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: 
     return totals
 
 
-def train(model: nn.Module, loader, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
-          epochs: int, *, start_epoch: int = 0, start_step: int = 0, start_totals: list[float] | None = None,
-          micro_batch_size: int = 0, stop_acc: float | None = None,
+# ---------------------------------------------------------------------- update steps
+class UpdateStep:
+    """One update of training, pluggable into :func:`train`: :meth:`gradients` of a batch, then
+    :meth:`apply`. The loop checks the gradient norms in between (the divergence guard), so a bad
+    update is never applied.
+
+    Attributes:
+        models: the modules trained: one, or W for stacked workers; each is put in train mode every
+            epoch, evaluated and given its own per-epoch record.
+        group_wide: every rank runs this update in step (DistributedDataParallel): stop signals, the
+            epoch's totals and BN statistics are agreed over the ranks.
+    """
+    models: list[nn.Module]
+    group_wide: bool = False
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of the batch (``x``, ``y``: this rank's share, or (W, B, ...) for W models) at
+        learning rate ``lr`` (update to come). Returns float64 (n, 3) per model: loss sum, correct
+        predictions, samples; and the n gradient norms (float), both on the device (no host sync)."""
+        raise NotImplementedError
+
+    def apply(self) -> None:
+        """Take the update with the gradients of the last :meth:`gradients`."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Bring :attr:`models` up to date and, when ``group_wide``, identical on every rank (BN
+        statistics); called before they are evaluated or saved. Collective when ``group_wide``."""
+
+
+class SGDStep(UpdateStep):
+    """Any torch optimizer's update on the mean loss of the batch, computed in micro-batches of
+    ``micro_batch_size`` samples (0 = one pass) with accumulated gradients; ``model`` may be
+    DDP-wrapped (gradients all-reduced once, on the last micro-batch). Forward passes run under
+    autocast to ``amp_dtype`` (None = float32)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int = 0,
+                 amp_dtype: torch.dtype | None = None):
+        self.model, self.optimizer = model, optimizer
+        self.micro_batch_size, self.amp_dtype = micro_batch_size, amp_dtype
+        self.models, self.group_wide = [model], isinstance(model, DDP)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def gradients(self, x, y, lr):
+        self.set_lr(lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype)
+        return totals.view(1, 3), gradient_norm(self.model)
+
+    def apply(self) -> None:
+        self.optimizer.step()
+
+    def sync(self) -> None:
+        if self.group_wide:
+            average_bn_buffers(self.model)
+
+
+# ---------------------------------------------------------------------- the loop
+def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epochs: int | None = None,
+          start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
-          progress=None, max_grad_norm: float = float("inf"), label: str = "training",
-          on_interrupt: Callable[[dict], None] | None = None, amp_dtype: torch.dtype | None = None) -> dict:
-    """Train ``model`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
+          progress=None, max_grad_norm: float = float("inf"), label: str | list[str] = "training",
+          on_interrupt: Callable[[dict], None] | None = None, micro_batch_size: int = 0,
+          amp_dtype: torch.dtype | None = None) -> dict:
+    """Train with ``step`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
-        model: a module, or a DDP-wrapped module whose ranks all run this loop in step.
-        optimizer: any torch optimizer, or :class:`swap.algorithms.extrap.ExtrapSGD` (then each
-            update takes the extrapolation steps of Lin et al. 2020).
-        loader: a :class:`swap.data.Loader` yielding this rank's share of each global batch.
+        step: the update (:class:`UpdateStep`), owning the model(s) and optimizer. The form of
+            swap 0.1, ``train(model, loader, optimizer, lr_at, epochs, micro_batch_size=,
+            amp_dtype=)``, still works (a DeprecationWarning): it trains with :class:`SGDStep`, or
+            with the optimizer's own ``update_step(model, micro_batch_size, amp_dtype)`` if it has
+            one (:class:`swap.algorithms.extrap.ExtrapSGD`).
+        loader: this rank's batches: ``len(loader)`` updates per epoch, ``loader.epoch(epoch,
+            start)`` yields the batches of ``epoch`` from update ``start``, ``loader.batch_size``
+            is the global batch (samples) for the records (a :class:`swap.data.Loader`).
         lr_at: schedule over the global update index ``epoch * len(loader) + i``.
+        epochs: the epoch to stop before (keyword).
         start_step, start_totals: continue epoch ``start_epoch`` at update ``start_step`` with the
-            epoch's partial (loss sum, correct, samples) of this rank, as saved by ``on_interrupt``.
-        micro_batch_size: split each share into chunks of this many samples (0 = one chunk).
+            epoch's partial (loss sum, correct, samples) of this rank, as given to ``on_interrupt``.
         stop_acc: stop after the first epoch whose training accuracy (percent, over that epoch's
             augmented batches, summed over ranks) reaches it (SWAP phase 1's stopping rule).
         evaluate_fn: ``model -> test accuracy %``, called every ``eval_every`` epochs and at the end.
-        on_epoch: receives one record per epoch: epoch (1-based), lr (last update's), batch_size
-            (global), train_loss, train_acc, test_acc (None when not evaluated), samples_per_s
-            (training samples per second of that epoch, this process), wall_s (since start), eval_s,
+        on_epoch: receives one record per epoch (per model, with ``model``: its index, when the
+            step trains several): epoch (1-based), lr (last update's), batch_size (global),
+            train_loss, train_acc, test_acc (None when not evaluated), samples_per_s (training
+            samples per second of that epoch, all ranks and models), wall_s (since start), eval_s,
             stopped (the stopping accuracy was reached: this is the last epoch).
         on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
-            after each optimizer step.
+            after each update.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
         max_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
-            gradient is checked, and a non-finite or larger norm raises; ``label`` (e.g. "phase2
-            worker 3") names the run in that message. The gradient is identical on all ranks, so
-            all stop. Checked before every update on CPU, every ``CHECK_EVERY`` updates and at
-            each epoch end on a GPU (no host sync per update).
+            gradient is checked before it is applied, and a non-finite or larger norm raises;
+            ``label`` (e.g. "phase2 worker 3", one per model) names the run in that message. The
+            gradient is identical on all ranks, so all stop. Checked before every update on CPU,
+            every ``CHECK_EVERY`` updates and at each epoch end on a GPU (no host sync per update).
         on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; checked after every update,
-            with DDP after every ``CHECK_EVERY``-th, where all ranks agree on it), called with
-            ``epoch`` (0-based, in progress), ``step`` (updates done in it),
-            ``totals`` (this rank's partial loss sum, correct, samples) and ``updates`` (this call),
-            so the caller can write a checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
-        amp_dtype: forward passes under autocast to this dtype (bfloat16 on GPUs); None = float32.
+            when ``step.group_wide`` after every ``CHECK_EVERY``-th, where all ranks agree on it),
+            called with ``epoch`` (0-based, in progress), ``step`` (updates done in it),
+            ``totals`` (this rank's partial loss sum, correct, samples; one such list per model
+            when there are several) and ``updates`` (this call), so the caller can write a
+            checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
     Returns:
-        The last epoch's record, plus ``stopped_early`` (bool) and ``updates`` (int, this call).
+        The last epoch's record (of the first model; all of them under ``records`` when there are
+        several), plus ``stopped_early`` (bool) and ``updates`` (int, this call).
     Raises:
         SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
         Interrupted: a stop signal, after ``on_interrupt``.
     """
-    is_ddp = isinstance(model, DDP)
-    extrapolated = hasattr(optimizer, "extrapolate")       # swap.algorithms.extrap.ExtrapSGD
-    steps = len(loader)
-    world = _world() if is_ddp else 1
+    if isinstance(step, nn.Module):
+        step, lr_at, epochs = _legacy_step(step, lr_at, legacy, epochs, micro_batch_size, amp_dtype)
+    models, group_wide = step.models, step.group_wide
+    n, steps = len(models), len(loader)
+    world = _world() if group_wide else 1
     t_start = time.perf_counter()
-    record: dict = {}
+    records: list[dict] = []
     updates = 0
-    device = next(model.parameters()).device
+    device = next(models[0].parameters()).device
     guard = DivergenceGuard(max_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
     for epoch in range(start_epoch, epochs):
-        model.train()
+        for m in models:
+            m.train()
         t_epoch = time.perf_counter()
-        # loss sum, correct, samples (this rank), kept on the device: no host sync per update
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        # loss sum, correct, samples per model (this rank), kept on the device: no host sync per update
         first = start_step if epoch == start_epoch else 0
-        carried = start_totals if first and start_totals is not None else [0.0, 0.0, 0.0]
-        totals += torch.tensor(carried, dtype=torch.float64, device=device)
+        carried = start_totals if first and start_totals is not None else [0.0, 0.0, 0.0] * n
+        totals = torch.zeros(n, 3, dtype=torch.float64, device=device)
+        totals += torch.tensor(carried, dtype=torch.float64, device=device).view(n, 3)
+        carried_samples = float(sum(torch.tensor(carried, dtype=torch.float64).view(n, 3)[:, 2]))
         lr = 0.0
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
             lr = lr_at(epoch * steps + i)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            if extrapolated:
-                # Pass at the iterate x_t: metrics and BN statistics, and for extragradient the
-                # rank's local gradient (no all-reduce). Then the all-reduced gradient at x_t + u.
-                totals += _pass(model, x, y, micro_batch_size, sync=False, backward=optimizer.needs_local_gradient,
-                                amp_dtype=amp_dtype)
-                optimizer.extrapolate()
-                optimizer.zero_grad(set_to_none=True)
-                with frozen_bn_stats(unwrap(model)):
-                    _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
-            else:
-                totals += _pass(model, x, y, micro_batch_size, sync=True, amp_dtype=amp_dtype)
-            guard.observe(model, epoch + 1, i + 1)
-            optimizer.step()
+            batch_totals, norms = step.gradients(x, y, lr)
+            totals += batch_totals
+            guard.observe_norms(norms, epoch + 1, i + 1)
+            step.apply()
             updates += 1
             if on_step is not None:
                 on_step(epoch * steps + i + 1)
             if progress is not None:
                 progress.update(1)
-            check = not is_ddp or (epoch * steps + i + 1) % CHECK_EVERY == 0
-            signum = stop_agreed(is_ddp, device) if check else 0
+            check = not group_wide or (epoch * steps + i + 1) % CHECK_EVERY == 0
+            signum = stop_agreed(group_wide, device) if check else 0
             if signum:
                 guard.check()                                # never checkpoint a diverged model
                 if on_interrupt is not None:
-                    on_interrupt({"epoch": epoch, "step": i + 1, "totals": totals.tolist(), "updates": updates})
-                raise Interrupted(signum, f"in {label} at epoch {epoch + 1}, step {i + 1} of {steps}")
+                    on_interrupt({"epoch": epoch, "step": i + 1, "updates": updates,
+                                  "totals": totals.tolist() if n > 1 else totals[0].tolist()})
+                where = label if isinstance(label, str) else ", ".join(label)
+                raise Interrupted(signum, f"in {where} at epoch {epoch + 1}, step {i + 1} of {steps}")
         guard.check()
-        samples = totals[2].item() - carried[2]             # waits for the device, then time it
+        samples = totals[:, 2].sum().item() - carried_samples      # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
-        if is_ddp:
+        if group_wide:
             dist.all_reduce(totals)
-        train_acc = 100.0 * totals[1].item() / totals[2].item()
-        stopping = stop_acc is not None and train_acc >= stop_acc
+        train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist()
+        stopping = stop_acc is not None and min(train_acc) >= stop_acc
         last = epoch == epochs - 1 or stopping
-        test_acc, eval_s = None, 0.0
-        if evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last):
-            t_eval = time.perf_counter()
-            if is_ddp:
-                average_bn_buffers(model)
-            test_acc = evaluate_fn(model)
-            eval_s = time.perf_counter() - t_eval
-        record = {
-            "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
-            "train_loss": totals[0].item() / totals[2].item(), "train_acc": train_acc, "test_acc": test_acc,
-            "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
-            "wall_s": time.perf_counter() - t_start, "eval_s": eval_s, "stopped": stopping,
-        }
+        evaluating = evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last)
+        if evaluating:
+            step.sync()
+        records = []
+        for k, model in enumerate(models):
+            test_acc, t_eval = None, time.perf_counter()
+            if evaluating:
+                test_acc = evaluate_fn(model)
+            records.append({
+                **({"model": k} if n > 1 else {}),
+                "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
+                "train_loss": totals[k, 0].item() / totals[k, 2].item(), "train_acc": train_acc[k],
+                "test_acc": test_acc, "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
+                "wall_s": time.perf_counter() - t_start, "eval_s": time.perf_counter() - t_eval, "stopped": stopping,
+            })
         if on_epoch is not None:
-            on_epoch(record)
+            for record in records:
+                on_epoch(record)
         if stopping:
             break
-    if is_ddp:
-        average_bn_buffers(model)
-    return {**record, "stopped_early": record.get("stopped", False), "updates": updates}
+    step.sync()
+    record = records[0] if records else {}
+    return {**record, **({"records": records} if n > 1 else {}), "stopped_early": record.get("stopped", False),
+            "updates": updates}
+
+
+def _legacy_step(model: nn.Module, optimizer, legacy: tuple, epochs: int | None, micro_batch_size: int,
+                 amp_dtype: torch.dtype | None):
+    """The update step, schedule and epochs of swap 0.1's ``train(model, loader, optimizer, lr_at, epochs)``."""
+    warnings.warn("train(model, loader, optimizer, lr_at, epochs) is deprecated: use "
+                  "train(SGDStep(model, optimizer, micro_batch_size, amp_dtype), loader, lr_at, epochs=epochs)",
+                  DeprecationWarning, stacklevel=3)
+    if not legacy:
+        raise TypeError("train(model, loader, optimizer, lr_at, epochs): lr_at is missing")
+    lr_at, rest = legacy[0], legacy[1:]
+    epochs = rest[0] if rest else epochs
+    make = getattr(optimizer, "update_step", None)            # an optimizer with its own update protocol
+    step = make(model, micro_batch_size, amp_dtype) if make else SGDStep(model, optimizer, micro_batch_size, amp_dtype)
+    return step, lr_at, epochs

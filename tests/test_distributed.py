@@ -10,7 +10,7 @@ import torch
 from swap import distributed
 from swap.data import Augment, Loader
 from swap.models import build_model
-from swap.train import train
+from swap.train import SGDStep, train
 
 from conftest import ddp_rank_setup
 
@@ -22,7 +22,7 @@ def take_steps(micro_batch_size: int) -> dict:
     d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=1)
     loader = Loader(data, 64, (0, "phase1", 0), mean, std, Augment(2, True, 8), d.rank, d.world_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    train(wrapped, loader, opt, lambda s: 0.1, epochs=1, micro_batch_size=micro_batch_size)
+    train(SGDStep(wrapped, opt, micro_batch_size), loader, lambda s: 0.1, epochs=1)
     out = {"weights": {k: v.detach().clone() for k, v in model.named_parameters()},
            "grads": {k: v.grad.detach().clone() for k, v in model.named_parameters()}}
     gathered = distributed.all_gather_objects(out)

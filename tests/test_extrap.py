@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from swap import distributed
-from swap.algorithms.extrap import ExtrapSGD, frozen_bn_stats
+from swap.algorithms.extrap import ExtrapSGD, ExtrapStep
+from swap.averaging import frozen_bn_stats
 from swap.cli import main
 from swap.data import ImageDataset, Loader
 from swap.models import build_model
@@ -87,7 +88,7 @@ def extrap_steps(_: int = 0) -> list:
     loader = Loader(data, 64, (0, "phase1", 0), mean, std, None, d.rank, d.world_size)
     opt = ExtrapSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
                     "extragradient", gamma_ratio=1.0)
-    train(wrapped, loader, opt, lambda s: 0.1, epochs=1)
+    train(ExtrapStep(wrapped, opt), loader, lambda s: 0.1, epochs=1)
     out = distributed.all_gather_objects({k: v.detach().clone() for k, v in model.named_parameters()})
     distributed.teardown()
     return out
@@ -138,7 +139,7 @@ def test_bn_statistics_come_from_the_iterate_only():
     reference.load_state_dict(model.state_dict())
     loader = Loader(data, 128, (0, "x", 0), mean, std)
     opt = ExtrapSGD(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), "extragradient", gamma_ratio=1.0)
-    train(model, loader, opt, lambda s: 0.5, epochs=1)                      # one update
+    train(ExtrapStep(model, opt), loader, lambda s: 0.5, epochs=1)         # one update
     x, _ = next(iter(loader.epoch(0)))
     reference.train()
     with torch.no_grad():

@@ -31,15 +31,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
 from ..adversarial import AdversarialBatches
-from ..checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
+from ..checkpoint import checkpoint_exists, read_meta
 from ..config import Config
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
 from ..rundir import RunDir
 from ..schedules import warmup_decay
-from ..train import average_bn_buffers, train
 from ..context import Context
 from ..methods import RunSpec
+from ..phase import Phase, Unit
+from ..train import train
 
 _RESOLUTION = 1000          # LR-schedule steps per epoch: the shape is over epochs, whatever the batch
 
@@ -102,40 +103,41 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     """ABS (or ABSA with ``adversarial``) on every rank of the current group.
 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
-    world_size), ``checkpoints/METHOD_last`` after every epoch, and at the end ``checkpoints/METHOD``
-    (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
+    world_size), ``checkpoints/METHOD_last`` every ``checkpoint_every`` epochs and at a resize
+    (with the rule's state: a resumable :class:`swap.phase.Phase`), and at the end
+    ``checkpoints/METHOD`` (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
     the group checkpoints and every rank returns ``{"resize": n}``; :func:`train_abs` starts the new group.
 
     Returns:
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
     """
     ctx = Context.for_run(spec)
-    cfg, resume = spec.cfg, spec.resume
-    d, a, run = ctx.dist, cfg.abs, ctx.run
+    cfg, d, a = spec.cfg, ctx.dist, spec.cfg.abs
     method = "absa" if adversarial else "abs"
+    if spec.resume:
+        ctx.prune_metrics_for_resume()
     model = ctx.build_model()
     opt = ctx.optimizer(model)
-    last = run.checkpoint(f"{method}_last")
     rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
     state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
              "history": [], "resizes": [], "resize_from": None, "partial": {}}
-    if resume:
-        ctx.prune_metrics_for_resume()
-        if checkpoint_exists(last):
-            meta = load_checkpoint(last, model, cfg.hash(), opt)
-            state, rule = meta["state"], BatchSizeRule(**meta["rule"])
-    ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    unit = Phase(ctx.run, cfg.hash(), [Unit(method, model, opt, {"phase": method})], every=cfg.checkpoint_every,
+                 epochs=a.epochs, group=True)
+    start = unit.restore(spec.resume)
+    saved = start.result or start.meta
+    if saved:
+        state, rule = saved["state"], BatchSizeRule(**saved["rule"])
+    step = ctx.update_step(DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model, opt,
+                           a.micro_batch_size)
+    unit.sync = step.sync
     shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
     eig_x, eig_y = _eigen_sample(ctx)
     mean, std = ctx.mean.view(-1), ctx.std.view(-1)
     lo, hi = (0.0 - mean) / std, (255.0 - mean) / std               # the data range, normalised
 
-    def save() -> None:             # collective (BN statistics averaged over ranks); rank 0 writes
-        average_bn_buffers(ddp)
-        if d.is_main:
-            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": method, "epoch": state["epoch"],
-                                          "partial": state["partial"], "state": state,
-                                          "rule": dataclasses.asdict(rule)}, opt)
+    def saved_state() -> dict:
+        """The rule's state, kept in every checkpoint of the phase (the format of swap 0.1)."""
+        return {"state": state, "rule": dataclasses.asdict(rule), "partial": state["partial"]}
 
     out = None
     for epoch in range(state["epoch"], a.epochs):
@@ -146,7 +148,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
             want = pool_size(rule.batch, a.per_worker_batch, max_pool(cfg))
             if elastic and want != d.world_size:                      # resize: checkpoint, new group
                 state["resize_from"] = {"time": time.time(), "epoch": epoch, "from": d.world_size, "to": want}
-                save()
+                unit.save(epoch, state["updates"] - start.updates, extra=saved_state())
                 distributed.teardown()
                 return {"resize": want}
         if state["resize_from"] is not None:                          # first update after a resize
@@ -173,26 +175,22 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
                 sink({**rec, **extra})
 
         def on_interrupt(stop: dict) -> None:                         # SIGINT/SIGTERM mid-epoch
-            state["partial"] = {"step": stop["step"], "totals": distributed.all_gather_objects(stop["totals"])}
             state["updates"] += stop["updates"]
-            save()
+            unit.interrupted(stop, extra=saved_state())
 
-        partial = state["partial"]
-        out = train(ddp, loader, opt, lr_at, epoch + 1, start_epoch=epoch, start_step=partial.get("step", 0),
-                    start_totals=partial["totals"][d.rank] if partial else None, micro_batch_size=a.micro_batch_size,
+        first, totals = (start.step, start.totals) if epoch == start.epoch else (0, None)
+        out = train(step, loader, lr_at, epochs=epoch + 1, start_epoch=epoch, start_step=first, start_totals=totals,
                     evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                    amp_dtype=ctx.amp,
                     max_grad_norm=cfg.max_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
-        done_steps = steps - partial.get("step", 0)
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
-                     samples=state["samples"] + done_steps * rule.batch)
-        save()
-    if out is None:                 # resumed after the last epoch's checkpoint: evaluate it again
-        out = {"test_acc": ctx.evaluate(ddp, distributed_eval=True), "train_acc": state["history"][-1].get("train_acc")}
+                     samples=state["samples"] + (steps - first) * rule.batch)
+        unit.end_epoch(epoch + 1, updates=state["updates"] - start.updates, extra=saved_state())
+    if out is None:                 # resumed after the last epoch: evaluate it again
+        out = {"test_acc": ctx.evaluate(step.model, distributed_eval=True),
+               "train_acc": state["history"][-1].get("train_acc")}
+    unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": state["updates"], **saved_state()})
     summary = None
     if d.is_main:
-        save_checkpoint(run.checkpoint(method), model, {"config_hash": cfg.hash(), "phase": method,
-                                                        "epoch": a.epochs, "test_acc": out["test_acc"]})
         total = time.time() - ctx.t0
         resize_s = sum(r["seconds"] for r in state["resizes"])
         summary = {
@@ -207,7 +205,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
             "doublings": rule.doublings, "history": state["history"], "resizes": state["resizes"],
             "machine": ctx.machine(),
         }
-        run.write_summary(summary)
+        ctx.run.write_summary(summary)
     return summary
 
 
@@ -224,8 +222,8 @@ def train_abs(spec: RunSpec, procs: int | None = None, adversarial: bool = False
     if not a.elastic:
         return distributed.launch(run_abs, procs or 1, spec, adversarial, False, log_dir=run.logs_dir)
     world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
-    last = run.checkpoint(f"{'absa' if adversarial else 'abs'}_last")
-    if spec.resume and checkpoint_exists(last):
+    last = run.last_checkpoint("absa" if adversarial else "abs")
+    if spec.resume and checkpoint_exists(last):             # the pool the checkpoint's batch calls for
         world = pool_size(read_meta(last)["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
     while True:
         out = distributed.launch(run_abs, world, spec, adversarial, True, log_dir=run.logs_dir)

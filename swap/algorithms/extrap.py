@@ -18,16 +18,17 @@ One update t on worker (rank) k, parameters x_t, learning rate eta_t, base optim
 gamma_t = gamma_ratio * eta_t and sigma_t = sigma_ratio * eta_t, so they share the LR's warm-up
 and decay. Communicated per update: one all-reduce of G_t, as in plain data-parallel SGD.
 
-BatchNorm: running statistics come only from forward passes at the iterate x_t. The train loop
-(:func:`swap.train.train`) runs the x_t pass first (with backward for extragradient, without for
-the other variants: one extra forward), then the extrapolated pass under :func:`frozen_bn_stats`.
+BatchNorm: running statistics come only from forward passes at the iterate x_t. The update step
+(:class:`ExtrapStep`, plugged into :func:`swap.train.train`) runs the x_t pass first (with backward
+for extragradient, without for the other variants: one extra forward), then the extrapolated pass
+under :func:`swap.averaging.frozen_bn_stats`.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
+
+from ..averaging import frozen_bn_stats
+from ..train import SGDStep, _pass, gradient_norm, unwrap
 
 VARIANTS = ("extragradient", "past-gradient", "gaussian")
 
@@ -117,6 +118,10 @@ class ExtrapSGD:
         self._x = None
         self.base.step()
 
+    def update_step(self, model, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None) -> "ExtrapStep":
+        """The train loop's update with this optimizer (:class:`ExtrapStep`) for ``model``."""
+        return ExtrapStep(model, self, micro_batch_size, amp_dtype)
+
     def state_dict(self) -> dict:
         """Base SGD state, the past gradient and the noise stream's position (so a resumed
         ``gaussian`` run draws the noise the uninterrupted run would have drawn)."""
@@ -130,18 +135,29 @@ class ExtrapSGD:
             self.generator.set_state(state["noise_rng"])
 
 
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module):
-    """BatchNorm layers normalise with batch statistics as usual, but their running mean, var and
-    counter are restored on exit: the extrapolated pass leaves no trace in them."""
-    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, mean, var, count in saved:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+class ExtrapStep(SGDStep):
+    """One extrapolated-SGD update for :func:`swap.train.train` (Lin et al. 2020, Sec. 3; steps 1-3
+    of the module docstring): the pass at the iterate x_t (metrics and BN statistics, and for
+    extragradient the rank's local gradient, not all-reduced), :meth:`ExtrapSGD.extrapolate`, then
+    the all-reduced gradient at x_t + u with BN statistics frozen; :meth:`apply` steps from x_t.
+
+    Args:
+        model: the module, or its DDP wrapper.
+        optimizer: an :class:`ExtrapSGD` over its parameters.
+        micro_batch_size, amp_dtype: as :class:`swap.train.SGDStep`.
+    """
+
+    def __init__(self, model, optimizer: ExtrapSGD, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None):
+        super().__init__(model, optimizer, micro_batch_size, amp_dtype)
+
+    def gradients(self, x, y, lr):
+        opt = self.optimizer
+        self.set_lr(lr)
+        opt.zero_grad(set_to_none=True)
+        totals = _pass(self.model, x, y, self.micro_batch_size, sync=False, backward=opt.needs_local_gradient,
+                       amp_dtype=self.amp_dtype)
+        opt.extrapolate()
+        opt.zero_grad(set_to_none=True)
+        with frozen_bn_stats(unwrap(self.model)):
+            _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype)
+        return totals.view(1, 3), gradient_norm(self.model)

@@ -7,37 +7,35 @@ and, within a rank, into micro-batches with gradient accumulation.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
-from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from ..config import Config, check_world
-from ..train import average_bn_buffers, train, unwrap
+from ..config import check_world
 from ..context import Context
 from ..methods import RunSpec
+from ..phase import Phase, Unit
+from ..train import train
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
                         lr_at=None, stop_acc: float | None = None, after_epoch=None, optimizer: str = "sgd",
-                        resume: bool = False) -> dict:
-    """Large- or small-batch SGD over all ranks; returns the train loop's last record + ``wall_s``
-    and ``samples`` (training samples processed, all ranks), counted over resumed sessions too.
+                        resume: bool = False, final: bool = True) -> dict:
+    """Large- or small-batch SGD over all ranks, as one resumable :class:`swap.phase.Phase` named
+    ``phase`` (checkpoints ``PHASE_last`` and, if ``final``, ``PHASE``).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``after_epoch(record)`` runs on every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
+    With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
+    one); since every data stream derives from (seed, phase, worker, epoch), the continued run is
+    the uninterrupted one, bit for bit on CPU.
 
-    Every ``checkpoint_every`` epochs rank 0 writes ``checkpoints/PHASE_last`` (weights, BN
-    statistics averaged over ranks, optimizer state, epoch, progress). With ``resume`` the phase
-    continues from it; since every data stream derives from (seed, phase, worker, epoch), the
-    continued run is the uninterrupted one, bit for bit on CPU.
-
+    Returns:
+        the train loop's last record, plus ``updates`` and ``wall_s`` (over all sessions),
+        ``steps_per_epoch`` and ``samples`` (training samples processed, all ranks).
     Raises:
         SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
@@ -47,62 +45,34 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     steps = len(loader)
     lr_at = lr_at or ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
     opt = ctx.optimizer(model, optimizer, (phase,))
-    last = ctx.run.checkpoint(f"{phase}_last")
-    start_epoch, before, partial = 0, {"updates": 0, "wall_s": 0.0}, {}
-    if resume and checkpoint_exists(last):
-        meta = load_checkpoint(last, model, cfg.hash(), opt)
-        if meta["done"]:
-            return meta["result"]
-        start_epoch, before, partial = meta["epoch"], meta["progress"], meta.get("partial") or {}
+    unit = Phase(ctx.run, cfg.hash(), [Unit(phase, model, opt, {"phase": phase})], every=cfg.checkpoint_every,
+                 epochs=epochs, steps=steps, group=True, final=final)
+    start = unit.restore(resume)
+    if start.result is not None:
+        return start.result
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
-    # are averaged over ranks before each evaluation and at the end (train.average_bn_buffers).
-    ddp = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
-    t = time.perf_counter()
+    # are averaged over ranks before each evaluation, each checkpoint and at the end (step.sync).
+    step = ctx.update_step(DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model, opt,
+                           micro_batch_size)
+    unit.sync = step.sync
+    bar = ctx.progress((epochs - start.epoch) * steps - start.step, phase) if d.is_main else None
+    sink = ctx.sink(phase, None, epochs, optimizer) if d.is_main else None
 
-    def progress(rec: dict) -> dict:
-        updates = before["updates"] + rec["epoch"] * steps - (start_epoch * steps + partial.get("step", 0))
-        return {"updates": updates, "wall_s": before["wall_s"] + time.perf_counter() - t}
+    def on_epoch(record: dict) -> None:
+        if sink is not None:
+            sink(record)
+        unit.end_epoch(record["epoch"], done=record["stopped"])
+        if after_epoch is not None:
+            after_epoch(record)
 
-    def checkpoint(rec: dict) -> None:
-        done = rec["epoch"] == epochs or rec["stopped"]
-        if not done and not (cfg.checkpoint_every and rec["epoch"] % cfg.checkpoint_every == 0):
-            return
-        average_bn_buffers(ddp)                       # collective: every rank is here
-        if d.is_main:
-            p = progress(rec)
-            result = {**rec, **p, "stopped_early": rec["stopped"], "steps_per_epoch": steps,
-                      "samples": p["updates"] * batch_size}
-            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": rec["epoch"],
-                                          "done": done, "progress": p, "result": result}, opt)
-
-    def interrupted(state: dict) -> None:
-        """SIGINT/SIGTERM: a checkpoint mid-epoch; every rank's partial epoch totals, kept by rank 0."""
-        average_bn_buffers(ddp)
-        totals = distributed.all_gather_objects(state["totals"])
-        if d.is_main:
-            p = {"updates": before["updates"] + state["updates"], "wall_s": before["wall_s"] + time.perf_counter() - t}
-            save_checkpoint(last, model, {"config_hash": cfg.hash(), "phase": phase, "epoch": state["epoch"],
-                                          "done": False, "progress": p,
-                                          "partial": {"step": state["step"], "totals": totals}}, opt)
-
-    bar = ctx.progress((epochs - start_epoch) * steps - partial.get("step", 0), phase) if d.is_main else None
-    out = train(ddp, loader, opt, lr_at, epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
-                start_totals=partial["totals"][d.rank] if partial else None, on_interrupt=interrupted,
-                micro_batch_size=micro_batch_size,
-                stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), amp_dtype=ctx.amp,
-                eval_every=cfg.eval_every, progress=bar, max_grad_norm=cfg.max_grad_norm, label=phase,
-                on_epoch=_both(ctx.sink(phase, None, epochs, optimizer) if d.is_main else None,
-                               _both(checkpoint, after_epoch)))
+    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch, start_step=start.step,
+                start_totals=start.totals, stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
+                eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
+                max_grad_norm=cfg.max_grad_norm, label=phase)
     if bar is not None:
         bar.close()
-    p = progress(out)
-    return {**out, **p, "steps_per_epoch": steps, "samples": p["updates"] * batch_size}
-
-
-def _both(first, second):
-    """One per-epoch callback calling both (either may be None)."""
-    hooks = [h for h in (first, second) if h is not None]
-    return (lambda rec: [h(rec) for h in hooks]) if hooks else None
+    p = unit.progress(out["updates"])
+    return unit.finish({**out, **p, "steps_per_epoch": steps, "samples": p["updates"] * batch_size})[0]
 
 
 def run_sgd(spec: RunSpec) -> dict | None:
@@ -112,18 +82,14 @@ def run_sgd(spec: RunSpec) -> dict | None:
     continues from ``checkpoints/sgd_last``. ``spec`` as in :func:`swap.algorithms.swap.run_swap`.
     """
     ctx = Context.for_run(spec)
-    cfg, resume = spec.cfg, spec.resume
-    if resume:
+    cfg, s = spec.cfg, spec.cfg.sgd
+    if spec.resume:
         ctx.prune_metrics_for_resume()
-    s = cfg.sgd
-    model = ctx.build_model()
-    out = train_data_parallel(ctx, model, phase="sgd", batch_size=s.batch_size, micro_batch_size=s.micro_batch_size,
-                              peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs, schedule=s.schedule,
-                              optimizer=s.optimizer, resume=resume)
+    out = train_data_parallel(ctx, ctx.build_model(), phase="sgd", batch_size=s.batch_size,
+                              micro_batch_size=s.micro_batch_size, peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs,
+                              epochs=s.epochs, schedule=s.schedule, optimizer=s.optimizer, resume=spec.resume)
     summary = None
     if ctx.dist.is_main:
-        save_checkpoint(ctx.run.checkpoint("sgd"), unwrap(model),
-                        {"config_hash": cfg.hash(), "phase": "sgd", "epoch": out["epoch"], "test_acc": out["test_acc"]})
         summary = {
             "method": "sgd", "optimizer": s.optimizer, "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},

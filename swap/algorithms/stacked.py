@@ -7,8 +7,9 @@ rounding (Gupta et al., ICLR 2020, Algorithm 1, phase 2). On a GPU this turns W 
 one large computation; on a CPU it is slower than stepping the workers in turn (measured 0.3-0.6x),
 hence not the CPU default.
 
-Checkpoints have the sequential layout's format (``worker{w}_last`` with a per-worker SGD state),
-so a run may change layout when resumed.
+:class:`StackedStep` is the train loop's update step for them (:func:`swap.train.train`: one loop
+for every layout). Checkpoints have the sequential layout's format (``worker{w}_last`` with a
+per-worker SGD state, written by :class:`swap.phase.Phase`), so a run may change layout when resumed.
 """
 from __future__ import annotations
 
@@ -20,30 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from .. import interrupt
-from ..checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
-from ..train import DivergenceGuard, autocast
+from ..checkpoint import save_checkpoint
 from ..context import Context
-
-
-def positions(ctx: Context, workers: list[int], resume: bool) -> set[tuple[int, int]]:
-    """(epoch, step) at which each worker would continue; stacking needs one common position."""
-    out = set()
-    for w in workers:
-        last = ctx.run.checkpoint(f"worker{w}_last")
-        if resume and checkpoint_exists(last):
-            meta = read_meta(last)
-            out.add((meta["epoch"], (meta.get("partial") or {}).get("step", 0)))
-        else:
-            out.add((0, 0))
-    return out
+from ..phase import Phase, Unit
+from ..rundir import RunDir
+from ..train import UpdateStep, autocast, train
 
 
 def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict[int, dict]:
-    """Phase 2 of ``workers`` (all at the same resume position) stacked on this rank's device,
-    starting from ``model`` (phase-1 weights and BN buffers). Writes each worker's metrics,
-    ``worker{w}_last`` every ``checkpoint_every`` epochs, and ``worker{w}``; returns each worker's
-    metadata as :func:`swap.algorithms.swap._train_worker` does.
+    """Phase 2 of ``workers`` (all at the same resume position: :meth:`swap.phase.Phase.position`)
+    stacked on this rank's device, starting from ``model`` (phase-1 weights and BN buffers), as one
+    :class:`swap.phase.Phase` of W units. Writes each worker's metrics, ``worker{w}_last`` every
+    ``checkpoint_every`` epochs, and ``worker{w}``; returns each worker's metadata as
+    :func:`swap.algorithms.swap.train_worker` does.
 
     Raises:
         SwapError: a worker's gradient norm is non-finite or above ``max_grad_norm`` (names it;
@@ -51,94 +41,52 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
         swap.interrupt.Interrupted: SIGINT/SIGTERM, after every worker's mid-epoch checkpoint.
     """
     cfg, p2, run = ctx.cfg, ctx.cfg.phase2, ctx.run
-    config_hash = cfg.hash()
     models = [copy.deepcopy(model) for _ in workers]
-    singles = [ctx.optimizer(m) for m in models]             # per-worker SGD: the checkpoint format
-    start_epoch, start_step, before, carried = 0, 0, {"updates": 0, "wall_s": 0.0}, None
-    device = next(model.parameters()).device
-    if resume:
-        metas = [load_checkpoint(run.checkpoint(f"worker{w}_last"), m, config_hash, o)
-                 for w, m, o in zip(workers, models, singles) if checkpoint_exists(run.checkpoint(f"worker{w}_last"))]
-        if metas:
-            start_epoch, before = metas[0]["epoch"], metas[0]["progress"]
-            partial = metas[0].get("partial") or {}
-            start_step = partial.get("step", 0)
-            if partial:
-                carried = torch.tensor([m["partial"]["totals"] for m in metas], dtype=torch.float64, device=device)
+    units = [Unit(RunDir.worker(w), m, ctx.optimizer(m), {"phase": "phase2", "worker": w})   # per-worker SGD:
+             for w, m in zip(workers, models)]                                            # the checkpoint format
+    loader = StackedLoader([ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers])
+    steps = len(loader)
+    phase = Phase(run, cfg.hash(), units, every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps)
+    start = phase.restore(resume)
     o = cfg.optim
-    stack = StackedWorkers(models, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                           amp_dtype=ctx.amp)
-    _stack_momentum(stack.optimizer, singles)
-    loaders = [ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers]
-    steps, n = len(loaders[0]), len(workers)
-    lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
+    step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay, amp_dtype=ctx.amp)
+    phase.sync = step.sync
     sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
-    guard = DivergenceGuard(cfg.max_grad_norm, [f"phase2 worker {w}" for w in workers], device,
-                            every=1 if device.type == "cpu" else interrupt.CHECK_EVERY)
-    t = time.perf_counter()
-    updates = 0
 
-    def unstack() -> None:
-        with torch.no_grad():
-            for i, m in enumerate(models):
-                m.load_state_dict(stack.state_dict(i))
-                _unstack_momentum(stack.optimizer, singles[i], i)
+    def on_epoch(record: dict) -> None:
+        k = record.pop("model")
+        sinks[k](record)
+        if p2.track_average and record["epoch"] < p2.epochs:
+            step.sync()
+            save_checkpoint(run.track_checkpoint(workers[k], record["epoch"]), models[k],
+                            {"worker": workers[k], "epoch": record["epoch"]})
+        if k == len(workers) - 1:
+            phase.end_epoch(record["epoch"])
 
-    def save_last(epoch: int, extra: dict) -> None:
-        unstack()
-        progress = {"updates": before["updates"] + updates, "wall_s": before["wall_s"] + time.perf_counter() - t}
-        for i, w in enumerate(workers):
-            meta = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": epoch, "progress": progress}
-            if extra:
-                meta["partial"] = {"step": extra["step"], "totals": extra["totals"][i]}
-            save_checkpoint(run.checkpoint(f"worker{w}_last"), models[i], meta, singles[i])
+    out = train(step, loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule),
+                epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
+                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=phase.interrupted,
+                max_grad_norm=cfg.max_grad_norm, label=[f"phase2 worker {w}" for w in workers])
+    p = phase.progress(out["updates"])
+    metas = phase.finish([{"epoch": p2.epochs, "updates": p["updates"], "train_acc": rec["train_acc"],
+                           "test_acc": rec["test_acc"], "wall_s": p["wall_s"]} for rec in out["records"]])
+    return dict(zip(workers, metas))
 
-    final: dict[int, dict] = {}                    # each worker's last epoch record
-    for epoch in range(start_epoch, p2.epochs):
-        t_epoch = time.perf_counter()
-        first = start_step if epoch == start_epoch else 0
-        totals = (carried.clone() if first and carried is not None else
-                  torch.zeros(n, 3, dtype=torch.float64, device=device))      # on the device: no sync per update
-        lr = 0.0
-        for i, (x, y) in enumerate(stacked_batches(loaders, epoch, first), start=first):
-            lr = lr_at(epoch * steps + i)
-            norms, loss, correct = stack.gradients(x, y)
-            guard.observe_norms(norms, epoch + 1, i + 1)          # raises as the train loop does
-            stack.update(lr)
-            updates += 1
-            totals += torch.stack([loss.double() * y.shape[1], correct.double(),
-                                   totals.new_full((n,), float(y.shape[1]))], dim=1)
-            if interrupt.stop_agreed(False):
-                guard.check()                                    # never checkpoint a diverged worker
-                save_last(epoch, {"step": i + 1, "totals": totals.tolist()})
-                raise interrupt.Interrupted(interrupt.requested(), f"in phase2 workers {workers} at epoch "
-                                            f"{epoch + 1}, step {i + 1} of {steps}")
-        guard.check()
-        train_s = time.perf_counter() - t_epoch
-        unstack()
-        last = epoch == p2.epochs - 1
-        for k, (w, m) in enumerate(zip(workers, models)):
-            test_acc = ctx.evaluate(m) if (epoch + 1) % cfg.eval_every == 0 or last else None
-            tot = totals[k]
-            record = {"epoch": epoch + 1, "lr": lr, "batch_size": p2.batch_size, "train_loss": float(tot[0] / tot[2]),
-                      "train_acc": float(100 * tot[1] / tot[2]), "test_acc": test_acc,
-                      "samples_per_s": float(totals[:, 2].sum()) / train_s, "wall_s": time.perf_counter() - t,
-                      "eval_s": 0.0, "stopped": False}
-            sinks[k](record)
-            if p2.track_average and not last:
-                save_checkpoint(run.checkpoint(f"track/worker{w}_epoch{epoch + 1}"), m, {"worker": w, "epoch": epoch + 1})
-            final[w] = record
-        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and not last:
-            save_last(epoch + 1, {})
-    out = {}
-    for w, m in zip(workers, models):
-        rec = final.get(w, {})
-        meta = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": p2.epochs,
-                "updates": before["updates"] + updates, "train_acc": rec.get("train_acc"),
-                "test_acc": rec.get("test_acc"), "wall_s": before["wall_s"] + time.perf_counter() - t}
-        save_checkpoint(run.checkpoint(f"worker{w}"), m, meta)
-        out[w] = meta
-    return out
+
+class StackedLoader:
+    """The loaders of W workers as one: :meth:`epoch` yields every worker's batch of each update at
+    once (:func:`stacked_batches`), x float (W, B, C, H, W), y int64 (W, B); ``len()`` is the
+    updates per epoch and ``batch_size`` one worker's batch (samples)."""
+
+    def __init__(self, loaders: list):
+        self.loaders, self.batch_size = loaders, loaders[0].batch_size
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def epoch(self, epoch: int, start: int = 0):
+        return stacked_batches(self.loaders, epoch, start)
 
 
 def stacked_batches(loaders: list, epoch: int, start: int = 0):
@@ -219,6 +167,43 @@ class StackedWorkers:
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Worker ``i``'s parameters and buffers (views into the stacks), as its module's state_dict."""
         return {**{k: v[i] for k, v in self.params.items()}, **{k: v[i] for k, v in self.buffers.items()}}
+
+
+class StackedStep(UpdateStep):
+    """The train loop's update for W stacked workers (:class:`StackedWorkers`): :meth:`gradients`
+    of each worker on its own batch, then one SGD step of all. :meth:`sync` copies each worker's
+    weights, BN statistics and momentum back into its own module and optimizer (``models``,
+    ``optimizers``: the per-worker SGDs, whose restored momentum the stack starts from), the
+    format of its checkpoints.
+
+    Args:
+        models, optimizers: the W workers' modules and their ``torch.optim.SGD``.
+        momentum, nesterov, weight_decay, amp_dtype: as :class:`StackedWorkers`.
+    """
+
+    def __init__(self, models: list, optimizers: list, momentum: float, nesterov: bool, weight_decay: float,
+                 amp_dtype: torch.dtype | None = None):
+        self.models, self.optimizers = models, optimizers
+        self.stack = StackedWorkers(models, momentum, nesterov, weight_decay, amp_dtype)
+        _stack_momentum(self.stack.optimizer, optimizers)
+        self.lr = 0.0
+
+    def gradients(self, x, y, lr):
+        self.lr = lr
+        norms, loss, correct = self.stack.gradients(x, y)
+        samples = y.shape[1]
+        totals = torch.stack([loss.double() * samples, correct.double(), norms.new_full((len(norms),), float(samples))],
+                             dim=1)
+        return totals, norms
+
+    def apply(self) -> None:
+        self.stack.update(self.lr)
+
+    def sync(self) -> None:
+        with torch.no_grad():
+            for i, (m, opt) in enumerate(zip(self.models, self.optimizers)):
+                m.load_state_dict(self.stack.state_dict(i))
+                _unstack_momentum(self.stack.optimizer, opt, i)
 
 
 def _stack_momentum(stacked: torch.optim.SGD, singles: list[torch.optim.SGD]) -> None:

@@ -22,20 +22,21 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 from .. import distributed, interrupt
-from ..averaging import average_state_dicts, bn_buffer_names
-from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SwapError
-from ..train import train
 from ..context import Context
 from ..methods import RunSpec
+from ..phase import Phase, Unit
+from ..rundir import RunDir
+from ..train import train
 from .sgd import train_data_parallel
-from .stacked import positions, train_stacked
+from .stacked import train_stacked
 
 
 def run_swap(spec: RunSpec) -> dict | None:
@@ -46,161 +47,135 @@ def run_swap(spec: RunSpec) -> dict | None:
     ``spec.data`` (train, test ``ImageDataset``) replace the configured model and dataset.
     """
     ctx = Context.for_run(spec)
-    cfg, resume = spec.cfg, spec.resume
-    d, run = ctx.dist, ctx.run
-    config_hash = cfg.hash()
-    if resume:
+    if spec.resume:
         ctx.prune_metrics_for_resume()
-
-    # ---------------------------------------------------------------- phase 1: large-batch SGD
     model = ctx.build_model()
-    p1 = cfg.phase1
-    if resume and checkpoint_exists(run.checkpoint("phase1")):
-        phase1 = load_checkpoint(run.checkpoint("phase1"), model, config_hash)
-    else:
-        out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size,
-                                  micro_batch_size=p1.micro_batch_size, peak_lr=p1.peak_lr,
-                                  warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs, schedule=p1.schedule,
-                                  stop_acc=p1.stop_acc, optimizer=p1.optimizer, resume=resume)
-        phase1 = {"config_hash": config_hash, "phase": "phase1", "epoch": out["epoch"], "updates": out["updates"],
-                  "samples": out["samples"],
-                  "train_acc": out["train_acc"], "test_acc": out["test_acc"], "wall_s": out["wall_s"],
-                  "stopped_early": out["stopped_early"]}
-        if d.is_main:
-            save_checkpoint(run.checkpoint("phase1"), model, phase1)
-    distributed.barrier()
-
-    # ---------------------------------------------------------------- phase 2: W independent workers
-    p2, p3 = cfg.phase2, cfg.phase3
+    p1 = phase1(ctx, model, spec.resume)                      # large-batch SGD to the stopping accuracy
     t2 = time.perf_counter()
-    states, workers, failures = [], {}, {}
-    mine = list(range(d.rank, cfg.workers, d.world_size))  # rank r trains workers r, r + world, ...
-    stacked = _phase2_stacked(ctx, model, mine, resume) if p2.layout == "vmap" else {}
-    for w in mine:
-        worker = copy.deepcopy(model)        # phase-1 weights AND BN buffers; fresh optimizer state
-        if w in stacked and isinstance(stacked[w], dict):
-            load_checkpoint(run.checkpoint(f"worker{w}"), worker)
-        meta = stacked.get(w) or _phase2_worker(ctx, worker, w, resume)
-        if isinstance(meta, str):
-            failures[w] = meta
-            tqdm.write(f"[phase2 worker {w}] FAILED: {meta}", file=sys.stderr)
-        else:
-            workers[w] = meta
-            states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
-        del worker
-    phase2_wall = time.perf_counter() - t2
-    gathered = distributed.all_gather_objects({"workers": workers, "failures": failures, "phase2_wall_s": phase2_wall})
-    failures = {w: why for g in gathered for w, why in g["failures"].items()}
-    finished = sorted(w for g in gathered for w in g["workers"])
-    if failures and not (p3.allow_missing_workers and finished):
-        names = "; ".join(f"worker {w}: {why}" for w, why in sorted(failures.items()))
-        raise SwapError(f"phase 2: {len(failures)} of {cfg.workers} workers failed ({names}); the other "
-                        f"{len(finished)} finished and are kept. --resume trains only the failed ones; "
-                        f"--set phase3.allow_missing_workers=true averages the {len(finished)} that finished")
-
-    # ---------------------------------------------------------------- phase 3: average, recompute BN
+    workers, states = phase2(ctx, model, spec.resume)         # W workers refine copies, small batches
+    phase2_wall = max(distributed.all_gather_objects(time.perf_counter() - t2))
     t3 = time.perf_counter()
-    buffers = bn_buffer_names(model)
-    averaged = copy.deepcopy(model)
-    avg_state = averaged.state_dict()
-    params = [k for k, v in avg_state.items() if v.is_floating_point() and k not in buffers]
-    # Sum of this rank's workers (mean x count), summed over ranks, divided by the number of
-    # finished workers (W unless some failed and phase3.allow_missing_workers): the uniform mean.
-    local_mean = average_state_dicts(states, buffers) if states else None
-    sums = [(local_mean[k] * len(states) if states else torch.zeros_like(avg_state[k])).to(torch.float64)
-            for k in params]
-    distributed.all_reduce_sum_(sums)
-    with torch.no_grad():
-        for k, s in zip(params, sums):
-            avg_state[k].copy_(s / len(finished))
+    averaged, acc = phase3(ctx, model, states, workers)       # average them, recompute BN statistics
     summary = None
-    if d.is_main:
-        ctx.recompute_bn(averaged)
-        averaged_acc = ctx.evaluate(averaged)
-        phase3_wall = time.perf_counter() - t3
-        track_s = _average_curve(ctx, model, averaged_acc, finished) if p2.track_average else 0.0
-        all_workers = {w: m for g in gathered for w, m in g["workers"].items()}
-        worker_accs = [all_workers[w]["test_acc"] for w in finished]
-        save_checkpoint(run.checkpoint("swap"), averaged,
-                        {"config_hash": config_hash, "phase": "phase3", "workers": finished, "test_acc": averaged_acc})
-        run.log({"phase": "phase3", "worker": None, "epoch": None, "test_acc": averaged_acc,
-                 "phase_wall_s": phase3_wall, "wall_s": time.time() - ctx.t0})
-        walls = {"phase1": phase1["wall_s"], "phase2": max(g["phase2_wall_s"] for g in gathered),
-                 "phase3": phase3_wall}
-        walls["total"] = sum(walls.values())
-        p2_updates = [all_workers[w]["updates"] for w in finished]
-        summary = {
-            "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
-            # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
-            "averaged_workers": finished, "failed_workers": {str(w): why for w, why in sorted(failures.items())},
-            "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
-                         "averaged": averaged_acc, "phase1": phase1["test_acc"]},
-            "train_acc": {"phase1": phase1["train_acc"],
-                          "workers": [all_workers[w]["train_acc"] for w in finished]},
-            "wall_s": walls,
-            "epochs": {"phase1": phase1["epoch"], "phase2": p2.epochs},
-            "phase1_stopped_early": phase1["stopped_early"],
-            "analysis_s": {"track_average": track_s},        # not part of training time
-            # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
-            # on W devices); the measure of SWAP's speed that does not depend on this machine.
-            "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
-                        "critical_path": phase1["updates"] + max(p2_updates)},
-            "samples": phase1["samples"] + sum(p2_updates) * p2.batch_size,     # all workers' samples
-            "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
-            "machine": ctx.machine(),
-        }
-        run.write_summary(summary)
+    if ctx.dist.is_main:
+        walls = {"phase1": p1["wall_s"], "phase2": phase2_wall, "phase3": time.perf_counter() - t3}
+        summary = summarize(ctx, averaged, acc, p1, workers, walls)
     distributed.teardown()
     return summary
 
 
-def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[int, dict | str]:
+# -------------------------------------------------------------------- phase 1: large-batch SGD
+def phase1(ctx: Context, model, resume: bool) -> dict:
+    """Phase 1 on every rank: ``model`` trained in place by synchronous data-parallel SGD with the
+    large batch, warm-up to the peak LR, until the training accuracy of an epoch reaches
+    ``phase1.stop_acc`` (or ``max_epochs``). Returns its result (epoch, updates, samples,
+    accuracies, wall_s, stopped_early), also kept in ``checkpoints/phase1``."""
+    p1 = ctx.cfg.phase1
+    out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
+                              peak_lr=p1.peak_lr, warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs,
+                              schedule=p1.schedule, stop_acc=p1.stop_acc, optimizer=p1.optimizer, resume=resume)
+    distributed.barrier()
+    return out
+
+
+# -------------------------------------------------------------------- phase 2: W independent workers
+@dataclass
+class WorkerResult:
+    """How phase-2 worker ``worker`` ended: finished with ``meta`` (its checkpoint metadata: epoch,
+    updates, train_acc, test_acc in percent, wall_s), or failed (``error``: one line saying why)."""
+    worker: int
+    meta: dict | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is None
+
+
+def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[dict]]:
+    """Phase 2 on every rank: rank r trains workers r, r + world, ..., each from a copy of the
+    phase-1 ``model`` (weights and BN buffers; a fresh optimizer), on its own data order, with no
+    communication; stacked into one computation with ``phase2.layout: vmap``.
+
+    Returns:
+        every worker's :class:`WorkerResult` (all ranks', sorted by worker) and the state dicts of
+        this rank's finished workers (for :func:`phase3`).
+    Raises:
+        SwapError: a worker failed, unless ``phase3.allow_missing_workers`` and one finished.
+    """
+    cfg, d = ctx.cfg, ctx.dist
+    mine = list(range(d.rank, cfg.workers, d.world_size))
+    stacked = _phase2_stacked(ctx, model, mine, resume) if cfg.phase2.layout == "vmap" else {}
+    results, states = [], []
+    for w in mine:
+        worker = copy.deepcopy(model)
+        result = stacked.get(w) or _phase2_worker(ctx, worker, w, resume)
+        if w in stacked and result.finished:
+            load_checkpoint(ctx.run.checkpoint(RunDir.worker(w)), worker)
+        if result.finished:
+            states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
+        else:
+            tqdm.write(f"[phase2 worker {w}] FAILED: {result.error}", file=sys.stderr)
+        results.append(result)
+        del worker
+    results = sorted((r for rank in distributed.all_gather_objects(results) for r in rank), key=lambda r: r.worker)
+    failed, finished = [r for r in results if not r.finished], [r for r in results if r.finished]
+    if failed and not (cfg.phase3.allow_missing_workers and finished):
+        names = "; ".join(f"worker {r.worker}: {r.error}" for r in failed)
+        raise SwapError(f"phase 2: {len(failed)} of {cfg.workers} workers failed ({names}); the other "
+                        f"{len(finished)} finished and are kept. --resume trains only the failed ones; "
+                        f"--set phase3.allow_missing_workers=true averages the {len(finished)} that finished")
+    return results, states
+
+
+def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[int, WorkerResult]:
     """``phase2.layout: vmap``: this rank's unfinished workers trained as one computation
-    (:mod:`swap.algorithms.stacked`); {worker: metadata, or why it failed}. Workers that would
-    resume from different points are left out (trained in turn by the caller)."""
-    todo = [w for w in mine if not (resume and checkpoint_exists(ctx.run.checkpoint(f"worker{w}")))]
-    if not todo or len(positions(ctx, todo, resume)) != 1:
+    (:mod:`swap.algorithms.stacked`). Workers that would resume from different points are left out
+    (trained in turn by the caller)."""
+    todo = [w for w in mine if not (resume and Phase.finished(ctx.run, RunDir.worker(w)))]
+    if not todo or len({Phase.position(ctx.run, RunDir.worker(w)) if resume else (0, 0) for w in todo}) != 1:
         return {}
     try:
-        return train_stacked(ctx, model, todo, resume)
+        return {w: WorkerResult(w, meta) for w, meta in train_stacked(ctx, model, todo, resume).items()}
     except (SwapError, RuntimeError) as exc:           # divergence, out of memory: all of them failed
         why = str(exc).strip().splitlines()[-1]
         for w in todo:
-            ctx.run.checkpoint(f"worker{w}").with_suffix(".error").write_text(why)
-        return {w: why for w in todo}
+            ctx.run.worker_error(w).write_text(why)
+        return {w: WorkerResult(w, error=why) for w in todo}
 
 
-def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> dict | str:
-    """Worker ``w``'s phase 2: its metadata, with ``worker`` holding its final weights, or one line
-    saying why it failed (a diverged run, an exception, a killed process). Finished workers are
-    loaded on ``resume``. With ``phase2.layout: processes`` it trains in a child process of this
-    rank (:func:`swap.distributed.run_isolated`), so a worker that dies takes no other with it.
+def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
+    """Worker ``w``'s phase 2, with ``worker`` holding its final weights when it finished.
+    Finished workers are loaded on ``resume``. With ``phase2.layout: processes`` it trains in a
+    child process of this rank (:func:`swap.distributed.run_isolated`), so a worker that dies takes
+    no other with it; a failure (a diverged run, an exception, a killed process) is kept in
+    ``checkpoints/workerW.error``.
 
     Raises:
         swap.interrupt.Interrupted: SIGINT/SIGTERM (the worker's checkpoint is written first).
     """
-    ckpt = ctx.run.checkpoint(f"worker{w}")
-    error = ckpt.with_suffix(".error")             # why the worker failed, kept for resumes
-    if resume and checkpoint_exists(ckpt):
-        return load_checkpoint(ckpt, worker, ctx.cfg.hash())
-    if resume and ctx.cfg.phase3.allow_missing_workers and error.is_file():
-        return error.read_text()                    # failed before; averaged without it, not retrained
+    cfg, run, name = ctx.cfg, ctx.run, RunDir.worker(w)
+    error = run.worker_error(w)
+    if resume and Phase.finished(run, name):
+        return WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
+    if resume and cfg.phase3.allow_missing_workers and error.is_file():
+        return WorkerResult(w, error=error.read_text())     # failed before; averaged without it, not retrained
     if interrupt.requested():              # a stop signal arrived between two workers
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
-    if ctx.cfg.phase2.layout == "processes":
+    if cfg.phase2.layout == "processes":
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
-        why = distributed.run_isolated(_isolated_worker, (ctx.cfg, ctx.run.path, ctx.t0, w, resume, start,
-                                                          ctx.model_fn, data), error,     # leaves `why` in `error`
-                                         ctx.run.logs_dir / f"worker{w}.log")
-        return why if why is not None else load_checkpoint(ckpt, worker, ctx.cfg.hash())
+        why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data),
+                                       error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
+        return WorkerResult(w, error=why) if why is not None else \
+            WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
     error.unlink(missing_ok=True)
     try:
-        return _train_worker(ctx, worker, w, resume)
+        return WorkerResult(w, train_worker(ctx, worker, w, resume))
     except (SwapError, RuntimeError) as exc:          # divergence, out of memory, ...
         why = str(exc).strip().splitlines()[-1]
         error.write_text(why)
-        return why
+        return WorkerResult(w, error=why)
 
 
 def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data) -> None:
@@ -209,81 +184,114 @@ def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, sta
     ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False)
     worker = ctx.build_model()
     worker.load_state_dict(start)
-    _train_worker(ctx, worker, w, resume)
+    train_worker(ctx, worker, w, resume)
 
 
-def _train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
-    """Phase 2 for worker ``w``: small-batch SGD on its own data order (stream ("phase2", w)), LR
-    ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place,
-    saves ``checkpoints/worker{w}`` and returns its metadata (epoch, updates, accuracies, wall_s).
-    ``resume`` continues from ``worker{w}_last`` (end of an epoch, or mid-epoch after a signal)."""
+def train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
+    """Phase 2 for worker ``w``, a resumable :class:`swap.phase.Phase` (``worker{w}_last``,
+    ``worker{w}``): small-batch SGD on its own data order (stream ("phase2", w)), LR
+    ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place and returns its
+    metadata (epoch, updates, accuracies, wall_s). With ``phase2.track_average`` its weights at the
+    end of every epoch but the last are kept; with ``phase2.save_every = K`` every K-th iterate."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
-    config_hash = cfg.hash()
-    ckpt, last = run.checkpoint(f"worker{w}"), run.checkpoint(f"worker{w}_last")
     opt = ctx.optimizer(worker)
-    start_epoch, before, partial = 0, {"updates": 0, "wall_s": 0.0}, {}
-    if resume and checkpoint_exists(last):            # continue this worker where it stopped
-        meta = load_checkpoint(last, worker, config_hash, opt)
-        start_epoch, before, partial = meta["epoch"], meta["progress"], meta.get("partial") or {}
     loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
     steps = len(loader)
-    lr_at = ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule)
-    bar = ctx.progress((p2.epochs - start_epoch) * steps - partial.get("step", 0), f"phase2 worker {w}",
-                       position=ctx.dist.local_rank)
-    t = time.perf_counter()
+    unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, opt, {"phase": "phase2", "worker": w})],
+                 every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps)
+    start = unit.restore(resume)
+    if start.result is not None:
+        return start.result
+    sink = ctx.sink("phase2", w, p2.epochs)
 
-    def interrupted(state: dict) -> None:            # SIGINT/SIGTERM: checkpoint mid-epoch
-        progress = {"updates": before["updates"] + state["updates"],
-                    "wall_s": before["wall_s"] + time.perf_counter() - t}
-        save_checkpoint(last, worker, {"config_hash": config_hash, "phase": "phase2", "worker": w,
-                                       "epoch": state["epoch"], "progress": progress,
-                                       "partial": {"step": state["step"], "totals": state["totals"]}}, opt)
-
-    out = train(worker, loader, opt, lr_at, p2.epochs, start_epoch=start_epoch, start_step=partial.get("step", 0),
-                start_totals=partial.get("totals"), on_interrupt=interrupted,
-                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, amp_dtype=ctx.amp,
-                on_epoch=_phase2_epoch_hook(ctx, worker, w, opt, before, t, steps),
-                on_step=_phase2_step_hook(ctx, worker, w), progress=bar,
-                max_grad_norm=cfg.max_grad_norm, label=f"phase2 worker {w}")
-    bar.close()
-    meta = {"config_hash": config_hash, "phase": "phase2", "worker": w, "epoch": out["epoch"],
-            "updates": before["updates"] + out["updates"], "train_acc": out["train_acc"],
-            "test_acc": out["test_acc"], "wall_s": before["wall_s"] + time.perf_counter() - t}
-    save_checkpoint(ckpt, worker, meta)
-    return meta
-
-
-def _phase2_epoch_hook(ctx: Context, worker, w: int, opt, before: dict, t_start: float, steps: int):
-    """Per-epoch sink of worker ``w`` (``steps`` updates per epoch); every ``checkpoint_every`` epochs a resumable checkpoint
-    (``worker{w}_last``: weights, optimizer state, epoch, progress); with ``phase2.track_average``
-    the worker's weights at the end of each epoch but the last (that one is the worker checkpoint)."""
-    cfg = ctx.cfg
-    sink = ctx.sink("phase2", w, cfg.phase2.epochs)
-
-    def hook(record: dict) -> None:
+    def on_epoch(record: dict) -> None:
         sink(record)
-        epoch = record["epoch"]
-        if cfg.phase2.track_average and epoch < cfg.phase2.epochs:
-            save_checkpoint(ctx.run.checkpoint(f"track/worker{w}_epoch{epoch}"), worker, {"worker": w, "epoch": epoch})
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.phase2.epochs:
-            progress = {"updates": epoch * steps, "wall_s": before["wall_s"] + time.perf_counter() - t_start}
-            save_checkpoint(ctx.run.checkpoint(f"worker{w}_last"), worker,
-                            {"config_hash": cfg.hash(), "phase": "phase2", "worker": w, "epoch": epoch,
-                             "progress": progress}, opt)
-    return hook
+        if p2.track_average and record["epoch"] < p2.epochs:
+            save_checkpoint(run.track_checkpoint(w, record["epoch"]), worker, {"worker": w, "epoch": record["epoch"]})
+        unit.end_epoch(record["epoch"])
+
+    bar = ctx.progress((p2.epochs - start.epoch) * steps - start.step, f"phase2 worker {w}", position=ctx.dist.local_rank)
+    out = train(ctx.update_step(worker, opt), loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps,
+                                                                  p2.schedule),
+                epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
+                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
+                on_step=_iterates(ctx, worker, w), progress=bar, max_grad_norm=cfg.max_grad_norm,
+                label=f"phase2 worker {w}")
+    bar.close()
+    p = unit.progress(out["updates"])
+    return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
+                        "test_acc": out["test_acc"], "wall_s": p["wall_s"]})[0]
 
 
-def _phase2_step_hook(ctx: Context, worker, w: int):
+def _iterates(ctx: Context, worker, w: int):
     """With ``phase2.save_every = K``: save worker ``w``'s iterate every K updates (and its start)."""
     k = ctx.cfg.phase2.save_every
     if not k:
         return None
-    save_checkpoint(ctx.run.checkpoint(f"iterates/worker{w}_step0"), worker, {"worker": w, "step": 0})
+    save_checkpoint(ctx.run.iterate_checkpoint(w, 0), worker, {"worker": w, "step": 0})
 
     def hook(step: int) -> None:
         if step % k == 0:
-            save_checkpoint(ctx.run.checkpoint(f"iterates/worker{w}_step{step}"), worker, {"worker": w, "step": step})
+            save_checkpoint(ctx.run.iterate_checkpoint(w, step), worker, {"worker": w, "step": step})
     return hook
+
+
+# -------------------------------------------------------------------- phase 3: average, recompute BN
+def phase3(ctx: Context, model, states: list[dict], workers: list[WorkerResult]):
+    """Phase 3 on every rank: the uniform mean of the finished workers' parameters (all ranks'
+    ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; then, on rank 0,
+    its BN statistics recomputed with one pass over the training data
+    (:meth:`swap.context.Context.recompute_bn`) and its test accuracy.
+
+    Returns:
+        the averaged model and its test accuracy in percent (None on the other ranks).
+    """
+    finished = [r for r in workers if r.finished]
+    averaged = distributed_average_(copy.deepcopy(model), states, len(finished))
+    if not ctx.dist.is_main:
+        return averaged, None
+    ctx.recompute_bn(averaged)
+    return averaged, ctx.evaluate(averaged)
+
+
+def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers: list[WorkerResult],
+              walls: dict) -> dict:
+    """Rank 0, after phase 3: draw the average's curve if ``phase2.track_average``, save the
+    averaged model (``checkpoints/swap``), log its record and write ``summary.json`` (accuracies in
+    percent, ``walls``: seconds per phase, updates on the critical path). Returns the summary."""
+    cfg, run = ctx.cfg, ctx.run
+    p1, p2 = cfg.phase1, cfg.phase2
+    finished = [r for r in workers if r.finished]
+    track_s = _average_curve(ctx, averaged, averaged_acc, [r.worker for r in finished]) if p2.track_average else 0.0
+    save_checkpoint(run.checkpoint("swap"), averaged, {"config_hash": cfg.hash(), "phase": "phase3",
+                                                       "workers": [r.worker for r in finished], "test_acc": averaged_acc})
+    run.log({"phase": "phase3", "worker": None, "epoch": None, "test_acc": averaged_acc,
+             "phase_wall_s": walls["phase3"], "wall_s": time.time() - ctx.t0})
+    walls = {**walls, "total": sum(walls.values())}
+    worker_accs = [r.meta["test_acc"] for r in finished]
+    p2_updates = [r.meta["updates"] for r in finished]
+    summary = {
+        "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
+        # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
+        "averaged_workers": [r.worker for r in finished],
+        "failed_workers": {str(r.worker): r.error for r in workers if not r.finished},
+        "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
+                     "averaged": averaged_acc, "phase1": phase1["test_acc"]},
+        "train_acc": {"phase1": phase1["train_acc"], "workers": [r.meta["train_acc"] for r in finished]},
+        "wall_s": walls,
+        "epochs": {"phase1": phase1["epoch"], "phase2": p2.epochs},
+        "phase1_stopped_early": phase1["stopped_early"],
+        "analysis_s": {"track_average": track_s},        # not part of training time
+        # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
+        # on W devices); the measure of SWAP's speed that does not depend on this machine.
+        "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
+                    "critical_path": phase1["updates"] + max(p2_updates)},
+        "samples": phase1["samples"] + sum(p2_updates) * p2.batch_size,     # all workers' samples
+        "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
+        "machine": ctx.machine(),
+    }
+    run.write_summary(summary)
+    return summary
 
 
 def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]) -> float:
@@ -303,7 +311,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
             states = []
             for w in finished:
                 m = copy.deepcopy(template)
-                load_checkpoint(run.checkpoint(f"track/worker{w}_epoch{epoch}"), m)
+                load_checkpoint(run.track_checkpoint(w, epoch), m)
                 states.append(m.state_dict())
             averaged = copy.deepcopy(template)
             averaged.load_state_dict(average_state_dicts(states, buffers))

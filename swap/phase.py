@@ -1,0 +1,197 @@
+"""One resumable unit of training: where a phase, a worker or a baseline restarts from, and its
+checkpoints. The rules that make a resumed run the uninterrupted one, bit for bit, are written here
+once; SGD, SWAP's phases 1 and 2 (in turn, in child processes or stacked), SWA and ABS/ABSA use them.
+
+A :class:`Phase` trains one or more :class:`Unit` (a model, its optimizer and its checkpoint name:
+``phase1``, ``worker3``, ``sgd``, ``abs``; several when workers are stacked) and writes, in
+``RUN/checkpoints`` (names from :class:`swap.rundir.RunDir`):
+
+    NAME_last   every ``checkpoint_every`` epochs (1-based epoch % N == 0) before the last, and on a
+                stop signal mid-epoch (``partial``: updates done in the epoch and the epoch's loss
+                sum, correct and samples so far, per rank in a data-parallel phase): weights, BN
+                statistics, optimizer state, epoch, ``progress`` (updates and wall seconds so far)
+                and the unit's own fields (``phase``, ``worker``; ABS adds its rule's state).
+    NAME        when the unit finished: weights and its result (epoch, updates, accuracies, ...).
+
+:meth:`Phase.restore` reads them back: a finished unit returns its result, an unfinished one
+continues from ``NAME_last`` (the train loop then skips the updates already done: every data stream
+derives from (seed, phase, worker, epoch), so the batches are the same). In a data-parallel phase
+(``group=True``) every rank loads, the ranks agree on BN statistics before a save (``sync``), and
+rank 0 writes. Every write goes through :func:`swap.checkpoint.save_checkpoint` (atomic).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from . import distributed
+from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
+from .rundir import RunDir
+
+
+@dataclass
+class Unit:
+    """One model of a phase: ``name`` (its checkpoints: ``NAME``, ``NAME_last``), the plain
+    ``model`` (not DDP-wrapped), its ``optimizer`` (saved in ``NAME_last``; None = none) and
+    ``meta``, the fields every checkpoint of it carries (e.g. ``{"phase": "phase2", "worker": 3}``)."""
+    name: str
+    model: nn.Module
+    optimizer: object = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Start:
+    """Where a phase continues (:meth:`Phase.restore`).
+
+    Attributes:
+        epoch: first epoch to train (0-based); step: updates of it already done.
+        totals: this rank's partial (loss sum, correct, samples) of that epoch (one list per unit
+            when several are stacked), or None.
+        updates, wall_s: progress of the earlier sessions (updates, seconds).
+        result: the finished unit's result (then nothing is left to train), else None.
+        meta: the metadata of the checkpoint continued from (e.g. ABS's rule state), else None.
+    """
+    epoch: int = 0
+    step: int = 0
+    totals: list | None = None
+    updates: int = 0
+    wall_s: float = 0.0
+    result: dict | None = None
+    meta: dict | None = None
+
+
+class Phase:
+    """The resumable unit (module docstring): restore, end-of-epoch and mid-epoch checkpoints, the
+    ``checkpoint_every`` rule and the final checkpoint.
+
+    Args:
+        run: the run directory.
+        config_hash: the run's config hash; checkpoints of another config are refused.
+        units: the unit(s) trained.
+        every: ``checkpoint_every`` (epochs; 0 = only at the end).
+        epochs: the unit's epochs (its last epoch writes ``NAME``, not ``NAME_last``).
+        steps: updates per epoch (for the progress of an end-of-epoch checkpoint), if fixed.
+        group: a data-parallel phase: one model on all ranks (see the module docstring).
+        sync: called before every save, on every rank (e.g. the update step's ``sync``: BN
+            statistics averaged over ranks, stacked workers unstacked).
+        final: write ``NAME`` when finished (False when the method writes its own final model).
+    """
+
+    def __init__(self, run: RunDir, config_hash: str, units: list[Unit], *, every: int, epochs: int,
+                 steps: int | None = None, group: bool = False, sync: Callable[[], None] | None = None,
+                 final: bool = True):
+        self.run, self.config_hash, self.units = run, config_hash, units
+        self.every, self.epochs, self.steps, self.group, self.final = every, epochs, steps, group, final
+        self.sync = sync or (lambda: None)
+        self.rank = distributed.rank() if group else 0
+        self.start = Start()
+        self.t = time.perf_counter()
+
+    # ------------------------------------------------------------------ where to continue
+    @staticmethod
+    def finished(run: RunDir, name: str) -> bool:
+        """Unit ``name`` finished in an earlier session (its ``NAME`` holds a result)."""
+        path = run.checkpoint(name)
+        return checkpoint_exists(path) and "updates" in read_meta(path)
+
+    @staticmethod
+    def position(run: RunDir, name: str) -> tuple[int, int]:
+        """(epoch, update in it) at which unit ``name`` would continue; (0, 0) without a checkpoint."""
+        last = run.last_checkpoint(name)
+        if not checkpoint_exists(last):
+            return 0, 0
+        meta = read_meta(last)
+        return meta["epoch"], (meta.get("partial") or {}).get("step", 0)
+
+    @classmethod
+    def epochs_kept(cls, run: RunDir, name: str) -> float:
+        """Epochs of unit ``name`` that a resume keeps (all of a finished one: ``inf``)."""
+        return float("inf") if checkpoint_exists(run.checkpoint(name)) else cls.position(run, name)[0]
+
+    def restore(self, resume: bool) -> Start:
+        """Load the units' latest checkpoints (weights, optimizer state) when ``resume`` and say
+        where to continue (:class:`Start`); without ``resume``, or without checkpoints, the start.
+
+        Raises:
+            SwapError: a checkpoint that does not match the config, the model or the optimizer.
+        """
+        self.t, self.start = time.perf_counter(), Start()
+        if not resume:
+            return self.start
+        unit = self.units[0]
+        if self.final and self.finished(self.run, unit.name):
+            metas = [load_checkpoint(self.run.checkpoint(u.name), u.model, self.config_hash) for u in self.units]
+            self.start = Start(result=metas[0])
+            return self.start
+        metas = [load_checkpoint(self.run.last_checkpoint(u.name), u.model, self.config_hash, u.optimizer)
+                 for u in self.units if checkpoint_exists(self.run.last_checkpoint(u.name))]
+        if not metas:
+            return self.start
+        meta = metas[0]
+        if meta.get("done"):                # swap 0.1 kept a finished data-parallel phase's result here
+            self.start = Start(result=meta["result"])
+            return self.start
+        partial, progress = meta.get("partial") or {}, meta.get("progress") or {}
+        totals = None
+        if partial:
+            totals = ([m["partial"]["totals"] for m in metas] if len(self.units) > 1 else
+                      partial["totals"][self.rank] if self.group else partial["totals"])
+        self.start = Start(epoch=meta["epoch"], step=partial.get("step", 0), totals=totals,
+                           updates=progress.get("updates", 0), wall_s=progress.get("wall_s", 0.0), meta=meta)
+        return self.start
+
+    # ------------------------------------------------------------------ progress and checkpoints
+    def progress(self, updates: int) -> dict:
+        """``{"updates", "wall_s"}`` over all sessions, after ``updates`` updates in this one."""
+        return {"updates": self.start.updates + updates,
+                "wall_s": self.start.wall_s + time.perf_counter() - self.t}
+
+    def updates_at(self, epoch: int) -> int:
+        """Updates of this session at the end of ``epoch`` (1-based), with ``steps`` per epoch."""
+        return (epoch - self.start.epoch) * self.steps - self.start.step
+
+    def end_epoch(self, epoch: int, done: bool = False, updates: int | None = None, extra: dict | None = None) -> bool:
+        """After epoch ``epoch`` (1-based, on every rank): write ``NAME_last`` if the
+        ``checkpoint_every`` rule says so, unless the unit is ``done`` (its last epoch, or its
+        stopping accuracy reached: :meth:`finish` writes ``NAME``). ``updates`` (this session's;
+        default from ``steps``) and ``extra`` (more metadata) go into it. Returns whether it
+        wrote. Collective in a group phase."""
+        if done or epoch >= self.epochs or not (self.every and epoch % self.every == 0):
+            return False
+        self.save(epoch, self.updates_at(epoch) if updates is None else updates, extra=extra)
+        return True
+
+    def interrupted(self, state: dict, extra: dict | None = None) -> None:
+        """A stop signal mid-epoch (the train loop's ``on_interrupt`` ``state``: epoch, step,
+        totals, updates): ``NAME_last`` with the position inside the epoch and each rank's partial
+        totals (gathered: collective in a group phase)."""
+        totals = distributed.all_gather_objects(state["totals"]) if self.group else state["totals"]
+        self.save(state["epoch"], state["updates"], partial={"step": state["step"], "totals": totals}, extra=extra)
+
+    def save(self, epoch: int, updates: int, partial: dict | None = None, extra: dict | None = None) -> None:
+        """Write every unit's ``NAME_last`` at ``epoch`` (0-based epoch in progress with
+        ``partial``, else the number of epochs done). Collective in a group phase (``sync``)."""
+        self.sync()
+        if self.rank != 0:
+            return
+        progress = self.progress(updates)
+        for i, u in enumerate(self.units):
+            meta = {"config_hash": self.config_hash, **u.meta, "epoch": epoch, "progress": progress, **(extra or {})}
+            if partial:
+                meta["partial"] = partial if len(self.units) == 1 else {**partial, "totals": partial["totals"][i]}
+            save_checkpoint(self.run.last_checkpoint(u.name), u.model, meta, u.optimizer)
+
+    def finish(self, results: dict | list[dict]) -> list[dict]:
+        """The units finished: write each ``NAME`` (weights; metadata: config hash, the unit's fields
+        and its ``result``, which must hold ``updates``) unless ``final`` is off; return the metadata
+        (one per unit). Rank 0 writes in a group phase."""
+        results = results if isinstance(results, list) else [results]
+        metas = [{"config_hash": self.config_hash, **u.meta, **r} for u, r in zip(self.units, results)]
+        if self.final and self.rank == 0:
+            for u, meta in zip(self.units, metas):
+                save_checkpoint(self.run.checkpoint(u.name), u.model, meta)
+        return metas

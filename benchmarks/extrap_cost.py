@@ -32,7 +32,7 @@ def main() -> None:
     from swap.data import Augment, Loader, load_dataset
     from swap.models import build_model
     from swap.rundir import machine_info
-    from swap.train import train
+    from swap.train import SGDStep, train
 
     torch.set_num_threads(os.cpu_count() or 1)
     train_set, _ = load_dataset("fashion-mnist")
@@ -49,7 +49,8 @@ def main() -> None:
                 opt = ExtrapSGD(opt, kind, 1.0, 0.01, torch.Generator().manual_seed(0))
             loader = Loader(subset, args.batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
             t = time.perf_counter()
-            train(model, loader, opt, lambda s: 0.1, epochs=1, micro_batch_size=256)
+            step = SGDStep(model, opt, 256) if kind == "sgd" else opt.update_step(model, 256)
+            train(step, loader, lambda s: 0.1, epochs=1)
             times[kind].append((time.perf_counter() - t) / args.steps)
     rows = [{"optimizer": k, "s_per_update": statistics.median(v), "all": v,
              "ratio_to_sgd": statistics.median(v) / statistics.median(times["sgd"])} for k, v in times.items()]

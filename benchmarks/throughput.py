@@ -1,16 +1,19 @@
 """Throughput of our train loop against a bare PyTorch loop, the cost of phase 3, and phase-2 scaling.
 
-1. Training samples/s: ``swap.train`` (loader with per-epoch permutation, batched augmentation,
-   normalisation, micro-batches, metrics) against a bare loop (one pre-made batch already in memory;
-   forward + backward + SGD step and nothing else), same model (smallcnn, channels_last), same batch,
-   same threads, at the phase-1 (2048 as 8 x 256 micro-batches) and phase-2 (128) batch sizes.
-   Repetitions are interleaved; medians reported.
+1. Training samples/s: ``swap.train`` (LR schedule, metrics, divergence guard, stop checks,
+   records) against the minimal PyTorch loop (zero_grad, forward + backward per micro-batch, SGD
+   step), both on the same batches of the same real loader (permutation, gather, batched
+   augmentation, normalisation: the data work counted on both sides), same model (smallcnn,
+   channels_last), same initial weights, same warm-up, same threads, at the phase-1 (2048 as 8 x 256
+   micro-batches) and phase-2 (128) batch sizes; about 5 s per timed run; repetitions interleaved
+   with alternating order; the median and spread of the paired ratios. Then a cProfile breakdown
+   of our loop (``--loop-only`` stops here).
 2. Phase 3: averaging W=8 state dicts + one BN-recompute pass over 60,000 images + test evaluation,
    in seconds and as a share of a SWAP run's wall time (``--swap-run``, default runs/demo).
 3. Phase-2 scaling: 2 workers x 1 epoch in 1 process (2 threads, workers in turn) against
    2 processes (1 thread each, workers in parallel).
 
-    .venv/bin/python benchmarks/throughput.py [--reps 3]
+    .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only]
 
 Prints a table and writes ``benchmarks/results/throughput.json``.
 """
@@ -32,30 +35,105 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def bare_loop(model, x, y, steps: int, micro: int) -> float:
-    """Samples/s of forward + backward + SGD step on a batch already in memory."""
+def bare_loop(model, loader, epoch: int, micro: int) -> float:
+    """Seconds of the minimal PyTorch loop over one epoch of ``loader``'s batches (the same data
+    path as ours: permutation, gather, augmentation, normalisation): zero_grad, forward + backward
+    per micro-batch, SGD step, and nothing else (no LR schedule, metrics, guard or stop checks)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    chunks = list(zip(x.split(micro), y.split(micro)))
     t = time.perf_counter()
-    for _ in range(steps):
+    for x, y in loader.epoch(epoch):
         opt.zero_grad(set_to_none=True)
-        for xc, yc in chunks:
+        for xc, yc in zip(x.split(micro), y.split(micro)):
             (F.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
         opt.step()
-    return steps * len(y) / (time.perf_counter() - t)
+    return time.perf_counter() - t
 
 
-def our_loop(model, train_set, mean, std, batch: int, micro: int, steps: int) -> float:
-    """Samples/s of swap.train over ``steps`` updates of the real loader (augmentation on)."""
-    from swap.data import Augment, Loader
-    from swap.train import train
+def our_loop(model, loader, epoch: int, micro: int) -> float:
+    """Seconds of ``swap.train.train`` over the same epoch: LR schedule, metrics on the device,
+    divergence guard, stop-signal checks, the epoch's record (no evaluation)."""
+    from swap.train import SGDStep, train
 
-    loader = Loader(train_set.subset(steps * batch), batch, (0, "bench", 0), mean, std, Augment(2, True, 8),
-                    channels_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     t = time.perf_counter()
-    train(model, loader, opt, lambda s: 0.01, epochs=1, micro_batch_size=micro)
-    return steps * batch / (time.perf_counter() - t)
+    train(SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch)
+    return time.perf_counter() - t
+
+
+LOOPS = {"ours": our_loop, "bare": bare_loop}
+
+
+def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps: int, warmup: int) -> dict:
+    """Our loop against the bare loop at one batch size: each repetition builds both from the same
+    initial weights, warms each up with ``warmup`` updates of epoch 0, then times ``steps`` updates
+    (epoch 1, the same batches for both); the order alternates between repetitions. Returns
+    samples/s per repetition, and the ratio ours / bare per repetition (paired), with medians and
+    spreads ((max - min) / median)."""
+    from swap.data import Augment, Loader
+    from swap.models import build_model
+
+    data = train_set.subset(steps * batch)
+    times: dict[str, list[float]] = {k: [] for k in LOOPS}
+    for rep in range(reps):
+        order = list(LOOPS) if rep % 2 == 0 else list(LOOPS)[::-1]
+        for name in order:
+            torch.manual_seed(0)
+            model = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+            loader = Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
+            warm = Loader(train_set.subset(warmup * batch), batch, (0, "warm", 0), mean, std, Augment(2, True, 8),
+                          channels_last=True)
+            LOOPS[name](model, warm, 0, micro)                          # the same warm-up for both
+            times[name].append(LOOPS[name](model, loader, 1, micro))
+    rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
+    ratios = [o / b for o, b in zip(rate["ours"], rate["bare"])]
+    spread = lambda v: (max(v) - min(v)) / statistics.median(v)        # noqa: E731
+    return {"batch": batch, "micro_batch": micro, "steps": steps, "warmup_steps": warmup, "reps": reps,
+            "threads": torch.get_num_threads(), "seconds_per_run": statistics.median(times["bare"]),
+            "ours_samples_per_s": statistics.median(rate["ours"]), "bare_samples_per_s": statistics.median(rate["bare"]),
+            "ratio": statistics.median(ratios), "ratio_spread": spread(ratios), "ratios": ratios,
+            "ours_all": rate["ours"], "bare_all": rate["bare"]}
+
+
+def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> dict:
+    """Where our loop's time goes (cProfile, one epoch of ``steps`` updates after a warm-up):
+    cumulative seconds of the data path, forward + backward, the optimizer step, the metrics, the
+    divergence guard's norm and check, the stop-signal check; the rest is the loop's own Python."""
+    import cProfile
+    import pstats
+
+    from swap.data import Augment, Loader
+    from swap.models import build_model
+    from swap.train import SGDStep, train
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loader = Loader(train_set.subset(steps * batch), batch, (0, "bench", 0), mean, std, Augment(2, True, 8),
+                    channels_last=True)
+    train(SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=1)             # warm-up
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.runcall(train, SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=2, start_epoch=1)
+    total = time.perf_counter() - t
+    stats = pstats.Stats(prof).stats
+    cum = {}
+    for (file, _, func), (_, _, _, ct, _) in stats.items():
+        cum[(Path(file).name, func)] = cum.get((Path(file).name, func), 0.0) + ct
+    parts = {
+        "data (permutation, gather, augment, normalise)": cum.get(("loader.py", "epoch"), 0.0),
+        "forward + loss": cum.get(("module.py", "_wrapped_call_impl"), 0.0),
+        "backward": cum.get(("_tensor.py", "backward"), 0.0),
+        "optimizer step": cum.get(("optimizer.py", "wrapper"), 0.0),
+        "guard: gradient norm": cum.get(("train.py", "gradient_norm"), 0.0),
+        "guard: check (host sync)": cum.get(("train.py", "observe_norms"), 0.0),
+        "stop-signal check": cum.get(("interrupt.py", "stop_agreed"), 0.0),
+    }
+    passes = cum.get(("train.py", "_pass"), 0.0)
+    parts["metrics (loss, correct, samples on the device)"] = max(0.0, passes - parts["forward + loss"]
+                                                                  - parts["backward"])
+    parts["loop's own Python, LR, records"] = max(0.0, total - sum(parts.values()))
+    return {"batch": batch, "micro_batch": micro, "steps": steps, "profiled_total_s": total,
+            "seconds": parts, "share": {k: v / total for k, v in parts.items()}}
 
 
 def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
@@ -71,15 +149,26 @@ def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
     for w in range(ctx.dist.rank, workers, ctx.dist.world_size):
         model = ctx.build_model()
         loader = ctx.loader(128, ("phase2", w), data_parallel=False)
-        train(model, loader, ctx.optimizer(model), lambda s: 0.05, epochs)
+        train(ctx.update_step(model, ctx.optimizer(model)), loader, lambda s: 0.05, epochs=epochs)
     wall = max(distributed.all_gather_objects(time.perf_counter() - t))
     distributed.teardown()
     return wall
 
 
+def _write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(results, indent=1))
+    print("\n| batch (micro) | ours samples/s | bare samples/s | ours / bare (median of paired reps) | spread |"
+          "\n|---:|---:|---:|---:|---:|")
+    for r in results["loop"]:
+        print(f"| {r['batch']} ({r['micro_batch']}) | {r['ours_samples_per_s']:.0f} | {r['bare_samples_per_s']:.0f} "
+              f"| {r['ratio']:.3f} | {100 * r['ratio_spread']:.1f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--loop-only", action="store_true", help="only part 1 (our loop against the bare loop)")
     ap.add_argument("--swap-run", default=str(ROOT / "runs" / "demo"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -95,23 +184,19 @@ def main() -> None:
     mean, std = train_set.channel_stats()
     results: dict = {"machine": machine_info(torch.device("cpu"), torch.get_num_threads(), 1), "loop": []}
 
-    # 1. our loop vs the bare loop, interleaved repetitions
-    for batch, micro, steps in ((2048, 256, 12), (128, 128, 200)):
-        ours, bare = [], []
-        for _ in range(args.reps):
-            torch.manual_seed(0)
-            m = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
-            x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, 10, (batch,))
-            bare_loop(m, x, y, 2, micro)                       # warm-up
-            bare.append(bare_loop(m, x, y, steps, micro))
-            ours.append(our_loop(m, train_set, mean, std, batch, micro, steps))
-        row = {"batch": batch, "micro_batch": micro, "steps": steps, "threads": torch.get_num_threads(),
-               "ours_samples_per_s": statistics.median(ours), "bare_samples_per_s": statistics.median(bare),
-               "ours_all": ours, "bare_all": bare}
-        row["ratio"] = row["ours_samples_per_s"] / row["bare_samples_per_s"]
+    # 1. our loop vs the bare loop on the same batches, same warm-up, interleaved repetitions
+    for batch, micro, steps in ((2048, 256, 16), (128, 128, 256)):
+        row = compare_loops(train_set, mean, std, batch, micro, steps, args.reps, warmup=max(2, steps // 8))
         results["loop"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
+    results["profile"] = [profile_loop(train_set, mean, std, b, m, n) for b, m, n in ((128, 128, 256), (2048, 256, 16))]
+    for p in results["profile"]:
+        print(f"profile, batch {p['batch']} ({p['micro_batch']}), {p['profiled_total_s']:.2f} s under cProfile:")
+        for k, v in p["seconds"].items():
+            print(f"  {k:48s} {v:6.2f} s  {100 * p['share'][k]:5.1f}%")
+    if args.loop_only:
+        _write(results)
+        return
 
     # 2. phase 3 cost
     torch.manual_seed(0)
@@ -153,11 +238,7 @@ def main() -> None:
     results["phase2_scaling"] = scaling
     print(json.dumps(scaling), flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(results, indent=1))
-    print("\n| batch (micro) | ours samples/s | bare samples/s | ours / bare |\n|---:|---:|---:|---:|")
-    for r in results["loop"]:
-        print(f"| {r['batch']} ({r['micro_batch']}) | {r['ours_samples_per_s']:.0f} | {r['bare_samples_per_s']:.0f} | {r['ratio']:.3f} |")
+    _write(results)
     print(f"\nPhase 3: average {t_avg:.2f} s + BN recompute {t_bn:.2f} s + evaluate {t_eval:.2f} s"
           + (f"; in {phase3['swap_run']}: {phase3['swap_run_phase3_s']:.1f} s of {phase3['swap_run_total_s']:.1f} s "
              f"= {100 * phase3['share_of_swap_run']:.1f}%" if "share_of_swap_run" in phase3 else ""))

@@ -34,8 +34,8 @@ from torch import nn
 from .methods import METHODS
 from .config import Config
 from .data import Augment, ImageDataset, Loader
-from .train import evaluate, train
-from .algorithms.stacked import StackedWorkers, stacked_batches
+from .train import SGDStep, evaluate, train
+from .algorithms.stacked import StackedLoader, StackedStep
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
     :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of about ``samples``
     samples (at least 3 updates) and keeps the second (warm) epoch's rate, which the train loop
     times after a device sync. ``stacked=(k, b)`` also measures k workers of batch b stacked into
-    one computation (:class:`swap.algorithms.stacked.StackedWorkers`, each with its own loader),
+    one computation (:class:`swap.algorithms.stacked.StackedStep`, each with its own loader),
     the same way.
     """
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
         loader = Loader(data, b, (0, "calibrate", b), mean, std, augment, channels_last=channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        record = train(model, loader, opt, lambda step: 1e-3, 2, amp_dtype=amp_dtype)
+        record = train(SGDStep(model, opt, 0, amp_dtype), loader, lambda step: 1e-3, epochs=2)
         train_rates[b] = record["samples_per_s"]
     data = _synthetic(eval_batch * 3, sample_shape, num_classes, device)
     evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)     # warm-up
@@ -163,15 +163,11 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
         loaders = [Loader(data, b, (0, "calibrate", b, w), mean, std, augment, channels_last=channels_last)
                    for w in range(k)]
-        stack = StackedWorkers([model_fn().to(device).to(memory_format=fmt) for _ in range(k)], momentum=0.9,
-                               nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
-        for epoch in range(2):                                       # keep the second (warm) epoch
-            t = time.perf_counter()
-            for x, y in stacked_batches(loaders, epoch):
-                norms, _, _ = stack.gradients(x, y)
-                stack.update(1e-3)
-            norms.sum().item()                                       # waits for the device
-            stacked_rates[k] = k * b * len(loaders[0]) / (time.perf_counter() - t)
+        models = [model_fn().to(device).to(memory_format=fmt) for _ in range(k)]
+        sgds = [torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
+        step = StackedStep(models, sgds, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
+        record = train(step, StackedLoader(loaders), lambda s: 1e-3, epochs=2)       # the second (warm) epoch's rate
+        stacked_rates[k] = record["samples_per_s"]
     return Throughput(train_rates, eval_rate, param_bytes, stacked_rates)
 
 

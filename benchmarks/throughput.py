@@ -4,10 +4,11 @@
    records) against the minimal PyTorch loop (zero_grad, forward + backward per micro-batch, SGD
    step), both on the same batches of the same real loader (permutation, gather, batched
    augmentation, normalisation: the data work counted on both sides), same model (smallcnn,
-   channels_last), same initial weights, same warm-up, same threads, at the phase-1 (2048 as 8 x 256
-   micro-batches) and phase-2 (128) batch sizes; about 5 s per timed run; repetitions interleaved
-   with alternating order; the median and spread of the paired ratios. Then a cProfile breakdown
-   of our loop (``--loop-only`` stops here).
+   channels_last), same initial weights, same warm-up epoch, same threads, at the phase-1 (2048 as
+   8 x 256 micro-batches) and phase-2 (128) batch sizes; the two loops run in lockstep, one update
+   each in turn, each side timed separately (:func:`compare_loops`), over several epochs of about
+   5 s each; the median and spread of the per-epoch ratios. Then a cProfile breakdown of our loop
+   (``--loop-only`` stops here).
 2. Phase 3: averaging W=8 state dicts + one BN-recompute pass over 60,000 images + test evaluation,
    in seconds and as a share of a SWAP run's wall time (``--swap-run``, default runs/demo).
 3. Phase-2 scaling: 2 workers x 1 epoch in 1 process (2 threads, workers in turn) against
@@ -15,7 +16,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only]
 
-Prints a table and writes ``benchmarks/results/throughput.json``.
+Prints a table and writes ``benchmarks/results/throughput.json`` (``throughput-loop.json`` with ``--loop-only``).
 """
 from __future__ import annotations
 
@@ -35,60 +36,63 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def bare_loop(model, loader, epoch: int, micro: int) -> float:
-    """Seconds of the minimal PyTorch loop over one epoch of ``loader``'s batches (the same data
-    path as ours: permutation, gather, augmentation, normalisation): zero_grad, forward + backward
-    per micro-batch, SGD step, and nothing else (no LR schedule, metrics, guard or stop checks)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    t = time.perf_counter()
-    for x, y in loader.epoch(epoch):
-        opt.zero_grad(set_to_none=True)
-        for xc, yc in zip(x.split(micro), y.split(micro)):
-            (F.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
-        opt.step()
-    return time.perf_counter() - t
+def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps: int) -> dict:
+    """Our loop against the bare loop at one batch size, in lockstep.
 
-
-def our_loop(model, loader, epoch: int, micro: int) -> float:
-    """Seconds of ``swap.train.train`` over the same epoch: LR schedule, metrics on the device,
-    divergence guard, stop-signal checks, the epoch's record (no evaluation)."""
-    from swap.train import SGDStep, train
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    t = time.perf_counter()
-    train(SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch)
-    return time.perf_counter() - t
-
-
-LOOPS = {"ours": our_loop, "bare": bare_loop}
-
-
-def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps: int, warmup: int) -> dict:
-    """Our loop against the bare loop at one batch size: each repetition builds both from the same
-    initial weights, warms each up with ``warmup`` updates of epoch 0, then times ``steps`` updates
-    (epoch 1, the same batches for both); the order alternates between repetitions. Returns
-    samples/s per repetition, and the ratio ours / bare per repetition (paired), with medians and
-    spreads ((max - min) / median)."""
+    Ours is ``swap.train.train`` with :class:`swap.train.SGDStep` (LR schedule, metrics on the
+    device, divergence guard, stop-signal checks, the epoch's record; no evaluation). The bare loop
+    is the minimal PyTorch loop: zero_grad, forward + backward per micro-batch, SGD step, nothing
+    else. Both draw their batches from their own copy of the same loader (the same batches, and the
+    same data work: permutation, gather, augmentation, normalisation), from the same initial
+    weights. After each of our updates (the loop's ``on_step``) the bare loop takes its update on
+    its own model; each side's time is summed separately (ours: everything between two of its
+    updates but the bare update, so its epoch end is counted too). Interleaving update by update
+    cancels the drift of a shared machine's speed, which between two runs of several seconds is
+    larger here than the difference measured. One untimed warm-up epoch, then ``reps`` timed
+    epochs of ``steps`` updates. Returns samples/s of each side per epoch and the ratio ours /
+    bare per epoch, with medians and spreads ((max - min) / median)."""
     from swap.data import Augment, Loader
     from swap.models import build_model
+    from swap.train import SGDStep, train
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     data = train_set.subset(steps * batch)
-    times: dict[str, list[float]] = {k: [] for k in LOOPS}
-    for rep in range(reps):
-        order = list(LOOPS) if rep % 2 == 0 else list(LOOPS)[::-1]
-        for name in order:
-            torch.manual_seed(0)
-            model = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
-            loader = Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
-            warm = Loader(train_set.subset(warmup * batch), batch, (0, "warm", 0), mean, std, Augment(2, True, 8),
-                          channels_last=True)
-            LOOPS[name](model, warm, 0, micro)                          # the same warm-up for both
-            times[name].append(LOOPS[name](model, loader, 1, micro))
+    loaders = [Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True) for _ in range(2)]
+    ours, bare = model(), model()
+    step, bare_opt = SGDStep(ours, sgd(ours), micro), sgd(bare)
+    times = {"ours": [], "bare": []}
+    for epoch in range(reps + 1):                                    # epoch 0: the warm-up
+        spent = {"ours": 0.0, "bare": 0.0}
+        bare_batches = loaders[1].epoch(epoch)
+        mark = [time.perf_counter()]
+
+        def bare_update(_: int) -> None:
+            now = time.perf_counter()
+            spent["ours"] += now - mark[0]
+            x, y = next(bare_batches)
+            bare_opt.zero_grad(set_to_none=True)
+            for xc, yc in zip(x.split(micro), y.split(micro)):
+                (F.cross_entropy(bare(xc), yc) * (len(yc) / len(y))).backward()
+            bare_opt.step()
+            mark[0] = time.perf_counter()
+            spent["bare"] += mark[0] - now
+
+        train(step, loaders[0], lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare_update)
+        spent["ours"] += time.perf_counter() - mark[0]
+        if epoch > 0:
+            for k in times:
+                times[k].append(spent[k])
     rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
     ratios = [o / b for o, b in zip(rate["ours"], rate["bare"])]
     spread = lambda v: (max(v) - min(v)) / statistics.median(v)        # noqa: E731
-    return {"batch": batch, "micro_batch": micro, "steps": steps, "warmup_steps": warmup, "reps": reps,
-            "threads": torch.get_num_threads(), "seconds_per_run": statistics.median(times["bare"]),
+    return {"batch": batch, "micro_batch": micro, "steps": steps, "reps": reps,
+            "threads": torch.get_num_threads(), "seconds_per_epoch_each": statistics.median(times["bare"]),
             "ours_samples_per_s": statistics.median(rate["ours"]), "bare_samples_per_s": statistics.median(rate["bare"]),
             "ratio": statistics.median(ratios), "ratio_spread": spread(ratios), "ratios": ratios,
             "ours_all": rate["ours"], "bare_all": rate["bare"]}
@@ -155,10 +159,10 @@ def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
     return wall
 
 
-def _write(results: dict) -> None:
+def _write(results: dict, name: str = "throughput.json") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(results, indent=1))
-    print("\n| batch (micro) | ours samples/s | bare samples/s | ours / bare (median of paired reps) | spread |"
+    (RESULTS / name).write_text(json.dumps(results, indent=1))
+    print("\n| batch (micro) | ours samples/s | bare samples/s | ours / bare (median of per-epoch ratios) | spread |"
           "\n|---:|---:|---:|---:|---:|")
     for r in results["loop"]:
         print(f"| {r['batch']} ({r['micro_batch']}) | {r['ours_samples_per_s']:.0f} | {r['bare_samples_per_s']:.0f} "
@@ -167,7 +171,7 @@ def _write(results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--loop-only", action="store_true", help="only part 1 (our loop against the bare loop)")
     ap.add_argument("--swap-run", default=str(ROOT / "runs" / "demo"))
     args = ap.parse_args()
@@ -186,7 +190,7 @@ def main() -> None:
 
     # 1. our loop vs the bare loop on the same batches, same warm-up, interleaved repetitions
     for batch, micro, steps in ((2048, 256, 16), (128, 128, 256)):
-        row = compare_loops(train_set, mean, std, batch, micro, steps, args.reps, warmup=max(2, steps // 8))
+        row = compare_loops(train_set, mean, std, batch, micro, steps, args.reps)
         results["loop"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
     results["profile"] = [profile_loop(train_set, mean, std, b, m, n) for b, m, n in ((128, 128, 256), (2048, 256, 16))]
@@ -195,7 +199,7 @@ def main() -> None:
         for k, v in p["seconds"].items():
             print(f"  {k:48s} {v:6.2f} s  {100 * p['share'][k]:5.1f}%")
     if args.loop_only:
-        _write(results)
+        _write(results, "throughput-loop.json")
         return
 
     # 2. phase 3 cost

@@ -3,7 +3,9 @@
 SWAP (Gupta et al., ICLR 2020, Algorithm 1, phase 3) averages the W workers' parameters uniformly
 and then recomputes BN running statistics with one pass over the training data, because the
 statistics of the averaged weights are not the average of the workers' statistics (as in SWA,
-Izmailov et al. 2018, Sec. 3.2). Both steps use ``torch.optim.swa_utils``.
+Izmailov et al. 2018, Sec. 3.2). Both steps use ``torch.optim.swa_utils``. This module owns the
+averages (of models, of state dicts, and across the ranks of a process group) and the BN helpers
+(which statistics exist, recomputing them, and freezing them during extrapolated SGD's extra pass).
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ A :class:`Phase` trains one or more :class:`Unit` (a model, its optimizer and it
                 statistics, optimizer state, epoch, ``progress`` (updates and wall seconds so far)
                 and the unit's own fields (``phase``, ``worker``; ABS adds its rule's state).
     NAME        when the unit finished: weights and its result (epoch, updates, accuracies, ...).
+    track/NAME_epochE  with ``snapshots``: the weights after every epoch E but the last.
 
 :meth:`Phase.restore` reads them back: a finished unit returns its result, an unfinished one
 continues from ``NAME_last`` (the train loop then skips the updates already done: every data stream
@@ -79,13 +80,16 @@ class Phase:
         sync: called before every save, on every rank (e.g. the update step's ``sync``: BN
             statistics averaged over ranks, stacked workers unstacked).
         final: write ``NAME`` when finished (False when the method writes its own final model).
+        snapshots: keep each unit's weights at the end of every epoch but the last
+            (``track/NAME_epochE``; SWAP's ``phase2.track_average``).
     """
 
     def __init__(self, run: RunDir, config_hash: str, units: list[Unit], *, every: int, epochs: int,
                  steps: int | None = None, group: bool = False, sync: Callable[[], None] | None = None,
-                 final: bool = True):
+                 final: bool = True, snapshots: bool = False):
         self.run, self.config_hash, self.units = run, config_hash, units
         self.every, self.epochs, self.steps, self.group, self.final = every, epochs, steps, group, final
+        self.snapshots = snapshots
         self.sync = sync or (lambda: None)
         self.rank = distributed.rank() if group else 0
         self.start = Start()
@@ -155,12 +159,19 @@ class Phase:
         return (epoch - self.start.epoch) * self.steps - self.start.step
 
     def end_epoch(self, epoch: int, done: bool = False, updates: int | None = None, extra: dict | None = None) -> bool:
-        """After epoch ``epoch`` (1-based, on every rank): write ``NAME_last`` if the
-        ``checkpoint_every`` rule says so, unless the unit is ``done`` (its last epoch, or its
-        stopping accuracy reached: :meth:`finish` writes ``NAME``). ``updates`` (this session's;
-        default from ``steps``) and ``extra`` (more metadata) go into it. Returns whether it
-        wrote. Collective in a group phase."""
-        if done or epoch >= self.epochs or not (self.every and epoch % self.every == 0):
+        """After epoch ``epoch`` (1-based, on every rank) of a unit not ``done`` (its last epoch, or
+        its stopping accuracy reached: :meth:`finish` writes ``NAME``): with ``snapshots``, each
+        unit's weights (``track/NAME_epochE``); if the ``checkpoint_every`` rule says so,
+        ``NAME_last``, with ``updates`` (this session's; default from ``steps``) and ``extra``
+        (more metadata). Returns whether ``NAME_last`` was written. Collective in a group phase."""
+        if done or epoch >= self.epochs:
+            return False
+        if self.snapshots:
+            self.sync()
+            for u in self.units:
+                if self.rank == 0:
+                    save_checkpoint(self.run.track_checkpoint(u.name, epoch), u.model, {**u.meta, "epoch": epoch})
+        if not (self.every and epoch % self.every == 0):
             return False
         self.save(epoch, self.updates_at(epoch) if updates is None else updates, extra=extra)
         return True

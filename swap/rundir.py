@@ -70,13 +70,15 @@ class RunDir:
         """``checkpoints/workerW.error``: one line saying why worker ``w`` failed, kept for resumes."""
         return self.checkpoint(self.worker(w)).with_suffix(".error")
 
-    def track_checkpoint(self, w: int, epoch: int) -> Path:
-        """Worker ``w``'s weights at the end of phase-2 epoch ``epoch`` (``phase2.track_average``)."""
-        return self.checkpoint(f"track/worker{w}_epoch{epoch}")
+    def track_checkpoint(self, name: str, epoch: int) -> Path:
+        """The weights of ``name`` (e.g. ``worker3``) at the end of epoch ``epoch`` (1-based;
+        ``phase2.track_average``: ``track/worker3_epoch2``)."""
+        return self.checkpoint(f"track/{name}_epoch{epoch}")
 
-    def iterate_checkpoint(self, w: int, step: int) -> Path:
-        """Worker ``w``'s weights after phase-2 update ``step`` (``phase2.save_every``, ``swap cosine``)."""
-        return self.checkpoint(f"iterates/worker{w}_step{step}")
+    def iterate_checkpoint(self, name: str, step: int) -> Path:
+        """The weights of ``name`` after update ``step`` (``phase2.save_every``, ``swap cosine``:
+        ``iterates/worker3_step40``)."""
+        return self.checkpoint(f"iterates/{name}_step{step}")
 
     @classmethod
     def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,

@@ -105,8 +105,9 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
     world_size), ``checkpoints/METHOD_last`` every ``checkpoint_every`` epochs and at a resize
     (with the rule's state: a resumable :class:`swap.phase.Phase`), and at the end
-    ``checkpoints/METHOD`` (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the rule's batch calls for another number of processes
-    the group checkpoints and every rank returns ``{"resize": n}``; :func:`train_abs` starts the new group.
+    ``checkpoints/METHOD`` (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the
+    rule's batch calls for another number of processes the group checkpoints and every rank
+    returns ``{"resize": n}``; :func:`train_abs` starts the new group.
 
     Returns:
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
@@ -132,8 +133,6 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     unit.sync = step.sync
     shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
     eig_x, eig_y = _eigen_sample(ctx)
-    mean, std = ctx.mean.view(-1), ctx.std.view(-1)
-    lo, hi = (0.0 - mean) / std, (255.0 - mean) / std               # the data range, normalised
 
     def saved_state() -> dict:
         """The rule's state, kept in every checkpoint of the phase (the format of swap 0.1)."""
@@ -156,14 +155,8 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
             state["resizes"].append({**r, "seconds": time.time() - r["time"]})
             state["resize_from"] = None
         fraction = adversarial_fraction(a.adv_fraction, rule.doublings, epoch, a.epochs) if adversarial else 0.0
-        loader = ctx.loader(rule.batch, ("abs", 0), data_parallel=True)
-        if fraction > 0:
-            loader = AdversarialBatches(loader, model, fraction, a.adv_eps, lo, hi)
-        steps, scale = len(loader), rule.batch / a.batch_size
-
-        def lr_at(step: int, steps=steps, scale=scale) -> float:        # step = epoch * steps + i
-            return shape(round(step * _RESOLUTION / steps)) * scale
-
+        loader, lr_at = _epoch_batches(ctx, model, rule.batch, fraction, shape)
+        steps = len(loader)
         extra = {"eigenvalue": state["eigenvalue"], "eig_iters": state["eig_iters"], "adv_fraction": fraction,
                  "world_size": d.world_size, "doublings": rule.doublings}
         sink = ctx.sink(method, None, a.epochs) if d.is_main else None
@@ -188,24 +181,30 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     if out is None:                 # resumed after the last epoch: evaluate it again
         out = {"test_acc": ctx.evaluate(step.model, distributed_eval=True),
                "train_acc": state["history"][-1].get("train_acc")}
-    unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": state["updates"], **saved_state()})
-    summary = None
-    if d.is_main:
-        total = time.time() - ctx.t0
-        resize_s = sum(r["seconds"] for r in state["resizes"])
-        summary = {
-            "method": method, "config": cfg.name, "seed": cfg.seed,
-            "test_acc": {"final": out["test_acc"]}, "train_acc": {"final": out["train_acc"]},
-            "wall_s": {"total": total, "resize": resize_s}, "resize_share": resize_s / total,
-            "epochs": {method: a.epochs},
-            "updates": {method: state["updates"], "critical_path": state["updates"]},
-            "samples": state["samples"],
-            "batch_size": {"base": a.batch_size, "final": rule.batch,
-                           "per_epoch": [h["batch_size"] for h in state["history"]]},
-            "doublings": rule.doublings, "history": state["history"], "resizes": state["resizes"],
-            "machine": ctx.machine(),
-        }
-        ctx.run.write_summary(summary)
+    if start.result is None:
+        unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": state["updates"], **saved_state()})
+    return _summarize(ctx, method, state, rule, out) if d.is_main else None
+
+
+def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out: dict) -> dict:
+    """Rank 0: ``summary.json`` of a finished ABS/ABSA run (accuracies in percent, seconds, the
+    batch per epoch and the resizes of the elastic pool). Returns it."""
+    cfg, a = ctx.cfg, ctx.cfg.abs
+    total = time.time() - ctx.t0
+    resize_s = sum(r["seconds"] for r in state["resizes"])
+    summary = {
+        "method": method, "config": cfg.name, "seed": cfg.seed,
+        "test_acc": {"final": out["test_acc"]}, "train_acc": {"final": out["train_acc"]},
+        "wall_s": {"total": total, "resize": resize_s}, "resize_share": resize_s / total,
+        "epochs": {method: a.epochs},
+        "updates": {method: state["updates"], "critical_path": state["updates"]},
+        "samples": state["samples"],
+        "batch_size": {"base": a.batch_size, "final": rule.batch,
+                       "per_epoch": [h["batch_size"] for h in state["history"]]},
+        "doublings": rule.doublings, "history": state["history"], "resizes": state["resizes"],
+        "machine": ctx.machine(),
+    }
+    ctx.run.write_summary(summary)
     return summary
 
 
@@ -230,6 +229,22 @@ def train_abs(spec: RunSpec, procs: int | None = None, adversarial: bool = False
         if not (isinstance(out, dict) and "resize" in out):
             return out
         world, spec = out["resize"], dataclasses.replace(spec, resume=True)
+
+
+def _epoch_batches(ctx: Context, model, batch: int, fraction: float, shape):
+    """One epoch's batches at global batch ``batch`` (this rank's share), with a ``fraction`` of
+    FGSM examples (ABSA), and its LR: the ``shape`` over epochs x ``batch`` / base batch (linear
+    scaling), at the global update index ``epoch * steps + i``."""
+    a = ctx.cfg.abs
+    loader = ctx.loader(batch, ("abs", 0), data_parallel=True)
+    if fraction > 0:
+        mean, std = ctx.mean.view(-1), ctx.std.view(-1)
+        loader = AdversarialBatches(loader, model, fraction, a.adv_eps, (0.0 - mean) / std, (255.0 - mean) / std)
+    steps, scale = len(loader), batch / a.batch_size
+
+    def lr_at(step: int) -> float:
+        return shape(round(step * _RESOLUTION / steps)) * scale
+    return loader, lr_at
 
 
 def _eigen_sample(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:

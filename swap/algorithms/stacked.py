@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from ..checkpoint import save_checkpoint
 from ..context import Context
 from ..phase import Phase, Unit
 from ..rundir import RunDir
@@ -46,7 +45,8 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
              for w, m in zip(workers, models)]                                            # the checkpoint format
     loader = StackedLoader([ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers])
     steps = len(loader)
-    phase = Phase(run, cfg.hash(), units, every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps)
+    phase = Phase(run, cfg.hash(), units, every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps,
+                  snapshots=p2.track_average)
     start = phase.restore(resume)
     o = cfg.optim
     step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,
@@ -57,10 +57,6 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     def on_epoch(record: dict) -> None:
         k = record.pop("model")
         sinks[k](record)
-        if p2.track_average and record["epoch"] < p2.epochs:
-            step.sync()
-            save_checkpoint(run.track_checkpoint(workers[k], record["epoch"]), models[k],
-                            {"worker": workers[k], "epoch": record["epoch"]})
         if k == len(workers) - 1:
             phase.end_epoch(record["epoch"])
 

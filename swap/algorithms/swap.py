@@ -14,8 +14,10 @@ Averaging in Parallel: Large-Batch Training that Generalizes Well", ICLR 2020, A
              the averaged model's BN statistics are recomputed with one pass over the training
              data, and it is evaluated on the test set.
 
-Every rank runs :func:`run_swap`; it works the same under ``swap train --workers W`` (local
-launch) and under ``torchrun`` across machines.
+Every rank runs :func:`run_swap`, which reads as the algorithm box: :func:`phase1`, :func:`phase2`
+(one :class:`WorkerResult` per worker, finished or failed), :func:`phase3` and :func:`summarize`. It
+works the same under ``swap train --workers W`` (local launch) and under ``torchrun`` across
+machines. Each phase and worker is a resumable :class:`swap.phase.Phase`.
 """
 from __future__ import annotations
 
@@ -192,13 +194,14 @@ def train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     ``worker{w}``): small-batch SGD on its own data order (stream ("phase2", w)), LR
     ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place and returns its
     metadata (epoch, updates, accuracies, wall_s). With ``phase2.track_average`` its weights at the
-    end of every epoch but the last are kept; with ``phase2.save_every = K`` every K-th iterate."""
+    end of every epoch but the last are kept (``track/``); with ``phase2.save_every = K`` every K-th
+    iterate (``iterates/``)."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
     opt = ctx.optimizer(worker)
     loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
     steps = len(loader)
     unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, opt, {"phase": "phase2", "worker": w})],
-                 every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps)
+                 every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps, snapshots=p2.track_average)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
@@ -206,8 +209,6 @@ def train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
 
     def on_epoch(record: dict) -> None:
         sink(record)
-        if p2.track_average and record["epoch"] < p2.epochs:
-            save_checkpoint(run.track_checkpoint(w, record["epoch"]), worker, {"worker": w, "epoch": record["epoch"]})
         unit.end_epoch(record["epoch"])
 
     bar = ctx.progress((p2.epochs - start.epoch) * steps - start.step, f"phase2 worker {w}", position=ctx.dist.local_rank)
@@ -228,11 +229,11 @@ def _iterates(ctx: Context, worker, w: int):
     k = ctx.cfg.phase2.save_every
     if not k:
         return None
-    save_checkpoint(ctx.run.iterate_checkpoint(w, 0), worker, {"worker": w, "step": 0})
 
     def hook(step: int) -> None:
         if step % k == 0:
-            save_checkpoint(ctx.run.iterate_checkpoint(w, step), worker, {"worker": w, "step": step})
+            save_checkpoint(ctx.run.iterate_checkpoint(RunDir.worker(w), step), worker, {"worker": w, "step": step})
+    hook(0)
     return hook
 
 
@@ -311,7 +312,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
             states = []
             for w in finished:
                 m = copy.deepcopy(template)
-                load_checkpoint(run.track_checkpoint(w, epoch), m)
+                load_checkpoint(run.track_checkpoint(RunDir.worker(w), epoch), m)
                 states.append(m.state_dict())
             averaged = copy.deepcopy(template)
             averaged.load_state_dict(average_state_dicts(states, buffers))

@@ -177,3 +177,16 @@ def test_distributed_average_without_a_group_is_the_uniform_mean():
             torch.testing.assert_close(v, expected[k], rtol=1e-6, atol=0)
     with pytest.raises(ValueError):
         distributed_average_(_model(9), [], count=0)
+
+
+def test_the_loop_knows_no_algorithm():
+    """train.py drives any update step; it imports nothing from swap.algorithms (issue #14)."""
+    import ast
+    from pathlib import Path
+
+    import swap.train
+
+    tree = ast.parse(Path(swap.train.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "algorithms" in m], imported

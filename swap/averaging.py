@@ -3,19 +3,21 @@
 SWAP (Gupta et al., ICLR 2020, Algorithm 1, phase 3) averages the W workers' parameters uniformly
 and then recomputes BN running statistics with one pass over the training data, because the
 statistics of the averaged weights are not the average of the workers' statistics (as in SWA,
-Izmailov et al. 2018, Sec. 3.2). Both steps use ``torch.optim.swa_utils``. This module owns the
+Izmailov et al. 2018, Sec. 3.2). Averages use ``torch.optim.swa_utils.AveragedModel``; the BN pass
+is ours (exact sums, any input, distributed: ``swa_utils.update_bn`` calls ``model(batch[0])``
+only and averages per-batch variances, pytorch/pytorch#49082). This module owns the
 averages (of models, of state dicts, and across the ranks of a process group) and the BN helpers
 (which statistics exist, recomputing them, and freezing them during extrapolated SGD's extra pass).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
 
 
 def average_models(models: Iterable[nn.Module]) -> nn.Module:
@@ -96,16 +98,99 @@ def distributed_average_(model: nn.Module, states: list[Mapping[str, torch.Tenso
     return model
 
 
-def recompute_bn(model: nn.Module, batches: Iterable[torch.Tensor | tuple]) -> nn.Module:
-    """Reset and recompute every BatchNorm layer's running mean/var with one pass over ``batches``.
+def model_input(batch):
+    """The model input of a batch: ``batch`` itself (a tensor or a dict of tensors), or the first
+    element of an ``(input, target)`` tuple or list."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
-    Uses ``torch.optim.swa_utils.update_bn``: running statistics become the cumulative average
-    of the per-batch statistics (BN momentum ``None``), so with equal batches the running mean is
-    exactly the data mean. ``batches`` yields float tensors (N, C, H, W) or (x, y) tuples.
-    Returns ``model`` (modified in place, mode restored).
+
+def call_model(model: nn.Module, x):
+    """``model`` on input ``x`` by the data contract: ``model(x)`` for a tensor, ``model(*x)`` for
+    a tuple or list of tensors, ``model(**x)`` for a dict of tensors."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | None = None,
+                 max_batches: int | None = None, distributed: bool = False) -> nn.Module:
+    """Recompute every BatchNorm layer's running mean and variance as the exact statistics of its
+    inputs over all ``batches``: SWAP's phase 3 (Gupta et al., ICLR 2020, Algorithm 1) and SWA's
+    BN update (Izmailov et al., UAI 2018, Sec. 3.2).
+
+    One pass in train mode (each BN layer normalises with the batch's own statistics, as in
+    training; the model's mode is restored after). For each ``_BatchNorm`` layer with running
+    statistics (BatchNorm1d/2d/3d, SyncBatchNorm, with or without affine) the per-channel sum, sum
+    of squares and count of its input are accumulated in float64; afterwards ``running_mean`` is
+    their mean and ``running_var`` their unbiased variance over all samples (and positions), and
+    ``num_batches_tracked`` the number of batches. ``torch.optim.swa_utils.update_bn`` instead
+    averages per-batch variances, which equals this only for equal batches of infinite size.
+
+    Args:
+        model: the module (its parameters are not changed).
+        batches: inputs (a tensor, or a dict of tensors), or ``(input, target)`` tuples, e.g.
+            float (N, C, H, W) images.
+        forward: ``forward(model, input)``; default :func:`call_model` (the data contract).
+        max_batches: use at most this many batches (None = all).
+        distributed: every rank of the process group passes over its own shard of the batches and
+            the sums and counts are all-reduced, so R ranks give the statistics of one process over
+            all R shards (collective: every rank calls it). SyncBatchNorm layers synchronise their
+            forward across ranks: give every rank the same number of batches then.
+    Returns:
+        ``model``, modified in place. A model without BatchNorm is returned unchanged, with no pass.
+    Raises:
+        ValueError: ``max_batches`` < 1, or no batch reached a BN layer.
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not layers:
+        return model
+    forward = forward or call_model
+    sums: dict[nn.Module, torch.Tensor] = {}         # per layer: float64 (3, C): sum, sum of squares, count
+
+    def record(module: nn.Module, args) -> None:
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        stats = torch.stack([x.sum(dims), x.pow(2).sum(dims), x.new_full((x.shape[1],), x.numel() / x.shape[1])])
+        sums[module] = sums[module] + stats if module in sums else stats
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    was_training = model.training
+    model.train()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                forward(model, model_input(batch))
+                n_batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    group = distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    totals = [sums.get(m, torch.zeros(3, m.num_features, dtype=torch.float64,
+                                      device=m.running_mean.device)) for m in layers]
+    counts = torch.tensor([float(n_batches)], dtype=torch.float64, device=totals[0].device)
+    if group:
+        for t in totals + [counts]:
+            dist.all_reduce(t)
+    if counts.item() == 0 or any(t[2, 0].item() < 2 for t in totals):
+        raise ValueError("recompute_bn: no batch (or a single value per channel) reached a BatchNorm layer")
     with torch.no_grad():
-        update_bn(batches, model)
+        for m, t in zip(layers, totals):
+            n = t[2]
+            mean = t[0] / n
+            var = (t[1] - n * mean * mean).clamp_min(0) / (n - 1)
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(int(counts.item()))
     return model
 
 

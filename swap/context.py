@@ -89,10 +89,13 @@ class Context:
         """Autocast dtype of forward passes: bfloat16 for ``precision: bf16`` (``auto`` on CUDA), else None."""
         return amp_dtype_for(self.cfg.precision, self.dist.device)
 
-    def recompute_bn(self, model: nn.Module) -> None:
-        """Phase 3's BN-statistics pass (:func:`swap.averaging.recompute_bn`) over :meth:`bn_batches`."""
+    def recompute_bn(self, model: nn.Module, distributed: bool = False) -> None:
+        """Phase 3's BN-statistics pass (:func:`swap.averaging.recompute_bn`) over :meth:`bn_batches`;
+        with ``distributed`` every rank passes its share of the batches and the statistics are
+        all-reduced (collective), giving those of one process over all of them."""
+        share = (self.dist.rank, self.dist.world_size) if distributed else (0, 1)
         with autocast(self.dist.device, self.amp):
-            recompute_bn(model, self.bn_batches())
+            recompute_bn(model, self.bn_batches(*share), distributed=distributed)
 
     def optimizer(self, model: nn.Module, kind: str = "sgd", stream: tuple = ()):
         """SGD with the configured (Nesterov) momentum and weight decay (the LR is set per update);
@@ -124,12 +127,14 @@ class Context:
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
                       self.augment() if augment else None, rank, world, self.cfg.channels_last)
 
-    def bn_batches(self):
+    def bn_batches(self, rank: int = 0, world_size: int = 1):
         """Inputs of the one pass over the training data that recomputes BN statistics (phase 3,
-        SWA): ``phase3.bn_batch_size`` samples each, augmented if ``phase3.bn_augment``."""
+        SWA): ``phase3.bn_batch_size`` samples each, augmented if ``phase3.bn_augment``; of the
+        pass's batches, rank ``rank`` of ``world_size`` takes every ``world_size``-th (whole
+        batches, so each is normalised as in a 1-process pass)."""
         p3 = self.cfg.phase3
-        return (x for x, _ in self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False,
-                                          augment=p3.bn_augment).epoch(0))
+        batches = self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False, augment=p3.bn_augment).epoch(0)
+        return (x for j, (x, _) in enumerate(batches) if j % world_size == rank)
 
     @staticmethod
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
 
 from swap.analysis.cosine import cosine, minibatch_gradient
 from swap.analysis.landscape import Plane, evaluate_point, flat_params, grid_axes
 from swap.analysis.plots import plot_cosine, plot_landscape, plot_run
+from swap.averaging import recompute_bn
 from swap.data import ImageDataset
 
 TOL = 1e-9   # float64 geometry
@@ -63,7 +63,7 @@ def test_evaluator_equals_direct_evaluation_with_recomputed_bn():
     plane = Plane.through(*vecs)
     vec = plane.point(0.3, -0.7)
     train_err, test_err = evaluate_point(_tiny(), vec, train, train, test, mean, std, bn_batch_size=32)
-    # direct: write the vector parameter by parameter, recompute BN with swa_utils, count mistakes
+    # direct: write the vector parameter by parameter, recompute BN over the same batches, count mistakes
     direct = _tiny()
     offset = 0
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_evaluator_equals_direct_evaluation_with_recomputed_bn():
             p.copy_(vec[offset:offset + p.numel()].view_as(p).float())
             offset += p.numel()
     norm = lambda d: (d.images.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    update_bn([norm(train)[i:i + 32] for i in range(0, 96, 32)], direct)
+    recompute_bn(direct, [norm(train)[i:i + 32] for i in range(0, 96, 32)])
     direct.eval()
     with torch.no_grad():
         expect_train = 100.0 * (direct(norm(train)).argmax(1) != train.labels).sum().item() / len(train)

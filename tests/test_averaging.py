@@ -54,3 +54,90 @@ def test_recomputed_bn_equals_batch_statistics_of_the_data():
     torch.testing.assert_close(net[0].running_var, data.var(0, unbiased=True))
     recompute_bn(net, list(data.split(128)))         # four equal batches
     torch.testing.assert_close(net[0].running_mean, data.mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(net[0].running_var, data.var(0, unbiased=True), rtol=1e-6, atol=1e-6)
+    assert int(net[0].num_batches_tracked) == 4
+
+
+def test_unequal_batches_give_the_data_statistics_where_update_bn_does_not():
+    """Exact sums: batches of 500 and 12 still give the data's variance; swa_utils.update_bn
+    averages the per-batch variances and misses it (the reason we do not call it)."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(1)
+    data = torch.cat([torch.randn(500, 3), 5 + 3 * torch.randn(12, 3)])
+    ours, theirs = nn.Sequential(nn.BatchNorm1d(3)), nn.Sequential(nn.BatchNorm1d(3))
+    recompute_bn(ours, [data[:500], data[500:]])
+    update_bn([data[:500], data[500:]], theirs)
+    torch.testing.assert_close(ours[0].running_var, data.var(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[0].running_mean, data.mean(0), rtol=1e-6, atol=1e-6)
+    assert (theirs[0].running_var - data.var(0)).abs().max() > 0.1
+
+
+class _DictNet(nn.Module):
+    """A model of the data contract's dict input: model(**x), with a BN2d without affine and a
+    BN1d after a second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn2d = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False)
+        self.bn1d = nn.BatchNorm1d(4)
+
+    def forward(self, image, features):
+        return self.bn2d(self.conv(image)).mean((2, 3)).sum(1) + self.bn1d(features).sum(1)
+
+
+def test_dict_inputs_batch_cap_and_models_without_bn():
+    torch.manual_seed(2)
+    batches = [({"image": torch.randn(8, 2, 6, 6), "features": torch.randn(8, 4) * (i + 1)}, torch.zeros(8))
+               for i in range(5)]
+    net = _DictNet()
+    recompute_bn(net, batches, max_batches=2)
+    feats = torch.cat([b[0]["features"] for b in batches[:2]])
+    torch.testing.assert_close(net.bn1d.running_var, feats.var(0), rtol=1e-6, atol=1e-6)
+    assert int(net.bn1d.num_batches_tracked) == 2 and net.bn2d.weight is None
+    conv = torch.cat([net.conv(b[0]["image"]) for b in batches[:2]]).detach()
+    torch.testing.assert_close(net.bn2d.running_mean, conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))          # no BN: no pass at all
+    before = [t.clone() for t in plain.state_dict().values()]
+    assert recompute_bn(plain, iter(lambda: (_ for _ in ()).throw(AssertionError("read")), None)) is plain
+    assert all(torch.equal(a, b) for a, b in zip(before, plain.state_dict().values()))
+
+
+def test_sync_batchnorm_is_recomputed_outside_a_process_group():
+    torch.manual_seed(3)
+    data = torch.randn(64, 3, 4, 4) * 2 + 1
+    net = nn.Sequential(nn.SyncBatchNorm(3))
+    recompute_bn(net, list(data.split(16)))
+    torch.testing.assert_close(net[0].running_mean, data.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net[0].running_var, data.transpose(0, 1).reshape(3, -1).var(1), rtol=1e-6, atol=1e-6)
+
+
+def bn_rank(_: int = 0) -> list[dict]:
+    """A launched rank: recompute a small CNN's BN statistics from this rank's share of 6 batches."""
+    from swap import distributed
+    from swap.models import build_model
+
+    d = distributed.setup("cpu")
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, 1)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(32, 1, 28, 28, generator=g) for _ in range(6)]
+    recompute_bn(model, batches[d.rank::d.world_size], distributed=d.world_size > 1)
+    out = distributed.all_gather_objects({k: v.clone() for k, v in model.state_dict().items()
+                                          if k in bn_buffer_names(model)})
+    distributed.teardown()
+    return out
+
+
+def test_two_ranks_give_the_statistics_of_one_process(monkeypatch):
+    import os
+    from pathlib import Path
+
+    from swap import distributed
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    single = bn_rank()[0]
+    ranks = distributed.launch(bn_rank, 2, 0)
+    for k, v in single.items():
+        torch.testing.assert_close(ranks[0][k].double(), v.double(), rtol=0, atol=1e-6, msg=k)
+        assert torch.equal(ranks[0][k], ranks[1][k])

@@ -240,19 +240,17 @@ def _iterates(ctx: Context, worker, w: int):
 # -------------------------------------------------------------------- phase 3: average, recompute BN
 def phase3(ctx: Context, model, states: list[dict], workers: list[WorkerResult]):
     """Phase 3 on every rank: the uniform mean of the finished workers' parameters (all ranks'
-    ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; then, on rank 0,
-    its BN statistics recomputed with one pass over the training data
-    (:meth:`swap.context.Context.recompute_bn`) and its test accuracy.
+    ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; its BN
+    statistics recomputed with one pass over the training data, shared by the ranks
+    (:meth:`swap.context.Context.recompute_bn`); then, on rank 0, its test accuracy.
 
     Returns:
         the averaged model and its test accuracy in percent (None on the other ranks).
     """
     finished = [r for r in workers if r.finished]
     averaged = distributed_average_(copy.deepcopy(model), states, len(finished))
-    if not ctx.dist.is_main:
-        return averaged, None
-    ctx.recompute_bn(averaged)
-    return averaged, ctx.evaluate(averaged)
+    ctx.recompute_bn(averaged, distributed=True)
+    return averaged, ctx.evaluate(averaged) if ctx.dist.is_main else None
 
 
 def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers: list[WorkerResult],

@@ -5,24 +5,29 @@ Harnessing Adversarial Examples"): x_adv = clip(x + eps * sign(grad_x loss(x, y)
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .task import cross_entropy
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, lo: torch.Tensor, hi: torch.Tensor,
+         loss_fn: Callable | None = None) -> torch.Tensor:
     """FGSM examples of (x float (N, C, H, W) normalised, y int64 (N,)), made in eval mode so BN
     running statistics are neither used from the batch nor updated; parameter gradients untouched.
 
     Every coordinate moves by exactly ``eps`` (normalised input units) before being clamped to
     [``lo``, ``hi``] (float (C,): the data range, e.g. pixel 0 and 255 normalised).
-    Returns a new tensor shaped like ``x`` (no graph).
+    ``loss_fn(output, target)`` is the loss whose input gradient is followed (default
+    cross-entropy: :func:`swap.task.cross_entropy`). Returns a new tensor shaped like ``x`` (no graph).
     """
     was_training = model.training
     model.eval()
     try:
         x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        (grad,) = torch.autograd.grad((loss_fn or cross_entropy)(model(x), y), x)
     finally:
         model.train(was_training)
     shape = (1, -1, 1, 1)
@@ -40,16 +45,19 @@ def adversarial_mask(lo: int, hi: int, fraction: float, device=None) -> torch.Te
 
 class AdversarialBatches:
     """A :class:`swap.data.Loader` whose batches have a ``fraction`` of samples replaced by their
-    FGSM examples against ``model`` (the current weights at each update).
+    FGSM examples against ``model`` (the current weights at each update) for ``loss_fn`` (default
+    cross-entropy).
 
     Yields (x float (b, C, H, W), y int64 (b,)) like the wrapped loader; ``batch_size``,
     ``len()``, ``rank``/``share`` pass through.
     """
 
-    def __init__(self, loader, model: nn.Module, fraction: float, eps: float, lo: torch.Tensor, hi: torch.Tensor):
+    def __init__(self, loader, model: nn.Module, fraction: float, eps: float, lo: torch.Tensor, hi: torch.Tensor,
+                 loss_fn: Callable | None = None):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"adversarial fraction must be in [0, 1], got {fraction}")
         self.loader, self.model, self.fraction, self.eps, self.lo, self.hi = loader, model, fraction, eps, lo, hi
+        self.loss_fn = loss_fn
         self.batch_size = loader.batch_size
 
     def __len__(self) -> int:
@@ -64,5 +72,5 @@ class AdversarialBatches:
         for x, y in self.loader.epoch(epoch, start):
             if len(picked):
                 x = x.clone()
-                x[picked] = fgsm(self.model, x[picked], y[picked], self.eps, self.lo, self.hi).to(x.dtype)
+                x[picked] = fgsm(self.model, x[picked], y[picked], self.eps, self.lo, self.hi, self.loss_fn).to(x.dtype)
             yield x, y

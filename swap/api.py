@@ -1,4 +1,6 @@
-"""Library entry points: SWAP and the SGD baseline on a user's own model factory and tensors."""
+"""Library entry points: SWAP and the SGD baseline on a user's own model factory and data: image
+tensors (the in-memory fast path) or any map-style ``torch.utils.data.Dataset`` of ``(input, target)``
+samples, with the user's loss and metrics (:mod:`swap.task`)."""
 from __future__ import annotations
 
 import ast
@@ -9,12 +11,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
+from .data.generic import check_sample
 from .rundir import RunDir
+from .task import METRICS, Task
 
 
 def _as_dataset(data, num_classes: int | None) -> ImageDataset:
@@ -73,28 +78,73 @@ def check_main_guard(entry: str) -> None:
             return
 
 
-def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite):
+def _subset(dataset, n: int):
+    """The first ``n`` samples of a fixed shuffle (seed 0) of a generic dataset, as
+    :meth:`ImageDataset.subset` does for images; ``n <= 0`` or ``n >= len`` keeps all."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def check_task(model_fn, dataset, task: Task, collate_fn=None) -> None:
+    """Run the model, the loss and every metric once on a batch of the first two samples, before
+    any training, so that a model that does not take the input, a loss that is not a scalar or a
+    metric that fails is a one-line error and not a failed rank.
+
+    Raises:
+        SwapError: naming what failed.
+    """
+    batch = (collate_fn or torch.utils.data.default_collate)([dataset[i] for i in range(min(2, len(dataset)))])
+    x, y = batch
+    model = model_fn()
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = task.forward(model, x)
+    except Exception as exc:                 # the user's model on the user's input: any error
+        raise SwapError(f"model_fn()'s model cannot take a batch of the dataset: {type(exc).__name__}: {exc}") from None
+    loss = task.loss(out, y)                 # SwapError if not a scalar
+    try:
+        task.batch_metrics(out, y, loss)
+    except Exception as exc:
+        raise SwapError(f"a metric failed on a batch of the dataset: {type(exc).__name__}: {exc}") from None
+
+
+def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
+         collate_fn=None):
     from . import methods
 
     cfg = config if isinstance(config, Config) else load_config(None, config)
     if procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"):
         check_main_guard(f"train_{method}")
-    num_classes = train_set.num_classes if isinstance(train_set, ImageDataset) else None
-    train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
-    test_set = _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
-    augment_for(cfg.data, train_set)
+    custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
+    names = tuple(metrics) if metrics is not None else ("top1", "loss")
+    task = Task(loss_fn, names, custom)                      # SwapError: an unknown metric name
+    if isinstance(train_set, (ImageDataset, tuple)) and not isinstance(train_set, torch.utils.data.Dataset):
+        num_classes = train_set.num_classes if isinstance(train_set, ImageDataset) else None
+        train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
+        test_set = _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
+        augment_for(cfg.data, train_set)
+    else:                                                    # any map-style Dataset: the generic path
+        for name, dataset in (("train_set", train_set), ("test_set", test_set)):
+            check_sample(dataset, name)
+        train_set, test_set = _subset(train_set, cfg.data.train_subset), _subset(test_set, cfg.data.test_subset)
+        check_task(model_fn, train_set, task, collate_fn)
     methods.METHODS[method].check(cfg, procs, len(train_set))
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
-    summary = methods.launch(method, methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set)),
-                             procs)
+    spec = methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set), task=task,
+                           collate_fn=collate_fn)
+    summary = methods.launch(method, spec, procs)
     model = model_fn()
     load_checkpoint(RunDir(out).checkpoint(methods.METHODS[method].checkpoint), model)
     return model, summary
 
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
-               out: str | Path | None = None, procs: int = 1, overwrite: bool = False) -> tuple[nn.Module, dict]:
+               out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
+               metrics=None, collate_fn=None) -> tuple[nn.Module, dict]:
     """Train ``model_fn()`` with SWAP (Gupta et al., ICLR 2020, Algorithm 1) and return the averaged model.
 
     Args:
@@ -103,6 +153,17 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
         train_set, test_set: ``swap.data.ImageDataset`` or ``(images, labels)``: images uint8
             (or float) (N, C, H, W) in pixel units, labels int (N,). Normalisation statistics come
             from ``train_set``; augmentation as configured (``data.crop_padding/flip/cutout``).
+            Or any map-style ``torch.utils.data.Dataset`` of ``(input, target)`` samples: input a
+            tensor, a tuple or a dict of tensors (the model is called as ``model(x)``,
+            ``model(*x)``, ``model(**x)``), target a tensor; it does its own transforms, loaded
+            by a DataLoader (``data.num_workers``) in a deterministic, resumable order.
+        loss_fn: ``loss_fn(output, target) -> scalar``; default cross-entropy over the last
+            dimension (classifiers, and language models with (B, T, V) logits).
+        metrics: names among ``top1``, ``top5``, ``loss`` (default ``top1``, ``loss``), or a
+            dict ``name -> fn(output, target) -> (sum, count)`` of your own (plus those names);
+            reported by every evaluation (``test_METRIC`` in metrics.jsonl; the summary's
+            ``test_metrics`` for a generic dataset).
+        collate_fn: builds a batch from a list of samples (default torch's ``default_collate``).
         config: a :class:`swap.config.Config` or a nested dict of overrides of the defaults,
             e.g. ``{"workers": 4, "phase1": {"batch_size": 1024, "stop_acc": 95}}``.
         out: run directory (default: a new temporary folder); must not hold a run unless ``overwrite``.
@@ -113,17 +174,20 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
     Returns:
         (averaged model on CPU with recomputed BN statistics, summary dict as in ``summary.json``).
     Raises:
-        SwapError: invalid config or data, existing run directory, batch not divisible by procs,
-            augmentation impossible for the image size, a call from a script's top level without
-            the ``__main__`` guard (:func:`check_main_guard`).
+        SwapError: invalid config or data (a sample that is not ``(input, target)``, a model that
+            cannot take the input, a loss that is not a scalar, an unknown metric), existing run
+            directory, batch not divisible by procs, augmentation impossible for the image size, a
+            call from a script's top level without the ``__main__`` guard (:func:`check_main_guard`).
+            All before any training.
     """
-    return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite)
+    return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn)
 
 
 def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
-              out: str | Path | None = None, procs: int = 1, overwrite: bool = False) -> tuple[nn.Module, dict]:
+              out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
+              metrics=None, collate_fn=None) -> tuple[nn.Module, dict]:
     """Plain data-parallel SGD with the ``sgd`` config section (the paper's baselines); as :func:`train_swap`."""
-    return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite)
+    return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn)
 
 
 __all__ = ["train_swap", "train_sgd"]

@@ -52,6 +52,7 @@ class DataConfig:
     cutout: int = 8                      # cutout square side in pixels (DeVries & Taylor 2017; 0 = off)
     holdout: int = 0                     # > 0: the last N training samples become the evaluation set
                                          # (a validation split for tuning); the test set is not touched
+    num_workers: int = 0                 # DataLoader worker processes of a generic Dataset (0 = in-process)
 
 
 @dataclass
@@ -69,6 +70,19 @@ class OptimConfig:
     weight_decay: float = 5e-4
 
 
+# Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
+STOP_METRICS = {"train_acc": "max", "train_loss": "min"}
+
+
+@dataclass
+class StopConfig:
+    """Phase 1's stopping rule on a training metric of each epoch: ``train_acc`` (percent) reaching
+    at least ``at``, or ``train_loss`` falling to at most ``at``. ``at: null`` keeps
+    ``phase1.stop_acc`` (training accuracy)."""
+    metric: str = "train_acc"            # train_acc | train_loss
+    at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
+
+
 @dataclass
 class Phase1Config:
     """Large-batch synchronous data-parallel phase (SWAP Algorithm 1, phase 1)."""
@@ -80,6 +94,12 @@ class Phase1Config:
     stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
     schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
     optimizer: str = "sgd"               # sgd | extrap (extrapolated SGD, section `extrap`)
+    stop: StopConfig = field(default_factory=StopConfig)   # stopping rule on any training metric
+
+    def stop_rule(self) -> tuple[str, float]:
+        """(metric, threshold) of the stopping rule: ``stop`` if its ``at`` is set, else
+        (``train_acc``, ``stop_acc``)."""
+        return (self.stop.metric, self.stop.at) if self.stop.at is not None else ("train_acc", self.stop_acc)
 
 
 @dataclass
@@ -400,6 +420,8 @@ def validate(cfg: Config) -> None:
         micro = getattr(sec, "micro_batch_size", 0)
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
     need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
+    need(cfg.phase1.stop.metric in STOP_METRICS, f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed "
+                                                  f"during training (known: {', '.join(STOP_METRICS)})")
     need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
          f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
@@ -408,6 +430,7 @@ def validate(cfg: Config) -> None:
          f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
          "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
+    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
     a = cfg.abs
     need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,

@@ -15,34 +15,50 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config
+from .config import Config, SwapError
 from .data import Augment, ImageDataset, Loader, augment_for, load_dataset, stream_seed
+from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import build_model
 from .rundir import RunDir, machine_info
 from .schedules import warmup_decay
 from .averaging import recompute_bn
 from .phase import Phase
-from .train import SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate
+from .task import Task
+from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
 from .algorithms.extrap import ExtrapSGD, ExtrapStep
 
 
 @dataclass
 class Context:
-    """One rank's view of a run. Build with :meth:`create` (inside each process)."""
+    """One rank's view of a run. Build with :meth:`create` (inside each process).
+
+    Two data paths: an :class:`ImageDataset` (uint8 images on the device, batched augmentation and
+    normalisation: :class:`swap.data.Loader`, the fast path of the presets), or any map-style
+    ``torch.utils.data.Dataset`` of ``(input, target)`` samples (:mod:`swap.data.generic`: a
+    DataLoader with our deterministic sampler; ``mean``/``std`` are None, the dataset does its own
+    transforms) with the user's ``model_fn``, ``task`` and ``collate_fn``."""
     cfg: Config
     dist: distributed.Dist
     run: RunDir
     train_set: ImageDataset
     test_set: ImageDataset
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
     t0: float                             # run start (time.time()), shared by all ranks
     model_fn: Callable[[], nn.Module] | None = None
+    task: Task = DEFAULT_TASK             # how the model is called, its loss and metrics
+    collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
+
+    @property
+    def generic(self) -> bool:
+        """The data is a user's ``Dataset`` (not the in-memory image fast path)."""
+        return not isinstance(self.train_set, ImageDataset)
 
     @classmethod
     def for_run(cls, spec, join: bool = True) -> "Context":
         """The context of a :class:`swap.methods.RunSpec` (inside each rank)."""
-        return cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join)
+        return cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join, spec.task,
+                          spec.collate_fn)
 
     @classmethod
     def from_run_dir(cls, run_path: str | Path) -> "Context":
@@ -57,28 +73,41 @@ class Context:
     @classmethod
     def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
                model_fn: Callable[[], nn.Module] | None = None,
-               data: tuple[ImageDataset, ImageDataset] | None = None, join: bool = True) -> "Context":
+               data: tuple[ImageDataset, ImageDataset] | None = None, join: bool = True,
+               task: Task | None = None, collate_fn: Callable | None = None) -> "Context":
         """Join the process group (unless ``join=False``), put the data on the device. ``model_fn``
-        and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`)."""
+        and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`);
+        ``data`` may be a pair of any map-style datasets (the generic path, class docstring).
+
+        Raises:
+            SwapError: data that breaks the contract; a generic dataset without ``model_fn``.
+        """
         d = distributed.setup(cfg.device, cfg.threads, join)
         if data is None:
             data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
                                 holdout=cfg.data.holdout)
+        t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
+        if not isinstance(data[0], ImageDataset):
+            for name, dataset in zip(("train_set", "test_set"), data):
+                check_sample(dataset, name)
+            if model_fn is None:
+                raise SwapError("a dataset of your own needs its model: pass model_fn")
+            return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
+                       collate_fn)
         train_set, test_set = (x.to(d.device) for x in data)
         augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here
         mean, std = train_set.channel_stats()
-        t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
-        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn)
+        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn, task or DEFAULT_TASK)
 
     # ------------------------------------------------------------------ building blocks
     def build_model(self) -> nn.Module:
         """The configured model (or ``model_fn()``), initialised from the run seed (identical on every rank)."""
         torch.manual_seed(self.cfg.seed)
-        c = self.train_set.images.shape[1]
         model = (self.model_fn() if self.model_fn is not None else
-                 build_model(self.cfg.model.name, self.train_set.num_classes, c, self.cfg.model.width))
+                 build_model(self.cfg.model.name, self.train_set.num_classes, self.train_set.images.shape[1],
+                             self.cfg.model.width))
         model = model.to(self.dist.device)
-        if self.cfg.channels_last:
+        if self.cfg.channels_last and not self.generic:
             model = model.to(memory_format=torch.channels_last)
         if self.cfg.compile:
             model.compile()                 # in place: state_dict keys (checkpoints) unchanged
@@ -116,14 +145,18 @@ class Context:
         DDP-wrapped): extrapolated SGD's two passes for ``extrap``, SGD with micro-batches of
         ``micro_batch_size`` samples (0 = one pass) otherwise; forward passes at :attr:`amp`."""
         kind = ExtrapStep if isinstance(optimizer, ExtrapSGD) else SGDStep
-        return kind(model, optimizer, micro_batch_size, self.amp)
+        return kind(model, optimizer, micro_batch_size, self.amp, self.task)
 
     def augment(self) -> Augment:
         return augment_for(self.cfg.data, self.train_set)
 
-    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True) -> Loader:
-        """Training batches; ``data_parallel`` slices each global batch to this rank's share."""
+    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True):
+        """Training batches (:class:`swap.data.Loader`, or :class:`swap.data.generic.DatasetLoader`
+        for a generic dataset); ``data_parallel`` slices each global batch to this rank's share."""
         rank, world = (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
+        if self.generic:
+            return DatasetLoader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), rank, world,
+                                 self.dist.device, self.collate_fn, self.cfg.data.num_workers)
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
                       self.augment() if augment else None, rank, world, self.cfg.channels_last)
 
@@ -133,15 +166,25 @@ class Context:
         pass's batches, rank ``rank`` of ``world_size`` takes every ``world_size``-th (whole
         batches, so each is normalised as in a 1-process pass)."""
         p3 = self.cfg.phase3
-        batches = self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False, augment=p3.bn_augment).epoch(0)
-        return (x for j, (x, _) in enumerate(batches) if j % world_size == rank)
+        loader = self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False, augment=p3.bn_augment)
+        if self.generic:                        # a DataLoader: only this rank's batches are loaded
+            loader.indices = _every(loader.indices, rank, world_size)
+            return (x for x, _ in loader.epoch(0))
+        return (x for j, (x, _) in enumerate(loader.epoch(0)) if j % world_size == rank)
 
     @staticmethod
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):
         return warmup_decay(peak_lr, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch, shape)
 
-    def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float:
-        """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``."""
+    def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float | dict[str, float]:
+        """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``.
+        For a generic dataset, every metric of the task: ``{metric: value}``
+        (:func:`swap.train.evaluate_metrics`)."""
+        if self.generic:
+            rank, world = (self.dist.rank, self.dist.world_size) if distributed_eval else (0, 1)
+            batches = eval_loader(self.test_set, self.cfg.phase3.bn_batch_size, rank, world, self.dist.device,
+                                  self.collate_fn, self.cfg.data.num_workers)
+            return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
         return evaluate(model, self.test_set, self.mean, self.std, distributed=distributed_eval,
                         channels_last=self.cfg.channels_last, amp_dtype=self.amp)
 
@@ -181,3 +224,8 @@ class Context:
 
     def machine(self) -> dict:
         return machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
+
+
+def _every(indices, rank: int, world_size: int):
+    """``indices(epoch, start)`` keeping every ``world_size``-th row (update) from ``rank``."""
+    return lambda epoch, start=0: indices(epoch, start)[rank::world_size]

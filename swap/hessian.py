@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .task import cross_entropy
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -97,9 +98,10 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: list[torch.Ten
 
 
 def model_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int = 10, tol: float = 1e-2,
-                         generator: torch.Generator | None = None) -> tuple[float, int]:
-    """Top Hessian eigenvalue of the mean cross-entropy of ``model`` on (x float (N, C, H, W),
-    y int64 (N,)) w.r.t. its parameters, in eval mode: BN uses (and keeps) its running statistics.
+                         generator: torch.Generator | None = None, loss_fn=None) -> tuple[float, int]:
+    """Top Hessian eigenvalue of the loss (``loss_fn(output, target)``, default the mean
+    cross-entropy) of ``model`` on (x float (N, C, H, W), y int64 (N,)) w.r.t. its parameters, in
+    eval mode: BN uses (and keeps) its running statistics.
 
     Returns:
         (eigenvalue, power iterations used).
@@ -108,7 +110,8 @@ def model_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ite
     model.eval()
     try:
         params = [p for p in model.parameters() if p.requires_grad]
-        values, used = top_eigenvalues(lambda: F.cross_entropy(model(x), y), params, 1, iters, tol, generator)
+        loss_fn = loss_fn or cross_entropy
+        values, used = top_eigenvalues(lambda: loss_fn(model(x), y), params, 1, iters, tol, generator)
     finally:
         model.train(was_training)
     return values[0], used[0]

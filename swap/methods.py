@@ -30,7 +30,8 @@ class RunSpec:
     directory), ``t0`` (the run's start, ``time.time()`` seconds, shared by the ranks; None = now),
     ``resume`` (continue from the checkpoints), for library use ``model_fn`` (a model factory)
     and ``data`` ((train, test) :class:`swap.data.ImageDataset`), replacing the configured ones,
-    and for the SWA methods their ``start`` model."""
+    and ``task`` (:class:`swap.task.Task`: the loss and metrics; None = cross-entropy, top-1 and
+    loss), and for the SWA methods their ``start`` model."""
     cfg: Config
     run_path: str | Path
     t0: float | None = None
@@ -38,6 +39,8 @@ class RunSpec:
     model_fn: Callable | None = None
     data: tuple | None = None
     start: dict | None = None              # SWA methods: {"checkpoint": base path, "summary": dict} of the start
+    task: Any = None                       # swap.task.Task, or None for the default
+    collate_fn: Callable | None = None     # generic datasets: builds a batch from samples (default collate)
 
 
 

@@ -21,13 +21,15 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
+from .task import Task, stop_reached, top_k_correct
+
+DEFAULT_TASK = Task()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -91,6 +93,32 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
+@torch.no_grad()
+def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distributed: bool = False,
+                     amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The metrics of ``task`` (:class:`swap.task.Task`: ``loss``, ``top1`` and ``top5`` in
+    percent, per prediction, or the user's) of ``model`` in eval mode over ``batches`` of
+    ``(input, target)`` (any input of the data contract). With ``distributed=True`` each rank passes
+    its own shard and the sums are all-reduced, so every rank returns the same numbers. Returns
+    ``{metric: value}``."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = {m: torch.zeros(2, dtype=torch.float64, device=device) for m in task.metrics}
+    for x, y in batches:
+        with autocast(device, amp_dtype):
+            out = task.forward(model, x)
+            loss = task.loss(out, y)
+        for m, (s, count) in task.batch_metrics(out, y, loss).items():
+            sums[m] += torch.stack([s, count])
+    if distributed and _world() > 1:
+        for t in sums.values():
+            dist.all_reduce(t)
+    model.train(was_training)
+    return {m: (t[0] / t[1]).item() if t[1] > 0 else float("nan") for m, t in sums.items()}
+
+
 class DivergenceGuard:
     """Stops a run whose gradient norm is non-finite or above ``max_norm`` (a diverging run: common
     at large-batch peak LRs), naming the run (``label``, e.g. "phase2 worker 3", or one label per
@@ -144,29 +172,41 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, sync: bool,
-          backward: bool = True, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Forward (and backward) over ``x`` in micro-batches; each loss weighted by its share of the
-    batch, so accumulated gradients are those of the batch's mean loss. With DDP, gradients are
-    all-reduced on the last micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise). With
-    ``amp_dtype`` (e.g. bfloat16) the forward runs under autocast; gradients stay float32.
-    Returns float64 (3,): loss sum, correct predictions, samples."""
+def slice_input(x, lo: int, hi: int):
+    """Samples ``lo:hi`` of a batch input: a tensor, or each tensor of a tuple, list or dict."""
+    if isinstance(x, dict):
+        return {k: v[lo:hi] for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(v[lo:hi] for v in x)
+    return x[lo:hi]
+
+
+def _pass(model: nn.Module, x, y: torch.Tensor, micro_batch_size: int, sync: bool,
+          backward: bool = True, amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK) -> torch.Tensor:
+    """Forward (and backward) over the batch ``x`` (an input of the data contract, :mod:`swap.task`)
+    in micro-batches of samples; each loss weighted by its share of the batch, so accumulated
+    gradients are those of the batch's mean loss. With DDP, gradients are all-reduced on the last
+    micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise). With ``amp_dtype`` (e.g. bfloat16)
+    the forward runs under autocast; gradients stay float32. ``task`` gives the call, the loss and
+    what a prediction is. Returns float64 (3,): loss sum, correct predictions, predictions (one per
+    target element: samples for a classifier)."""
     is_ddp = isinstance(model, DDP)
-    chunk = micro_batch_size if 0 < micro_batch_size < len(y) else len(y)
-    n_chunks = (len(y) + chunk - 1) // chunk
-    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    samples = len(y)
+    chunk = micro_batch_size if 0 < micro_batch_size < samples else samples
+    n_chunks = (samples + chunk - 1) // chunk
+    totals = torch.zeros(3, dtype=torch.float64, device=y.device)
     for j in range(n_chunks):
-        xc, yc = x[j * chunk:(j + 1) * chunk], y[j * chunk:(j + 1) * chunk]
+        xc, yc = slice_input(x, j * chunk, (j + 1) * chunk), y[j * chunk:(j + 1) * chunk]
         reduce = sync and j == n_chunks - 1
         comm = model.no_sync() if is_ddp and not reduce else contextlib.nullcontext()
         with comm, (contextlib.nullcontext() if backward else torch.no_grad()):
-            with autocast(x.device, amp_dtype):
-                out = model(xc)
-                loss = F.cross_entropy(out.float(), yc)
+            with autocast(y.device, amp_dtype):
+                out = task.forward(model, xc)
+                loss = task.loss(out, yc)
             if backward:
-                (loss * (len(yc) / len(y))).backward()
-        totals += torch.stack([loss.detach().double() * len(yc), (out.argmax(1) == yc).sum().double(),
-                               totals.new_full((), float(len(yc)))])
+                (loss * (len(yc) / samples)).backward()
+        n = float(task.predictions(out, yc))
+        totals += torch.stack([loss.detach().double() * n, top_k_correct(out, yc).double(), totals.new_full((), n)])
     return totals
 
 
@@ -204,11 +244,12 @@ class SGDStep(UpdateStep):
     """Any torch optimizer's update on the mean loss of the batch, computed in micro-batches of
     ``micro_batch_size`` samples (0 = one pass) with accumulated gradients; ``model`` may be
     DDP-wrapped (gradients all-reduced once, on the last micro-batch). Forward passes run under
-    autocast to ``amp_dtype`` (None = float32)."""
+    autocast to ``amp_dtype`` (None = float32). ``task`` (:class:`swap.task.Task`): how the model is
+    called and its loss (default: cross-entropy)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int = 0,
-                 amp_dtype: torch.dtype | None = None):
-        self.model, self.optimizer = model, optimizer
+                 amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK):
+        self.model, self.optimizer, self.task = model, optimizer, task
         self.micro_batch_size, self.amp_dtype = micro_batch_size, amp_dtype
         self.models, self.group_wide = [model], isinstance(model, DDP)
 
@@ -219,7 +260,7 @@ class SGDStep(UpdateStep):
     def gradients(self, x, y, lr):
         self.set_lr(lr)
         self.optimizer.zero_grad(set_to_none=True)
-        totals = _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype)
+        totals = _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype, task=self.task)
         return totals.view(1, 3), gradient_norm(self.model)
 
     def apply(self) -> None:
@@ -233,6 +274,7 @@ class SGDStep(UpdateStep):
 # ---------------------------------------------------------------------- the loop
 def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epochs: int | None = None,
           start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
+          stop_metric: str = "train_acc",
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
           progress=None, max_grad_norm: float = float("inf"), label: str | list[str] = "training",
@@ -253,9 +295,13 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         epochs: the epoch to stop before (keyword).
         start_step, start_totals: continue epoch ``start_epoch`` at update ``start_step`` with the
             epoch's partial (loss sum, correct, samples) of this rank, as given to ``on_interrupt``.
-        stop_acc: stop after the first epoch whose training accuracy (percent, over that epoch's
-            augmented batches, summed over ranks) reaches it (SWAP phase 1's stopping rule).
-        evaluate_fn: ``model -> test accuracy %``, called every ``eval_every`` epochs and at the end.
+        stop_acc, stop_metric: stop after the first epoch whose ``stop_metric`` (``train_acc``:
+            training accuracy in percent, over that epoch's augmented batches, summed over ranks,
+            reaching at least ``stop_acc``; ``train_loss``: the epoch's mean loss at most
+            ``stop_acc``) meets the rule (SWAP phase 1's stopping rule, :func:`swap.task.stop_reached`).
+        evaluate_fn: ``model -> test accuracy %``, or ``model -> {metric: value}`` (``top1`` is
+            recorded as ``test_acc``, any other as ``test_METRIC``), called every ``eval_every``
+            epochs and at the end.
         on_epoch: receives one record per epoch (per model, with ``model``: its index, when the
             step trains several): epoch (1-based), lr (last update's), batch_size (global),
             train_loss, train_acc, test_acc (None when not evaluated), samples_per_s (training
@@ -329,21 +375,25 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         if group_wide:
             dist.all_reduce(totals)
         train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist()
-        stopping = stop_acc is not None and min(train_acc) >= stop_acc
+        train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
+        worst = min(train_acc) if stop_metric == "train_acc" else max(train_loss)
+        stopping = stop_reached(stop_metric, worst, stop_acc)
         last = epoch == epochs - 1 or stopping
         evaluating = evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last)
         if evaluating:
             step.sync()
         records = []
         for k, model in enumerate(models):
-            test_acc, t_eval = None, time.perf_counter()
+            tested, t_eval = None, time.perf_counter()
             if evaluating:
-                test_acc = evaluate_fn(model)
+                tested = evaluate_fn(model)
+            test = tested if isinstance(tested, dict) else {"top1": tested}
             records.append({
                 **({"model": k} if n > 1 else {}),
                 "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
-                "train_loss": totals[k, 0].item() / totals[k, 2].item(), "train_acc": train_acc[k],
-                "test_acc": test_acc, "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
+                "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
+                **{f"test_{m}": v for m, v in test.items() if m != "top1"},
+                "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
                 "wall_s": time.perf_counter() - t_start, "eval_s": time.perf_counter() - t_eval, "stopped": stopping,
             })
         if on_epoch is not None:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import distributed
 from ..adversarial import AdversarialBatches
 from ..checkpoint import checkpoint_exists, read_meta
-from ..config import Config
+from ..config import Config, SwapError
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
 from ..rundir import RunDir
@@ -113,6 +113,9 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
     """
     ctx = Context.for_run(spec)
+    if ctx.generic:
+        raise SwapError("ABS/ABSA need the in-memory image path (a fixed clean sample for the Hessian, FGSM in "
+                        "pixel range)")
     cfg, d, a = spec.cfg, ctx.dist, spec.cfg.abs
     method = "absa" if adversarial else "abs"
     if spec.resume:
@@ -239,7 +242,8 @@ def _epoch_batches(ctx: Context, model, batch: int, fraction: float, shape):
     loader = ctx.loader(batch, ("abs", 0), data_parallel=True)
     if fraction > 0:
         mean, std = ctx.mean.view(-1), ctx.std.view(-1)
-        loader = AdversarialBatches(loader, model, fraction, a.adv_eps, (0.0 - mean) / std, (255.0 - mean) / std)
+        loader = AdversarialBatches(loader, model, fraction, a.adv_eps, (0.0 - mean) / std, (255.0 - mean) / std,
+                                    ctx.task.loss)
     steps, scale = len(loader), batch / a.batch_size
 
     def lr_at(step: int) -> float:
@@ -263,5 +267,5 @@ def _eigenvalue(ctx: Context, model, x, y, epoch: int) -> tuple[float, int]:
     result = None
     if ctx.dist.is_main:
         gen = torch.Generator().manual_seed(stream_seed(ctx.cfg.seed, "hessian", epoch))
-        result = model_top_eigenvalue(model, x, y, a.eig_iters, a.eig_tol, gen)
+        result = model_top_eigenvalue(model, x, y, a.eig_iters, a.eig_tol, gen, ctx.task.loss)
     return distributed.broadcast_object(result)

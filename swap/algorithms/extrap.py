@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..averaging import frozen_bn_stats
-from ..train import SGDStep, _pass, gradient_norm, unwrap
+from ..train import DEFAULT_TASK, SGDStep, _pass, gradient_norm, unwrap
 
 VARIANTS = ("extragradient", "past-gradient", "gaussian")
 
@@ -144,20 +144,21 @@ class ExtrapStep(SGDStep):
     Args:
         model: the module, or its DDP wrapper.
         optimizer: an :class:`ExtrapSGD` over its parameters.
-        micro_batch_size, amp_dtype: as :class:`swap.train.SGDStep`.
+        micro_batch_size, amp_dtype, task: as :class:`swap.train.SGDStep`.
     """
 
-    def __init__(self, model, optimizer: ExtrapSGD, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None):
-        super().__init__(model, optimizer, micro_batch_size, amp_dtype)
+    def __init__(self, model, optimizer: ExtrapSGD, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None,
+                 task=DEFAULT_TASK):
+        super().__init__(model, optimizer, micro_batch_size, amp_dtype, task)
 
     def gradients(self, x, y, lr):
         opt = self.optimizer
         self.set_lr(lr)
         opt.zero_grad(set_to_none=True)
         totals = _pass(self.model, x, y, self.micro_batch_size, sync=False, backward=opt.needs_local_gradient,
-                       amp_dtype=self.amp_dtype)
+                       amp_dtype=self.amp_dtype, task=self.task)
         opt.extrapolate()
         opt.zero_grad(set_to_none=True)
         with frozen_bn_stats(unwrap(self.model)):
-            _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype)
+            _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype, task=self.task)
         return totals.view(1, 3), gradient_norm(self.model)

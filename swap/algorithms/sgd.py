@@ -20,14 +20,15 @@ from ..train import train
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
-                        lr_at=None, stop_acc: float | None = None, after_epoch=None, optimizer: str = "sgd",
+                        lr_at=None, stop: tuple[str, float] | None = None, after_epoch=None, optimizer: str = "sgd",
                         resume: bool = False, final: bool = True) -> dict:
     """Large- or small-batch SGD over all ranks, as one resumable :class:`swap.phase.Phase` named
     ``phase`` (checkpoints ``PHASE_last`` and, if ``final``, ``PHASE``).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
-    or ``lr_at(step)`` if given. ``after_epoch(record)`` runs on every rank after each epoch.
+    or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
+    (:func:`swap.task.stop_reached`). ``after_epoch(record)`` runs on every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
     With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
     one); since every data stream derives from (seed, phase, worker, epoch), the continued run is
@@ -66,7 +67,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
             after_epoch(record)
 
     out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch, start_step=start.step,
-                start_totals=start.totals, stop_acc=stop_acc, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
+                start_totals=start.totals, stop_metric=stop[0] if stop else "train_acc",
+                stop_acc=stop[1] if stop else None, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
                 eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
                 max_grad_norm=cfg.max_grad_norm, label=phase)
     if bar is not None:
@@ -93,6 +95,8 @@ def run_sgd(spec: RunSpec) -> dict | None:
         summary = {
             "method": "sgd", "optimizer": s.optimizer, "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},
+            **({"test_metrics": {"final": {k[5:]: v for k, v in out.items() if k.startswith("test_") and
+                                           k != "test_acc"}}} if ctx.generic else {}),
             "train_acc": {"final": out["train_acc"]},
             "wall_s": {"total": out["wall_s"]},
             "epochs": {"sgd": out["epoch"]},

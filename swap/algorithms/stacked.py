@@ -17,13 +17,13 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from ..context import Context
 from ..phase import Phase, Unit
 from ..rundir import RunDir
+from ..task import cross_entropy, top_k_correct
 from ..train import UpdateStep, autocast, train
 
 
@@ -50,7 +50,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     start = phase.restore(resume)
     o = cfg.optim
     step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,
-                       weight_decay=o.weight_decay, amp_dtype=ctx.amp)
+                       weight_decay=o.weight_decay, amp_dtype=ctx.amp, loss_fn=ctx.task.loss)
     phase.sync = step.sync
     sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
 
@@ -113,11 +113,13 @@ class StackedWorkers:
         models: W modules with identical architecture, on one device (copied, not modified).
         momentum, nesterov, weight_decay: the SGD settings of every worker.
         amp_dtype: forward passes under autocast to this dtype (bfloat16 on GPUs); None = float32.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (default cross-entropy, :mod:`swap.task`).
     """
 
     def __init__(self, models: list, momentum: float, nesterov: bool, weight_decay: float,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, loss_fn=None):
         self.params, self.buffers = stack_module_state(models)
+        loss_fn = loss_fn or cross_entropy
         self.optimizer = torch.optim.SGD(list(self.params.values()), lr=0.0, momentum=momentum, nesterov=nesterov,
                                          weight_decay=weight_decay)
         base = copy.deepcopy(models[0]).to("meta")        # the architecture only; weights come stacked
@@ -129,13 +131,13 @@ class StackedWorkers:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.register_forward_pre_hook(lambda _, args: (args[0].float(), *args[1:]))
 
-        def loss_fn(p, b, x, y):
+        def worker_loss(p, b, x, y):
             with autocast(x.device, amp_dtype):
                 out = functional_call(base, (p, b), (x,))
-            loss = F.cross_entropy(out.float(), y)
-            return loss, (loss.detach(), (out.argmax(1) == y).sum())
+            loss = loss_fn(out, y)
+            return loss, (loss.detach(), top_k_correct(out, y))
 
-        self._grad = vmap(grad(loss_fn, has_aux=True))
+        self._grad = vmap(grad(worker_loss, has_aux=True))
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each worker's gradient on its batch, into the stacked ``.grad``s (BN buffers updated).
@@ -174,13 +176,13 @@ class StackedStep(UpdateStep):
 
     Args:
         models, optimizers: the W workers' modules and their ``torch.optim.SGD``.
-        momentum, nesterov, weight_decay, amp_dtype: as :class:`StackedWorkers`.
+        momentum, nesterov, weight_decay, amp_dtype, loss_fn: as :class:`StackedWorkers`.
     """
 
     def __init__(self, models: list, optimizers: list, momentum: float, nesterov: bool, weight_decay: float,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, loss_fn=None):
         self.models, self.optimizers = models, optimizers
-        self.stack = StackedWorkers(models, momentum, nesterov, weight_decay, amp_dtype)
+        self.stack = StackedWorkers(models, momentum, nesterov, weight_decay, amp_dtype, loss_fn)
         _stack_momentum(self.stack.optimizer, optimizers)
         self.lr = 0.0
 

@@ -70,12 +70,12 @@ def run_swap(spec: RunSpec) -> dict | None:
 def phase1(ctx: Context, model, resume: bool) -> dict:
     """Phase 1 on every rank: ``model`` trained in place by synchronous data-parallel SGD with the
     large batch, warm-up to the peak LR, until the training accuracy of an epoch reaches
-    ``phase1.stop_acc`` (or ``max_epochs``). Returns its result (epoch, updates, samples,
+    ``phase1.stop_acc``, or meets the rule ``phase1.stop`` (or ``max_epochs``). Returns its result (epoch, updates, samples,
     accuracies, wall_s, stopped_early), also kept in ``checkpoints/phase1``."""
     p1 = ctx.cfg.phase1
     out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
                               peak_lr=p1.peak_lr, warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs,
-                              schedule=p1.schedule, stop_acc=p1.stop_acc, optimizer=p1.optimizer, resume=resume)
+                              schedule=p1.schedule, stop=p1.stop_rule(), optimizer=p1.optimizer, resume=resume)
     distributed.barrier()
     return out
 
@@ -106,6 +106,9 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
         SwapError: a worker failed, unless ``phase3.allow_missing_workers`` and one finished.
     """
     cfg, d = ctx.cfg, ctx.dist
+    if ctx.generic and cfg.phase2.layout == "vmap":
+        raise SwapError("phase2.layout=vmap stacks the in-memory image path only; use processes or sequential "
+                        "with a dataset of your own")
     mine = list(range(d.rank, cfg.workers, d.world_size))
     stacked = _phase2_stacked(ctx, model, mine, resume) if cfg.phase2.layout == "vmap" else {}
     results, states = [], []
@@ -167,7 +170,8 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
     if cfg.phase2.layout == "processes":
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
-        why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data),
+        why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
+                                                          ctx.task),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
         return WorkerResult(w, error=why) if why is not None else \
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
@@ -180,10 +184,11 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
         return WorkerResult(w, error=why)
 
 
-def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data) -> None:
+def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data,
+                     task=None) -> None:
     """Body of an isolated phase-2 worker process: rebuild the rank's context without joining the
     process group, start from the phase-1 state ``start`` and train (checkpoints go to disk)."""
-    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False)
+    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task)
     worker = ctx.build_model()
     worker.load_state_dict(start)
     train_worker(ctx, worker, w, resume)
@@ -261,6 +266,8 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     cfg, run = ctx.cfg, ctx.run
     p1, p2 = cfg.phase1, cfg.phase2
     finished = [r for r in workers if r.finished]
+    metrics = averaged_acc if isinstance(averaged_acc, dict) else None      # a generic dataset: every metric
+    averaged_acc = metrics.get("top1") if metrics else averaged_acc
     track_s = _average_curve(ctx, averaged, averaged_acc, [r.worker for r in finished]) if p2.track_average else 0.0
     save_checkpoint(run.checkpoint("swap"), averaged, {"config_hash": cfg.hash(), "phase": "phase3",
                                                        "workers": [r.worker for r in finished], "test_acc": averaged_acc})
@@ -288,6 +295,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "samples": phase1["samples"] + sum(p2_updates) * p2.batch_size,     # all workers' samples
         "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
         "machine": ctx.machine(),
+        **({"test_metrics": {"averaged": metrics}} if metrics else {}),
     }
     run.write_summary(summary)
     return summary

@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..task import cross_entropy
 
 from .landscape import flat_params
 
@@ -32,14 +33,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b) / (na * nb))
 
 
-def minibatch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Flat float64 gradient (P,) of the mean cross-entropy on (x, y), in train mode; BN running
+def minibatch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> torch.Tensor:
+    """Flat float64 gradient (P,) of the loss (``loss_fn``, default mean cross-entropy) on (x, y), in train mode; BN running
     statistics are restored afterwards so the model is left as it was."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training
     model.train()
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    (loss_fn or cross_entropy)(model(x), y).backward()
     grad = torch.cat([p.grad.detach().to(torch.float64).flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
         theta = flat_params(model)
         loader = ctx.loader(batch_size, ("cosine", worker, step), data_parallel=False)
         x, y = next(iter(loader.epoch(0)))
-        g = minibatch_gradient(model, x, y)
+        g = minibatch_gradient(model, x, y, ctx.task.loss)
         rows.append({"worker": worker, "step": step, "cosine": cosine(-g, target - theta),
                      "grad_norm": float(g.norm()), "distance": float((target - theta).norm())})
     return sorted(rows, key=lambda r: (r["worker"], r["step"]))

@@ -1,0 +1,196 @@
+"""Any map-style ``torch.utils.data.Dataset`` as training and evaluation batches, through
+``torch.utils.data.DataLoader``, keeping the contract of the in-memory fast path
+(:class:`swap.data.Loader`):
+
+- a sample is ``(input, target)``: ``input`` a tensor, a tuple of tensors or a dict of tensors,
+  ``target`` a tensor (or a number); batches are collated by ``collate_fn`` (torch's default);
+- each epoch's order is a permutation drawn from (seed, phase, worker, epoch), the same
+  permutation :class:`swap.data.Loader` draws for a dataset of the same length;
+- in a data-parallel phase every rank takes its slice of each global batch, so W ranks see exactly
+  the samples one process sees;
+- a mid-epoch resume starts at the same sample, and random per-sample transforms of the dataset
+  draw the same numbers: each ``dataset[i]`` runs with torch's, Python's and NumPy's global RNGs
+  seeded from (seed, phase, worker, epoch, i), whatever the worker process or the position it
+  resumed from. (torchdata's ``StatefulDataLoader`` checkpoints the workers' RNG states instead;
+  seeding per sample makes that state unnecessary: the sampler's position is all there is.)
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import SwapError
+from .loader import stream_seed
+
+
+def to_device(x, device: torch.device, non_blocking: bool = False):
+    """A tensor, or each tensor of a tuple, list or dict, on ``device``."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device, non_blocking) for v in x)
+    return x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x
+
+
+def _is_input(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, dict):
+        return bool(x) and all(isinstance(v, torch.Tensor) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return bool(x) and all(isinstance(v, torch.Tensor) for v in x)
+    return False
+
+
+def check_sample(dataset, name: str = "dataset") -> None:
+    """Refuse, before any training, a dataset that breaks the data contract (module docstring).
+
+    Raises:
+        SwapError: empty, or its first sample is not ``(input, target)`` with a tensor / tuple /
+            dict-of-tensors input and a tensor or number target (one line, naming what it got).
+    """
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise SwapError(f"{name} must be a map-style torch Dataset with a length (got {type(dataset).__name__})") from None
+    if n == 0:
+        raise SwapError(f"{name} is empty")
+    sample = dataset[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise SwapError(f"{name}[0] must be a pair (input, target), got {type(sample).__name__}"
+                        + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else ""))
+    x, y = sample
+    if not _is_input(x):
+        raise SwapError(f"{name}[0]'s input must be a tensor, a tuple of tensors or a dict of tensors, "
+                        f"got {type(x).__name__}")
+    if not isinstance(y, (torch.Tensor, int, float)):
+        raise SwapError(f"{name}[0]'s target must be a tensor or a number, got {type(y).__name__}")
+
+
+class _Seeded(Dataset):
+    """``dataset[i]`` for keys ``(stream, i)``, with the global RNGs seeded from (*stream, i)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        stream, i = key
+        seed = stream_seed(*stream, i)
+        py_state = random.getstate()
+        np_state = _numpy_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            _numpy_seed(seed)
+            try:
+                return self.dataset[i]
+            finally:
+                random.setstate(py_state)
+                _numpy_restore(np_state)
+
+
+def _numpy_state():
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    return np.random.get_state()
+
+
+def _numpy_seed(seed: int) -> None:
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2 ** 32)
+
+
+def _numpy_restore(state) -> None:
+    if state is not None:
+        import numpy as np
+        np.random.set_state(state)
+
+
+class _Batches:
+    """The batch sampler of one epoch (set by :meth:`DatasetLoader.epoch`): lists of keys."""
+
+    def __init__(self):
+        self.keys: list[list] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class DatasetLoader:
+    """Training batches of any map-style dataset for one phase and worker, sliced to one rank's
+    share (module docstring). The interface of :class:`swap.data.Loader`: ``len()`` updates per
+    epoch (the last partial global batch is dropped), ``batch_size`` (global, samples) and
+    :meth:`epoch`.
+
+    Args:
+        dataset: a map-style ``torch.utils.data.Dataset`` of ``(input, target)`` samples.
+        batch_size: global batch in samples.
+        seed_parts: identifies the stream, e.g. ``(seed, "phase1", 0)``; the epoch is appended.
+        rank, world_size: this process's slice of each global batch.
+        device: where batches go (pinned memory and non-blocking copies on CUDA).
+        collate_fn: builds a batch from samples (default ``torch.utils.data.default_collate``).
+        num_workers: DataLoader worker processes (0 = load in this process); persistent across epochs.
+    Raises:
+        ValueError: the dataset holds fewer samples than one global batch.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed_parts: tuple, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", collate_fn: Callable | None = None, num_workers: int = 0):
+        if len(dataset) < batch_size:
+            raise ValueError(f"training set of {len(dataset)} samples is smaller than one batch of {batch_size}")
+        self.dataset, self.batch_size, self.seed_parts = dataset, batch_size, tuple(seed_parts)
+        self.rank, self.world_size, self.share = rank, world_size, batch_size // world_size
+        self.device = torch.device(device)
+        self._batches = _Batches()
+        cuda = self.device.type == "cuda"
+        self._loader = DataLoader(_Seeded(dataset), batch_sampler=self._batches, collate_fn=collate_fn,
+                                  num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0)
+
+    def __len__(self) -> int:
+        """Updates per epoch."""
+        return len(self.dataset) // self.batch_size
+
+    def indices(self, epoch: int, start: int = 0) -> torch.Tensor:
+        """This rank's sample indices of updates ``start ..`` of ``epoch``: int64 (S, B/W)."""
+        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
+        perm = torch.randperm(len(self.dataset), generator=gen)
+        steps, b = len(self), self.batch_size
+        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
+        return perm[:steps * b].view(steps, b)[start:, lo:hi]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple]:
+        """Batches (input, target) of ``epoch`` from update ``start`` on, on the device: the same
+        batches, with the same random transforms, as a full pass yields from there."""
+        stream = (*self.seed_parts, epoch)
+        self._batches.keys = [[(stream, int(i)) for i in row] for row in self.indices(epoch, start)]
+        cuda = self.device.type == "cuda"
+        for x, y in self._loader:
+            yield to_device(x, self.device, cuda), to_device(y, self.device, cuda)
+
+
+def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                collate_fn: Callable | None = None, num_workers: int = 0) -> Iterator[tuple]:
+    """Ordered batches (input, target) of rank ``rank``'s contiguous shard of ``dataset`` (all
+    samples kept; b <= batch_size), on ``device``."""
+    n = len(dataset)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    shard = torch.utils.data.Subset(dataset, range(lo, hi))
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for x, y in DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                           pin_memory=cuda):
+        yield to_device(x, device, cuda), to_device(y, device, cuda)

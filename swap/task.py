@@ -1,0 +1,124 @@
+"""What training optimises and reports, for any model: how a batch's input reaches the model, the
+loss, the metrics, and the phase-1 stopping rule over them.
+
+The data contract: a sample is ``(input, target)``; ``input`` is a tensor, a tuple of tensors or a
+dict of tensors, and the model is called as ``model(x)``, ``model(*x)`` or ``model(**x)``
+(:func:`swap.averaging.call_model`); ``target`` is any tensor. The loss is ``loss_fn(output,
+target) -> scalar`` (default: cross-entropy over the last dimension, so a classifier's (B, K)
+logits with (B,) labels and a language model's (B, T, V) logits with (B, T) tokens both work).
+Metrics are counted per prediction (a sample for a classifier, a token for a language model):
+``loss`` (mean loss), ``top1`` and ``top5`` (accuracy in percent, for integer targets), or a
+user function ``fn(output, target) -> (sum, count)`` whose value is ``sum / count``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .averaging import call_model
+from .config import STOP_METRICS, SwapError
+
+METRICS = ("loss", "top1", "top5")
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``output`` (..., K) against class indices ``target`` (...),
+    computed in float32 (under autocast the logits may be bfloat16)."""
+    if output.dim() > 2:
+        return F.cross_entropy(output.float().flatten(0, -2), target.flatten())
+    return F.cross_entropy(output.float(), target)
+
+
+def top_k_correct(output: torch.Tensor, target: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Predictions whose target is among the ``k`` largest logits (int64 scalar, on the device);
+    0 when the target is not a tensor of class indices shaped like ``output`` without its last
+    dimension (e.g. a regression target)."""
+    if target.is_floating_point() or output.shape[:-1] != target.shape:
+        return torch.zeros((), dtype=torch.int64, device=output.device)
+    if k == 1:
+        return (output.argmax(-1) == target).sum()
+    top = output.topk(min(k, output.shape[-1]), dim=-1).indices
+    return (top == target.unsqueeze(-1)).any(-1).sum()
+
+
+@dataclass(frozen=True)
+class Task:
+    """The loss and the metrics of a model (module docstring).
+
+    Attributes:
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``; None = :func:`cross_entropy`.
+        metrics: names reported by evaluation: ``loss``, ``top1``, ``top5`` and the keys of ``custom``.
+        custom: user metrics, ``name -> fn(output, target) -> (sum, count)`` (tensors or numbers).
+    Raises (constructor):
+        SwapError: an unknown metric name.
+    """
+    loss_fn: Callable | None = None
+    metrics: tuple[str, ...] = ("top1", "loss")
+    custom: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS and m not in self.custom]
+        if unknown:
+            raise SwapError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS + tuple(self.custom))}; "
+                            f"a metric of your own is a function passed as metrics={{name: fn}})")
+
+    def forward(self, model, x):
+        """``model`` on input ``x`` by the data contract."""
+        return call_model(model, x)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of a batch.
+
+        Raises:
+            SwapError: the loss function returned something other than a scalar tensor.
+        """
+        loss = cross_entropy(output, target) if self.loss_fn is None else self.loss_fn(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise SwapError(f"the loss function must return a scalar tensor, got {shape}; reduce it "
+                            f"(e.g. .mean()) inside loss_fn")
+        return loss
+
+    def predictions(self, output: torch.Tensor, target: torch.Tensor) -> int:
+        """Predictions in a batch: one per target element (a sample, or a token)."""
+        return target.numel() if isinstance(target, torch.Tensor) else len(target)
+
+    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, tuple]:
+        """Each configured metric's (sum, count) over a batch, as float64 tensors on the device."""
+        n = float(self.predictions(output, target))
+        out = {}
+        for m in self.metrics:
+            if m == "loss":
+                s = loss.detach().double() * n
+            elif m in ("top1", "top5"):
+                s = 100.0 * top_k_correct(output, target, 1 if m == "top1" else 5).double()
+            else:
+                s, count = self.custom[m](output, target)
+                out[m] = (torch.as_tensor(s, dtype=torch.float64, device=output.device),
+                          torch.as_tensor(count, dtype=torch.float64, device=output.device))
+                continue
+            out[m] = (s, loss.new_full((), n, dtype=torch.float64))
+        return out
+
+
+def check_stop_metric(metric: str) -> str:
+    """``metric`` if the train loop computes it (:data:`STOP_METRICS`).
+
+    Raises:
+        SwapError: a stop metric that is never computed.
+    """
+    if metric not in STOP_METRICS:
+        raise SwapError(f"phase1.stop.metric={metric!r} is never computed during training "
+                        f"(known: {', '.join(STOP_METRICS)})")
+    return metric
+
+
+def stop_reached(metric: str, value: float, at: float | None) -> bool:
+    """Whether a training epoch with ``metric`` = ``value`` meets the stopping rule ``at``: at
+    least ``at`` for an accuracy, at most ``at`` for a loss; never when ``at`` is None."""
+    if at is None:
+        return False
+    return value >= at if STOP_METRICS[check_stop_metric(metric)] == "max" else value <= at

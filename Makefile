@@ -14,12 +14,17 @@ $(BIN)/swap: pyproject.toml
 
 install: $(BIN)/swap
 
-# Fashion-MNIST: Debian's package when we are root on Debian/Ubuntu, else `swap data fetch`.
+# Fashion-MNIST: Debian's package when we are root on Debian/Ubuntu, else `swap data fetch`; and the
+# text corpus of the char-level LM (Debian's fortunes).
 data: install
 	@$(BIN)/swap data find fashion-mnist >/dev/null 2>&1 || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	      (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
 	    else $(BIN)/swap data fetch fashion-mnist; fi; }
+	@$(BIN)/swap data find text-char >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get install -y -qq fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)); \
+	    else echo "text-char needs Debian's fortunes package (apt-get install fortunes); its tests will fail"; fi; }
 
 demo: data
 	$(BIN)/swap train --config fashion_mnist_quick --workers 2 --out $(DEMO_OUT) --overwrite

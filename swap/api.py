@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
-from .data.generic import check_sample
+from .data.generic import check_sample, subset
 from .rundir import RunDir
 from .task import METRICS, Task
 
@@ -78,15 +78,6 @@ def check_main_guard(entry: str) -> None:
             return
 
 
-def _subset(dataset, n: int):
-    """The first ``n`` samples of a fixed shuffle (seed 0) of a generic dataset, as
-    :meth:`ImageDataset.subset` does for images; ``n <= 0`` or ``n >= len`` keeps all."""
-    if n <= 0 or n >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
-    return torch.utils.data.Subset(dataset, idx.tolist())
-
-
 def check_task(model_fn, dataset, task: Task, collate_fn=None) -> None:
     """Run the model, the loss and every metric once on a batch of the first two samples, before
     any training, so that a model that does not take the input, a loss that is not a scalar or a
@@ -129,7 +120,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     else:                                                    # any map-style Dataset: the generic path
         for name, dataset in (("train_set", train_set), ("test_set", test_set)):
             check_sample(dataset, name)
-        train_set, test_set = _subset(train_set, cfg.data.train_subset), _subset(test_set, cfg.data.test_subset)
+        train_set, test_set = subset(train_set, cfg.data.train_subset), subset(test_set, cfg.data.test_subset)
         check_task(model_fn, train_set, task, collate_fn)
     methods.METHODS[method].check(cfg, procs, len(train_set))
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))

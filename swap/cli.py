@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", help="target folder (default: the user cache)")
     f.add_argument("--url", help="base URL instead of the canonical one (a mirror)")
     fd = dsub.add_parser("find", help="print the folder a dataset would be read from")
-    fd.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
+    fd.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100", "text-char"])
     fd.add_argument("--data-dir")
     return parser
 
@@ -121,7 +121,7 @@ def local_procs(cfg) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed, methods
-    from .data import augment_for, load_dataset
+    from .data import ImageDataset, augment_for, load_dataset
     from .report import results_table
     from .rundir import RunDir
 
@@ -146,9 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                holdout=cfg.data.holdout)
+                                    holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)
         method.check(cfg, procs, len(train_set))
-        augment_for(cfg.data, train_set)
+        if isinstance(train_set, ImageDataset):
+            augment_for(cfg.data, train_set)
         del train_set
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
@@ -176,15 +177,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
-    from .data import augment_for, load_dataset
+    from .data import ImageDataset, augment_for, load_dataset
 
     cfg = config_from_args(args)
     if args.seeds < 1:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
-    augment_for(cfg.data, load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                       holdout=cfg.data.holdout)[0])
+    train_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
+                             holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)[0]
+    if isinstance(train_set, ImageDataset):
+        augment_for(cfg.data, train_set)
     procs = local_procs(cfg)
     out = Path(args.out or f"runs/compare-{cfg.name}")
     from .report import compare_table

@@ -43,7 +43,7 @@ class SwapError(Exception):
 @dataclass
 class DataConfig:
     """Dataset and augmentation. ``dir`` is searched first, then ``$SWAP_DATA``, then system paths."""
-    name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100
+    name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100 | text-char (fortunes)
     dir: str | None = None
     train_subset: int = 0                # 0 = all training samples; else the first N of a fixed shuffle
     test_subset: int = 0
@@ -53,6 +53,7 @@ class DataConfig:
     holdout: int = 0                     # > 0: the last N training samples become the evaluation set
                                          # (a validation split for tuning); the test set is not touched
     num_workers: int = 0                 # DataLoader worker processes of a generic Dataset (0 = in-process)
+    seq_len: int = 64                    # text-char: bytes per sample (context length of the model)
 
 
 @dataclass
@@ -385,9 +386,14 @@ def validate(cfg: Config) -> None:
 
     need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
-    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100"),
-         f"data.name must be fashion-mnist, mnist, cifar10 or cifar100, got '{cfg.data.name}'")
-    need(cfg.model.name in ("resnet9", "smallcnn"), f"model.name must be resnet9 or smallcnn, got '{cfg.model.name}'")
+    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char"),
+         f"data.name must be fashion-mnist, mnist, cifar10, cifar100 or text-char, got '{cfg.data.name}'")
+    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer"),
+         f"model.name must be resnet9, smallcnn or char-transformer, got '{cfg.model.name}'")
+    need((cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
+         f"data.name={cfg.data.name} needs an image model and text-char the char-transformer "
+         f"(model.name={cfg.model.name})")
+    need(cfg.data.seq_len >= 1, f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
     need(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
     need(cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}")
     need(cfg.procs >= 0, f"procs must be >= 0, got {cfg.procs}")

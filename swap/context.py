@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import Config, SwapError
-from .data import Augment, ImageDataset, Loader, augment_for, load_dataset, stream_seed
+from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_dataset, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import build_model
 from .rundir import RunDir, machine_info
@@ -85,12 +85,12 @@ class Context:
         d = distributed.setup(cfg.device, cfg.threads, join)
         if data is None:
             data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                holdout=cfg.data.holdout)
+                                holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
             for name, dataset in zip(("train_set", "test_set"), data):
                 check_sample(dataset, name)
-            if model_fn is None:
+            if model_fn is None and not hasattr(data[0], "model_kwargs"):
                 raise SwapError("a dataset of your own needs its model: pass model_fn")
             return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
                        collate_fn)
@@ -103,9 +103,14 @@ class Context:
     def build_model(self) -> nn.Module:
         """The configured model (or ``model_fn()``), initialised from the run seed (identical on every rank)."""
         torch.manual_seed(self.cfg.seed)
-        model = (self.model_fn() if self.model_fn is not None else
-                 build_model(self.cfg.model.name, self.train_set.num_classes, self.train_set.images.shape[1],
-                             self.cfg.model.width))
+        if self.model_fn is not None:
+            model = self.model_fn()
+        elif self.generic:                  # a built-in generic dataset (text-char) names its model's shape
+            model = build_model(self.cfg.model.name, self.train_set.num_classes, width=self.cfg.model.width,
+                                **self.train_set.model_kwargs)
+        else:
+            model = build_model(self.cfg.model.name, self.train_set.num_classes, self.train_set.images.shape[1],
+                                self.cfg.model.width)
         model = model.to(self.dist.device)
         if self.cfg.channels_last and not self.generic:
             model = model.to(memory_format=torch.channels_last)
@@ -178,12 +183,15 @@ class Context:
 
     def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float | dict[str, float]:
         """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``.
-        For a generic dataset, every metric of the task: ``{metric: value}``
-        (:func:`swap.train.evaluate_metrics`)."""
+        For a generic dataset, or a task given by the library (loss, metrics), every metric of the
+        task: ``{metric: value}`` (:func:`swap.train.evaluate_metrics`)."""
+        rank, world = (self.dist.rank, self.dist.world_size) if distributed_eval else (0, 1)
         if self.generic:
-            rank, world = (self.dist.rank, self.dist.world_size) if distributed_eval else (0, 1)
             batches = eval_loader(self.test_set, self.cfg.phase3.bn_batch_size, rank, world, self.dist.device,
                                   self.collate_fn, self.cfg.data.num_workers)
+            return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
+        if self.task is not DEFAULT_TASK:
+            batches = eval_batches(self.test_set, 1024, self.mean, self.std, rank, world, self.cfg.channels_last)
             return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
         return evaluate(model, self.test_set, self.mean, self.std, distributed=distributed_eval,
                         channels_last=self.cfg.channels_last, amp_dtype=self.amp)

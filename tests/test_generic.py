@@ -175,3 +175,19 @@ def test_swap_on_a_tabular_dict_dataset_with_a_custom_loss_learns(tmp_path):
     records = [r for r in map(__import__("json").loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                if r["phase"] == "phase2" and r["test_acc"] is not None]
     assert all("test_loss" in r for r in records)
+
+
+def test_library_metrics_are_reported_on_the_image_fast_path_too(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long() + 2 * (images[:, 0, 0, 0] > 127).long()
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    cfg = {"channels_last": False, "threads": 1, "data": {"crop_padding": 0, "cutout": 0, "flip": False},
+           "sgd": {"batch_size": 32, "micro_batch_size": 0, "peak_lr": 0.1, "warmup_epochs": 0, "epochs": 2}}
+    _, summary = swap.train_sgd(net, (images, labels), (images[:128], labels[:128]), cfg, out=tmp_path / "run",
+                                metrics=["top1", "top5", "loss"])
+    final = summary["test_metrics"]["final"]
+    assert final["top1"] == summary["test_acc"]["final"] and final["top5"] == 100.0   # 4 classes: top-5 is all
+    assert 0 < final["loss"] < 1.5

@@ -34,8 +34,10 @@ def test_the_readme_has_python_examples():
 def test_readme_example_runs_as_a_script(tmp_path, real_fashion, index):
     done = _run_script(tmp_path, EXAMPLES[index])
     assert done.returncode == 0, done.stderr[-3000:]
-    if "train_swap" in EXAMPLES[index]:
-        result = eval(done.stdout.strip().splitlines()[-1])           # the printed test_acc dict
+    result = eval(done.stdout.strip().splitlines()[-1])
+    if "test_metrics" in EXAMPLES[index]:                             # the text model's metrics
+        assert result["loss"] < 3.3, result          # nats per byte; uniform over 256 bytes is 5.55
+    elif "train_swap" in EXAMPLES[index]:                             # the printed test_acc dict
         assert len(result["workers"]) == 2 and result["averaged"] > 60.0  # 2 + 1 short epochs; chance is 10%
 
 

@@ -95,8 +95,9 @@ def run_sgd(spec: RunSpec) -> dict | None:
         summary = {
             "method": "sgd", "optimizer": s.optimizer, "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},
-            **({"test_metrics": {"final": {k[5:]: v for k, v in out.items() if k.startswith("test_") and
-                                           k != "test_acc"}}} if ctx.generic else {}),
+            **({"test_metrics": {"final": {"top1": out["test_acc"], **{k[5:]: v for k, v in out.items()
+                                                                        if k.startswith("test_") and k != "test_acc"}}}}
+               if any(k.startswith("test_") and k != "test_acc" for k in out) else {}),
             "train_acc": {"final": out["train_acc"]},
             "wall_s": {"total": out["wall_s"]},
             "epochs": {"sgd": out["epoch"]},

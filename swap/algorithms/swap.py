@@ -169,7 +169,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
     if cfg.phase2.layout == "processes":
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
-        data = tuple(x.to("cpu") for x in (ctx.train_set, ctx.test_set))
+        data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
                                                           ctx.task),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`

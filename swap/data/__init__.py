@@ -56,11 +56,13 @@ def augment_for(data_cfg, dataset: ImageDataset) -> Augment:
 
 
 def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
-                 device: torch.device | str = "cpu", holdout: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """Find, read and check a dataset; return (train, test) on ``device``.
+                 device: torch.device | str = "cpu", holdout: int = 0, seq_len: int = 64) -> tuple:
+    """Find, read and check a dataset; return (train, test): :class:`ImageDataset` on ``device``,
+    or for ``text-char`` two :class:`swap.data.text.TextChars` (the generic path; ``seq_len``
+    bytes per sample, the test split the corpus's contiguous tail; ``holdout`` does not apply).
 
     Args:
-        name: fashion-mnist | mnist | cifar10 | cifar100.
+        name: fashion-mnist | mnist | cifar10 | cifar100 | text-char.
         data_dir: searched first (see :mod:`swap.data.sources` for the order).
         train_subset, test_subset: keep the first N of a fixed shuffle (0 = all).
         holdout: if > 0, return (first N - holdout, last holdout) of the training samples (after
@@ -70,6 +72,11 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     """
     src = get_source(name)
     folder = find_data_dir(name, data_dir)
+    if name == "text-char":                   # any map-style Dataset: the generic path
+        from .generic import subset
+        from .text import load_text_char
+        train_set, test_set = load_text_char(folder, seq_len)
+        return subset(train_set, train_subset), subset(test_set, test_subset)
     if name in ("fashion-mnist", "mnist"):
         train = load_idx_pair(folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
         test = load_idx_pair(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")

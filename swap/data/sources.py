@@ -68,6 +68,9 @@ SOURCES = {
         "cifar100", 100, ("cifar-100-python/train", "cifar-100-python/test"),
         "https://www.cs.toronto.edu/~kriz/", ("cifar-100-python.tar.gz",),
         md5={"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}, archive_dir="cifar-100-python"),
+    # Debian's `fortunes` package: plain text, read byte by byte (swap.data.text); no download
+    "text-char": Source("text-char", 256, ("fortunes", "computers", "science"), "", (),
+                        system_dirs=("/usr/share/games/fortunes",)),
 }
 
 
@@ -112,6 +115,8 @@ def find_data_dir(name: str, data_dir: str | None = None) -> Path:
     how = f"run `swap data fetch {name}`"
     if name == "fashion-mnist":
         how = "run `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, as root) or " + how
+    if name == "text-char":
+        how = "run `apt-get install -y fortunes` (Debian/Ubuntu, as root)"
     if data_dir:
         given = Path(data_dir)
         if not given.is_dir():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -42,7 +43,8 @@ def main() -> None:
     from swap.data.generic import DatasetLoader
     from swap.models import build_model
     from swap.rundir import machine_info
-    from swap.train import SGDStep, train
+    from swap.train import SGDStep
+    from throughput import lockstep            # benchmarks/: the lockstep timing, one copy
 
     train_set, _ = load_dataset("fashion-mnist", train_subset=args.samples)
     mean, std = train_set.channel_stats()
@@ -62,27 +64,13 @@ def main() -> None:
     bare_loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
                              generator=torch.Generator().manual_seed(0))
     steps = len(loader)
-    times = {"ours": [], "bare": []}
-    for epoch in range(args.reps + 1):                                # epoch 0: the warm-up
-        spent = {"ours": 0.0, "bare": 0.0}
-        bare_batches = iter(bare_loader)
-        mark = [time.perf_counter()]
+    def bare_update(batch) -> None:
+        xb, yb = batch
+        bare_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(bare(xb), yb).backward()
+        bare_opt.step()
 
-        def bare_update(_: int) -> None:
-            now = time.perf_counter()
-            spent["ours"] += now - mark[0]
-            xb, yb = next(bare_batches)
-            bare_opt.zero_grad(set_to_none=True)
-            F.cross_entropy(bare(xb), yb).backward()
-            bare_opt.step()
-            mark[0] = time.perf_counter()
-            spent["bare"] += mark[0] - now
-
-        train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare_update)
-        spent["ours"] += time.perf_counter() - mark[0]
-        if epoch > 0:
-            for k in times:
-                times[k].append(spent[k])
+    times = lockstep(step, loader, lambda epoch: bare_loader, bare_update, args.reps)
     rate = {k: [steps * args.batch / t for t in v] for k, v in times.items()}
     ratios = [o / b for o, b in zip(rate["ours"], rate["bare"])]
     result = {"machine": machine_info(torch.device("cpu"), torch.get_num_threads(), 1), "batch": args.batch,

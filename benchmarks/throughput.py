@@ -36,6 +36,35 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def lockstep(step, loader, bare_batches, bare_update, reps: int) -> dict[str, list[float]]:
+    """Seconds per epoch of our loop (``swap.train.train`` with ``step`` over ``loader``) and of a
+    bare loop (``bare_update(batch)`` over ``bare_batches(epoch)``), run in lockstep: after each of
+    our updates (the loop's ``on_step``) the bare loop takes one. Each side's time is summed
+    separately: ours is everything between two of its updates but the bare update, so its epoch end
+    counts too. Epoch 0 is an untimed warm-up, then ``reps`` epochs. Returns {"ours", "bare"}: lists."""
+    from swap.train import train
+
+    times = {"ours": [], "bare": []}
+    for epoch in range(reps + 1):
+        spent = {"ours": 0.0, "bare": 0.0}
+        batches = iter(bare_batches(epoch))
+        mark = [time.perf_counter()]
+
+        def bare(_: int) -> None:
+            now = time.perf_counter()
+            spent["ours"] += now - mark[0]
+            bare_update(next(batches))
+            mark[0] = time.perf_counter()
+            spent["bare"] += mark[0] - now
+
+        train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare)
+        spent["ours"] += time.perf_counter() - mark[0]
+        if epoch > 0:
+            for k in times:
+                times[k].append(spent[k])
+    return times
+
+
 def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps: int) -> dict:
     """Our loop against the bare loop at one batch size, in lockstep.
 
@@ -53,7 +82,7 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
     bare per epoch, with medians and spreads ((max - min) / median)."""
     from swap.data import Augment, Loader
     from swap.models import build_model
-    from swap.train import SGDStep, train
+    from swap.train import SGDStep
 
     def model():
         torch.manual_seed(0)
@@ -66,28 +95,14 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
     loaders = [Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True) for _ in range(2)]
     ours, bare = model(), model()
     step, bare_opt = SGDStep(ours, sgd(ours), micro), sgd(bare)
-    times = {"ours": [], "bare": []}
-    for epoch in range(reps + 1):                                    # epoch 0: the warm-up
-        spent = {"ours": 0.0, "bare": 0.0}
-        bare_batches = loaders[1].epoch(epoch)
-        mark = [time.perf_counter()]
+    def bare_update(batch_xy) -> None:
+        x, y = batch_xy
+        bare_opt.zero_grad(set_to_none=True)
+        for xc, yc in zip(x.split(micro), y.split(micro)):
+            (F.cross_entropy(bare(xc), yc) * (len(yc) / len(y))).backward()
+        bare_opt.step()
 
-        def bare_update(_: int) -> None:
-            now = time.perf_counter()
-            spent["ours"] += now - mark[0]
-            x, y = next(bare_batches)
-            bare_opt.zero_grad(set_to_none=True)
-            for xc, yc in zip(x.split(micro), y.split(micro)):
-                (F.cross_entropy(bare(xc), yc) * (len(yc) / len(y))).backward()
-            bare_opt.step()
-            mark[0] = time.perf_counter()
-            spent["bare"] += mark[0] - now
-
-        train(step, loaders[0], lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare_update)
-        spent["ours"] += time.perf_counter() - mark[0]
-        if epoch > 0:
-            for k in times:
-                times[k].append(spent[k])
+    times = lockstep(step, loaders[0], lambda epoch: loaders[1].epoch(epoch), bare_update, reps)
     rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
     ratios = [o / b for o, b in zip(rate["ours"], rate["bare"])]
     spread = lambda v: (max(v) - min(v)) / statistics.median(v)        # noqa: E731

@@ -54,6 +54,8 @@ class DataConfig:
                                          # (a validation split for tuning); the test set is not touched
     num_workers: int = 0                 # DataLoader worker processes of a generic Dataset (0 = in-process)
     seq_len: int = 64                    # text-char: bytes per sample (context length of the model)
+    sample_rngs: str = "torch"           # a Dataset's random transforms replay exactly (resume, ranks) when they
+                                         # draw from: torch (torch's RNG) | all (+ Python random, NumPy)
 
 
 @dataclass
@@ -437,6 +439,7 @@ def validate(cfg: Config) -> None:
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
          "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    need(cfg.data.sample_rngs in ("torch", "all"), f"data.sample_rngs must be torch or all, got '{cfg.data.sample_rngs}'")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
     a = cfg.abs
     need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,

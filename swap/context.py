@@ -161,7 +161,8 @@ class Context:
         rank, world = (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
         if self.generic:
             return DatasetLoader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), rank, world,
-                                 self.dist.device, self.collate_fn, self.cfg.data.num_workers)
+                                 self.dist.device, self.collate_fn, self.cfg.data.num_workers,
+                                 self.cfg.data.sample_rngs)
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
                       self.augment() if augment else None, rank, world, self.cfg.channels_last)
 

@@ -191,3 +191,31 @@ def test_library_metrics_are_reported_on_the_image_fast_path_too(tmp_path):
     final = summary["test_metrics"]["final"]
     assert final["top1"] == summary["test_acc"]["final"] and final["top5"] == 100.0   # 4 classes: top-5 is all
     assert 0 < final["loss"] < 1.5
+
+
+class PyNumpyJitter(Dataset):
+    """A transform drawing from Python's random and NumPy's global RNG (as albumentations does)."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+        return torch.tensor([float(i), random.random(), float(np.random.rand())]), torch.tensor(i % 3)
+
+
+def test_python_and_numpy_transforms_replay_with_sample_rngs_all():
+    import random
+
+    full = list(DatasetLoader(PyNumpyJitter(), 16, (0, "phase2", 0), rngs="all").epoch(1))
+    before = random.getstate()
+    again = list(DatasetLoader(PyNumpyJitter(), 16, (0, "phase2", 0), rngs="all").epoch(1, start=2))
+    assert random.getstate() == before                           # the caller's stream is left alone
+    for (xa, _), (xb, _) in zip(full[2:], again):
+        assert torch.equal(xa, xb)
+    torch_only = list(DatasetLoader(PyNumpyJitter(), 16, (0, "phase2", 0)).epoch(1, start=2))
+    assert not torch.equal(torch_only[0][0], again[0][0])         # the default seeds torch's RNG only
+    with pytest.raises(SwapError, match="sample_rngs"):
+        load_config(None, {"data": {"sample_rngs": "python"}})

@@ -9,9 +9,11 @@
 - in a data-parallel phase every rank takes its slice of each global batch, so W ranks see exactly
   the samples one process sees;
 - a mid-epoch resume starts at the same sample, and random per-sample transforms of the dataset
-  draw the same numbers: each ``dataset[i]`` runs with torch's, Python's and NumPy's global RNGs
-  seeded from (seed, phase, worker, epoch, i) (:func:`sample_seed`), whatever the worker process or
-  the position it resumed from. (torchdata's ``StatefulDataLoader`` checkpoints the workers' RNG states instead;
+  draw the same numbers: each ``dataset[i]`` runs with torch's default generator (``rngs="torch"``,
+  the default: torch-based transforms such as torchvision's) or also Python's ``random`` and
+  NumPy's global RNG (``rngs="all"``, for albumentations-style pipelines; about 2.5% slower at
+  batch 128, BENCHMARKS.md) seeded from (seed, phase, worker, epoch, i) (:func:`sample_seed`),
+  whatever the worker process or the position it resumed from. (torchdata's ``StatefulDataLoader`` checkpoints the workers' RNG states instead;
   seeding per sample makes that state unnecessary: the sampler's position is all there is.)
 """
 from __future__ import annotations
@@ -70,13 +72,19 @@ def check_sample(dataset, name: str = "dataset") -> None:
         raise SwapError(f"{name}[0]'s target must be a tensor or a number, got {type(y).__name__}")
 
 
+RNGS = ("torch", "all")
+
+
 class _Seeded(Dataset):
     """``dataset[i]`` for keys ``(stream, i)``, with the global RNGs (torch's default CPU
-    generator, Python's ``random``, NumPy's legacy global state) seeded from (*stream, i) for that
-    sample, and restored after the batch: the caller's random streams are not disturbed."""
+    generator; with ``rngs="all"`` also Python's ``random`` and NumPy's legacy global state)
+    seeded from (*stream, i) for that sample, and restored after the batch: the caller's random
+    streams are not disturbed."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, rngs: str = "torch"):
+        if rngs not in RNGS:
+            raise ValueError(f"rngs must be one of {RNGS}, got {rngs!r}")
+        self.dataset, self.all = dataset, rngs == "all"
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -88,7 +96,7 @@ class _Seeded(Dataset):
         """The samples of ``keys`` (DataLoader's batched fetch: the RNG states are saved and restored
         once per batch, each sample's seeding costs about 5 microseconds)."""
         gen = torch.default_generator
-        saved = gen.get_state(), random.getstate(), _numpy_state()
+        saved = gen.get_state(), (random.getstate(), _numpy_state()) if self.all else None
         bases: dict = {}
         try:
             out = []
@@ -97,14 +105,16 @@ class _Seeded(Dataset):
                     bases[stream] = stream_seed(*stream)
                 seed = sample_seed(bases[stream], i)
                 gen.manual_seed(seed)
-                random.seed(seed)
-                _numpy_seed(seed)
+                if self.all:
+                    random.seed(seed)
+                    _numpy_seed(seed)
                 out.append(self.dataset[i])
             return out
         finally:
             gen.set_state(saved[0])
-            random.setstate(saved[1])
-            _numpy_restore(saved[2])
+            if self.all:
+                random.setstate(saved[1][0])
+                _numpy_restore(saved[1][1])
 
 
 def sample_seed(base: int, i: int) -> int:
@@ -166,12 +176,14 @@ class DatasetLoader:
         device: where batches go (pinned memory and non-blocking copies on CUDA).
         collate_fn: builds a batch from samples (default ``torch.utils.data.default_collate``).
         num_workers: DataLoader worker processes (0 = load in this process); persistent across epochs.
+        rngs: the global RNGs seeded per sample: ``torch`` or ``all`` (module docstring).
     Raises:
-        ValueError: the dataset holds fewer samples than one global batch.
+        ValueError: the dataset holds fewer samples than one global batch; unknown ``rngs``.
     """
 
     def __init__(self, dataset, batch_size: int, seed_parts: tuple, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", collate_fn: Callable | None = None, num_workers: int = 0):
+                 device: torch.device | str = "cpu", collate_fn: Callable | None = None, num_workers: int = 0,
+                 rngs: str = "torch"):
         if len(dataset) < batch_size:
             raise ValueError(f"training set of {len(dataset)} samples is smaller than one batch of {batch_size}")
         self.dataset, self.batch_size, self.seed_parts = dataset, batch_size, tuple(seed_parts)
@@ -179,7 +191,7 @@ class DatasetLoader:
         self.device = torch.device(device)
         self._batches = _Batches()
         cuda = self.device.type == "cuda"
-        self._loader = DataLoader(_Seeded(dataset), batch_sampler=self._batches, collate_fn=collate_fn,
+        self._loader = DataLoader(_Seeded(dataset, rngs), batch_sampler=self._batches, collate_fn=collate_fn,
                                   num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0)
 
     def __len__(self) -> int:

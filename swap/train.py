@@ -305,7 +305,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         on_epoch: receives one record per epoch (per model, with ``model``: its index, when the
             step trains several): epoch (1-based), lr (last update's), batch_size (global),
             train_loss, train_acc, test_acc (None when not evaluated), samples_per_s (training
-            samples per second of that epoch, all ranks and models), wall_s (since start), eval_s,
+            predictions per second of that epoch, all ranks and models: samples for a classifier,
+            tokens for a language model), wall_s (since start), eval_s,
             stopped (the stopping accuracy was reached: this is the last epoch).
         on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
             after each update.

@@ -174,8 +174,7 @@ class Context:
         p3 = self.cfg.phase3
         loader = self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False, augment=p3.bn_augment)
         if self.generic:                        # a DataLoader: only this rank's batches are loaded
-            loader.indices = _every(loader.indices, rank, world_size)
-            return (x for x, _ in loader.epoch(0))
+            return (x for x, _ in loader.load(0, loader.indices(0)[rank::world_size]))
         return (x for j, (x, _) in enumerate(loader.epoch(0)) if j % world_size == rank)
 
     @staticmethod
@@ -233,8 +232,3 @@ class Context:
 
     def machine(self) -> dict:
         return machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
-
-
-def _every(indices, rank: int, world_size: int):
-    """``indices(epoch, start)`` keeping every ``world_size``-th row (update) from ``rank``."""
-    return lambda epoch, start=0: indices(epoch, start)[rank::world_size]

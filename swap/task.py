@@ -86,8 +86,10 @@ class Task:
         """Predictions in a batch: one per target element (a sample, or a token)."""
         return target.numel() if isinstance(target, torch.Tensor) else len(target)
 
-    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict[str, tuple]:
-        """Each configured metric's (sum, count) over a batch, as float64 tensors on the device."""
+    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor,
+                      loss: torch.Tensor | None = None) -> dict[str, tuple]:
+        """Each configured metric's (sum, count) over a batch, as float64 tensors on the device;
+        ``loss`` (the batch's :meth:`loss`) is needed only when ``loss`` is a metric."""
         n = float(self.predictions(output, target))
         out = {}
         for m in self.metrics:
@@ -100,7 +102,7 @@ class Task:
                 out[m] = (torch.as_tensor(s, dtype=torch.float64, device=output.device),
                           torch.as_tensor(count, dtype=torch.float64, device=output.device))
                 continue
-            out[m] = (s, loss.new_full((), n, dtype=torch.float64))
+            out[m] = (s, output.new_full((), n, dtype=torch.float64))
         return out
 
 

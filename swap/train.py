@@ -30,6 +30,7 @@ from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 from .task import Task, stop_reached, top_k_correct
 
 DEFAULT_TASK = Task()
+TOP1_TASK = Task(metrics=("top1",))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,28 +70,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 1024,
              distributed: bool = False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
-    """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on ``data``.
+    """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on the images of
+    ``data`` (an :class:`swap.data.ImageDataset`, normalised with ``mean``/``std``):
+    :func:`evaluate_metrics` over :func:`swap.data.eval_batches` with the ``top1`` metric.
 
     With ``distributed=True`` every rank evaluates its shard and the counts are summed with
-    all_reduce, so all ranks return the same number. Returns a float in [0, 100].
+    all_reduce, so all ranks return the same number. Returns a float in [0, 100] (0 for no data).
     """
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
-    # correct, samples: kept on the data's device (NCCL reduces only device tensors) and read once
-    counts = torch.zeros(2, dtype=torch.float64, device=data.images.device)
-    for x, y in eval_batches(data, batch_size, mean, std, rank, world, channels_last):
-        with autocast(x.device, amp_dtype):
-            counts[0] += (model(x).argmax(1) == y).sum()
-        counts[1] += len(y)
-    if world > 1:
-        dist.all_reduce(counts)
-    model.train(was_training)
-    return 100.0 * counts[0].item() / max(1.0, counts[1].item())
+    batches = eval_batches(data, batch_size, mean, std, rank, world, channels_last)
+    acc = evaluate_metrics(model, batches, TOP1_TASK, distributed, amp_dtype)["top1"]
+    return 0.0 if acc != acc else acc                     # nan: no samples
 
 
 @torch.no_grad()
@@ -109,7 +101,7 @@ def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distr
     for x, y in batches:
         with autocast(device, amp_dtype):
             out = task.forward(model, x)
-            loss = task.loss(out, y)
+            loss = task.loss(out, y) if "loss" in task.metrics else None
         for m, (s, count) in task.batch_metrics(out, y, loss).items():
             sums[m] += torch.stack([s, count])
     if distributed and _world() > 1:
@@ -345,10 +337,10 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         t_epoch = time.perf_counter()
         # loss sum, correct, samples per model (this rank), kept on the device: no host sync per update
         first = start_step if epoch == start_epoch else 0
-        carried = start_totals if first and start_totals is not None else [0.0, 0.0, 0.0] * n
-        totals = torch.zeros(n, 3, dtype=torch.float64, device=device)
-        totals += torch.tensor(carried, dtype=torch.float64, device=device).view(n, 3)
-        carried_samples = float(sum(torch.tensor(carried, dtype=torch.float64).view(n, 3)[:, 2]))
+        carried = torch.tensor(start_totals if first and start_totals is not None else [0.0, 0.0, 0.0] * n,
+                               dtype=torch.float64).view(n, 3)
+        totals = carried.to(device, copy=True)
+        carried_samples = carried[:, 2].sum().item()
         lr = 0.0
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
             lr = lr_at(epoch * steps + i)

@@ -7,7 +7,7 @@ import torch
 
 from .cifar import load_cifar
 from .idx import load_idx_pair, read_idx
-from .loader import Augment, Loader, eval_batches, stream_seed
+from .loader import Augment, Loader, eval_batches, stream_seed, subset_indices
 from ..config import SwapError
 from .sources import fetch, find_data_dir, get_source
 
@@ -33,9 +33,9 @@ class ImageDataset:
     def subset(self, n: int) -> "ImageDataset":
         """The first ``n`` samples of a fixed shuffle (seed 0, independent of the run seed), so
         every run and method sees the same subset; ``n <= 0`` or ``n >= N`` keeps all."""
-        if n <= 0 or n >= len(self):
+        idx = subset_indices(len(self), n)
+        if idx is None:
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n]
         return ImageDataset(self.images[idx], self.labels[idx], self.num_classes)
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import SwapError
-from .loader import stream_seed
+from .loader import stream_seed, subset_indices
 
 
 def to_device(x, device: torch.device, non_blocking: bool = False):
@@ -209,8 +209,14 @@ class DatasetLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple]:
         """Batches (input, target) of ``epoch`` from update ``start`` on, on the device: the same
         batches, with the same random transforms, as a full pass yields from there."""
+        return self.load(epoch, self.indices(epoch, start))
+
+    def load(self, epoch: int, rows: torch.Tensor) -> Iterator[tuple]:
+        """Batches (input, target) of the sample indices ``rows`` (int64 (S, b): one batch per row,
+        e.g. some rows of :meth:`indices`) of ``epoch``, on the device, each sample with the random
+        transforms it gets in that epoch."""
         stream = (*self.seed_parts, epoch)
-        self._batches.keys = [[(stream, int(i)) for i in row] for row in self.indices(epoch, start)]
+        self._batches.keys = [[(stream, int(i)) for i in row] for row in rows]
         cuda = self.device.type == "cuda"
         for x, y in self._loader:
             yield to_device(x, self.device, cuda), to_device(y, self.device, cuda)
@@ -218,11 +224,11 @@ class DatasetLoader:
 
 def subset(dataset, n: int):
     """The first ``n`` samples of a fixed shuffle (seed 0, whatever the run seed) of a dataset, as
-    :meth:`swap.data.ImageDataset.subset` does for images; ``n <= 0`` or ``n >= len`` keeps all.
-    Keeps the dataset's ``num_classes`` and ``model_kwargs`` when it has them."""
-    if n <= 0 or n >= len(dataset):
+    :meth:`swap.data.ImageDataset.subset` does for images (:func:`subset_indices`); ``n <= 0`` or
+    ``n >= len`` keeps all. Keeps the dataset's ``num_classes`` and ``model_kwargs`` when it has them."""
+    idx = subset_indices(len(dataset), n)
+    if idx is None:
         return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
     out = torch.utils.data.Subset(dataset, idx.tolist())
     for attr in ("num_classes", "model_kwargs"):
         if hasattr(dataset, attr):

@@ -23,6 +23,15 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def subset_indices(size: int, n: int) -> torch.Tensor | None:
+    """Indices int64 (n,) of the first ``n`` of ``size`` samples in a fixed shuffle (seed 0,
+    independent of the run seed), so every run and method sees the same subset; None (keep all)
+    when ``n <= 0`` or ``n >= size``."""
+    if n <= 0 or n >= size:
+        return None
+    return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:n]
+
+
 @dataclass(frozen=True)
 class Augment:
     """Batched augmentation: random crop after zero padding, horizontal flip, cutout.

@@ -98,6 +98,9 @@ class Phase1Config:
     schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
     optimizer: str = "sgd"               # sgd | extrap (extrapolated SGD, section `extrap`)
     stop: StopConfig = field(default_factory=StopConfig)   # stopping rule on any training metric
+    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
+                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
+                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
 
     def stop_rule(self) -> tuple[str, float]:
         """(metric, threshold) of the stopping rule: ``stop`` if its ``at`` is set, else
@@ -120,6 +123,11 @@ class Phase2Config:
                                          # only its own work; the others finish, the failure is reported);
                                          # sequential: in turn inside the rank; vmap: the rank's workers stacked
                                          # into one computation (torch.func; for GPUs)
+    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
+                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
+                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
+    start_epoch: int = 0                 # with segments: the schedule epoch phase 2 starts at ("reverting to the
+                                         # original schedule" at the transition, SWAP paper Sec. 5.2)
 
 
 @dataclass
@@ -141,6 +149,9 @@ class SGDConfig:
     epochs: int = 30
     schedule: str = "linear"
     optimizer: str = "sgd"               # sgd | extrap
+    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
+                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
+                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
 
 
 @dataclass
@@ -293,6 +304,9 @@ def _coerce(value: Any, annotation: str, path: str) -> Any:
     elif kind == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif kind == "list":
+        if isinstance(value, list):
+            return value                 # its items are checked by validate()
     raise SwapError(f"config key '{path}' expects {kind}, got {value!r}")
 
 
@@ -427,6 +441,13 @@ def validate(cfg: Config) -> None:
             need(sec.optimizer in ("sgd", "extrap"), f"{section}.optimizer must be sgd or extrap, got '{sec.optimizer}'")
         micro = getattr(sec, "micro_batch_size", 0)
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
+        segments(cfg, section)           # a piecewise schedule that does not tile its epochs fails here
+    p2 = cfg.phase2
+    need(p2.start_epoch >= 0, f"phase2.start_epoch must be >= 0, got {p2.start_epoch}")
+    need(not p2.start_epoch or p2.segments, "phase2.start_epoch needs phase2.segments (the schedule to revert to)")
+    need(not p2.segments or p2.start_epoch < segments(cfg, "phase2")[-1].end,
+         f"phase2.start_epoch={p2.start_epoch} is past the end of phase2.segments "
+         f"(epoch {segments(cfg, 'phase2')[-1].end if p2.segments else 0})")
     need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
     need(cfg.phase1.stop.metric in STOP_METRICS, f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed "
                                                   f"during training (known: {', '.join(STOP_METRICS)})")
@@ -436,6 +457,8 @@ def validate(cfg: Config) -> None:
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase2.layout in ("processes", "sequential", "vmap"),
          f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
+    need(not (cfg.phase2.layout == "vmap" and cfg.phase2.segments),
+         "phase2.segments (a piecewise schedule) needs phase2.layout processes or sequential")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
          "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
@@ -454,6 +477,27 @@ def validate(cfg: Config) -> None:
     need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
+
+
+def segments(cfg: Config, section: str) -> list:
+    """The piecewise schedule (:class:`swap.schedules.Segment` list) of config ``section``
+    (``phase1``, ``phase2``, ``sgd``, ...), or ``[]`` when it has none.
+
+    Raises:
+        SwapError: segments that overlap, leave gaps or hold a bad value (naming which).
+    """
+    from .schedules import parse_segments
+    return parse_segments(getattr(cfg, section).segments, f"{section}.segments")
+
+
+def section_epochs(cfg: Config, section: str) -> int:
+    """Epochs that config ``section`` trains: its segments' span (phase 2 from ``start_epoch``),
+    else ``max_epochs`` (phase 1) or ``epochs``."""
+    segs = segments(cfg, section)
+    if segs:
+        return segs[-1].end - (cfg.phase2.start_epoch if section == "phase2" else 0)
+    sec = getattr(cfg, section)
+    return sec.max_epochs if section == "phase1" else sec.epochs
 
 
 def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> None:

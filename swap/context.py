@@ -15,12 +15,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, SwapError
+from .config import Config, SwapError, check_world, segments
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_dataset, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import build_model
 from .rundir import RunDir, machine_info
-from .schedules import warmup_decay
+from .schedules import PiecewiseLoader, warmup_decay
 from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
@@ -155,16 +155,56 @@ class Context:
     def augment(self) -> Augment:
         return augment_for(self.cfg.data, self.train_set)
 
-    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True):
+    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True,
+               image_size: int | None = None):
         """Training batches (:class:`swap.data.Loader`, or :class:`swap.data.generic.DatasetLoader`
-        for a generic dataset); ``data_parallel`` slices each global batch to this rank's share."""
+        for a generic dataset); ``data_parallel`` slices each global batch to this rank's share.
+        ``image_size`` (pixels): train at that size (a generic dataset must offer ``at_size(S)``,
+        as :class:`swap.data.folder.ImageFolder` does).
+
+        Raises:
+            SwapError: an ``image_size`` that the dataset cannot produce.
+        """
         rank, world = (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
         if self.generic:
-            return DatasetLoader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), rank, world,
+            dataset = self.train_set
+            if image_size is not None:
+                if not hasattr(dataset, "at_size"):
+                    raise SwapError(f"a segment's image_size={image_size} needs images the data can resize "
+                                    f"(data.name imagefolder or an in-memory image set); "
+                                    f"{type(dataset).__name__} has no at_size()")
+                dataset = dataset.at_size(image_size)
+            return DatasetLoader(dataset, batch_size, (self.cfg.seed, *seed_parts), rank, world,
                                  self.dist.device, self.collate_fn, self.cfg.data.num_workers,
                                  self.cfg.data.sample_rngs)
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
-                      self.augment() if augment else None, rank, world, self.cfg.channels_last)
+                      self.augment() if augment else None, rank, world, self.cfg.channels_last, image_size)
+
+    def batches(self, section: str | None, seed_parts: tuple, data_parallel: bool, *, batch_size: int, epochs: int,
+                lr_at=None, peak_lr: float = 0.0, warmup_epochs: float = 0.0, shape: str = "linear"):
+        """The train loop's (loader, lr_at, epochs) of a phase whose stream is ``seed_parts``.
+
+        When config ``section`` (``phase1``, ``phase2``, ``sgd``) has ``segments``, its piecewise
+        schedule (phase 2 from ``phase2.start_epoch``): a :class:`swap.schedules.PiecewiseLoader`,
+        its ``lr_at`` and its epochs. Otherwise batches of ``batch_size`` samples for ``epochs``
+        epochs with ``lr_at``, or the warm-up and decay schedule of ``peak_lr``,
+        ``warmup_epochs`` and ``shape`` (:meth:`schedule`).
+
+        Raises:
+            SwapError: a global batch not divisible by the world size (``data_parallel``).
+        """
+        segs = segments(self.cfg, section) if section else []
+        where = f"{section}.segments" if segs else section or seed_parts[0]
+        for batch in [s.batch_size for s in segs] or [batch_size]:
+            if data_parallel:
+                check_world(self.cfg, self.dist.world_size, batch, where)
+        if segs:
+            start = self.cfg.phase2.start_epoch if section == "phase2" else 0
+            loader = PiecewiseLoader(segs, lambda b, size: self.loader(b, seed_parts, data_parallel, image_size=size),
+                                     len(self.train_set), start)
+            return loader, loader.lr_at, loader.epochs
+        loader = self.loader(batch_size, seed_parts, data_parallel)
+        return loader, lr_at or self.schedule(peak_lr, warmup_epochs, epochs, len(loader), shape), epochs
 
     def bn_batches(self, rank: int = 0, world_size: int = 1):
         """Inputs of the one pass over the training data that recomputes BN statistics (phase 3,

@@ -31,6 +31,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from .rundir import RunDir
+from .schedules import updates_between
 
 
 @dataclass
@@ -75,7 +76,8 @@ class Phase:
         units: the unit(s) trained.
         every: ``checkpoint_every`` (epochs; 0 = only at the end).
         epochs: the unit's epochs (its last epoch writes ``NAME``, not ``NAME_last``).
-        steps: updates per epoch (for the progress of an end-of-epoch checkpoint), if fixed.
+        steps: updates per epoch (for the progress of an end-of-epoch checkpoint): a number, or
+            the train loop's loader (a piecewise schedule's updates change by epoch).
         group: a data-parallel phase: one model on all ranks (see the module docstring).
         sync: called before every save, on every rank (e.g. the update step's ``sync``: BN
             statistics averaged over ranks, stacked workers unstacked).
@@ -85,7 +87,7 @@ class Phase:
     """
 
     def __init__(self, run: RunDir, config_hash: str, units: list[Unit], *, every: int, epochs: int,
-                 steps: int | None = None, group: bool = False, sync: Callable[[], None] | None = None,
+                 steps=None, group: bool = False, sync: Callable[[], None] | None = None,
                  final: bool = True, snapshots: bool = False):
         self.run, self.config_hash, self.units = run, config_hash, units
         self.every, self.epochs, self.steps, self.group, self.final = every, epochs, steps, group, final
@@ -156,7 +158,9 @@ class Phase:
 
     def updates_at(self, epoch: int) -> int:
         """Updates of this session at the end of ``epoch`` (1-based), with ``steps`` per epoch."""
-        return (epoch - self.start.epoch) * self.steps - self.start.step
+        if isinstance(self.steps, int):
+            return (epoch - self.start.epoch) * self.steps - self.start.step
+        return updates_between(self.steps, self.start.epoch, epoch) - self.start.step
 
     def end_epoch(self, epoch: int, done: bool = False, updates: int | None = None, extra: dict | None = None) -> bool:
         """After epoch ``epoch`` (1-based, on every rank) of a unit not ``done`` (its last epoch, or

@@ -7,6 +7,7 @@ loader's updates per epoch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 Schedule = Callable[[int], float]
@@ -56,3 +57,154 @@ def cyclic(lr_max: float, lr_min: float, cycle_steps: int) -> Schedule:
         return (1.0 - t) * lr_max + t * lr_min
 
     return lr_at
+
+
+# ---------------------------------------------------------------------- piecewise segments
+@dataclass(frozen=True)
+class Segment:
+    """Epochs ``[start, end)`` of a piecewise schedule, with their global batch (samples), their
+    training image side (pixels; None = the data's own size) and their LR: ``lr = (a, b)`` ramps
+    linearly from ``a`` at ``start`` to ``b`` at ``end`` over the fractional epoch (update by
+    update); ``a == b`` is a constant. The form of the DAWNBench ImageNet schedules
+    (cybertronai/imagenet18_old ``train.py``: ``{'ep': (0, 5), 'lr': (1.0, 2.0)}``, ``sz``, ``bs``)
+    that the SWAP paper's ImageNet experiment follows (Gupta et al., ICLR 2020, Sec. 5.2)."""
+    start: int
+    end: int
+    batch_size: int
+    lr: tuple[float, float]
+    image_size: int | None = None
+
+    def lr_at(self, t: float) -> float:
+        """The LR at fractional schedule epoch ``t`` in ``[start, end]``."""
+        a, b = self.lr
+        return a + (b - a) * (t - self.start) / (self.end - self.start)
+
+
+def parse_segments(raw: list, where: str) -> list[Segment]:
+    """Segments from their config form: a list of ``{epochs: [start, end], batch_size: B, lr: x or
+    [a, b], image_size: S}`` (``image_size`` optional), which must tile ``[0, last end)`` in order,
+    without overlaps or gaps.
+
+    Raises:
+        SwapError: naming ``where`` (e.g. ``phase1.segments``), the segment and what is wrong.
+    """
+    from .config import SwapError
+    out: list[Segment] = []
+    for k, seg in enumerate(raw):
+        at = f"{where}[{k}]"
+        if not isinstance(seg, dict):
+            raise SwapError(f"{at} must be a mapping {{epochs: [start, end], batch_size, lr, image_size}}, got {seg!r}")
+        unknown = set(seg) - {"epochs", "batch_size", "lr", "image_size"}
+        if unknown or not {"epochs", "batch_size", "lr"} <= set(seg):
+            raise SwapError(f"{at} needs epochs, batch_size and lr (and optionally image_size), got keys "
+                            f"{sorted(seg)}")
+        epochs, batch, lr, size = seg["epochs"], seg["batch_size"], seg["lr"], seg.get("image_size")
+        if not (isinstance(epochs, list) and len(epochs) == 2 and all(_is_int(e) for e in epochs)
+                and 0 <= epochs[0] < epochs[1]):
+            raise SwapError(f"{at}.epochs must be [start, end] with integers 0 <= start < end, got {epochs!r}")
+        if not (_is_int(batch) and batch >= 1):
+            raise SwapError(f"{at}.batch_size must be an integer >= 1, got {batch!r}")
+        lrs = lr if isinstance(lr, list) else [lr]
+        if not (len(lrs) in (1, 2) and all(_is_num(v) and v >= 0 for v in lrs) and max(lrs) > 0):
+            raise SwapError(f"{at}.lr must be a number > 0 or a ramp [start, end] of numbers >= 0, got {lr!r}")
+        if size is not None and not (_is_int(size) and size >= 1):
+            raise SwapError(f"{at}.image_size must be an integer >= 1 (pixels) or null, got {size!r}")
+        want = out[-1].end if out else 0
+        if epochs[0] != want:
+            what = ("overlaps the one before" if epochs[0] < want else
+                    "leaves a gap after the one before" if out else "leaves a gap at the start")
+            raise SwapError(f"{at}.epochs={epochs!r} {what}: segments must tile the epochs in order, so this "
+                            f"one must start at epoch {want}")
+        out.append(Segment(int(epochs[0]), int(epochs[1]), int(batch), (float(lrs[0]), float(lrs[-1])),
+                           None if size is None else int(size)))
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class PiecewiseLoader:
+    """The batches of a piecewise schedule (:class:`Segment` list) from schedule epoch ``start``
+    on (SWAP's phase 2 "reverting to the original schedule" at the transition epoch, Gupta et al.
+    2020, Sec. 5.2): epoch ``e`` of the phase (0-based) is schedule epoch ``start + e``. At every
+    segment boundary the batch size and the image size change: each segment's batches come from
+    its own loader, ``make(batch_size, image_size)``, built on first use (one at a time). The data
+    stream of epoch ``e`` is the inner loader's epoch ``e`` (seed, phase, worker, epoch), so a
+    resume anywhere, across boundaries too, replays the same batches. ``samples``: the training
+    set's size (updates per epoch = ``samples // batch_size``).
+
+    The train loop reads it through :func:`epoch_shape`; :meth:`lr_at` is its LR over the loop's
+    global update index (update ``i`` of epoch ``e`` at fractional epoch ``start + e + i / n_e``).
+
+    Raises:
+        ValueError: ``start`` outside the schedule.
+    """
+
+    def __init__(self, segments: list[Segment], make: Callable, samples: int, start: int = 0):
+        if not 0 <= start < segments[-1].end:
+            raise ValueError(f"start epoch {start} is outside the schedule's epochs [0, {segments[-1].end})")
+        self.segments, self.make, self.samples, self.start = segments, make, samples, start
+        self.epochs = segments[-1].end - start
+        self._built: tuple[Segment, object] | None = None
+
+    def segment(self, epoch: int) -> Segment:
+        """The segment of phase epoch ``epoch`` (0-based)."""
+        t = self.start + epoch
+        return next(s for s in self.segments if s.start <= t < s.end) if t < self.segments[-1].end else self.segments[-1]
+
+    def loader(self, epoch: int):
+        """The inner loader of ``epoch``'s segment."""
+        seg = self.segment(epoch)
+        if self._built is None or self._built[0] is not seg:
+            self._built = None                                # one inner loader alive at a time
+            self._built = (seg, self.make(seg.batch_size, seg.image_size))
+            if len(self._built[1]) != self.updates(epoch):
+                raise ValueError(f"the loader of {seg} has {len(self._built[1])} updates per epoch, "
+                                 f"expected {self.updates(epoch)}")
+        return self._built[1]
+
+    def updates(self, epoch: int) -> int:
+        """Updates of ``epoch``: ``samples // batch_size`` of its segment (the last partial batch is
+        dropped, as every loader does)."""
+        return self.samples // self.segment(epoch).batch_size
+
+    def shape(self, epoch: int) -> tuple[int, int, int]:
+        """(global update index of ``epoch``'s first update, its updates, its global batch)."""
+        return sum(self.updates(e) for e in range(epoch)), self.updates(epoch), self.segment(epoch).batch_size
+
+    def epoch(self, epoch: int, start: int = 0):
+        return self.loader(epoch).epoch(epoch, start)
+
+    def lr_at(self, update: int) -> float:
+        """The LR of global update ``update`` (0-based): the segment's ramp at the update's fractional epoch."""
+        e, first = 0, 0
+        while e < self.epochs - 1 and first + self.updates(e) <= update:
+            first += self.updates(e)
+            e += 1
+        t = self.start + e + (update - first) / self.updates(e)
+        return self.segment(e).lr_at(t)
+
+
+def epoch_shape(loader, epoch: int) -> tuple[int, int, int]:
+    """(global update index of ``epoch``'s first update, updates in ``epoch``, global batch) of a
+    train-loop loader: a :class:`PiecewiseLoader`'s own, else ``len(loader)`` updates every epoch
+    of ``loader.batch_size`` samples."""
+    if hasattr(loader, "shape"):
+        return loader.shape(epoch)
+    n = len(loader)
+    return epoch * n, n, loader.batch_size
+
+
+def updates_between(loader, first_epoch: int, end_epoch: int) -> int:
+    """Updates of epochs ``first_epoch .. end_epoch - 1`` of a train-loop loader."""
+    return sum(epoch_shape(loader, e)[1] for e in range(first_epoch, end_epoch))
+
+
+def samples_between(loader, first_epoch: int, end_epoch: int) -> int:
+    """Training samples (global batches x updates) of epochs ``first_epoch .. end_epoch - 1``."""
+    return sum(n * b for _, n, b in (epoch_shape(loader, e) for e in range(first_epoch, end_epoch)))

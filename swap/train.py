@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
+from .schedules import epoch_shape
 from .task import Task, stop_reached, top_k_correct
 
 DEFAULT_TASK = Task()
@@ -282,8 +283,11 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             one (:class:`swap.algorithms.extrap.ExtrapSGD`).
         loader: this rank's batches: ``len(loader)`` updates per epoch, ``loader.epoch(epoch,
             start)`` yields the batches of ``epoch`` from update ``start``, ``loader.batch_size``
-            is the global batch (samples) for the records (a :class:`swap.data.Loader`).
-        lr_at: schedule over the global update index ``epoch * len(loader) + i``.
+            is the global batch (samples) for the records (a :class:`swap.data.Loader`); or a
+            :class:`swap.schedules.PiecewiseLoader`, whose updates and batch change by epoch
+            (:func:`swap.schedules.epoch_shape`).
+        lr_at: schedule over the global update index: ``epoch * len(loader) + i``, or the
+            updates of the epochs before plus ``i`` (a piecewise schedule's).
         epochs: the epoch to stop before (keyword).
         start_step, start_totals: continue epoch ``start_epoch`` at update ``start_step`` with the
             epoch's partial (loss sum, correct, samples) of this rank, as given to ``on_interrupt``.
@@ -300,8 +304,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             predictions per second of that epoch, all ranks and models: samples for a classifier,
             tokens for a language model), wall_s (since start), eval_s,
             stopped (the stopping accuracy was reached: this is the last epoch).
-        on_step: called with the global update index (1-based, ``epoch * len(loader) + i + 1``)
-            after each update.
+        on_step: called with the global update index (1-based, as ``lr_at``'s plus 1) after each update.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
         max_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
             gradient is checked before it is applied, and a non-finite or larger norm raises;
@@ -324,7 +327,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
     if isinstance(step, nn.Module):
         step, lr_at, epochs = _legacy_step(step, lr_at, legacy, epochs, micro_batch_size, amp_dtype)
     models, group_wide = step.models, step.group_wide
-    n, steps = len(models), len(loader)
+    n = len(models)
     world = _world() if group_wide else 1
     t_start = time.perf_counter()
     records: list[dict] = []
@@ -342,18 +345,19 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         totals = carried.to(device, copy=True)
         carried_samples = carried[:, 2].sum().item()
         lr = 0.0
+        offset, steps, batch_size = epoch_shape(loader, epoch)    # fixed, or a piecewise schedule's segment
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
-            lr = lr_at(epoch * steps + i)
+            lr = lr_at(offset + i)
             batch_totals, norms = step.gradients(x, y, lr)
             totals += batch_totals
             guard.observe_norms(norms, epoch + 1, i + 1)
             step.apply()
             updates += 1
             if on_step is not None:
-                on_step(epoch * steps + i + 1)
+                on_step(offset + i + 1)
             if progress is not None:
                 progress.update(1)
-            check = not group_wide or (epoch * steps + i + 1) % CHECK_EVERY == 0
+            check = not group_wide or (offset + i + 1) % CHECK_EVERY == 0
             signum = stop_agreed(group_wide, device) if check else 0
             if signum:
                 guard.check()                                # never checkpoint a diverged model
@@ -383,7 +387,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             test = tested if isinstance(tested, dict) else {"top1": tested}
             records.append({
                 **({"model": k} if n > 1 else {}),
-                "epoch": epoch + 1, "lr": lr, "batch_size": loader.batch_size,
+                "epoch": epoch + 1, "lr": lr, "batch_size": batch_size,
                 "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
                 **{f"test_{m}": v for m, v in test.items() if m != "top1"},
                 "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,

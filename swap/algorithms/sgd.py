@@ -11,17 +11,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
-from ..config import check_world
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
+from ..schedules import samples_between, updates_between
 from ..train import train
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
                         lr_at=None, stop: tuple[str, float] | None = None, after_epoch=None, optimizer: str = "sgd",
-                        resume: bool = False, final: bool = True) -> dict:
+                        resume: bool = False, final: bool = True, section: str | None = None) -> dict:
     """Large- or small-batch SGD over all ranks, as one resumable :class:`swap.phase.Phase` named
     ``phase`` (checkpoints ``PHASE_last`` and, if ``final``, ``PHASE``).
 
@@ -30,6 +30,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
     (:func:`swap.task.stop_reached`). ``after_epoch(record)`` runs on every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
+    ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
+    ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.schedule_loader`).
     With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
     one); since every data stream derives from (seed, phase, worker, epoch), the continued run is
     the uninterrupted one, bit for bit on CPU.
@@ -41,13 +43,11 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
     cfg, d = ctx.cfg, ctx.dist
-    check_world(cfg, d.world_size, batch_size, phase)
-    loader = ctx.loader(batch_size, (phase, 0), data_parallel=True)
-    steps = len(loader)
-    lr_at = lr_at or ctx.schedule(peak_lr, warmup_epochs, epochs, steps, schedule)
+    loader, lr_at, epochs = ctx.batches(section, (phase, 0), True, batch_size=batch_size, epochs=epochs, lr_at=lr_at,
+                                        peak_lr=peak_lr, warmup_epochs=warmup_epochs, shape=schedule)
     opt = ctx.optimizer(model, optimizer, (phase,))
     unit = Phase(ctx.run, cfg.hash(), [Unit(phase, model, opt, {"phase": phase})], every=cfg.checkpoint_every,
-                 epochs=epochs, steps=steps, group=True, final=final)
+                 epochs=epochs, steps=loader, group=True, final=final)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
@@ -56,7 +56,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     step = ctx.update_step(DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model, opt,
                            micro_batch_size)
     unit.sync = step.sync
-    bar = ctx.progress((epochs - start.epoch) * steps - start.step, phase) if d.is_main else None
+    bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
     sink = ctx.sink(phase, None, epochs, optimizer) if d.is_main else None
 
     def on_epoch(record: dict) -> None:
@@ -74,7 +74,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     if bar is not None:
         bar.close()
     p = unit.progress(out["updates"])
-    return unit.finish({**out, **p, "steps_per_epoch": steps, "samples": p["updates"] * batch_size})[0]
+    return unit.finish({**out, **p, "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
+                        "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
 
 def run_sgd(spec: RunSpec) -> dict | None:
@@ -89,7 +90,8 @@ def run_sgd(spec: RunSpec) -> dict | None:
         ctx.prune_metrics_for_resume()
     out = train_data_parallel(ctx, ctx.build_model(), phase="sgd", batch_size=s.batch_size,
                               micro_batch_size=s.micro_batch_size, peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs,
-                              epochs=s.epochs, schedule=s.schedule, optimizer=s.optimizer, resume=spec.resume)
+                              epochs=s.epochs, schedule=s.schedule, optimizer=s.optimizer, resume=spec.resume,
+                              section="sgd")
     summary = None
     if ctx.dist.is_main:
         summary = {

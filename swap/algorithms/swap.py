@@ -31,11 +31,12 @@ from tqdm import tqdm
 from .. import distributed, interrupt
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config, SwapError
+from ..config import Config, SwapError, section_epochs
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..rundir import RunDir
+from ..schedules import samples_between, updates_between
 from ..train import train
 from .sgd import train_data_parallel
 from .stacked import train_stacked
@@ -75,7 +76,8 @@ def phase1(ctx: Context, model, resume: bool) -> dict:
     p1 = ctx.cfg.phase1
     out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
                               peak_lr=p1.peak_lr, warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs,
-                              schedule=p1.schedule, stop=p1.stop_rule(), optimizer=p1.optimizer, resume=resume)
+                              schedule=p1.schedule, stop=p1.stop_rule(), optimizer=p1.optimizer, resume=resume,
+                              section="phase1")
     distributed.barrier()
     return out
 
@@ -203,30 +205,31 @@ def train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
     iterate (``iterates/``)."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
     opt = ctx.optimizer(worker)
-    loader = ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False)
-    steps = len(loader)
+    loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), False, batch_size=p2.batch_size, epochs=p2.epochs,
+                                        peak_lr=p2.peak_lr, warmup_epochs=p2.warmup_epochs, shape=p2.schedule)
     unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, opt, {"phase": "phase2", "worker": w})],
-                 every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps, snapshots=p2.track_average)
+                 every=cfg.checkpoint_every, epochs=epochs, steps=loader, snapshots=p2.track_average)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
-    sink = ctx.sink("phase2", w, p2.epochs)
+    sink = ctx.sink("phase2", w, epochs)
 
     def on_epoch(record: dict) -> None:
         sink(record)
         unit.end_epoch(record["epoch"])
 
-    bar = ctx.progress((p2.epochs - start.epoch) * steps - start.step, f"phase2 worker {w}", position=ctx.dist.local_rank)
-    out = train(ctx.update_step(worker, opt), loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps,
-                                                                  p2.schedule),
-                epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
+    bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
+                       position=ctx.dist.local_rank)
+    out = train(ctx.update_step(worker, opt), loader, lr_at, epochs=epochs, start_epoch=start.epoch,
+                start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
                 on_step=_iterates(ctx, worker, w), progress=bar, max_grad_norm=cfg.max_grad_norm,
                 label=f"phase2 worker {w}")
     bar.close()
     p = unit.progress(out["updates"])
     return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
-                        "test_acc": out["test_acc"], "wall_s": p["wall_s"]})[0]
+                        "test_acc": out["test_acc"], "wall_s": p["wall_s"],
+                        "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
 
 def _iterates(ctx: Context, worker, w: int):
@@ -285,14 +288,15 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
                      "averaged": averaged_acc, "phase1": phase1["test_acc"]},
         "train_acc": {"phase1": phase1["train_acc"], "workers": [r.meta["train_acc"] for r in finished]},
         "wall_s": walls,
-        "epochs": {"phase1": phase1["epoch"], "phase2": p2.epochs},
+        "epochs": {"phase1": phase1["epoch"], "phase2": max(r.meta["epoch"] for r in finished)},
         "phase1_stopped_early": phase1["stopped_early"],
         "analysis_s": {"track_average": track_s},        # not part of training time
         # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
         # on W devices); the measure of SWAP's speed that does not depend on this machine.
         "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
                     "critical_path": phase1["updates"] + max(p2_updates)},
-        "samples": phase1["samples"] + sum(p2_updates) * p2.batch_size,     # all workers' samples
+        "samples": phase1["samples"] + sum(r.meta.get("samples", r.meta["updates"] * p2.batch_size)
+                                           for r in finished),                  # all workers' samples
         "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
         "machine": ctx.machine(),
         **({"test_metrics": {"averaged": metrics}} if metrics else {}),
@@ -309,10 +313,11 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
     records = [r for r in run.read_metrics() if r["phase"] == "phase2"]
     buffers = bn_buffer_names(template)
     total = 0.0
-    for epoch in range(1, cfg.phase2.epochs + 1):
+    epochs = section_epochs(cfg, "phase2")
+    for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         wall = max(r["wall_s"] for r in records if r["epoch"] == epoch)
-        if epoch == cfg.phase2.epochs:                     # the final SWAP model, already evaluated
+        if epoch == epochs:                                # the final SWAP model, already evaluated
             acc = final_acc
         else:
             states = []

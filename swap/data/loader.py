@@ -118,15 +118,18 @@ class Loader:
         augment: ``Augment`` or ``None`` for clean batches.
         rank, world_size: this process's slice of each global batch.
         channels_last: return batches in channels_last memory format.
+        image_size: train at ``image_size`` x ``image_size`` pixels: each augmented batch is
+            resized (bilinear, antialiased) from the data's size (progressive resizing, a
+            piecewise schedule's segments); None = the data's size.
     Yields (from :meth:`epoch`):
-        (x float32 (B/W, C, H, W) normalised, y int64 (B/W,)).
+        (x float32 (B/W, C, S, S) normalised, y int64 (B/W,)), S = image_size or the data's H, W.
     Raises:
         ValueError: the dataset holds fewer samples than one global batch.
     """
 
     def __init__(self, data, batch_size: int, seed_parts: tuple, mean: torch.Tensor, std: torch.Tensor,
                  augment: Augment | None = None, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, image_size: int | None = None):
         if len(data) < batch_size:
             raise ValueError(f"training set of {len(data)} samples is smaller than one batch of {batch_size}")
         self.data, self.batch_size, self.seed_parts = data, batch_size, tuple(seed_parts)
@@ -134,6 +137,8 @@ class Loader:
         self.augment, self.rank, self.world_size = augment, rank, world_size
         self.share = batch_size // world_size
         self.channels_last = channels_last
+        self.image_size = image_size if image_size is not None and (image_size, image_size) != \
+            tuple(data.images.shape[2:]) else None
 
     def __len__(self) -> int:
         """Updates per epoch."""
@@ -166,6 +171,9 @@ class Loader:
             x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         else:
             x = _normalise(self.data.images[idx], self.mean, self.std)
+        if self.image_size is not None:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.data.labels[idx]

@@ -121,7 +121,7 @@ def local_procs(cfg) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed, methods
-    from .data import ImageDataset, augment_for, load_dataset
+    from .data import ImageDataset, augment_for, load_configured
     from .report import results_table
     from .rundir import RunDir
 
@@ -145,8 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         procs = local_procs(cfg)
         method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
-        train_set, _ = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                    holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)
+        train_set, _ = load_configured(cfg.data)
         method.check(cfg, procs, len(train_set))
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
@@ -177,15 +176,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
-    from .data import ImageDataset, augment_for, load_dataset
+    from .data import ImageDataset, augment_for, load_configured
 
     cfg = config_from_args(args)
     if args.seeds < 1:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
-    train_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                             holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)[0]
+    train_set = load_configured(cfg.data)[0]
     if isinstance(train_set, ImageDataset):
         augment_for(cfg.data, train_set)
     procs = local_procs(cfg)
@@ -290,7 +288,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed
-    from .data import augment_for, load_dataset
+    from .data import augment_for, load_configured
     from .models import build_model
     from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
@@ -299,8 +297,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.devices < 1 or args.bandwidth <= 0 or args.latency < 0:
         raise SwapError("--devices must be >= 1, --bandwidth > 0 and --latency >= 0")
-    train_set, test_set = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                       holdout=cfg.data.holdout)
+    train_set, test_set = load_configured(cfg.data)
     measured: dict[str, list[dict]] = {}
     if args.measured:
         for method in ("sgd-small", "sgd-large", "swap"):

@@ -43,7 +43,8 @@ class SwapError(Exception):
 @dataclass
 class DataConfig:
     """Dataset and augmentation. ``dir`` is searched first, then ``$SWAP_DATA``, then system paths."""
-    name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100 | text-char (fortunes)
+    name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100 | text-char (fortunes) |
+                                         # imagefolder (dir/train/CLASS/*.jpg|png and dir/val/CLASS/..., Pillow)
     dir: str | None = None
     train_subset: int = 0                # 0 = all training samples; else the first N of a fixed shuffle
     test_subset: int = 0
@@ -56,13 +57,22 @@ class DataConfig:
     seq_len: int = 64                    # text-char: bytes per sample (context length of the model)
     sample_rngs: str = "torch"           # a Dataset's random transforms replay exactly (resume, ranks) when they
                                          # draw from: torch (torch's RNG) | all (+ Python random, NumPy)
+    image_size: int = 224                # imagefolder: evaluation side in pixels (and training side where no
+                                         # segment sets image_size)
+    min_scale: float = 0.08              # imagefolder: smallest area fraction of a random resized crop
+    crop_ratio: float = 0.875            # imagefolder: evaluation centre crop / resized shorter side
+    bad_images: str = "stop"             # imagefolder: an unreadable image stops the run | skip (counted, in
+                                         # RUN/logs/bad_images.txt)
 
 
 @dataclass
 class ModelConfig:
-    """``resnet9``: the DAWNBench cifar10-fast ResNet-9; ``smallcnn``: early-downsampling CPU net."""
+    """``resnet9``: the DAWNBench cifar10-fast ResNet-9; ``smallcnn``: early-downsampling CPU net;
+    ``resnet50``: the bottleneck ResNet-50 (He et al. 2016); ``torchvision:NAME``: any torchvision
+    classification model, where torchvision can be imported."""
     name: str = "smallcnn"
     width: float = 1.0                   # channel multiplier
+    init_bn0: bool = False               # resnet50: zero-init the last BN scale of each residual block (Goyal et al. 2017)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    bn_weight_decay: bool = True         # false: no weight decay on BatchNorm scales and shifts (DAWNBench --no-bn-wd)
 
 
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
@@ -402,10 +413,17 @@ def validate(cfg: Config) -> None:
 
     need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
-    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char"),
-         f"data.name must be fashion-mnist, mnist, cifar10, cifar100 or text-char, got '{cfg.data.name}'")
-    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer"),
-         f"model.name must be resnet9, smallcnn or char-transformer, got '{cfg.model.name}'")
+    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder"),
+         f"data.name must be fashion-mnist, mnist, cifar10, cifar100, text-char or imagefolder, got '{cfg.data.name}'")
+    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer", "resnet50")
+         or cfg.model.name.startswith("torchvision:") and len(cfg.model.name) > len("torchvision:"),
+         f"model.name must be resnet9, smallcnn, resnet50, char-transformer or torchvision:NAME, got '{cfg.model.name}'")
+    need(not cfg.model.init_bn0 or cfg.model.name == "resnet50",
+         f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
+    need(cfg.data.image_size >= 1, f"data.image_size must be >= 1 (pixels), got {cfg.data.image_size}")
+    need(0 < cfg.data.min_scale <= 1, f"data.min_scale must be in (0, 1], got {cfg.data.min_scale}")
+    need(0 < cfg.data.crop_ratio <= 1, f"data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
+    need(cfg.data.bad_images in ("stop", "skip"), f"data.bad_images must be stop or skip, got '{cfg.data.bad_images}'")
     need((cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
          f"data.name={cfg.data.name} needs an image model and text-char the char-transformer "
          f"(model.name={cfg.model.name})")
@@ -457,6 +475,8 @@ def validate(cfg: Config) -> None:
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase2.layout in ("processes", "sequential", "vmap"),
          f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
+    need(not (cfg.phase2.layout == "vmap" and not cfg.optim.bn_weight_decay),
+         "optim.bn_weight_decay=false needs phase2.layout processes or sequential (vmap decays every parameter)")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.segments),
          "phase2.segments (a piecewise schedule) needs phase2.layout processes or sequential")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
@@ -487,7 +507,22 @@ def segments(cfg: Config, section: str) -> list:
         SwapError: segments that overlap, leave gaps or hold a bad value (naming which).
     """
     from .schedules import parse_segments
-    return parse_segments(getattr(cfg, section).segments, f"{section}.segments")
+    return parse_segments(getattr(getattr(cfg, section), "segments", []), f"{section}.segments")
+
+
+def section_batches(cfg: Config, section: str) -> list[tuple[str, int]]:
+    """(config key, batch size) of every batch config ``section`` trains with: each segment's, or
+    its ``batch_size``."""
+    segs = segments(cfg, section)
+    if segs:
+        return [(f"{section}.segments[{k}].batch_size", s.batch_size) for k, s in enumerate(segs)]
+    return [(f"{section}.batch_size", getattr(cfg, section).batch_size)]
+
+
+def section_batch(cfg: Config, section: str) -> int | list[int]:
+    """Config ``section``'s batch size for a summary: a number, or one per segment."""
+    sizes = [b for _, b in section_batches(cfg, section)]
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def section_epochs(cfg: Config, section: str) -> int:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import Config, SwapError, check_world, segments
-from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_dataset, stream_seed
+from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import build_model
 from .rundir import RunDir, machine_info
@@ -26,6 +26,20 @@ from .phase import Phase
 from .task import Task
 from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
 from .algorithms.extrap import ExtrapSGD, ExtrapStep
+
+
+IMAGENET_TASK = Task(metrics=("top1", "top5", "loss"))     # an image folder reports top-1 and top-5 (ImageNet's)
+
+
+def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = True) -> list[dict]:
+    """``model``'s parameters as optimizer groups: one group, or with ``bn_weight_decay=False`` a
+    second group of the BatchNorm scales and shifts with weight decay 0 (the DAWNBench ImageNet
+    runs' ``--no-bn-wd``; Goyal et al. 2017 keep decay on them, and so does the default)."""
+    if bn_weight_decay:
+        return [{"params": list(model.parameters())}]
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in bn]},
+            {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}]
 
 
 @dataclass
@@ -84,14 +98,15 @@ class Context:
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
         if data is None:
-            data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.train_subset, cfg.data.test_subset,
-                                holdout=cfg.data.holdout, seq_len=cfg.data.seq_len)
+            data = load_configured(cfg.data, bad_log=RunDir(run_path).logs_dir / "bad_images.txt")
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
             for name, dataset in zip(("train_set", "test_set"), data):
                 check_sample(dataset, name)
             if model_fn is None and not hasattr(data[0], "model_kwargs"):
                 raise SwapError("a dataset of your own needs its model: pass model_fn")
+            if task is None and cfg.data.name == "imagefolder" and model_fn is None:
+                task = IMAGENET_TASK
             return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
                        collate_fn)
         train_set, test_set = (x.to(d.device) for x in data)
@@ -103,14 +118,15 @@ class Context:
     def build_model(self) -> nn.Module:
         """The configured model (or ``model_fn()``), initialised from the run seed (identical on every rank)."""
         torch.manual_seed(self.cfg.seed)
+        m = self.cfg.model
+        extra = {"init_bn0": m.init_bn0} if m.name == "resnet50" else {}
         if self.model_fn is not None:
             model = self.model_fn()
-        elif self.generic:                  # a built-in generic dataset (text-char) names its model's shape
-            model = build_model(self.cfg.model.name, self.train_set.num_classes, width=self.cfg.model.width,
-                                **self.train_set.model_kwargs)
+        elif self.generic:                  # a built-in generic dataset (text-char, imagefolder) names its model's shape
+            model = build_model(m.name, self.train_set.num_classes, width=m.width, **self.train_set.model_kwargs,
+                                **extra)
         else:
-            model = build_model(self.cfg.model.name, self.train_set.num_classes, self.train_set.images.shape[1],
-                                self.cfg.model.width)
+            model = build_model(m.name, self.train_set.num_classes, self.train_set.images.shape[1], m.width, **extra)
         model = model.to(self.dist.device)
         if self.cfg.channels_last and not self.generic:
             model = model.to(memory_format=torch.channels_last)
@@ -136,8 +152,8 @@ class Context:
         ``kind="extrap"`` wraps it in extrapolated SGD (section ``extrap``), whose gaussian noise
         is drawn from the stream (seed, *stream, rank)."""
         o = self.cfg.optim
-        sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay)
+        sgd = torch.optim.SGD(param_groups(model, o.weight_decay, o.bn_weight_decay), lr=0.0, momentum=o.momentum,
+                              nesterov=o.nesterov, weight_decay=o.weight_decay)
         if kind != "extrap":
             return sgd
         e = self.cfg.extrap

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, SwapError, check_world
+from .config import Config, SwapError, check_world, section_batches
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,9 @@ class Method:
         return out
 
     def batches(self, cfg: Config) -> list[tuple[str, int]]:
-        """(section, global batch) of every batch split over the ranks, from the user's config."""
-        return [(s, getattr(cfg, s).batch_size) for s in self.split(cfg)]
+        """(config key, global batch) of every batch split over the ranks, from the user's config
+        (each segment's, for a piecewise schedule)."""
+        return [kb for s in self.split(cfg) for kb in section_batches(cfg, s)]
 
     def check(self, cfg: Config, procs: int, train_samples: int | None = None) -> None:
         """Refuse, before any work, batches that do not split over ``procs`` processes or that
@@ -111,12 +112,15 @@ class Method:
         Raises:
             SwapError: naming the key, its value and the limit.
         """
-        for section, batch in self.batches(cfg):
-            check_world(cfg, procs, batch, section)
+        for key, batch in self.batches(cfg):
+            check_world(cfg, procs, batch, key.rsplit(".", 1)[0])
         if train_samples is not None:
-            for key in [f"{s}.batch_size" for s in self.split(cfg)] + list(self.sized):
+            sized = []
+            for key in self.sized:
                 section, name = key.split(".")
-                value = getattr(getattr(cfg, section), name)
+                sized += section_batches(cfg, section) if name == "batch_size" else \
+                    [(key, getattr(getattr(cfg, section), name))]
+            for key, value in self.batches(cfg) + sized:
                 if value > train_samples:
                     raise SwapError(f"{key}={value} exceeds the {train_samples} training samples")
 

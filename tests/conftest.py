@@ -122,3 +122,23 @@ def ddp_rank_setup(data_seed: int):
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
                if d.world_size > 1 else model)
     return d, data, mean, std, model, wrapped
+
+
+def write_image_tree(root: Path, classes: int = 3, per_class: int = 4, val_per_class: int = 2, size=(40, 30),
+                     seed: int = 0, mode: str = "RGB") -> Path:
+    """A tiny ImageNet-layout tree: ``root/train/cNN/*.{jpg,png}`` and ``root/val/cNN/...``,
+    random images of ``size`` (W, H), alternately JPEG and PNG, each class a different mean colour
+    (so a model can learn them). Returns ``root``."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"c{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = 40 + 170 * c / max(1, classes - 1)
+                pixels = np.clip(rng.normal(base, 30, (size[1], size[0], channels)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+                img.save(folder / f"{i:04d}.{'jpg' if i % 2 else 'png'}")
+    return root

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
+from ..config import section_batch
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
@@ -105,7 +106,7 @@ def run_sgd(spec: RunSpec) -> dict | None:
             "epochs": {"sgd": out["epoch"]},
             "updates": {"sgd": out["updates"], "critical_path": out["updates"]},
             "samples": out["samples"],
-            "batch_size": {"sgd": s.batch_size},
+            "batch_size": {"sgd": section_batch(cfg, "sgd")},
             "machine": ctx.machine(),
         }
         ctx.run.write_summary(summary)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .. import distributed, interrupt
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config, SwapError, section_epochs
+from ..config import Config, SwapError, section_batch, section_epochs
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
@@ -297,7 +297,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
                     "critical_path": phase1["updates"] + max(p2_updates)},
         "samples": phase1["samples"] + sum(r.meta.get("samples", r.meta["updates"] * p2.batch_size)
                                            for r in finished),                  # all workers' samples
-        "batch_size": {"phase1": p1.batch_size, "phase2": p2.batch_size},
+        "batch_size": {"phase1": section_batch(cfg, "phase1"), "phase2": section_batch(cfg, "phase2")},
         "machine": ctx.machine(),
         **({"test_metrics": {"averaged": metrics}} if metrics else {}),
     }

@@ -56,13 +56,18 @@ def augment_for(data_cfg, dataset: ImageDataset) -> Augment:
 
 
 def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
-                 device: torch.device | str = "cpu", holdout: int = 0, seq_len: int = 64) -> tuple:
+                 device: torch.device | str = "cpu", holdout: int = 0, seq_len: int = 64, options=None,
+                 bad_log=None) -> tuple:
     """Find, read and check a dataset; return (train, test): :class:`ImageDataset` on ``device``,
     or for ``text-char`` two :class:`swap.data.text.TextChars` (the generic path; ``seq_len``
     bytes per sample, the test split the corpus's contiguous tail; ``holdout`` does not apply).
 
+    ``imagefolder`` returns two :class:`swap.data.folder.ImageFolder` (train/ and val/ of
+    ``data_dir``; the generic path), with the settings of ``options`` (config section ``data``) and
+    skipped images listed in ``bad_log``.
+
     Args:
-        name: fashion-mnist | mnist | cifar10 | cifar100 | text-char.
+        name: fashion-mnist | mnist | cifar10 | cifar100 | text-char | imagefolder.
         data_dir: searched first (see :mod:`swap.data.sources` for the order).
         train_subset, test_subset: keep the first N of a fixed shuffle (0 = all).
         holdout: if > 0, return (first N - holdout, last holdout) of the training samples (after
@@ -72,6 +77,11 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     """
     src = get_source(name)
     folder = find_data_dir(name, data_dir)
+    if name == "imagefolder":                 # decoded by DataLoader workers: the generic path
+        from .folder import load_image_folder
+        from .generic import subset
+        train_set, test_set = load_image_folder(folder, options, bad_log)
+        return subset(train_set, train_subset), subset(test_set, test_subset)
     if name == "text-char":                   # any map-style Dataset: the generic path
         from .generic import subset
         from .text import load_text_char
@@ -93,5 +103,15 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     return train_set.to(device), test_set.to(device)
 
 
-__all__ = ["ImageDataset", "load_dataset", "augment_for", "Loader", "Augment", "eval_batches", "stream_seed",
+def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None) -> tuple:
+    """(train, test) of config section ``data`` (:func:`load_dataset` with its settings).
+
+    Raises:
+        SwapError: as :func:`load_dataset`.
+    """
+    d = data_cfg
+    return load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, d.holdout, d.seq_len, d, bad_log)
+
+
+__all__ = ["ImageDataset", "load_dataset", "load_configured", "augment_for", "Loader", "Augment", "eval_batches", "stream_seed",
            "fetch", "find_data_dir", "read_idx", "load_idx_pair", "load_cifar"]

@@ -225,15 +225,23 @@ class DatasetLoader:
 def subset(dataset, n: int):
     """The first ``n`` samples of a fixed shuffle (seed 0, whatever the run seed) of a dataset, as
     :meth:`swap.data.ImageDataset.subset` does for images (:func:`subset_indices`); ``n <= 0`` or
-    ``n >= len`` keeps all. Keeps the dataset's ``num_classes`` and ``model_kwargs`` when it has them."""
+    ``n >= len`` keeps all. The subset shows the dataset's public attributes (``num_classes``,
+    ``model_kwargs``, ...) and, if it has one, its ``at_size(S)`` (a subset of the resized dataset)."""
     idx = subset_indices(len(dataset), n)
-    if idx is None:
-        return dataset
-    out = torch.utils.data.Subset(dataset, idx.tolist())
-    for attr in ("num_classes", "model_kwargs"):
-        if hasattr(dataset, attr):
-            setattr(out, attr, getattr(dataset, attr))
-    return out
+    return dataset if idx is None else Subset(dataset, idx.tolist())
+
+
+class Subset(torch.utils.data.Subset):
+    """``torch.utils.data.Subset`` that shows its dataset's public attributes (:func:`subset`)."""
+
+    def __getattr__(self, name: str):
+        base = self.__dict__.get("dataset")                  # absent while unpickling
+        if base is None or name.startswith("_"):
+            raise AttributeError(name)
+        value = getattr(base, name)
+        if name == "at_size":
+            return lambda size: Subset(value(size), self.indices)
+        return value
 
 
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",

@@ -71,6 +71,8 @@ SOURCES = {
     # Debian's `fortunes` package: plain text, read byte by byte (swap.data.text); no download
     "text-char": Source("text-char", 256, ("fortunes", "computers", "science"), "", (),
                         system_dirs=("/usr/share/games/fortunes",)),
+    # a class-per-folder image tree of your own (ImageNet's layout; swap.data.folder); no download
+    "imagefolder": Source("imagefolder", 0, ("train/", "val/"), "", ()),
 }
 
 
@@ -110,24 +112,32 @@ def find_data_dir(name: str, data_dir: str | None = None) -> Path:
     src = get_source(name)
     searched = candidate_dirs(name, data_dir)
     for d in searched:
-        if all((d / f).is_file() for f in src.required):
+        if all(_present(d, f) for f in src.required):
             return d
     how = f"run `swap data fetch {name}`"
     if name == "fashion-mnist":
         how = "run `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, as root) or " + how
     if name == "text-char":
         how = "run `apt-get install -y fortunes` (Debian/Ubuntu, as root)"
+    if name == "imagefolder":
+        how = "pass --data-dir ROOT (data.dir) holding ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg"
     if data_dir:
         given = Path(data_dir)
         if not given.is_dir():
             raise SwapError(f"data directory {str(given)!r} (--data-dir / data.dir) does not exist; pass the "
                             f"folder that holds the {name} files, or leave it out and {how}")
-        best = max(searched, key=lambda d: sum((d / f).is_file() for f in src.required))
-        missing = [f for f in src.required if not (best / f).is_file()]
+        best = max(searched, key=lambda d: sum(_present(d, f) for f in src.required))
+        missing = [f for f in src.required if not _present(best, f)]
         raise SwapError(f"data directory {str(best)!r} (--data-dir / data.dir) lacks {name} files: "
                         f"{', '.join(missing)}")
     how += f", or put {', '.join(src.required)} in a folder and pass --data-dir (or set SWAP_DATA)"
     raise SwapError(f"{name} not found (searched {', '.join(map(str, searched))}); {how}")
+
+
+def _present(folder: Path, required: str) -> bool:
+    """``folder/required`` exists: a folder if ``required`` ends with ``/``, else a file."""
+    path = folder / required
+    return path.is_dir() if required.endswith("/") else path.is_file()
 
 
 def _digest(path: Path, algo: str, decompress: bool) -> str:

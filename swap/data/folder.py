@@ -1,0 +1,183 @@
+"""Class-per-folder image trees (ImageNet's ``train/`` and ``val/`` layout), decoded with Pillow.
+
+    ROOT/train/CLASS/*.jpg|jpeg|png     one folder per class (sorted names give the class indices)
+    ROOT/val/CLASS/*.jpg|jpeg|png       the same class folders
+
+:class:`ImageFolder` is a map-style ``torch.utils.data.Dataset`` of ``(image, label)``: it runs on
+the generic data path (:mod:`swap.data.generic`: DataLoader workers decode, our sampler orders,
+every sample's random crop replays exactly on a resume because it draws from torch's generator).
+
+- Training: the Inception-style random resized crop (Szegedy et al., CVPR 2015, "Going deeper with
+  convolutions", Sec. 6; the form torchvision's ``RandomResizedCrop`` made standard: an area
+  fraction in ``[min_scale, 1]``, an aspect ratio log-uniform in ``[3/4, 4/3]``, 10 tries, then a
+  centre crop) resized to ``size`` x ``size``, and a horizontal flip with probability 1/2.
+- Evaluation: the shorter side resized to ``size / crop_ratio``, then a centre crop of ``size``
+  (ImageNet's 0.875 convention; ``crop_ratio: 1`` keeps the whole image).
+- Pixels are normalised per channel with ImageNet's mean and std (RGB); a tree of greyscale images
+  (the first image's mode ``L``) stays 1-channel, normalised with their averages.
+
+A file that cannot be decoded (not an image, truncated) either stops the run with one line naming
+it (``bad_images: stop``) or is replaced by the next readable sample of the tree and counted
+(``skip``); its path goes to ``bad_log`` (one line each) so the count survives DataLoader workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import SwapError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+MEAN_RGB, STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet, in [0, 1] pixel units
+
+
+def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names (sorted folder names) and ``(path, label)`` of every image under ``root``.
+    With ``classes`` (the training split's), ``root`` must hold exactly those folders.
+
+    Raises:
+        SwapError: ``root`` missing, no class folders, an empty class folder, other classes than
+            ``classes``.
+    """
+    if not root.is_dir():
+        raise SwapError(f"image folder {root} does not exist (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise SwapError(f"image folder {root} has no class folders (expected {root}/CLASS/*.jpg)")
+    if classes is not None and found != classes:
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise SwapError(f"image folder {root} does not have the training classes: "
+                        f"{len(missing)} missing ({', '.join(missing[:3])}), {len(extra)} extra ({', '.join(extra[:3])})")
+    samples = []
+    for label, name in enumerate(found):
+        files = sorted(e.name for e in os.scandir(root / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+        if not files:
+            raise SwapError(f"class folder {root / name} holds no images ({', '.join(EXTENSIONS)}); remove it or add images")
+        samples += [(str(root / name / f), label) for f in files]
+    return found, samples
+
+
+class ImageFolder(Dataset):
+    """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
+    float32 (C, size, size) normalised, C = 3 (1 for a greyscale tree), y an int label.
+
+    Args:
+        root: the split's folder (``ROOT/train`` or ``ROOT/val``).
+        train: random resized crop + flip (True) or resize + centre crop (False).
+        size: output side in pixels.
+        min_scale: smallest area fraction of a training crop, in (0, 1].
+        crop_ratio: evaluation centre crop / resized shorter side, in (0, 1].
+        flip: random horizontal flip in training.
+        bad_images: ``stop`` or ``skip`` (module docstring).
+        bad_log: file that gets the path of every skipped image (appended; may be None).
+        classes: the training split's class names (for ``val``).
+    Raises:
+        SwapError: see :func:`scan_tree`.
+    """
+
+    def __init__(self, root: str | Path, train: bool, size: int, min_scale: float = 0.08, crop_ratio: float = 0.875,
+                 flip: bool = True, bad_images: str = "stop", bad_log: str | Path | None = None,
+                 classes: list[str] | None = None):
+        self.root = Path(root)
+        self.classes, self.samples = scan_tree(self.root, classes)
+        self.num_classes = len(self.classes)
+        self.train, self.size, self.min_scale, self.crop_ratio, self.flip = train, size, min_scale, crop_ratio, flip
+        self.bad_images, self.bad_log = bad_images, None if bad_log is None else str(bad_log)
+        self.skipped: set[str] = set()
+        self.channels = self._channels()
+        self.model_kwargs = {"in_channels": self.channels}      # for the model factory (swap.models.build_model)
+        mean, std = (MEAN_RGB, STD_RGB) if self.channels == 3 else ((sum(MEAN_RGB) / 3,), (sum(STD_RGB) / 3,))
+        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.std = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def _channels(self) -> int:
+        """3, or 1 when the first readable image is greyscale (mode ``L``)."""
+        from PIL import Image
+        for path, _ in self.samples[:16]:
+            try:
+                with Image.open(path) as im:
+                    return 1 if im.mode in ("L", "1", "I;16", "I") else 3
+            except OSError:
+                continue
+        return 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def at_size(self, size: int) -> "ImageFolder":
+        """This split at another output side (pixels): progressive resizing's segments."""
+        out = object.__new__(ImageFolder)
+        out.__dict__.update(self.__dict__, size=size)
+        return out
+
+    def __getitem__(self, i: int):
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                return self._load(path), label
+            except (OSError, SyntaxError, ValueError) as exc:      # PIL's errors for unreadable/truncated files
+                self._bad(path, exc)
+        raise SwapError(f"no readable image in {self.root}")
+
+    def _bad(self, path: str, exc: Exception) -> None:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if self.bad_images != "skip":
+            raise SwapError(f"unreadable image {path} ({why}); fix or remove it, or set data.bad_images=skip "
+                            f"to skip such files (they are counted)")
+        if path not in self.skipped:
+            self.skipped.add(path)
+            if self.bad_log is not None:
+                with open(self.bad_log, "a") as fh:                   # one short append per file: atomic
+                    fh.write(path.replace("\n", "\\n") + "\n")
+
+    def _load(self, path: str) -> torch.Tensor:
+        from PIL import Image
+        with Image.open(path) as im:
+            im = im.convert("RGB" if self.channels == 3 else "L")
+            box = self._crop_box(*im.size) if self.train else self._centre_box(*im.size)
+            im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+            if self.train and self.flip and torch.rand(()) < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        x = x.view(self.size, self.size, self.channels).permute(2, 0, 1).float()
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """A random resized crop's (left, top, right, bottom), drawn from torch's generator."""
+        area = w * h
+        lo, hi = math.log(3 / 4), math.log(4 / 3)
+        for _ in range(10):
+            u = torch.rand(3).tolist()
+            target = area * (self.min_scale + (1 - self.min_scale) * u[0])
+            ratio = math.exp(lo + (hi - lo) * u[1])
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                left = int(torch.randint(0, w - cw + 1, ()).item())
+                top = int(torch.randint(0, h - ch + 1, ()).item())
+                return left, top, left + cw, top + ch
+        side = min(w, h)                                        # fallback: the centre square
+        return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+    def _centre_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """The centre crop of side ``crop_ratio`` x the shorter side (resized to ``size`` after)."""
+        side = min(w, h) * self.crop_ratio
+        return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
+def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = None) -> tuple[ImageFolder, ImageFolder]:
+    """The (train, val) splits of ``root`` with config section ``data``'s settings (``image_size``,
+    ``min_scale``, ``crop_ratio``, ``flip``, ``bad_images``).
+
+    Raises:
+        SwapError: see :func:`scan_tree`.
+    """
+    root = Path(root)
+    d = data_cfg
+    train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log)
+    val = ImageFolder(root / "val", False, d.image_size, d.min_scale, d.crop_ratio, False, d.bad_images, bad_log,
+                      classes=train.classes)
+    return train, val

@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         procs = local_procs(cfg)
         method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
-        train_set, _ = load_configured(cfg.data)
+        train_set, _ = load_configured(cfg.data, verify=True)
         method.check(cfg, procs, len(train_set))
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
@@ -183,7 +183,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
-    train_set = load_configured(cfg.data)[0]
+    train_set = load_configured(cfg.data, verify=True)[0]
     if isinstance(train_set, ImageDataset):
         augment_for(cfg.data, train_set)
     procs = local_procs(cfg)

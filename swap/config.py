@@ -63,6 +63,8 @@ class DataConfig:
     crop_ratio: float = 0.875            # imagefolder: evaluation centre crop / resized shorter side
     bad_images: str = "stop"             # imagefolder: an unreadable image stops the run | skip (counted, in
                                          # RUN/logs/bad_images.txt)
+    verify_images: bool = True           # imagefolder: decode every image once before training (`swap train`,
+                                         # `swap compare`), so a bad one stops the run before any work
 
 
 @dataclass

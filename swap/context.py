@@ -98,7 +98,7 @@ class Context:
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
         if data is None:
-            data = load_configured(cfg.data, bad_log=RunDir(run_path).logs_dir / "bad_images.txt")
+            data = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log)
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
             for name, dataset in zip(("train_set", "test_set"), data):

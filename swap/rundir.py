@@ -205,7 +205,16 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    @property
+    def bad_images_log(self) -> Path:
+        """``logs/bad_images.txt``: one line per unreadable image skipped (``data.bad_images: skip``)."""
+        return self.logs_dir / "bad_images.txt"
+
     def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json`` (with ``skipped_images``, the count of distinct unreadable images
+        skipped, when there were any)."""
+        if self.bad_images_log.is_file():
+            summary = {**summary, "skipped_images": len(set(self.bad_images_log.read_text().splitlines()))}
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
 
     def read_summary(self) -> dict:

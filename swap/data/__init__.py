@@ -103,14 +103,24 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     return train_set.to(device), test_set.to(device)
 
 
-def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None) -> tuple:
-    """(train, test) of config section ``data`` (:func:`load_dataset` with its settings).
+def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, verify: bool = False) -> tuple:
+    """(train, test) of config section ``data`` (:func:`load_dataset` with its settings). With
+    ``verify`` (the CLI, before a run starts), an image folder's files are decoded once when
+    ``data.verify_images`` (:func:`swap.data.folder.check_images`); skipped ones are reported.
 
     Raises:
-        SwapError: as :func:`load_dataset`.
+        SwapError: as :func:`load_dataset`; unreadable images with ``data.bad_images: stop``.
     """
     d = data_cfg
-    return load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, d.holdout, d.seq_len, d, bad_log)
+    train, test = load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, d.holdout, d.seq_len, d, bad_log)
+    if verify and d.name == "imagefolder" and d.verify_images:
+        import sys
+        from .folder import check_images
+        bad = check_images([getattr(train, "dataset", train), getattr(test, "dataset", test)], d.bad_images)
+        if bad:
+            print(f"swap: {bad} unreadable image(s) will be skipped (data.bad_images=skip); "
+                  f"each is listed in RUN/logs/bad_images.txt when met", file=sys.stderr)
+    return train, test
 
 
 __all__ = ["ImageDataset", "load_dataset", "load_configured", "augment_for", "Loader", "Augment", "eval_batches", "stream_seed",

@@ -131,6 +131,7 @@ class ImageFolder(Dataset):
         if path not in self.skipped:
             self.skipped.add(path)
             if self.bad_log is not None:
+                os.makedirs(os.path.dirname(self.bad_log) or ".", exist_ok=True)
                 with open(self.bad_log, "a") as fh:                   # one short append per file: atomic
                     fh.write(path.replace("\n", "\\n") + "\n")
 
@@ -166,6 +167,43 @@ class ImageFolder(Dataset):
         """The centre crop of side ``crop_ratio`` x the shorter side (resized to ``size`` after)."""
         side = min(w, h) * self.crop_ratio
         return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
+def unreadable(dataset: ImageFolder, threads: int | None = None) -> list[tuple[str, str]]:
+    """(path, reason) of every image of ``dataset`` that Pillow cannot decode completely (not an
+    image, truncated, corrupt), found by decoding each once on ``threads`` threads (default: the
+    CPU count; Pillow releases the GIL while it decodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def check(path: str) -> str | None:
+        try:
+            with Image.open(path) as im:
+                im.load()
+            return None
+        except (OSError, SyntaxError, ValueError) as exc:
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    paths = [p for p, _ in dataset.samples]
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        reasons = list(pool.map(check, paths, chunksize=256))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def check_images(splits: list[ImageFolder], bad_images: str) -> int:
+    """Decode every image of ``splits`` once (:func:`unreadable`) before training: with
+    ``bad_images: stop`` any unreadable one stops the run here; with ``skip`` they are counted (the
+    training replaces each by the next readable sample). Returns the count.
+
+    Raises:
+        SwapError: ``stop`` and unreadable images: their count, the first one and why.
+    """
+    bad = [b for split in splits for b in unreadable(split)]
+    if bad and bad_images != "skip":
+        path, why = bad[0]
+        raise SwapError(f"{len(bad)} unreadable image(s) in the image folder, first {path} ({why}); fix or remove "
+                        f"them, or set data.bad_images=skip to skip them (they are counted)")
+    return len(bad)
 
 
 def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = None) -> tuple[ImageFolder, ImageFolder]:

@@ -218,8 +218,21 @@ class DatasetLoader:
         stream = (*self.seed_parts, epoch)
         self._batches.keys = [[(stream, int(i)) for i in row] for row in rows]
         cuda = self.device.type == "cuda"
-        for x, y in self._loader:
+        for x, y in _unwrapped(self._loader):
             yield to_device(x, self.device, cuda), to_device(y, self.device, cuda)
+
+
+def _unwrapped(loader):
+    """Iterate a DataLoader; a :class:`SwapError` raised in one of its worker processes comes back
+    as its own one-line message (DataLoader re-raises it wrapped in the worker's traceback)."""
+    try:
+        yield from loader
+    except SwapError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        marker = "SwapError: "
+        raise SwapError(text[text.rindex(marker) + len(marker):].removesuffix("\\n").strip()) from None
 
 
 def subset(dataset, n: int):
@@ -253,6 +266,6 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, de
     shard = torch.utils.data.Subset(dataset, range(lo, hi))
     device = torch.device(device)
     cuda = device.type == "cuda"
-    for x, y in DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                           pin_memory=cuda):
+    for x, y in _unwrapped(DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                                      pin_memory=cuda)):
         yield to_device(x, device, cuda), to_device(y, device, cuda)

@@ -115,8 +115,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def local_procs(cfg) -> int:
-    """Local processes: ``procs`` if set, else min(W, CPU cores) so processes never oversubscribe."""
-    return cfg.procs or min(cfg.workers, os.cpu_count() or 1)
+    """Local processes: ``procs`` if set, else min(W, CPU cores) so processes never oversubscribe;
+    with worker groups (``phase2.ranks_per_worker`` k > 1), W x k."""
+    k = cfg.phase2.ranks_per_worker
+    return cfg.procs or (cfg.workers * k if k > 1 else min(cfg.workers, os.cpu_count() or 1))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

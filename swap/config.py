@@ -124,7 +124,11 @@ class Phase1Config:
 @dataclass
 class Phase2Config:
     """Independent small-batch refinement (SWAP Algorithm 1, phase 2), one model per worker."""
-    batch_size: int = 512                # per-worker batch
+    batch_size: int = 512                # per-worker batch (split over the worker's ranks_per_worker ranks)
+    micro_batch_size: int = 0            # per-rank gradient-accumulation chunk (0 = whole share)
+    ranks_per_worker: int = 1            # each worker a DistributedDataParallel group of this many ranks (its
+                                         # own process group; SWAP paper Sec. 5.2: 2 workers x 8 GPUs); > 1
+                                         # needs layout sequential and workers x ranks_per_worker <= ranks
     peak_lr: float = 0.12
     warmup_epochs: float = 0.0
     epochs: int = 30
@@ -463,6 +467,13 @@ def validate(cfg: Config) -> None:
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
         segments(cfg, section)           # a piecewise schedule that does not tile its epochs fails here
     p2 = cfg.phase2
+    need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
+    need(p2.ranks_per_worker == 1 or p2.layout == "sequential",
+         f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: set "
+         f"phase2.layout=sequential (got {p2.layout})")
+    for key, batch in section_batches(cfg, "phase2"):
+        need(batch % p2.ranks_per_worker == 0, f"{key}={batch} is not divisible by phase2.ranks_per_worker="
+                                               f"{p2.ranks_per_worker} (each rank of a worker takes an equal share)")
     need(p2.start_epoch >= 0, f"phase2.start_epoch must be >= 0, got {p2.start_epoch}")
     need(not p2.start_epoch or p2.segments, "phase2.start_epoch needs phase2.segments (the schedule to revert to)")
     need(not p2.segments or p2.start_epoch < segments(cfg, "phase2")[-1].end,

@@ -171,17 +171,25 @@ class Context:
     def augment(self) -> Augment:
         return augment_for(self.cfg.data, self.train_set)
 
-    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool, augment: bool = True,
+    def share(self, data_parallel: bool | tuple[int, int]) -> tuple[int, int]:
+        """(rank, ranks) slicing each global batch: all ranks' (True), the whole batch (False), or
+        the given (rank, ranks) pair (a phase-2 worker group's)."""
+        if isinstance(data_parallel, tuple):
+            return data_parallel
+        return (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
+
+    def loader(self, batch_size: int, seed_parts: tuple, data_parallel: bool | tuple[int, int], augment: bool = True,
                image_size: int | None = None):
         """Training batches (:class:`swap.data.Loader`, or :class:`swap.data.generic.DatasetLoader`
-        for a generic dataset); ``data_parallel`` slices each global batch to this rank's share.
+        for a generic dataset); ``data_parallel`` slices each global batch to this rank's share
+        (:meth:`share`).
         ``image_size`` (pixels): train at that size (a generic dataset must offer ``at_size(S)``,
         as :class:`swap.data.folder.ImageFolder` does).
 
         Raises:
             SwapError: an ``image_size`` that the dataset cannot produce.
         """
-        rank, world = (self.dist.rank, self.dist.world_size) if data_parallel else (0, 1)
+        rank, world = self.share(data_parallel)
         if self.generic:
             dataset = self.train_set
             if image_size is not None:
@@ -196,7 +204,8 @@ class Context:
         return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
                       self.augment() if augment else None, rank, world, self.cfg.channels_last, image_size)
 
-    def batches(self, section: str | None, seed_parts: tuple, data_parallel: bool, *, batch_size: int, epochs: int,
+    def batches(self, section: str | None, seed_parts: tuple, data_parallel: bool | tuple[int, int], *,
+                batch_size: int, epochs: int,
                 lr_at=None, peak_lr: float = 0.0, warmup_epochs: float = 0.0, shape: str = "linear"):
         """The train loop's (loader, lr_at, epochs) of a phase whose stream is ``seed_parts``.
 
@@ -207,13 +216,14 @@ class Context:
         ``warmup_epochs`` and ``shape`` (:meth:`schedule`).
 
         Raises:
-            SwapError: a global batch not divisible by the world size (``data_parallel``).
+            SwapError: a global batch not divisible by the ranks sharing it (``data_parallel``).
         """
         segs = segments(self.cfg, section) if section else []
         where = f"{section}.segments" if segs else section or seed_parts[0]
+        ranks = self.share(data_parallel)[1]
         for batch in [s.batch_size for s in segs] or [batch_size]:
-            if data_parallel:
-                check_world(self.cfg, self.dist.world_size, batch, where)
+            if ranks > 1:
+                check_world(self.cfg, ranks, batch, where)
         if segs:
             start = self.cfg.phase2.start_epoch if section == "phase2" else 0
             loader = PiecewiseLoader(segs, lambda b, size: self.loader(b, seed_parts, data_parallel, image_size=size),

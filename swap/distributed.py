@@ -311,12 +311,12 @@ def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path,
     return why
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (a one-item list with one rank)."""
+def all_gather_objects(obj: Any, group=None) -> list[Any]:
+    """Every rank's ``obj`` (of ``group``; None: all ranks), in rank order (a one-item list with one rank)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -341,6 +341,49 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def rank() -> int:
-    """This process's rank in the process group (0 without one)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (None: the whole process group; 0 without one)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """This rank's place in phase 2 when every worker spans ``size`` ranks (``phase2.ranks_per_worker``;
+    SWAP paper Sec. 5.2: 2 workers of 8 GPUs each): ranks ``[g * size, (g + 1) * size)`` form
+    worker group ``g``, a process group of its own (``torch.distributed.new_group``) that trains
+    worker ``g`` with DistributedDataParallel; ranks past ``workers x size`` have no worker.
+
+    Attributes:
+        worker: this rank's worker (None: none). rank: its rank in the group (0 leads: it reports
+            the worker and contributes its weights to the average). size: ranks per worker.
+        group: the group's process group (None when ``size`` is 1).
+    """
+    worker: int | None
+    rank: int
+    size: int
+    group: Any = None
+
+    @property
+    def leads(self) -> bool:
+        return self.worker is not None and self.rank == 0
+
+
+def worker_groups(workers: int, size: int) -> WorkerGroup:
+    """Form phase 2's worker groups of ``size`` ranks (collective: every rank calls it; each group
+    is created on all ranks, in order, as ``new_group`` requires) and return this rank's.
+
+    Raises:
+        SwapError: ``workers x size`` exceeds the world size.
+    """
+    world, me = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    if workers * size > world:
+        raise SwapError(f"phase2.ranks_per_worker={size} x workers={workers} needs {workers * size} ranks, but the "
+                        f"run has {world}; set procs (or torchrun's --nproc-per-node x nodes) to at least "
+                        f"{workers * size}, or lower one of them")
+    mine = None
+    for g in range(workers):
+        ranks = list(range(g * size, (g + 1) * size))
+        pg = dist.new_group(ranks)
+        if me in ranks:
+            mine = WorkerGroup(g, me - g * size, size, pg)
+    return mine or WorkerGroup(None, 0, size)

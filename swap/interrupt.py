@@ -60,12 +60,13 @@ def requested() -> int:
     return _received[0] if _received else 0
 
 
-def stop_agreed(group_wide: bool, device: torch.device | str = "cpu") -> int:
-    """The signal to stop for, agreed over all ranks when ``group_wide`` (an all_reduce of one
-    integer on ``device`` per call, so call it at the same point on every rank); 0 means go on."""
+def stop_agreed(group_wide: bool, device: torch.device | str = "cpu", group=None) -> int:
+    """The signal to stop for, agreed over the ranks of ``group`` (None: all ranks) when
+    ``group_wide`` (an all_reduce of one integer on ``device`` per call, so call it at the same
+    point on every rank of the group); 0 means go on."""
     signum = requested()
     if group_wide and dist.is_available() and dist.is_initialized():
         flag = torch.tensor([signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         signum = int(flag.item())
     return signum

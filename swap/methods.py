@@ -114,6 +114,10 @@ class Method:
         """
         for key, batch in self.batches(cfg):
             check_world(cfg, procs, batch, key.rsplit(".", 1)[0])
+        k = cfg.phase2.ranks_per_worker
+        if self.summary == "swap" and k > 1 and cfg.workers * k > procs:
+            raise SwapError(f"phase2.ranks_per_worker={k} x workers={cfg.workers} needs {cfg.workers * k} processes, "
+                            f"but the run has {procs}; set procs={cfg.workers * k} or lower one of them")
         if train_samples is not None:
             sized = []
             for key in self.sized:

@@ -78,7 +78,8 @@ class Phase:
         epochs: the unit's epochs (its last epoch writes ``NAME``, not ``NAME_last``).
         steps: updates per epoch (for the progress of an end-of-epoch checkpoint): a number, or
             the train loop's loader (a piecewise schedule's updates change by epoch).
-        group: a data-parallel phase: one model on all ranks (see the module docstring).
+        group: a data-parallel phase: one model on all ranks (see the module docstring); or the
+            process group of the ranks that share the model (a phase-2 worker group).
         sync: called before every save, on every rank (e.g. the update step's ``sync``: BN
             statistics averaged over ranks, stacked workers unstacked).
         final: write ``NAME`` when finished (False when the method writes its own final model).
@@ -87,13 +88,14 @@ class Phase:
     """
 
     def __init__(self, run: RunDir, config_hash: str, units: list[Unit], *, every: int, epochs: int,
-                 steps=None, group: bool = False, sync: Callable[[], None] | None = None,
+                 steps=None, group=False, sync: Callable[[], None] | None = None,
                  final: bool = True, snapshots: bool = False):
         self.run, self.config_hash, self.units = run, config_hash, units
         self.every, self.epochs, self.steps, self.group, self.final = every, epochs, steps, group, final
         self.snapshots = snapshots
         self.sync = sync or (lambda: None)
-        self.rank = distributed.rank() if group else 0
+        self.pg = None if isinstance(group, bool) else group       # None: all ranks
+        self.rank = distributed.rank(self.pg) if group is not False else 0
         self.start = Start()
         self.t = time.perf_counter()
 
@@ -145,7 +147,7 @@ class Phase:
         totals = None
         if partial:
             totals = ([m["partial"]["totals"] for m in metas] if len(self.units) > 1 else
-                      partial["totals"][self.rank] if self.group else partial["totals"])
+                      partial["totals"][self.rank] if self.group is not False else partial["totals"])
         self.start = Start(epoch=meta["epoch"], step=partial.get("step", 0), totals=totals,
                            updates=progress.get("updates", 0), wall_s=progress.get("wall_s", 0.0), meta=meta)
         return self.start
@@ -184,7 +186,7 @@ class Phase:
         """A stop signal mid-epoch (the train loop's ``on_interrupt`` ``state``: epoch, step,
         totals, updates): ``NAME_last`` with the position inside the epoch and each rank's partial
         totals (gathered: collective in a group phase)."""
-        totals = distributed.all_gather_objects(state["totals"]) if self.group else state["totals"]
+        totals = distributed.all_gather_objects(state["totals"], self.pg) if self.group is not False else state["totals"]
         self.save(state["epoch"], state["updates"], partial={"step": state["step"], "totals": totals}, extra=extra)
 
     def save(self, epoch: int, updates: int, partial: dict | None = None, extra: dict | None = None) -> None:

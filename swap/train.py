@@ -39,22 +39,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _world(group=None) -> int:
+    """Ranks in ``group`` (None: the whole process group; 1 without one)."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def average_bn_buffers(model: nn.Module) -> None:
-    """Make BN running statistics identical on all ranks: the mean over ranks (no-op for 1 rank).
+def average_bn_buffers(model: nn.Module, group=None) -> None:
+    """Make BN running statistics identical on all ranks of ``group`` (None: all ranks): their
+    mean (no-op for 1 rank).
 
     Phase 1 runs DDP with ``broadcast_buffers=False`` (no per-forward broadcast); this is called
     before every evaluation and at the end of the phase instead.
     """
-    world = _world()
+    world = _world(group)
     if world == 1:
         return
     for name, buf in unwrap(model).named_buffers():
         if buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             buf.div_(world)
 
 
@@ -214,9 +216,11 @@ class UpdateStep:
             epoch, evaluated and given its own per-epoch record.
         group_wide: every rank runs this update in step (DistributedDataParallel): stop signals, the
             epoch's totals and BN statistics are agreed over the ranks.
+        group: the process group of those ranks (None: all ranks; a phase-2 worker group's own).
     """
     models: list[nn.Module]
     group_wide: bool = False
+    group = None
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the batch (``x``, ``y``: this rank's share, or (W, B, ...) for W models) at
@@ -245,6 +249,9 @@ class SGDStep(UpdateStep):
         self.model, self.optimizer, self.task = model, optimizer, task
         self.micro_batch_size, self.amp_dtype = micro_batch_size, amp_dtype
         self.models, self.group_wide = [model], isinstance(model, DDP)
+        self.group = model.process_group if self.group_wide and _world() > 1 else None
+        if self.group is not None and _world(self.group) == _world():
+            self.group = None                            # the whole world: the default group
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -261,7 +268,7 @@ class SGDStep(UpdateStep):
 
     def sync(self) -> None:
         if self.group_wide:
-            average_bn_buffers(self.model)
+            average_bn_buffers(self.model, self.group)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -326,9 +333,9 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
     """
     if isinstance(step, nn.Module):
         step, lr_at, epochs = _legacy_step(step, lr_at, legacy, epochs, micro_batch_size, amp_dtype)
-    models, group_wide = step.models, step.group_wide
+    models, group_wide, group = step.models, step.group_wide, step.group
     n = len(models)
-    world = _world() if group_wide else 1
+    world = _world(group) if group_wide else 1
     t_start = time.perf_counter()
     records: list[dict] = []
     updates = 0
@@ -358,7 +365,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             if progress is not None:
                 progress.update(1)
             check = not group_wide or (offset + i + 1) % CHECK_EVERY == 0
-            signum = stop_agreed(group_wide, device) if check else 0
+            signum = stop_agreed(group_wide, device, group) if check else 0
             if signum:
                 guard.check()                                # never checkpoint a diverged model
                 if on_interrupt is not None:
@@ -370,7 +377,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         samples = totals[:, 2].sum().item() - carried_samples      # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
         if group_wide:
-            dist.all_reduce(totals)
+            dist.all_reduce(totals, group=group)
         train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist()
         train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
         worst = min(train_acc) if stop_metric == "train_acc" else max(train_loss)

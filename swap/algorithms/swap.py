@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import distributed, interrupt
@@ -99,7 +100,9 @@ class WorkerResult:
 def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[dict]]:
     """Phase 2 on every rank: rank r trains workers r, r + world, ..., each from a copy of the
     phase-1 ``model`` (weights and BN buffers; a fresh optimizer), on its own data order, with no
-    communication; stacked into one computation with ``phase2.layout: vmap``.
+    communication between workers; stacked into one computation with ``phase2.layout: vmap``.
+    With ``phase2.ranks_per_worker`` k > 1, worker g is trained by ranks [g k, (g + 1) k) as one
+    DistributedDataParallel group (:func:`swap.distributed.worker_groups`; SWAP paper Sec. 5.2).
 
     Returns:
         every worker's :class:`WorkerResult` (all ranks', sorted by worker) and the state dicts of
@@ -111,14 +114,19 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
     if ctx.generic and cfg.phase2.layout == "vmap":
         raise SwapError("phase2.layout=vmap stacks the in-memory image path only; use processes or sequential "
                         "with a dataset of your own")
-    mine = list(range(d.rank, cfg.workers, d.world_size))
+    k = cfg.phase2.ranks_per_worker
+    group = distributed.worker_groups(cfg.workers, k) if k > 1 else None
+    mine = list(range(d.rank, cfg.workers, d.world_size)) if group is None else \
+        [group.worker] if group.worker is not None else []
     stacked = _phase2_stacked(ctx, model, mine, resume) if cfg.phase2.layout == "vmap" else {}
     results, states = [], []
     for w in mine:
         worker = copy.deepcopy(model)
-        result = stacked.get(w) or _phase2_worker(ctx, worker, w, resume)
+        result = stacked.get(w) or _phase2_worker(ctx, worker, w, resume, group)
         if w in stacked and result.finished:
             load_checkpoint(ctx.run.checkpoint(RunDir.worker(w)), worker)
+        if group is not None and not group.leads:            # the group's first rank reports the worker
+            continue
         if result.finished:
             states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
         else:
@@ -151,12 +159,13 @@ def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[
         return {w: WorkerResult(w, error=why) for w in todo}
 
 
-def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
+def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> WorkerResult:
     """Worker ``w``'s phase 2, with ``worker`` holding its final weights when it finished.
     Finished workers are loaded on ``resume``. With ``phase2.layout: processes`` it trains in a
     child process of this rank (:func:`swap.distributed.run_isolated`), so a worker that dies takes
     no other with it; a failure (a diverged run, an exception, a killed process) is kept in
-    ``checkpoints/workerW.error``.
+    ``checkpoints/workerW.error``. ``group``: this rank's :class:`swap.distributed.WorkerGroup`
+    when a worker spans several ranks (it trains here, with them).
 
     Raises:
         swap.interrupt.Interrupted: SIGINT/SIGTERM (the worker's checkpoint is written first).
@@ -169,7 +178,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
         return WorkerResult(w, error=error.read_text())     # failed before; averaged without it, not retrained
     if interrupt.requested():              # a stop signal arrived between two workers
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
-    if cfg.phase2.layout == "processes":
+    if cfg.phase2.layout == "processes" and group is None:
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
@@ -179,7 +188,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool) -> WorkerResult:
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
     error.unlink(missing_ok=True)
     try:
-        return WorkerResult(w, train_worker(ctx, worker, w, resume))
+        return WorkerResult(w, train_worker(ctx, worker, w, resume, group))
     except (SwapError, RuntimeError) as exc:          # divergence, out of memory, ...
         why = str(exc).strip().splitlines()[-1]
         error.write_text(why)
@@ -196,34 +205,43 @@ def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, sta
     train_worker(ctx, worker, w, resume)
 
 
-def train_worker(ctx: Context, worker, w: int, resume: bool) -> dict:
+def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict:
     """Phase 2 for worker ``w``, a resumable :class:`swap.phase.Phase` (``worker{w}_last``,
     ``worker{w}``): small-batch SGD on its own data order (stream ("phase2", w)), LR
     ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place and returns its
     metadata (epoch, updates, accuracies, wall_s). With ``phase2.track_average`` its weights at the
     end of every epoch but the last are kept (``track/``); with ``phase2.save_every = K`` every K-th
-    iterate (``iterates/``)."""
+    iterate (``iterates/``). With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is
+    one DistributedDataParallel model over the group's ranks, each taking its share of every batch
+    of the worker's data order; the group's first rank logs and writes its checkpoints."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
     opt = ctx.optimizer(worker)
-    loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), False, batch_size=p2.batch_size, epochs=p2.epochs,
+    share = (group.rank, group.size) if group is not None else False
+    loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), share, batch_size=p2.batch_size, epochs=p2.epochs,
                                         peak_lr=p2.peak_lr, warmup_epochs=p2.warmup_epochs, shape=p2.schedule)
     unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, opt, {"phase": "phase2", "worker": w})],
-                 every=cfg.checkpoint_every, epochs=epochs, steps=loader, snapshots=p2.track_average)
+                 every=cfg.checkpoint_every, epochs=epochs, steps=loader, snapshots=p2.track_average,
+                 group=group.group if group is not None else False)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
-    sink = ctx.sink("phase2", w, epochs)
+    ddp = DDP(worker, process_group=group.group, forward_sync_buffers=False) if group is not None else worker
+    step = ctx.update_step(ddp, opt, p2.micro_batch_size)
+    unit.sync = step.sync
+    leads = group is None or group.rank == 0
+    sink = ctx.sink("phase2", w, epochs) if leads else None
 
     def on_epoch(record: dict) -> None:
-        sink(record)
+        if sink is not None:
+            sink(record)
         unit.end_epoch(record["epoch"])
 
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
                        position=ctx.dist.local_rank)
-    out = train(ctx.update_step(worker, opt), loader, lr_at, epochs=epochs, start_epoch=start.epoch,
+    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch,
                 start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
-                on_step=_iterates(ctx, worker, w), progress=bar, max_grad_norm=cfg.max_grad_norm,
+                on_step=_iterates(ctx, worker, w) if leads else None, progress=bar, max_grad_norm=cfg.max_grad_norm,
                 label=f"phase2 worker {w}")
     bar.close()
     p = unit.progress(out["updates"])

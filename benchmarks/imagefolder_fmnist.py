@@ -2,7 +2,7 @@
 SWAP (piecewise schedules, progressive resizing 20 -> 24 -> 28 px, 2 workers x 1 rank), beside the
 in-memory path on the same images with the same schedules.
 
-    .venv/bin/python benchmarks/imagefolder_fmnist.py [--tree /tmp/swap-fmnist-png] [--num-workers 1]
+    .venv/bin/python benchmarks/imagefolder_fmnist.py [--tree /tmp/swap-fmnist-png] [--num-workers 0]
 
 1. Writes the 70,000 images once as ``TREE/train/CLASS/NNNNN.png`` and ``TREE/val/CLASS/NNNNN.png``
    (8-bit greyscale PNG, Pillow; 10 class folders) unless they are there.
@@ -77,7 +77,8 @@ def run(name: str, extra: list[str], out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", default="/tmp/swap-fmnist-png")
-    ap.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes per rank")
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (0: decode in
+                    "the training process: on 2 cores no core is free for a loader process)")
     ap.add_argument("--out", default="/tmp/swap-imagefolder-bench")
     args = ap.parse_args()
     tree, out = Path(args.tree), Path(args.out)

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--phase1-epochs", type=int, help="epochs phase 1 takes to its stopping accuracy (default: max_epochs)")
     pn.add_argument("--measured", help="a `swap compare` directory: compare the prediction with its runs")
     pn.add_argument("--data-dir", help="folder with the dataset files")
+    pn.add_argument("--train-samples", type=int, help="plan for this many training samples without reading the data "
+                    "(e.g. 1281167 for ImageNet); calibrates on synthetic images of data.image_size")
+    pn.add_argument("--test-samples", type=int, default=50000, help="with --train-samples: test samples (default 50000)")
+    pn.add_argument("--classes", type=int, default=1000, help="with --train-samples: classes (default 1000)")
+    pn.add_argument("--calibration-batch", type=int, help="largest micro-batch to calibrate (a small device: the rate "
+                    "is taken as constant above it)")
+    pn.add_argument("--calibration-samples", type=int, default=4096, help="samples per calibration epoch (default 4096)")
     pn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
@@ -290,7 +297,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed
-    from .data import augment_for, load_configured
+    from .data import ImageDataset, augment_for, load_configured
     from .models import build_model
     from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
@@ -299,7 +306,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.devices < 1 or args.bandwidth <= 0 or args.latency < 0:
         raise SwapError("--devices must be >= 1, --bandwidth > 0 and --latency >= 0")
-    train_set, test_set = load_configured(cfg.data)
+    if args.train_samples:                         # no data needed: sizes given, synthetic images
+        if args.train_samples < 1 or args.test_samples < 1 or args.classes < 2:
+            raise SwapError("--train-samples and --test-samples must be >= 1 and --classes >= 2")
+        n_train, n_test, classes, shape = args.train_samples, args.test_samples, args.classes, \
+            (3, cfg.data.image_size, cfg.data.image_size)
+        augment = None
+    else:
+        train_set, test_set = load_configured(cfg.data)
+        n_train, n_test, classes = len(train_set), len(test_set), train_set.num_classes
+        if isinstance(train_set, ImageDataset):
+            shape, augment = tuple(train_set.images.shape[1:]), augment_for(cfg.data, train_set)
+        elif hasattr(train_set, "channels"):          # an image folder: its channels at data.image_size
+            shape, augment = (train_set.channels, cfg.data.image_size, cfg.data.image_size), None
+        else:
+            raise SwapError(f"swap plan calibrates image models; data.name={cfg.data.name} is not one")
     measured: dict[str, list[dict]] = {}
     if args.measured:
         for method in ("sgd-small", "sgd-large", "swap"):
@@ -311,19 +332,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device = distributed.resolve_device(cfg.device)
     threads = cfg.threads or distributed.default_threads(args.devices) if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
-    c, h, w = train_set.images.shape[1:]
+    m = cfg.model
+    extra = {"init_bn0": m.init_bn0} if m.name == "resnet50" else {}
     t = time.time()
-    thr = calibrate(lambda: build_model(cfg.model.name, train_set.num_classes, c, cfg.model.width), (c, h, w),
-                    train_set.num_classes, chunk_sizes(cfg, args.devices), device,
-                    augment=augment_for(cfg.data, train_set),
-                    channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
-                    stacked=stacked_shape(cfg, args.devices))
-    pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), len(train_set), len(test_set),
-                   phase1_epochs)
+    thr = calibrate(lambda: build_model(m.name, classes, shape[0], m.width, **extra), shape, classes,
+                    chunk_sizes(cfg, args.devices, args.calibration_batch), device, samples=args.calibration_samples,
+                    augment=augment, channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
+                    stacked=stacked_shape(cfg, args.devices), eval_batch=min(1024, args.calibration_samples))
+    pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), n_train, n_test, phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
           f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
           + "".join(f", {k} stacked x {cfg.phase2.batch_size}: {v:.0f}/s" for k, v in thr.stacked.items())
-          + f", eval {thr.eval:.0f}/s; phase 1 epochs {pred['swap']['phase1_epochs']}", file=sys.stderr)
+          + f", eval {thr.eval:.0f}/s at {shape[1]}x{shape[2]} px; phase 1 epochs {pred['swap']['phase1_epochs']}. "
+          f"A model: {args.devices} devices each as fast as the calibrated one, compute per sample scaled by "
+          f"pixels at other image sizes, ring all-reduce at {args.bandwidth:.3g} B/s", file=sys.stderr)
     print(plan_table(pred, {m: [s["wall_s"]["total"] for s in runs] for m, runs in measured.items()}))
     return 0
 

@@ -107,6 +107,7 @@ class Context:
                 raise SwapError("a dataset of your own needs its model: pass model_fn")
             if task is None and cfg.data.name == "imagefolder" and model_fn is None:
                 task = IMAGENET_TASK
+            collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
             return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
                        collate_fn)
         train_set, test_set = (x.to(d.device) for x in data)

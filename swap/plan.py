@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .config import Config
+from .config import Config, section_epochs, segments
 from .data import Augment, ImageDataset, Loader
 from .train import SGDStep, evaluate, train
 from .algorithms.stacked import StackedLoader, StackedStep
@@ -58,34 +58,65 @@ class Throughput:
     """Measured single-device throughputs: ``train`` maps micro-batch size -> training samples/s
     (forward, backward, SGD step), ``eval`` is forward-only samples/s; ``param_bytes`` the gradient
     size; ``stacked`` maps k -> training samples/s of k workers stacked at the phase-2 batch
-    (all k workers' samples; measured only for ``phase2.layout: vmap``)."""
+    (all k workers' samples; measured only for ``phase2.layout: vmap``); ``image_size`` the side
+    (pixels) of the calibration's images, when square."""
     train: dict[int, float]
     eval: float
     param_bytes: int
     stacked: dict[int, float] = field(default_factory=dict)
+    image_size: int | None = None
 
-    def train_at(self, batch: int) -> float:
+    def train_at(self, batch: int, image_size: int | None = None) -> float:
         """Samples/s at ``batch``: the measured value, else log-linear interpolation between the
-        nearest measured sizes (constant beyond the ends)."""
+        nearest measured sizes (constant beyond the ends). At another ``image_size`` (progressive
+        resizing), scaled by :meth:`pixel_ratio`."""
         sizes = sorted(self.train)
         if batch in self.train:
-            return self.train[batch]
-        if batch <= sizes[0]:
-            return self.train[sizes[0]]
-        if batch >= sizes[-1]:
-            return self.train[sizes[-1]]
-        hi = next(s for s in sizes if s > batch)
-        lo = max(s for s in sizes if s < batch)
-        f = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        return self.train[lo] + f * (self.train[hi] - self.train[lo])
+            rate = self.train[batch]
+        elif batch <= sizes[0]:
+            rate = self.train[sizes[0]]
+        elif batch >= sizes[-1]:
+            rate = self.train[sizes[-1]]
+        else:
+            hi = next(s for s in sizes if s > batch)
+            lo = max(s for s in sizes if s < batch)
+            f = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            rate = self.train[lo] + f * (self.train[hi] - self.train[lo])
+        return rate * self.pixel_ratio(image_size)
+
+    def pixel_ratio(self, image_size: int | None) -> float:
+        """(calibrated side / ``image_size``)^2, the model's rule that a convolutional net's compute
+        per sample grows with H x W; 1 when either side is unknown."""
+        return (self.image_size / image_size) ** 2 if image_size and self.image_size else 1.0
 
 
-def update_s(thr: Throughput, hw: Hardware, batch: int, micro_batch: int) -> float:
+def update_s(thr: Throughput, hw: Hardware, batch: int, micro_batch: int, image_size: int | None = None) -> float:
     """Seconds of one data-parallel update of global ``batch`` on ``hw``: each device's share in
-    micro-batches of ``micro_batch`` (0 = whole share) plus the gradient all-reduce."""
+    micro-batches of ``micro_batch`` (0 = whole share) plus the gradient all-reduce; images of
+    side ``image_size`` (None: the calibrated size)."""
     share = batch / hw.devices
     chunk = micro_batch if 0 < micro_batch < share else share
-    return share / thr.train_at(int(chunk)) + hw.allreduce_s(thr.param_bytes)
+    return share / thr.train_at(int(chunk), image_size) + hw.allreduce_s(thr.param_bytes)
+
+
+def stages(cfg: Config, section: str, epochs: int | None = None) -> list[tuple[int, int, int, int | None]]:
+    """(epochs, global batch, micro-batch, image side or None) of each stretch of config
+    ``section`` with one batch and image size: its segments (phase 2 from ``start_epoch``), or one
+    stretch; cut after ``epochs`` epochs when given (phase 1's stopping point)."""
+    sec = getattr(cfg, section)
+    micro = getattr(sec, "micro_batch_size", 0)
+    start = cfg.phase2.start_epoch if section == "phase2" else 0
+    out = [(s.end - max(s.start, start), s.batch_size, micro, s.image_size)
+           for s in segments(cfg, section) if s.end > start] or \
+        [(section_epochs(cfg, section), sec.batch_size, micro, None)]
+    if epochs is not None:
+        left, cut = epochs, []
+        for e, b, m, size in out:
+            if left > 0:
+                cut.append((min(e, left), b, m, size))
+            left -= e
+        out = cut
+    return out
 
 
 def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: int,
@@ -100,25 +131,31 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
         n = math.ceil(epochs / cfg.eval_every)
         return n * n_test / thr.eval / (hw.devices if sharded else 1)
 
+    def run(parts: list, hardware: Hardware) -> tuple[int, float]:         # (updates, training seconds)
+        updates = [e * (n_train // b) for e, b, _, _ in parts]
+        return sum(updates), sum(u * update_s(thr, hardware, b, m, size) for u, (_, b, m, size) in zip(updates, parts))
+
     out = {}
     for method in ("sgd-small", "sgd-large"):
-        s = METHODS[method].config(cfg).sgd                          # the section the method trains with
-        updates = s.epochs * (n_train // s.batch_size)
-        train_s = updates * update_s(thr, hw, s.batch_size, s.micro_batch_size)
-        out[method] = {"train_s": train_s, "eval_s": evals(s.epochs, True), "updates": updates}
-    p1, p2 = cfg.phase1, cfg.phase2
-    e1 = phase1_epochs or p1.max_epochs
-    u1 = e1 * (n_train // p1.batch_size)
-    phase1 = u1 * update_s(thr, hw, p1.batch_size, p1.micro_batch_size) + evals(e1, True)
-    u2 = p2.epochs * (n_train // p2.batch_size)
-    k = math.ceil(cfg.workers / hw.devices)                          # workers per device
+        mcfg = METHODS[method].config(cfg)                            # the section the method trains with: sgd
+        updates, train_s = run(stages(mcfg, "sgd"), hw)
+        out[method] = {"train_s": train_s, "eval_s": evals(section_epochs(mcfg, "sgd"), True), "updates": updates}
+    p2 = cfg.phase2
+    e1 = phase1_epochs or section_epochs(cfg, "phase1")
+    u1, t1 = run(stages(cfg, "phase1", e1), hw)
+    phase1 = t1 + evals(e1, True)
+    e2, ranks = section_epochs(cfg, "phase2"), p2.ranks_per_worker
+    # each worker on `ranks` devices (its own group; phase2.micro_batch_size chunks per device)
+    u2, t2 = run([(e, b, p2.micro_batch_size, size) for e, b, _, size in stages(cfg, "phase2")],
+                 Hardware(ranks, hw.bandwidth, hw.latency))
+    k = math.ceil(cfg.workers * ranks / hw.devices)                  # rounds of workers per device
     if p2.layout == "vmap":
         if k not in thr.stacked:
             raise ValueError(f"phase2.layout vmap: no throughput measured for {k} stacked workers "
                              f"(calibrate with stacked=({k}, {p2.batch_size}))")
-        phase2 = u2 * k * p2.batch_size / thr.stacked[k] + k * evals(p2.epochs, False)
+        phase2 = u2 * k * p2.batch_size / thr.stacked[k] + k * evals(e2, False)
     else:
-        phase2 = k * (u2 * update_s(thr, Hardware(1), p2.batch_size, 0) + evals(p2.epochs, False))
+        phase2 = k * (t2 + evals(e2, False))
     phase3 = n_train / thr.eval + n_test / thr.eval                   # BN pass + final evaluation
     out["swap"] = {"phase1_s": phase1, "phase2_s": phase2, "phase3_s": phase3, "updates": u1 + u2,
                    "phase1_epochs": e1}
@@ -168,7 +205,8 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         step = StackedStep(models, sgds, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
         record = train(step, StackedLoader(loaders), lambda s: 1e-3, epochs=2)       # the second (warm) epoch's rate
         stacked_rates[k] = record["samples_per_s"]
-    return Throughput(train_rates, eval_rate, param_bytes, stacked_rates)
+    side = sample_shape[1] if sample_shape[1] == sample_shape[2] else None
+    return Throughput(train_rates, eval_rate, param_bytes, stacked_rates, side)
 
 
 def _synthetic(n: int, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> ImageDataset:
@@ -197,10 +235,15 @@ def stacked_shape(cfg: Config, devices: int) -> tuple[int, int] | None:
     return (math.ceil(cfg.workers / devices), cfg.phase2.batch_size) if cfg.phase2.layout == "vmap" else None
 
 
-def chunk_sizes(cfg: Config, devices: int) -> list[int]:
-    """The micro-batch sizes a plan on ``devices`` devices needs throughputs for."""
+def chunk_sizes(cfg: Config, devices: int, largest: int | None = None) -> list[int]:
+    """The micro-batch sizes a plan on ``devices`` devices needs throughputs for, capped at
+    ``largest`` (a calibration on a small device: the rate is then taken as constant above it)."""
     def chunk(batch: int, micro: int, d: int) -> int:
         share = batch // d
         return micro if 0 < micro < share else share
-    sections = [METHODS[m].config(cfg).sgd for m in ("sgd-small", "sgd-large")] + [cfg.phase1]
-    return sorted({chunk(s.batch_size, s.micro_batch_size, devices) for s in sections} | {cfg.phase2.batch_size})
+    parts = [p for m in ("sgd-small", "sgd-large") for p in stages(METHODS[m].config(cfg), "sgd")]
+    parts += stages(cfg, "phase1")
+    p2 = cfg.phase2
+    sizes = {chunk(b, m, devices) for _, b, m, _ in parts}
+    sizes |= {chunk(b, p2.micro_batch_size, p2.ranks_per_worker) for _, b, _, _ in stages(cfg, "phase2")}
+    return sorted({min(s, largest) if largest else s for s in sizes})

@@ -90,8 +90,8 @@ def test_resuming_mid_epoch_after_a_boundary_gives_the_uninterrupted_weights(tmp
         torch.manual_seed(0)
         model = build_model("smallcnn", 3, 3)
         step = SGDStep(model, torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9))
-        loader = PiecewiseLoader(segs, lambda b, s: DatasetLoader(train_set.at_size(s), b, (0, "sgd", 0)),
-                                 len(train_set))
+        loader = PiecewiseLoader(segs, lambda b, s: DatasetLoader(train_set.at_size(s), b, (0, "sgd", 0),
+                                                                  collate_fn=train_set.collate_fn), len(train_set))
         saved, records = {}, []
 
         def on_step(update):
@@ -120,11 +120,16 @@ def test_image_folder_reads_labels_crops_and_replays_its_random_crops(tmp_path):
     assert train_set.classes == ["c00", "c01", "c02"] and len(train_set) == 12 and len(val) == 6
     assert [y for _, y in train_set.samples] == [0] * 4 + [1] * 4 + [2] * 4
     x, y = val[5]
-    assert x.shape == (3, 20, 20) and x.dtype == torch.float32 and y == 2
-    # the classes' mean colours order the mean pixel (normalised), so a model can learn them
-    means = [val[i][0].mean().item() for i in (0, 2, 4)]
+    assert x.shape == (3, 20, 20) and x.dtype == torch.uint8 and y == 2
+    batch, labels = val.collate_fn([val[i] for i in (0, 2, 4)])            # normalised once per batch
+    assert batch.dtype == torch.float32 and labels.tolist() == [0, 1, 2]
+    assert torch.allclose(batch[0], (x.float() * 0 + val[0][0].float() - val.mean) / val.std)
+    # the classes' mean colours order the mean pixel, so a model can learn them
+    means = batch.mean(dim=(1, 2, 3)).tolist()
     assert means[0] < means[1] < means[2]
-    loader = DatasetLoader(train_set, 4, (0, "phase2", 1))
+    # the crop's box: centre, resized (crop_ratio 1: the shorter side)
+    assert val._centre_box(40, 30) == (5.0, 0.0, 35.0, 30.0)
+    loader = DatasetLoader(train_set, 4, (0, "phase2", 1), collate_fn=train_set.collate_fn)
     first, again = list(loader.epoch(0)), list(loader.epoch(0))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))       # same crops and flips
     other = list(loader.epoch(1))

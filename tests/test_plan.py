@@ -75,3 +75,30 @@ def test_calibration_of_stacked_workers():
     model = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     thr = calibrate(model, (1, 28, 28), 10, [16], torch.device("cpu"), samples=64, eval_batch=64, stacked=(3, 16))
     assert set(thr.stacked) == {3} and thr.stacked[3] > 0
+
+
+def test_a_piecewise_schedule_with_progressive_resizing_and_worker_groups():
+    """The ImageNet preset on 16 devices: each segment's updates at its batch and image size (the
+    rate scaled by pixels from the 224-px calibration), phase 2 as 2 workers of 8 devices each
+    from epoch 22 of the small-batch schedule (one round), and the all-reduce over each group."""
+    cfg = load_config("imagenet_paper")
+    thr = Throughput({512: 100.0}, eval=1000.0, param_bytes=10**8, image_size=224)
+    hw = Hardware(16, bandwidth=1e10, latency=0.0)
+    n = 1_281_167
+
+    def seconds(parts, devices):
+        comm = Hardware(devices, 1e10, 0.0).allreduce_s(10**8)
+        return sum(e * (n // b) * (b / devices / (100.0 * (224 / size) ** 2) + comm) for e, b, size in parts)
+    pred = predict(cfg, thr, hw, n_train=n, n_test=50_000)
+    p1 = [(5, 8192, 128), (9, 8192, 128), (2, 3584, 224), (6, 3584, 224)]
+    p2 = [(5, 1792, 224), (5, 1792, 224), (1, 1024, 288), (2, 1024, 288)]         # epochs 22-27, 27-32, 32-33, 33-35
+    swap = pred["swap"]
+    assert swap["phase1_epochs"] == 22
+    assert swap["phase1_s"] == pytest.approx(seconds(p1, 16) + 22 * 50_000 / 1000 / 16)
+    assert swap["phase2_s"] == pytest.approx(seconds(p2, 8) + 13 * 50_000 / 1000)
+    assert swap["updates"] == sum(e * (n // b) for e, b, _ in p1 + p2)
+    assert pred["sgd-large"]["updates"] < pred["sgd-small"]["updates"]
+    assert chunk_sizes(cfg, 16) == [64, 112, 128, 224, 256, 512] and chunk_sizes(cfg, 16, largest=8) == [8]
+    # phase 1 stopped after 14 epochs: only its first two segments count
+    assert predict(cfg, thr, hw, n, 50_000, phase1_epochs=14)["swap"]["phase1_s"] == \
+        pytest.approx(seconds(p1[:2], 16) + 14 * 50_000 / 1000 / 16)

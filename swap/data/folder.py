@@ -13,8 +13,9 @@ every sample's random crop replays exactly on a resume because it draws from tor
   centre crop) resized to ``size`` x ``size``, and a horizontal flip with probability 1/2.
 - Evaluation: the shorter side resized to ``size / crop_ratio``, then a centre crop of ``size``
   (ImageNet's 0.875 convention; ``crop_ratio: 1`` keeps the whole image).
-- Pixels are normalised per channel with ImageNet's mean and std (RGB); a tree of greyscale images
-  (the first image's mode ``L``) stays 1-channel, normalised with their averages.
+- Pixels are normalised per channel with ImageNet's mean and std (RGB), once per batch
+  (:meth:`ImageFolder.collate_fn`); a tree of greyscale images (the first image's mode ``L``)
+  stays 1-channel, normalised with their averages.
 
 A file that cannot be decoded (not an image, truncated) either stops the run with one line naming
 it (``bad_images: stop``) or is replaced by the next readable sample of the tree and counted
@@ -26,6 +27,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -63,7 +65,8 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
 
 class ImageFolder(Dataset):
     """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
-    float32 (C, size, size) normalised, C = 3 (1 for a greyscale tree), y an int label.
+    uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn`
+    makes batches of them, normalised (float32).
 
     Args:
         root: the split's folder (``ROOT/train`` or ``ROOT/val``).
@@ -136,29 +139,37 @@ class ImageFolder(Dataset):
                     fh.write(path.replace("\n", "\\n") + "\n")
 
     def _load(self, path: str) -> torch.Tensor:
+        """The image at ``path``, cropped, resized and flipped: uint8 (C, size, size)."""
         from PIL import Image
-        with Image.open(path) as im:
-            im = im.convert("RGB" if self.channels == 3 else "L")
-            box = self._crop_box(*im.size) if self.train else self._centre_box(*im.size)
+        u = torch.rand(23).tolist() if self.train else None      # every draw of the sample at once
+        with Image.open(path, formats=("PNG", "JPEG")) as im:
+            mode = "RGB" if self.channels == 3 else "L"
+            if im.mode != mode:
+                im = im.convert(mode)
+            box = self._crop_box(*im.size, u) if self.train else self._centre_box(*im.size)
             im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-            if self.train and self.flip and torch.rand(()) < 0.5:
+            if self.train and self.flip and u[22] < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        x = x.view(self.size, self.size, self.channels).permute(2, 0, 1).float()
-        return ((x - self.mean) / self.std).contiguous()
+            x = torch.from_numpy(np.asarray(im).copy())
+        return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 
-    def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
-        """A random resized crop's (left, top, right, bottom), drawn from torch's generator."""
+    def collate_fn(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of samples: x float32 (B, C, size, size) normalised (once per batch, in the
+        DataLoader worker), y int64 (B,)."""
+        x = torch.stack([s[0] for s in samples]).float().sub_(self.mean).div_(self.std)
+        return x, torch.tensor([s[1] for s in samples], dtype=torch.int64)
+
+    def _crop_box(self, w: int, h: int, u: list[float]) -> tuple[float, float, float, float]:
+        """A random resized crop's (left, top, right, bottom) from the uniforms ``u`` (10 tries of
+        area and aspect ratio, then the position)."""
         area = w * h
         lo, hi = math.log(3 / 4), math.log(4 / 3)
-        for _ in range(10):
-            u = torch.rand(3).tolist()
-            target = area * (self.min_scale + (1 - self.min_scale) * u[0])
-            ratio = math.exp(lo + (hi - lo) * u[1])
+        for k in range(10):
+            target = area * (self.min_scale + (1 - self.min_scale) * u[2 * k])
+            ratio = math.exp(lo + (hi - lo) * u[2 * k + 1])
             cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < cw <= w and 0 < ch <= h:
-                left = int(torch.randint(0, w - cw + 1, ()).item())
-                top = int(torch.randint(0, h - ch + 1, ()).item())
+                left, top = min(int(u[20] * (w - cw + 1)), w - cw), min(int(u[21] * (h - ch + 1)), h - ch)
                 return left, top, left + cw, top + ch
         side = min(w, h)                                        # fallback: the centre square
         return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2

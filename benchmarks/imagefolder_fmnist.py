@@ -77,7 +77,7 @@ def run(name: str, extra: list[str], out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", default="/tmp/swap-fmnist-png")
-    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (0: decode in
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (0: decode in "
                     "the training process: on 2 cores no core is free for a loader process)")
     ap.add_argument("--out", default="/tmp/swap-imagefolder-bench")
     args = ap.parse_args()

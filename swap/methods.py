@@ -114,6 +114,10 @@ class Method:
         """
         for key, batch in self.batches(cfg):
             check_world(cfg, procs, batch, key.rsplit(".", 1)[0])
+        piecewise = [f"{s}.segments" for s in ("phase1", "phase2") if getattr(cfg, s).segments]
+        if self.summary in ("swa", "abs") and piecewise:
+            raise SwapError(f"method {self.name} does not follow piecewise schedules ({', '.join(piecewise)}); "
+                            f"sgd, sgd-small, sgd-large, swap and swap-extrap do")
         k = cfg.phase2.ranks_per_worker
         if self.summary == "swap" and k > 1 and cfg.workers * k > procs:
             raise SwapError(f"phase2.ranks_per_worker={k} x workers={cfg.workers} needs {cfg.workers * k} processes, "

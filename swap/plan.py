@@ -10,8 +10,10 @@ for that micro-batch size on ONE device) plus one ring all-reduce of the gradien
 W independent workers with no communication, k = ceil(W / D) per device: in turn (k rounds of one
 worker) for the ``sequential`` and ``processes`` layouts, or stacked into one computation per update
 for ``vmap``, at the samples/s measured for k stacked workers (the GPU case, where one small batch
-leaves the device idle and k of them fill it); phase 3 is one forward
-pass over the training set. Each evaluation is a forward pass over the test set (sharded over the
+leaves the device idle and k of them fill it); a worker of ``phase2.ranks_per_worker`` r devices is a
+data-parallel group (r devices, its own all-reduce; ceil(W r / D) rounds). Phase 3 is one forward
+pass over the training set, sharded over the devices, and one evaluation. A piecewise schedule's
+segments are timed one by one, at their batch and image size (the rate scaled by pixels). Each evaluation is a forward pass over the test set (sharded over the
 devices where the phase is data-parallel). Throughputs come from a short calibration of the user's
 model on the user's device through the real data path and train loop (:func:`calibrate`); nothing
 else is measured, so the prediction is only as good as "throughput depends on the per-device batch
@@ -156,7 +158,7 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
         phase2 = u2 * k * p2.batch_size / thr.stacked[k] + k * evals(e2, False)
     else:
         phase2 = k * (t2 + evals(e2, False))
-    phase3 = n_train / thr.eval + n_test / thr.eval                   # BN pass + final evaluation
+    phase3 = n_train / thr.eval / hw.devices + n_test / thr.eval     # BN pass (sharded) + final evaluation (rank 0)
     out["swap"] = {"phase1_s": phase1, "phase2_s": phase2, "phase3_s": phase3, "updates": u1 + u2,
                    "phase1_epochs": e1}
     for row in out.values():

@@ -211,6 +211,8 @@ def test_the_imagenet_preset_starts_on_a_tiny_tree_with_top1_and_top5(tmp_path):
     (["--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}, {epochs: [1, 3], batch_size: 8, lr: 0.1}]"],
      "phase1.segments[1].epochs=[1, 3] overlaps the one before"),
     (["--set", "data.name=imagefolder", "--set", "model.init_bn0=true"], "model.init_bn0 applies to model.name=resnet50"),
+    (["--method", "abs", "--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}]"],
+     "method abs does not follow piecewise schedules (phase1.segments)"),
 ])
 def test_impossible_imagenet_settings_exit_2_with_one_line(tmp_path, capsys, extra, message):
     assert main(["train", "--config", "fashion_mnist_quick", "--out", str(tmp_path / "run"), *extra]) == 2

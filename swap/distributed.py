@@ -7,6 +7,7 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) that both launchers
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -104,8 +105,14 @@ def _attempt_store(world: int) -> "dist.Store":
 
 
 def teardown() -> None:
+    """Leave the process group. Unreachable objects that hold it (DDP wrappers in reference cycles,
+    with their gloo work) are collected first and after, while the interpreter is whole: freed
+    during interpreter finalization instead, gloo's threads can abort the process at exit
+    ("terminate called without an active exception", seen once under torchrun)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def verbose() -> bool:

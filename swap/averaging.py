@@ -12,6 +12,7 @@ averages (of models, of state dicts, and across the ranks of a process group) an
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -192,6 +193,50 @@ def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | Non
             if m.num_batches_tracked is not None:
                 m.num_batches_tracked.fill_(int(counts.item()))
     return model
+
+
+def greedy_soup(template: nn.Module, candidates: list[Mapping[str, torch.Tensor]], score: Callable[[nn.Module], float],
+                prepare: Callable[[nn.Module], None]) -> tuple[nn.Module, list[int], list[float], float]:
+    """The greedy soup of Wortsman et al., "Model soups", ICML 2022, Recipe 1: order the
+    ``candidates`` (state dicts of ``template``'s architecture) by their own held-out ``score``,
+    start the soup with the best one, and add each next one if the uniform average of the soup
+    with it scores at least as well as the soup without it.
+
+    Every soup (an average of parameters; BN statistics are not averaged) is ``prepare``-d before it
+    is scored: SWAP's phase 3 recomputes its BN statistics there. ``score(model)`` is a held-out
+    metric where higher is better (a validation accuracy in percent, never the test set).
+
+    Returns:
+        the final soup (a new module, prepared), the indices of the candidates kept (in the order
+        they were added), every candidate's own score, and the soup's score.
+    Raises:
+        ValueError: no candidates.
+    """
+    if not candidates:
+        raise ValueError("greedy_soup needs at least one candidate")
+    buffers = bn_buffer_names(template)
+
+    def soup_of(indices: list[int]) -> nn.Module:
+        model = copy.deepcopy(template)
+        model.load_state_dict(average_state_dicts([candidates[i] for i in indices], buffers))
+        prepare(model)
+        return model
+
+    singles = []
+    for state in candidates:
+        model = copy.deepcopy(template)
+        model.load_state_dict(state)
+        singles.append(score(model))
+    order = sorted(range(len(candidates)), key=lambda i: -singles[i])
+    kept = [order[0]]
+    soup = soup_of(kept)
+    best = score(soup)
+    for i in order[1:]:
+        trial = soup_of(kept + [i])
+        value = score(trial)
+        if value >= best:
+            kept, soup, best = kept + [i], trial, value
+    return soup, kept, singles, best
 
 
 def bn_buffer_names(model: nn.Module) -> set[str]:

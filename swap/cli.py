@@ -52,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="methods: sgd-small, sgd-large, swap, swa-large, swa-lb-sb, swa-small, extrap-large, swap-extrap, abs, absa")
+                       epilog="methods: sgd-small, sgd-large, swap, swa-large, swa-lb-sb, swa-small, extrap-large, swap-extrap, swap-cycles, abs, absa")
     c.add_argument("--config", required=True, help="preset name or YAML path (e.g. fashion_mnist_compare)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..S-1, interleaved across methods")
     c.add_argument("--methods", default="sgd-small,sgd-large,swap,swa-large,swa-lb-sb,swa-small",
-                   help="comma-separated methods (default: the paper's six; also extrap-large, swap-extrap, abs, absa)")
+                   help="comma-separated methods (default: the paper's six; also extrap-large, swap-extrap, swap-cycles, abs, absa)")
     c.add_argument("--out", help="compare directory (default runs/compare-CONFIG); finished runs are reused")
     c.add_argument("--procs", type=int, help="local processes per run (default min(workers, CPU cores))")
     c.add_argument("--data-dir", help="folder with the dataset files")
@@ -134,8 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .report import results_table
     from .rundir import RunDir
 
-    cfg = config_from_args(args)
     method = methods.get_method(args.method)
+    cfg = method.config(config_from_args(args))           # the method's own settings (swap-cycles, diloco, ...)
     # With --auto-resume every rank runs as a resume: one that finds no checkpoint starts from scratch
     # (so ranks need not agree whether the directory held a run before the first of them prepared it).
     resume = args.resume or args.auto_resume

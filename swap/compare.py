@@ -9,6 +9,7 @@ Methods (Gupta et al., ICLR 2020, Sec. 5):
     swa-small   sgd-small's model, then small-batch SWA cycles ("Small-batch SWA")
     extrap-large  large-batch SGD with extrapolated SGD (Lin et al., ICML 2020), section ``sgd_large``
     swap-extrap   SWAP whose phase 1 uses extrapolated SGD (section ``extrap``)
+    swap-cycles   SWAP whose workers each run phase2.cycles (>= 2) LR cycles, one sample per cycle (Table 4)
     abs         adaptive batch size from the top Hessian eigenvalue (Yao et al. 2018), section ``abs``
     absa        abs plus FGSM adversarial training
 

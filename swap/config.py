@@ -143,6 +143,15 @@ class Phase2Config:
     segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
                                          # schedule and the epochs when given: [{epochs: [start, end], batch_size,
                                          # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
+    cycles: int = 1                      # C: each worker runs C cycles of `epochs` epochs with the LR schedule
+                                         # restarted, and is sampled at the end of each; phase 3 averages all W x C
+                                         # samples (SWAP paper Table 4, "SWAP (40 small-batch epochs)": C = 2)
+    sync_every: int | None = None        # H: the workers meet every H updates (null: never, SWAP); needs one worker
+                                         # per rank (or worker group) and layout sequential
+    outer: str = "average"               # at a meeting: average (local SGD) | nesterov (DiLoCo's outer step on the
+                                         # averaged change of the weights, outer_lr and outer_momentum)
+    outer_lr: float = 1.0                # DiLoCo's outer learning rate (Douillard et al. 2023: 0.7)
+    outer_momentum: float = 0.0          # DiLoCo's outer Nesterov momentum, in [0, 1) (Douillard et al. 2023: 0.9)
     start_epoch: int = 0                 # with segments: the schedule epoch phase 2 starts at ("reverting to the
                                          # original schedule" at the transition, SWAP paper Sec. 5.2)
 
@@ -154,6 +163,9 @@ class Phase3Config:
     bn_augment: bool = True              # pass augmented training batches, as training saw them
     allow_missing_workers: bool = False  # average the workers that finished when some failed (else stop and
                                          # report; --resume then trains only the missing ones)
+    aggregate: str = "uniform"           # uniform: average every sample | greedy: the greedy soup (Wortsman et al.
+                                         # 2022), chosen on the validation split (the last data.holdout training
+                                         # samples; the test set stays the test set)
 
 
 @dataclass
@@ -467,6 +479,16 @@ def validate(cfg: Config) -> None:
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
         segments(cfg, section)           # a piecewise schedule that does not tile its epochs fails here
     p2 = cfg.phase2
+    need(p2.cycles >= 1, f"phase2.cycles must be >= 1, got {p2.cycles}")
+    need(p2.sync_every is None or p2.sync_every >= 1, f"phase2.sync_every must be >= 1 (updates) or null, got {p2.sync_every}")
+    need(p2.outer in ("average", "nesterov"), f"phase2.outer must be average or nesterov, got '{p2.outer}'")
+    need(p2.outer_lr > 0, f"phase2.outer_lr must be > 0, got {p2.outer_lr}")
+    need(0 <= p2.outer_momentum < 1, f"phase2.outer_momentum must be in [0, 1), got {p2.outer_momentum}")
+    need(p2.sync_every is None or p2.layout == "sequential",
+         f"phase2.sync_every has the workers meet while they train: set phase2.layout=sequential (got {p2.layout})")
+    need(p2.cycles == 1 or not (p2.segments or p2.layout == "vmap"),
+         "phase2.cycles > 1 restarts the LR schedule of phase2.epochs; it needs phase2.layout processes or sequential "
+         "and no phase2.segments")
     need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
     need(p2.ranks_per_worker == 1 or p2.layout == "sequential",
          f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: set "
@@ -496,6 +518,11 @@ def validate(cfg: Config) -> None:
          "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     need(cfg.data.sample_rngs in ("torch", "all"), f"data.sample_rngs must be torch or all, got '{cfg.data.sample_rngs}'")
+    need(cfg.phase3.aggregate in ("uniform", "greedy"),
+         f"phase3.aggregate must be uniform or greedy, got '{cfg.phase3.aggregate}'")
+    need(cfg.phase3.aggregate != "greedy" or cfg.data.holdout > 0,
+         "phase3.aggregate=greedy chooses the soup on a validation split, never the test set: set data.holdout=N "
+         "(the last N training samples)")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
     a = cfg.abs
     need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,

@@ -62,6 +62,7 @@ class Context:
     model_fn: Callable[[], nn.Module] | None = None
     task: Task = DEFAULT_TASK             # how the model is called, its loss and metrics
     collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
+    val_set: object = None                # phase3.aggregate greedy: the validation split (last data.holdout samples)
 
     @property
     def generic(self) -> bool:
@@ -97,7 +98,10 @@ class Context:
             SwapError: data that breaks the contract; a generic dataset without ``model_fn``.
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
-        if data is None:
+        val_set = None
+        if data is None and cfg.phase3.aggregate == "greedy":     # train, test and a validation split
+            *data, val_set = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log, validation=True)
+        elif data is None:
             data = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log)
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
@@ -109,11 +113,13 @@ class Context:
                 task = IMAGENET_TASK
             collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
             return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
-                       collate_fn)
+                       collate_fn, val_set)
         train_set, test_set = (x.to(d.device) for x in data)
         augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here
         mean, std = train_set.channel_stats()
-        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn, task or DEFAULT_TASK)
+        val_set = val_set.to(d.device) if val_set is not None else None
+        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn, task or DEFAULT_TASK,
+                   val_set=val_set)
 
     # ------------------------------------------------------------------ building blocks
     def build_model(self) -> nn.Module:
@@ -248,19 +254,21 @@ class Context:
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):
         return warmup_decay(peak_lr, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch, shape)
 
-    def evaluate(self, model: nn.Module, distributed_eval: bool = False) -> float | dict[str, float]:
+    def evaluate(self, model: nn.Module, distributed_eval: bool = False, validation: bool = False) -> float | dict[str, float]:
         """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``.
         For a generic dataset, or a task given by the library (loss, metrics), every metric of the
-        task: ``{metric: value}`` (:func:`swap.train.evaluate_metrics`)."""
+        task: ``{metric: value}`` (:func:`swap.train.evaluate_metrics`). With ``validation``, on
+        the validation split (:attr:`val_set`) instead of the test set."""
         rank, world = (self.dist.rank, self.dist.world_size) if distributed_eval else (0, 1)
+        data = self.val_set if validation else self.test_set
         if self.generic:
-            batches = eval_loader(self.test_set, self.cfg.phase3.bn_batch_size, rank, world, self.dist.device,
+            batches = eval_loader(data, self.cfg.phase3.bn_batch_size, rank, world, self.dist.device,
                                   self.collate_fn, self.cfg.data.num_workers)
             return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
         if self.task is not DEFAULT_TASK:
-            batches = eval_batches(self.test_set, 1024, self.mean, self.std, rank, world, self.cfg.channels_last)
+            batches = eval_batches(data, 1024, self.mean, self.std, rank, world, self.cfg.channels_last)
             return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
-        return evaluate(model, self.test_set, self.mean, self.std, distributed=distributed_eval,
+        return evaluate(model, data, self.mean, self.std, distributed=distributed_eval,
                         channels_last=self.cfg.channels_last, amp_dtype=self.amp)
 
     # ------------------------------------------------------------------ reporting

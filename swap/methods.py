@@ -55,6 +55,28 @@ def _sgd_from(section: str, optimizer: str | None = None) -> Callable[[Config], 
     return configure
 
 
+def _cycles(cfg: Config) -> None:
+    """A config transform: each phase-2 worker runs ``phase2.cycles`` cycles (at least 2) and
+    contributes a sample per cycle (SWAP paper Table 4, "SWAP (40 small-batch epochs)")."""
+    cfg.phase2.cycles = max(2, cfg.phase2.cycles)
+
+
+def _local_sgd(cfg: Config) -> None:
+    """A config transform: phase-2 workers average their weights every ``phase2.sync_every``
+    updates (default 8): post-local SGD."""
+    cfg.phase2.sync_every = cfg.phase2.sync_every or 8
+    cfg.phase2.outer, cfg.phase2.layout = "average", "sequential"
+
+
+def _diloco(cfg: Config) -> None:
+    """A config transform: DiLoCo in phase 2 (Douillard et al. 2023): an outer Nesterov step every
+    ``phase2.sync_every`` updates (default 8), outer LR 0.7 and momentum 0.9 unless set."""
+    p2 = cfg.phase2
+    p2.sync_every, p2.outer, p2.layout = p2.sync_every or 8, "nesterov", "sequential"
+    if p2.outer_lr == 1.0 and p2.outer_momentum == 0.0:
+        p2.outer_lr, p2.outer_momentum = 0.7, 0.9
+
+
 def _extrapolated_phase1(cfg: Config) -> None:
     """A config transform: SWAP's phase 1 uses extrapolated SGD (section ``extrap``)."""
     cfg.phase1.optimizer = "extrap"
@@ -119,6 +141,11 @@ class Method:
             raise SwapError(f"method {self.name} does not follow piecewise schedules ({', '.join(piecewise)}); "
                             f"sgd, sgd-small, sgd-large, swap and swap-extrap do")
         k = cfg.phase2.ranks_per_worker
+        run = self.config(cfg)
+        if self.summary == "swap" and run.phase2.sync_every and run.workers * k != procs:
+            raise SwapError(f"phase2.sync_every has the {run.workers} workers meet while they train: it needs one "
+                            f"worker per {'group of ' + str(k) + ' ranks' if k > 1 else 'process'}; set procs="
+                            f"{run.workers * k} (the run has {procs})")
         if self.summary == "swap" and k > 1 and cfg.workers * k > procs:
             raise SwapError(f"phase2.ranks_per_worker={k} x workers={cfg.workers} needs {cfg.workers * k} processes, "
                             f"but the run has {procs}; set procs={cfg.workers * k} or lower one of them")
@@ -170,6 +197,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "sgd", configure=_sgd_from("sgd_large", optimizer="extrap")),
     Method("swap-extrap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
            configure=_extrapolated_phase1),
+    Method("swap-cycles", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_cycles,
+           cli=True),
+    Method("local-sgd", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_local_sgd,
+           cli=True),
+    Method("diloco", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_diloco, cli=True),
     Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER, cli=True),
     Method("absa", _ABS, _abs, (), "absa", "abs", {"adversarial": True}, driver=_DRIVER, cli=True),
 )}

@@ -75,6 +75,11 @@ class RunDir:
         ``phase2.track_average``: ``track/worker3_epoch2``)."""
         return self.checkpoint(f"track/{name}_epoch{epoch}")
 
+    def cycle_checkpoint(self, name: str, cycle: int) -> Path:
+        """The sample of ``name`` (e.g. ``worker3``) at the end of its cycle ``cycle`` (1-based, every
+        cycle but the last, whose sample is ``NAME``; ``phase2.cycles``: ``worker3_cycle1``)."""
+        return self.checkpoint(f"{name}_cycle{cycle}")
+
     def iterate_checkpoint(self, name: str, step: int) -> Path:
         """The weights of ``name`` after update ``step`` (``phase2.save_every``, ``swap cosine``:
         ``iterates/worker3_step40``)."""

@@ -1,6 +1,7 @@
 """Phase 3 building blocks: uniform averages, BN statistics recomputed (not averaged)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -141,3 +142,18 @@ def test_two_ranks_give_the_statistics_of_one_process(monkeypatch):
     for k, v in single.items():
         torch.testing.assert_close(ranks[0][k].double(), v.double(), rtol=0, atol=1e-6, msg=k)
         assert torch.equal(ranks[0][k], ranks[1][k])
+
+
+def test_greedy_soup_adds_a_candidate_only_if_the_held_out_score_does_not_fall():
+    """Wortsman et al. 2022, Recipe 1, on 1-parameter models scored by -|w - 1.5|: the candidates
+    1 and 2 (tied best) make a soup of 1.5; adding 10 would move it to 4.33, so 10 is left out."""
+    from swap.averaging import greedy_soup
+    template = nn.Linear(1, 1, bias=False)
+    candidates = [{"weight": torch.tensor([[w]])} for w in (1.0, 10.0, 2.0)]
+    prepared = []
+    soup, kept, singles, best = greedy_soup(template, candidates, lambda m: -abs(m.weight.item() - 1.5),
+                                            prepared.append)
+    assert singles == [-0.5, -8.5, -0.5] and kept == [0, 2] and best == 0.0
+    assert soup.weight.item() == 1.5 and len(prepared) == 3          # soups {0}, {0, 2}, {0, 2, 1} were prepared
+    with pytest.raises(ValueError):
+        greedy_soup(template, [], lambda m: 0.0, lambda m: None)

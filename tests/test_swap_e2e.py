@@ -91,3 +91,50 @@ def test_existing_run_directory_is_refused_and_resume_retrains_nothing(swap_run,
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["test_acc"]["averaged"] == pytest.approx(summary["test_acc"]["averaged"], abs=1e-9)
     assert main(args + ["--resume", "--set", "seed=9"]) == 2                            # config differs
+
+
+def test_swap_with_two_cycles_per_worker_averages_all_four_samples(tmp_path, real_fashion):
+    """phase2.cycles = 2 (swap-cycles): each worker's LR schedule restarts after phase2.epochs, a
+    sample is kept at the end of each cycle, and phase 3 averages the W x C = 4 samples."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--out", str(out),
+                 "--data-dir", str(real_fashion), "--set", "data.train_subset=1024", "--set", "data.test_subset=300",
+                 "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=1", "--set", "phase1.warmup_epochs=1",
+                 "--set", "phase2.epochs=2", "--set", "phase2.batch_size=128", "--set", "phase2.cycles=2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples_averaged"] == 4 and summary["epochs"]["phase2"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["phase"] == "phase2" and r["worker"] == 0]
+    assert len(lrs) == 4 and lrs[0] == lrs[2] and lrs[1] == lrs[3] and lrs[1] < lrs[0]    # the schedule restarts
+    ck = out / "checkpoints"
+    samples = [load_file(str(ck / f)) for f in ("worker0_cycle1.safetensors", "worker0.safetensors",
+                                                "worker1_cycle1.safetensors", "worker1.safetensors")]
+    averaged = load_file(str(ck / "swap.safetensors"))
+    for k in averaged:
+        if "running" not in k and "num_batches" not in k:
+            mean = torch.stack([s[k].double() for s in samples]).mean(0)
+            assert torch.allclose(averaged[k].double(), mean, atol=1e-6), k
+    assert not torch.equal(samples[0]["0.0.weight"], samples[1]["0.0.weight"])       # two distinct samples
+
+
+def test_a_greedy_soup_is_chosen_on_the_validation_split_and_reported(tmp_path, real_fashion):
+    """phase3.aggregate = greedy with 2 workers x 2 cycles: the soup starts from the sample with the
+    best validation accuracy, keeps what does not lower it, and reports its test accuracy beside
+    the uniform average's; the validation split is the last data.holdout training samples."""
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--out", str(out),
+                 "--data-dir", str(real_fashion), "--set", "data.train_subset=1324", "--set", "data.holdout=300",
+                 "--set", "data.test_subset=300", "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=1",
+                 "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128",
+                 "--set", "phase2.cycles=2", "--set", "phase3.aggregate=greedy"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    soup = summary["soup"]
+    assert sorted(soup["val_acc"]) == ["w0", "w0c1", "w1", "w1c1"] and summary["aggregate"] == "greedy"
+    best = max(soup["val_acc"], key=lambda k: soup["val_acc"][k])
+    assert soup["kept"][0] == best and set(soup["kept"]) <= set(soup["val_acc"]) and len(set(soup["kept"])) == len(soup["kept"])
+    assert 0 < soup["uniform_test_acc"] <= 100 and 0 < summary["test_acc"]["averaged"] <= 100
+    if len(soup["kept"]) == 4:                                # everything kept: the soup is the uniform average
+        assert soup["soup_val_acc"] == soup["uniform_val_acc"]
+        assert summary["test_acc"]["averaged"] == soup["uniform_test_acc"]

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import distributed, interrupt
-from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_
+from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_, greedy_soup
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SwapError, section_batch, section_epochs
 from ..context import Context
@@ -40,6 +40,7 @@ from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
 from ..train import train
 from .sgd import train_data_parallel
+from .local_sgd import OuterSync
 from .stacked import train_stacked
 
 
@@ -59,11 +60,11 @@ def run_swap(spec: RunSpec) -> dict | None:
     workers, states = phase2(ctx, model, spec.resume)         # W workers refine copies, small batches
     phase2_wall = max(distributed.all_gather_objects(time.perf_counter() - t2))
     t3 = time.perf_counter()
-    averaged, acc = phase3(ctx, model, states, workers)       # average them, recompute BN statistics
+    averaged, acc, soup = phase3(ctx, model, states, workers)  # average them, recompute BN statistics
     summary = None
     if ctx.dist.is_main:
         walls = {"phase1": p1["wall_s"], "phase2": phase2_wall, "phase3": time.perf_counter() - t3}
-        summary = summarize(ctx, averaged, acc, p1, workers, walls)
+        summary = summarize(ctx, averaged, acc, p1, workers, walls, soup)
     distributed.teardown()
     return summary
 
@@ -105,8 +106,8 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
     DistributedDataParallel group (:func:`swap.distributed.worker_groups`; SWAP paper Sec. 5.2).
 
     Returns:
-        every worker's :class:`WorkerResult` (all ranks', sorted by worker) and the state dicts of
-        this rank's finished workers (for :func:`phase3`).
+        every worker's :class:`WorkerResult` (all ranks', sorted by worker) and the samples of this
+        rank's finished workers, ``(label, state dict)`` (for :func:`phase3`).
     Raises:
         SwapError: a worker failed, unless ``phase3.allow_missing_workers`` and one finished.
     """
@@ -128,7 +129,7 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
         if group is not None and not group.leads:            # the group's first rank reports the worker
             continue
         if result.finished:
-            states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
+            states += _samples(ctx, worker, w)
         else:
             tqdm.write(f"[phase2 worker {w}] FAILED: {result.error}", file=sys.stderr)
         results.append(result)
@@ -141,6 +142,18 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
                         f"{len(finished)} finished and are kept. --resume trains only the failed ones; "
                         f"--set phase3.allow_missing_workers=true averages the {len(finished)} that finished")
     return results, states
+
+
+def _samples(ctx: Context, worker, w: int) -> list[tuple[str, dict]]:
+    """Worker ``w``'s samples for the average, ``(label, state dict)``: its final weights
+    (``worker`` holds them; ``w3``) and, with ``phase2.cycles`` C > 1, its weights at the end of
+    each earlier cycle (from their checkpoints; ``w3c1``)."""
+    samples = []
+    for c in range(1, ctx.cfg.phase2.cycles):
+        sample = copy.deepcopy(worker)
+        load_checkpoint(ctx.run.cycle_checkpoint(RunDir.worker(w), c), sample, ctx.cfg.hash())
+        samples.append((f"w{w}c{c}", sample.state_dict()))
+    return samples + [(f"w{w}", {k: v.detach().clone() for k, v in worker.state_dict().items()})]
 
 
 def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[int, WorkerResult]:
@@ -216,10 +229,14 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     of the worker's data order; the group's first rank logs and writes its checkpoints."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
     opt = ctx.optimizer(worker)
+    meet = OuterSync(worker, opt, p2.sync_every, p2.outer, p2.outer_lr, p2.outer_momentum) if p2.sync_every else None
     share = (group.rank, group.size) if group is not None else False
     loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), share, batch_size=p2.batch_size, epochs=p2.epochs,
                                         peak_lr=p2.peak_lr, warmup_epochs=p2.warmup_epochs, shape=p2.schedule)
-    unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, opt, {"phase": "phase2", "worker": w})],
+    cycle_epochs, cycle_updates, cycle_lr = epochs, updates_between(loader, 0, epochs), lr_at
+    if p2.cycles > 1:                       # C cycles of the same schedule, restarted (SWA's cyclic sampling)
+        epochs, lr_at = epochs * p2.cycles, lambda update: cycle_lr(update % cycle_updates)
+    unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, meet or opt, {"phase": "phase2", "worker": w})],
                  every=cfg.checkpoint_every, epochs=epochs, steps=loader, snapshots=p2.track_average,
                  group=group.group if group is not None else False)
     start = unit.restore(resume)
@@ -234,6 +251,11 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     def on_epoch(record: dict) -> None:
         if sink is not None:
             sink(record)
+        if record["epoch"] % cycle_epochs == 0 and record["epoch"] < epochs:     # the end of a cycle: a sample
+            unit.sync()
+            if leads:
+                save_checkpoint(run.cycle_checkpoint(RunDir.worker(w), record["epoch"] // cycle_epochs), worker,
+                                {"config_hash": cfg.hash(), "phase": "phase2", "worker": w, "epoch": record["epoch"]})
         unit.end_epoch(record["epoch"])
 
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
@@ -241,13 +263,22 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch,
                 start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
-                on_step=_iterates(ctx, worker, w) if leads else None, progress=bar, max_grad_norm=cfg.max_grad_norm,
+                on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, max_grad_norm=cfg.max_grad_norm,
                 label=f"phase2 worker {w}")
     bar.close()
     p = unit.progress(out["updates"])
     return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
                         "test_acc": out["test_acc"], "wall_s": p["wall_s"],
+                        "sync": {"rounds": meet.rounds, "bytes": meet.bytes} if meet else {"rounds": 0, "bytes": 0},
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
+
+
+def _hooks(*hooks):
+    """One ``on_step`` hook calling each of ``hooks`` that is not None (None if none is)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+    return lambda update: [h(update) for h in live] and None
 
 
 def _iterates(ctx: Context, worker, w: int):
@@ -264,23 +295,55 @@ def _iterates(ctx: Context, worker, w: int):
 
 
 # -------------------------------------------------------------------- phase 3: average, recompute BN
-def phase3(ctx: Context, model, states: list[dict], workers: list[WorkerResult]):
+def phase3(ctx: Context, model, states: list[tuple[str, dict]], workers: list[WorkerResult]):
     """Phase 3 on every rank: the uniform mean of the finished workers' parameters (all ranks'
-    ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; its BN
+    samples ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; its BN
     statistics recomputed with one pass over the training data, shared by the ranks
-    (:meth:`swap.context.Context.recompute_bn`); then, on rank 0, its test accuracy.
+    (:meth:`swap.context.Context.recompute_bn`); then, on rank 0, its test accuracy. With
+    ``phase3.aggregate: greedy``, the greedy soup of the samples instead (:func:`_greedy_soup`).
 
     Returns:
-        the averaged model and its test accuracy in percent (None on the other ranks).
+        the averaged model, its test accuracy in percent (None on the other ranks), and the
+        soup's record (None for the uniform average).
     """
+    if ctx.cfg.phase3.aggregate == "greedy":
+        return _greedy_soup(ctx, model, states)
     finished = [r for r in workers if r.finished]
-    averaged = distributed_average_(copy.deepcopy(model), states, len(finished))
+    averaged = distributed_average_(copy.deepcopy(model), [s for _, s in states], len(finished) * ctx.cfg.phase2.cycles)
     ctx.recompute_bn(averaged, distributed=True)
-    return averaged, ctx.evaluate(averaged) if ctx.dist.is_main else None
+    return averaged, ctx.evaluate(averaged) if ctx.dist.is_main else None, None
+
+
+def _greedy_soup(ctx: Context, model, states: list[tuple[str, dict]]):
+    """Phase 3's greedy soup (:func:`swap.averaging.greedy_soup`; Wortsman et al. 2022): every
+    rank gathers all samples and takes the same decisions, on the validation split's top-1 accuracy
+    (evaluation and BN recomputation sharded over the ranks). Also scores the uniform average of
+    all samples, for comparison. Returns the soup, its test accuracy (rank 0) and its record:
+    the samples kept, each sample's and both averages' validation accuracy, the uniform
+    average's test accuracy."""
+    gathered = [x for rank in distributed.all_gather_objects(states) for x in rank]
+    labels, candidates = [label for label, _ in gathered], [state for _, state in gathered]
+
+    def score(m) -> float:
+        value = ctx.evaluate(m, distributed_eval=True, validation=True)
+        return value["top1"] if isinstance(value, dict) else value
+
+    def prepare(m) -> None:
+        ctx.recompute_bn(m, distributed=True)
+
+    soup, kept, singles, best = greedy_soup(model, candidates, score, prepare)
+    uniform = copy.deepcopy(model)
+    uniform.load_state_dict(average_state_dicts(candidates, bn_buffer_names(model)))
+    prepare(uniform)
+    record = {"kept": [labels[i] for i in kept], "val_acc": dict(zip(labels, singles)), "soup_val_acc": best,
+              "uniform_val_acc": score(uniform)}
+    if ctx.dist.is_main:
+        record["uniform_test_acc"] = ctx.evaluate(uniform)
+    return soup, ctx.evaluate(soup) if ctx.dist.is_main else None, record
 
 
 def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers: list[WorkerResult],
-              walls: dict) -> dict:
+              walls: dict, soup: dict | None = None) -> dict:
     """Rank 0, after phase 3: draw the average's curve if ``phase2.track_average``, save the
     averaged model (``checkpoints/swap``), log its record and write ``summary.json`` (accuracies in
     percent, ``walls``: seconds per phase, updates on the critical path). Returns the summary."""
@@ -301,6 +364,14 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
         # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
         "averaged_workers": [r.worker for r in finished],
+        "samples_averaged": len(finished) * p2.cycles,        # W x C (phase2.cycles)
+        # all-reduces, per rank: phase 1 one of the gradients per update (when data-parallel); phase 2
+        # the meetings of phase2.sync_every (parameters and BN buffers; none for SWAP)
+        "communication": {"phase1": _phase1_traffic(ctx, averaged, phase1["updates"]),
+                          "phase2": {"rounds": max(r.meta.get("sync", {}).get("rounds", 0) for r in finished),
+                                     "bytes": max(r.meta.get("sync", {}).get("bytes", 0) for r in finished)}},
+        "aggregate": cfg.phase3.aggregate,
+        **({"soup": soup} if soup is not None else {}),          # greedy: kept samples, validation accuracies
         "failed_workers": {str(r.worker): r.error for r in workers if not r.finished},
         "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
                      "averaged": averaged_acc, "phase1": phase1["test_acc"]},
@@ -321,6 +392,15 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     }
     run.write_summary(summary)
     return summary
+
+
+def _phase1_traffic(ctx: Context, model, updates: int) -> dict:
+    """Phase 1's all-reduces per rank: one of the gradients (float32 parameters) per update, none
+    with one rank."""
+    if ctx.dist.world_size == 1:
+        return {"rounds": 0, "bytes": 0}
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"rounds": updates, "bytes": updates * grad_bytes}
 
 
 def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]) -> float:

@@ -95,24 +95,41 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     train_set = ImageDataset(*train, src.num_classes).subset(train_subset)
     test_set = ImageDataset(*test, src.num_classes).subset(test_subset)
     if holdout > 0:
-        if holdout >= len(train_set):
-            raise SwapError(f"data.holdout={holdout} leaves no training samples (of {len(train_set)})")
-        cut = len(train_set) - holdout
-        test_set = ImageDataset(train_set.images[cut:], train_set.labels[cut:], src.num_classes)
-        train_set = ImageDataset(train_set.images[:cut], train_set.labels[:cut], src.num_classes)
+        train_set, test_set = split_holdout(train_set, holdout)
     return train_set.to(device), test_set.to(device)
 
 
-def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, verify: bool = False) -> tuple:
+def split_holdout(train_set, holdout: int) -> tuple:
+    """(the first N - ``holdout``, the last ``holdout``) samples of ``train_set`` (an
+    :class:`ImageDataset`, or any dataset: ``torch.utils.data.Subset`` views).
+
+    Raises:
+        SwapError: ``holdout`` leaves no training samples.
+    """
+    if holdout >= len(train_set):
+        raise SwapError(f"data.holdout={holdout} leaves no training samples (of {len(train_set)})")
+    cut = len(train_set) - holdout
+    if isinstance(train_set, ImageDataset):
+        return (ImageDataset(train_set.images[:cut], train_set.labels[:cut], train_set.num_classes),
+                ImageDataset(train_set.images[cut:], train_set.labels[cut:], train_set.num_classes))
+    from .generic import Subset
+    return Subset(train_set, range(cut)), Subset(train_set, range(cut, len(train_set)))
+
+
+def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, verify: bool = False,
+                    validation: bool = False) -> tuple:
     """(train, test) of config section ``data`` (:func:`load_dataset` with its settings). With
     ``verify`` (the CLI, before a run starts), an image folder's files are decoded once when
     ``data.verify_images`` (:func:`swap.data.folder.check_images`); skipped ones are reported.
+    With ``validation`` (a greedy soup's selection set): (train, test, validation), the last
+    ``data.holdout`` training samples held out while the test set stays the test set.
 
     Raises:
         SwapError: as :func:`load_dataset`; unreadable images with ``data.bad_images: stop``.
     """
     d = data_cfg
-    train, test = load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, d.holdout, d.seq_len, d, bad_log)
+    holdout = 0 if validation else d.holdout
+    train, test = load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, holdout, d.seq_len, d, bad_log)
     if verify and d.name == "imagefolder" and d.verify_images:
         import sys
         from .folder import check_images
@@ -120,6 +137,9 @@ def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, 
         if bad:
             print(f"swap: {bad} unreadable image(s) will be skipped (data.bad_images=skip); "
                   f"each is listed in RUN/logs/bad_images.txt when met", file=sys.stderr)
+    if validation:
+        train, val = split_holdout(train, d.holdout)
+        return train, test, val
     return train, test
 
 

@@ -1,0 +1,122 @@
+"""Phase 2 with periodic synchronisation (swap.algorithms.local_sgd): local SGD every update is
+synchronous SGD, DiLoCo with outer LR 1 and no momentum is local SGD, and a resume in the middle of
+a round continues bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swap import distributed
+from swap.algorithms.local_sgd import OuterSync
+from swap.cli import main
+from swap.data import Augment, Loader
+from swap.train import SGDStep, train
+
+from conftest import ddp_rank_setup
+
+TOL = 1e-6      # float32; measured 6e-8 (DDP averages gradients, local SGD weights, in float64)
+LR = 0.01       # at 0.05 the two orders of rounding drift apart to 1e-5 in 4 updates (BN on 32 samples)
+
+
+def local_against_synchronous(outer: str) -> dict:
+    """Two ranks: 4 updates of local SGD (each rank a worker on its slice of the same global batch,
+    meeting after every update) and, from the same start, 4 updates of DDP on the same global batches."""
+    d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = Loader(data, 64, (0, "phase2", 0), mean, std, Augment(2, True, 0), d.rank, d.world_size)
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    inner = sgd(model)
+    meet = OuterSync(model, inner, 1, outer, 1.0, 0.0)
+    train(SGDStep(model, inner), loader, lambda s: LR, epochs=2, on_step=meet)          # not DDP-wrapped
+    local = {k: v.detach().clone() for k, v in model.named_parameters()}
+    model.load_state_dict(start)
+    train(SGDStep(wrapped, sgd(model)), loader, lambda s: LR, epochs=2)
+    out = {"local": local, "sync": {k: v.detach().clone() for k, v in model.named_parameters()},
+           "rounds": meet.rounds, "bytes": meet.bytes, "start": {k: v for k, v in start.items()}}
+    gathered = distributed.all_gather_objects(out)
+    distributed.teardown()
+    return gathered
+
+
+@pytest.mark.parametrize("outer", ["average", "nesterov"])
+def test_meeting_after_every_update_is_synchronous_sgd(monkeypatch, outer):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranks = distributed.launch(local_against_synchronous, 2, outer)
+    r = ranks[0]
+    assert r["rounds"] == 4 and r["bytes"] > 0
+    for k in r["local"]:
+        torch.testing.assert_close(r["local"][k], r["sync"][k], rtol=0, atol=TOL)
+        assert torch.equal(ranks[0]["local"][k], ranks[1]["local"][k])          # the workers agree after a meeting
+    assert max((r["local"][k] - r["start"][k]).abs().max().item() for k in r["local"]) > 1e-3    # it moved
+
+
+def test_diloco_with_outer_lr_1_and_no_momentum_is_averaging():
+    """Without a process group the workers' mean is this worker: an outer step with LR 1 and no
+    momentum lands on it; with momentum the anchor overshoots along the outer gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    meet = OuterSync(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, "nesterov", 1.0, 0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    moved = [p.detach().clone() for p in model.parameters()]
+    meet(1)
+    assert meet.rounds == 0                                        # update 1 of a round of 2: no meeting
+    meet(2)
+    assert meet.rounds == 1 and all(torch.allclose(p, m, atol=1e-6) for p, m in zip(model.parameters(), moved))
+    state = meet.state_dict()
+    again = OuterSync(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, "nesterov", 1.0, 0.0)
+    again.load_state_dict(state)
+    assert again.rounds == 1 and all(torch.equal(a, b) for a, b in zip(again.anchor, meet.anchor))
+    with pytest.raises(ValueError):
+        OuterSync(model, torch.optim.SGD(model.parameters(), lr=0.1), 0)
+
+
+COMMON = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2",
+          "--set", "data.train_subset=2048", "--set", "data.test_subset=300", "--set", "phase1.batch_size=512",
+          "--set", "phase1.max_epochs=1", "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=2",
+          "--set", "phase2.batch_size=64", "--set", "phase2.sync_every=5", "--set", "phase2.layout=sequential"]
+
+
+def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, real_fashion):
+    """DiLoCo (outer Nesterov 0.7 / 0.9, H = 5): 32 updates per worker per epoch, so the Ctrl-C after
+    epoch 1 lands inside a round; the resumed run ends with the uninterrupted run's weights."""
+    from test_resume import _stop_run
+    args = ["train", *COMMON, "--method", "diloco", "--data-dir", str(real_fashion)]
+    ref = tmp_path / "ref"
+    assert main(args + ["--out", str(ref)]) == 0
+    summary = json.loads((ref / "summary.json").read_text())
+    comm = summary["communication"]
+    assert comm["phase2"]["rounds"] == 2 * 32 // 5 and comm["phase2"]["bytes"] > 0 and comm["phase1"]["rounds"] == 4
+    out = tmp_path / "run"
+    _stop_run(args + ["--out", str(out)], out, "checkpoints/worker0_last.json", signal.SIGINT, to_group=True,
+              delay_s=0.05)
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    for name in ("worker0", "worker1", "swap"):
+        a, b = (load_file(str(d / "checkpoints" / f"{name}.safetensors")) for d in (ref, out))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((out / "summary.json").read_text())["communication"] == comm
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "phase2.sync_every=0"], "phase2.sync_every must be >= 1"),
+    (["--set", "phase2.outer_lr=0"], "phase2.outer_lr must be > 0"),
+    (["--set", "phase2.outer_momentum=1"], "phase2.outer_momentum must be in [0, 1)"),
+    (["--set", "phase2.cycles=0"], "phase2.cycles must be >= 1"),
+    (["--set", "phase3.aggregate=greedy"], "set data.holdout=N"),
+    (["--set", "phase2.sync_every=4", "--set", "phase2.layout=sequential", "--procs", "1"],
+     "set procs=2 (the run has 1)"),
+])
+def test_impossible_phase2_settings_exit_2_with_one_line(tmp_path, capsys, extra, message):
+    assert main(["train", "--config", "fashion_mnist_quick", "--out", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

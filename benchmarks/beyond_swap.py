@@ -1,0 +1,95 @@
+"""SWAP's phase 2 as one end of a family, and the automatic phase-1 -> phase-2 switch (issue #17).
+
+    .venv/bin/python benchmarks/beyond_swap.py --part methods      # ~20 min: 6 variants x 3 seeds
+    .venv/bin/python benchmarks/beyond_swap.py --part transition   # ~20 min: 4 fixed stopping accuracies + auto, x 3 seeds
+
+Every run: ``swap train --config fashion_mnist_quick --procs 2`` on the first 10,000 training images
+of the fixed shuffle, the full 10,000-image test set, 2 workers, seeds 0-2, one after the other.
+
+``methods``: at equal phase-2 epochs (4 per worker): swap; swap-cycles (2 cycles of 2 epochs, 4
+samples); swap-cycles with the greedy soup (12,000 images of which the last 2,000 are the validation
+split: the same 10,000 training images; its summary also holds the uniform average's test
+accuracy); local-sgd with H = 4 and 32 updates; diloco with H = 32 (outer Nesterov 0.7 / 0.9).
+``transition``: SWAP with phase1.stop_acc at 4 fixed points (the grid a user would search), and
+``phase1.stop: auto`` (its rule fixed in advance, not tuned on these runs).
+
+Prints mean +- std over seeds of the test accuracy, critical-path updates, phase-2 communication
+(rounds, bytes per rank) and wall seconds; writes ``benchmarks/results/beyond_swap_PART.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BASE = ["--config", "fashion_mnist_quick", "--procs", "2", "--workers", "2", "--set", "data.train_subset=10000"]
+GREEDY = ["--set", "phase3.aggregate=greedy", "--set", "data.train_subset=12000", "--set", "data.holdout=2000"]
+VARIANTS = {
+    "methods": {
+        "swap": ["--method", "swap"],
+        "swap-cycles": ["--method", "swap-cycles", "--set", "phase2.epochs=2"],
+        "swap-cycles greedy": ["--method", "swap-cycles", "--set", "phase2.epochs=2", *GREEDY],
+        "local-sgd H=4": ["--method", "local-sgd", "--set", "phase2.sync_every=4"],
+        "local-sgd H=32": ["--method", "local-sgd", "--set", "phase2.sync_every=32"],
+        "diloco H=32": ["--method", "diloco", "--set", "phase2.sync_every=32"],
+    },
+    "transition": {
+        **{f"stop_acc {a}": ["--method", "swap", "--set", f"phase1.stop_acc={a}"] for a in (80, 84, 87, 90)},
+        "auto": ["--method", "swap", "--set", "phase1.stop=auto"],
+    },
+}
+
+
+def run(name: str, extra: list[str], seed: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "swap.cli", "train", *BASE, *extra, "--set", f"seed={seed}", "--out", str(out),
+           "--overwrite"]
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s = json.loads((out / "summary.json").read_text())
+    comm = s.get("communication", {}).get("phase2", {"rounds": 0, "bytes": 0})
+    row = {"variant": name, "seed": seed, "test_acc": s["test_acc"]["averaged"],
+           "workers_mean": s["test_acc"]["workers_mean"], "phase1_test_acc": s["test_acc"]["phase1"],
+           "phase1_epochs": s["epochs"]["phase1"], "updates": s["updates"]["critical_path"],
+           "rounds": comm["rounds"], "bytes": comm["bytes"], "wall_s": s["wall_s"]["total"],
+           "command_s": time.time() - t, "switch": s.get("switch")}
+    if "soup" in s:
+        row.update(uniform_test_acc=s["soup"]["uniform_test_acc"], kept=s["soup"]["kept"])
+    return row
+
+
+def _ms(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=list(VARIANTS), required=True)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", default="/tmp/swap-beyond")
+    args = ap.parse_args()
+    rows = []
+    for seed in range(args.seeds):                         # seeds interleaved: drifts of the machine spread evenly
+        for name, extra in VARIANTS[args.part].items():
+            rows.append(run(name, extra, seed, Path(args.out) / args.part / name.replace(" ", "_") / f"seed{seed}"))
+            print(json.dumps(rows[-1]), flush=True)
+    print("| variant | test % | workers mean % | phase-1 epochs | critical-path updates | rounds | MB per rank | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in VARIANTS[args.part]:
+        r = [x for x in rows if x["variant"] == name]
+        print(f"| {name} | {_ms([x['test_acc'] for x in r])} | {_ms([x['workers_mean'] for x in r])} | "
+              f"{_ms([x['phase1_epochs'] for x in r])} | {_ms([x['updates'] for x in r])} | {r[0]['rounds']} | "
+              f"{r[0]['bytes'] / 1e6:.1f} | {_ms([x['wall_s'] for x in r])} |")
+        if "uniform_test_acc" in r[0]:
+            print(f"| {name}: uniform average of the same samples | {_ms([x['uniform_test_acc'] for x in r])} | | | | | | |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"beyond_swap_{args.part}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -95,8 +95,12 @@ class StopConfig:
     """Phase 1's stopping rule on a training metric of each epoch: ``train_acc`` (percent) reaching
     at least ``at``, or ``train_loss`` falling to at most ``at``. ``at: null`` keeps
     ``phase1.stop_acc`` (training accuracy)."""
-    metric: str = "train_acc"            # train_acc | train_loss
+    metric: str = "train_acc"            # train_acc | train_loss | auto (`phase1.stop: auto` for short): a rule
+                                         # decides the switch, no threshold to search (swap.task.Plateau)
     at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
+    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs)
+    window: int = 3                      # auto: epochs the gain is measured over
+    min_gain: float = 0.05               # auto: relative training-loss gain below which phase 1 stops
 
 
 @dataclass
@@ -115,9 +119,11 @@ class Phase1Config:
                                          # schedule and the epochs when given: [{epochs: [start, end], batch_size,
                                          # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
 
-    def stop_rule(self) -> tuple[str, float]:
+    def stop_rule(self) -> tuple[str, float | None]:
         """(metric, threshold) of the stopping rule: ``stop`` if its ``at`` is set, else
-        (``train_acc``, ``stop_acc``)."""
+        (``train_acc``, ``stop_acc``); (``auto``, None) for the automatic switch."""
+        if self.stop.metric == "auto":
+            return "auto", None
         return (self.stop.metric, self.stop.at) if self.stop.at is not None else ("train_acc", self.stop_acc)
 
 
@@ -297,6 +303,8 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
         if key not in known:
             raise SwapError(f"unknown config key '{path}' (known here: {', '.join(sorted(known))})")
         current = getattr(obj, key)
+        if isinstance(current, StopConfig) and value == "auto":     # `phase1.stop: auto`, short for metric: auto
+            value = {"metric": "auto"}
         if dataclasses.is_dataclass(current):
             _merge(current, value, path)
         else:
@@ -502,8 +510,14 @@ def validate(cfg: Config) -> None:
          f"phase2.start_epoch={p2.start_epoch} is past the end of phase2.segments "
          f"(epoch {segments(cfg, 'phase2')[-1].end if p2.segments else 0})")
     need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
-    need(cfg.phase1.stop.metric in STOP_METRICS, f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed "
-                                                  f"during training (known: {', '.join(STOP_METRICS)})")
+    need(cfg.phase1.stop.metric in STOP_METRICS or cfg.phase1.stop.metric == "auto",
+         f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed during training "
+         f"(known: {', '.join(STOP_METRICS)}, or auto)")
+    need(cfg.phase1.stop.signal in ("plateau",), f"phase1.stop.signal={cfg.phase1.stop.signal!r} is not an automatic "
+                                                 f"switch signal (known: plateau)")
+    need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0,
+         f"phase1.stop.window must be >= 1 and phase1.stop.min_gain > 0, got {cfg.phase1.stop.window}, "
+         f"{cfg.phase1.stop.min_gain}")
     need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
          f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")

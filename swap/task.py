@@ -112,10 +112,36 @@ def check_stop_metric(metric: str) -> str:
     Raises:
         SwapError: a stop metric that is never computed.
     """
-    if metric not in STOP_METRICS:
+    if metric not in STOP_METRICS and metric != "auto":
         raise SwapError(f"phase1.stop.metric={metric!r} is never computed during training "
                         f"(known: {', '.join(STOP_METRICS)})")
     return metric
+
+
+class Plateau:
+    """Phase 1's automatic switch (``phase1.stop: auto``, signal ``plateau``): stop after the first
+    epoch past the warm-up whose large-batch training loss is less than ``min_gain`` (relative)
+    below the loss ``window`` epochs before. The large batch has then stopped making fast
+    progress, which is when SWAP hands over to small-batch workers (the paper chose the switch by
+    a grid search; Gupta et al., ICLR 2020, Sec. 6 names a principled rule as open work). Free: it
+    reads the loss the loop computes anyway.
+
+    ``history``: the losses of epochs already trained (a resumed phase 1), oldest first.
+    """
+
+    def __init__(self, window: int, min_gain: float, after_epoch: int, history: list[float] = ()):
+        self.window, self.min_gain, self.after = window, min_gain, after_epoch
+        self.losses = list(history)
+        self.gain: float | None = None
+
+    def __call__(self, epoch: int, train_loss: float) -> bool:
+        """Whether to stop after ``epoch`` (1-based), whose training loss is ``train_loss``."""
+        self.losses.append(train_loss)
+        if len(self.losses) <= self.window:
+            return False
+        old = self.losses[-1 - self.window]
+        self.gain = (old - train_loss) / old if old > 0 else 0.0
+        return epoch > self.after and self.gain < self.min_gain
 
 
 def stop_reached(metric: str, value: float, at: float | None) -> bool:

@@ -274,7 +274,7 @@ class SGDStep(UpdateStep):
 # ---------------------------------------------------------------------- the loop
 def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epochs: int | None = None,
           start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
-          stop_metric: str = "train_acc",
+          stop_metric: str = "train_acc", stop_fn: Callable[[int, float], bool] | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
           progress=None, max_grad_norm: float = float("inf"), label: str | list[str] = "training",
@@ -302,6 +302,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             training accuracy in percent, over that epoch's augmented batches, summed over ranks,
             reaching at least ``stop_acc``; ``train_loss``: the epoch's mean loss at most
             ``stop_acc``) meets the rule (SWAP phase 1's stopping rule, :func:`swap.task.stop_reached`).
+        stop_fn: instead, ``stop_fn(epoch, train_loss) -> bool`` decides after each epoch (1-based;
+            the worst model's loss): an automatic switch (:class:`swap.task.Plateau`).
         evaluate_fn: ``model -> test accuracy %``, or ``model -> {metric: value}`` (``top1`` is
             recorded as ``test_acc``, any other as ``test_METRIC``), called every ``eval_every``
             epochs and at the end.
@@ -381,7 +383,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist()
         train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
         worst = min(train_acc) if stop_metric == "train_acc" else max(train_loss)
-        stopping = stop_reached(stop_metric, worst, stop_acc)
+        stopping = stop_reached(stop_metric, worst, stop_acc) if stop_fn is None else stop_fn(epoch + 1, max(train_loss))
         last = epoch == epochs - 1 or stopping
         evaluating = evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last)
         if evaluating:

@@ -112,6 +112,7 @@ def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, 
     (["--set", "phase2.outer_momentum=1"], "phase2.outer_momentum must be in [0, 1)"),
     (["--set", "phase2.cycles=0"], "phase2.cycles must be >= 1"),
     (["--set", "phase3.aggregate=greedy"], "set data.holdout=N"),
+    (["--set", "phase1.stop=auto", "--set", "phase1.stop.signal=hessian"], "is not an automatic switch signal"),
     (["--set", "phase2.sync_every=4", "--set", "phase2.layout=sequential", "--procs", "1"],
      "set procs=2 (the run has 1)"),
 ])
@@ -120,3 +121,31 @@ def test_impossible_phase2_settings_exit_2_with_one_line(tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
+    from swap.task import Plateau
+    rule = Plateau(window=2, min_gain=0.05, after_epoch=2)
+    losses = [2.0, 1.99, 1.5, 1.2, 1.0, 0.99, 0.985]
+    decisions = [rule(e, loss) for e, loss in enumerate(losses, start=1)]
+    assert decisions == [False] * 6 + [True]          # epoch 7: 1.0 -> 0.985 over 2 epochs, a 1.5% gain
+    assert rule.gain == pytest.approx((1.0 - 0.985) / 1.0)
+    resumed = Plateau(window=2, min_gain=0.05, after_epoch=2, history=losses[:5])
+    assert [resumed(6, 0.99), resumed(7, 0.985)] == [False, True]
+
+
+def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real_fashion):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--out", str(out),
+                 "--data-dir", str(real_fashion), "--set", "data.train_subset=4096", "--set", "data.test_subset=300",
+                 "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=15", "--set", "phase1.warmup_epochs=2",
+                 "--set", "phase1.stop=auto", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["phase"] == "phase1"]
+    stop = summary["epochs"]["phase1"]
+    assert summary["switch"]["rule"] == "plateau" and summary["switch"]["epoch"] == stop == len(losses)
+    gains = {e: (losses[e - 4] - losses[e - 1]) / losses[e - 4] for e in range(4, len(losses) + 1)}
+    assert all(g >= 0.05 for e, g in gains.items() if 2 < e < stop)        # no earlier epoch met the rule
+    if stop < 15:
+        assert gains[stop] < 0.05 and summary["phase1_stopped_early"]

@@ -7,6 +7,8 @@ and, within a rank, into micro-batches with gradient accumulation.
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -16,6 +18,7 @@ from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..schedules import samples_between, updates_between
+from ..task import Plateau
 from ..train import train
 
 
@@ -29,7 +32,9 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
-    (:func:`swap.task.stop_reached`). ``after_epoch(record)`` runs on every rank after each epoch.
+    (:func:`swap.task.stop_reached`); (``auto``, None): the automatic switch of ``phase1.stop``
+    (:class:`swap.task.Plateau`, its history read back on a resume). ``after_epoch(record)`` runs on
+    every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.schedule_loader`).
@@ -67,7 +72,14 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         if after_epoch is not None:
             after_epoch(record)
 
-    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch, start_step=start.step,
+    auto = None
+    if stop and stop[0] == "auto":                # the automatic switch, fed the losses of the epochs kept
+        s = cfg.phase1.stop
+        auto = Plateau(s.window, s.min_gain, math.ceil(warmup_epochs),
+                       [r["train_loss"] for r in ctx.run.read_metrics() if r["phase"] == phase and r["epoch"] is not None
+                        and r["epoch"] <= start.epoch] if resume else [])
+        stop = None
+    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch, start_step=start.step, stop_fn=auto,
                 start_totals=start.totals, stop_metric=stop[0] if stop else "train_acc",
                 stop_acc=stop[1] if stop else None, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
                 eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
@@ -75,6 +87,9 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     if bar is not None:
         bar.close()
     p = unit.progress(out["updates"])
+    if auto is not None:
+        out["switch"] = {"rule": "plateau", "window": cfg.phase1.stop.window, "min_gain": cfg.phase1.stop.min_gain,
+                         "last_gain": auto.gain, "epoch": out.get("epoch")}
     return unit.finish({**out, **p, "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 

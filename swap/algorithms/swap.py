@@ -379,6 +379,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "wall_s": walls,
         "epochs": {"phase1": phase1["epoch"], "phase2": max(r.meta["epoch"] for r in finished)},
         "phase1_stopped_early": phase1["stopped_early"],
+        **({"switch": phase1["switch"]} if "switch" in phase1 else {}),   # phase1.stop: auto
         "analysis_s": {"track_average": track_s},        # not part of training time
         # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
         # on W devices); the measure of SWAP's speed that does not depend on this machine.

@@ -376,8 +376,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = raw
         node = nested
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for k, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SwapError(f"--set {key}: {'.'.join(parts[:k + 1])} was given the value {node!r} earlier; set its "
+                                f"keys one by one instead (e.g. phase1.stop.metric=auto)")
         node[parts[-1]] = value
     return nested
 

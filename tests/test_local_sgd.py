@@ -150,3 +150,25 @@ def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real
     assert all(g >= 0.05 for e, g in gains.items() if 2 < e < stop)        # no earlier epoch met the rule
     if stop < 15:
         assert gains[stop] < 0.05 and summary["phase1_stopped_early"]
+
+
+def test_the_noise_scale_estimate_recovers_a_known_gradient_noise():
+    """McCandlish et al. 2018, App. A: with |G|^2 = 4 and tr(Sigma) = 800, a batch of B has
+    E|G_B|^2 = 4 + 800 / B; shares of 64 and a global batch of 256 give B_simple = 200."""
+    from swap.noise_scale import NoiseScale
+    noise = NoiseScale(256, 4, torch.device("cpu"))
+    for _ in range(3):
+        noise.local += 4 + 800 / 64                           # what the DDP hook adds: the rank's share
+        noise.observe(torch.tensor((4 + 800 / 256) ** 0.5))    # the all-reduced gradient's norm
+    assert noise.epoch_value() == pytest.approx(200.0) and noise.updates == 0
+
+
+def test_phase1_logs_the_noise_scale_with_the_automatic_switch(tmp_path, real_fashion):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--out", str(out),
+                 "--data-dir", str(real_fashion), "--set", "data.train_subset=4096", "--set", "data.test_subset=300",
+                 "--set", "phase1.batch_size=1024", "--set", "phase1.max_epochs=3", "--set", "phase1.warmup_epochs=1",
+                 "--set", "phase1.stop=auto", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128"]) == 0
+    scales = [json.loads(x).get("noise_scale") for x in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["phase"] == "phase1"]
+    assert len(scales) == 3 and all(s is not None and 1 < s < 1e6 for s in scales), scales

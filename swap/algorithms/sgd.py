@@ -18,6 +18,7 @@ from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..schedules import samples_between, updates_between
+from ..noise_scale import NoiseScale
 from ..task import Plateau
 from ..train import train
 
@@ -59,13 +60,20 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         return start.result
     # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
     # are averaged over ranks before each evaluation, each checkpoint and at the end (step.sync).
-    step = ctx.update_step(DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model, opt,
-                           micro_batch_size)
+    wrapped = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    step = ctx.update_step(wrapped, opt, micro_batch_size)
+    noise = None
+    if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and optimizer == "sgd":
+        noise = NoiseScale(loader.shape(0)[2] if hasattr(loader, "segments") else batch_size, d.world_size,
+                           d.device).attach(wrapped)          # the gradient noise scale, logged every epoch
+        step = _Observed(step, noise)
     unit.sync = step.sync
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
     sink = ctx.sink(phase, None, epochs, optimizer) if d.is_main else None
 
     def on_epoch(record: dict) -> None:
+        if noise is not None:
+            record["noise_scale"] = noise.epoch_value()
         if sink is not None:
             sink(record)
         unit.end_epoch(record["epoch"], done=record["stopped"])
@@ -92,6 +100,25 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
                          "last_gain": auto.gain, "epoch": out.get("epoch")}
     return unit.finish({**out, **p, "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
+
+
+class _Observed:
+    """An update step whose gradient norms also feed a :class:`swap.noise_scale.NoiseScale`."""
+
+    def __init__(self, step, noise: NoiseScale):
+        self.step, self.noise = step, noise
+        self.models, self.group_wide, self.group = step.models, step.group_wide, step.group
+
+    def gradients(self, x, y, lr):
+        totals, norms = self.step.gradients(x, y, lr)
+        self.noise.observe(norms)
+        return totals, norms
+
+    def apply(self) -> None:
+        self.step.apply()
+
+    def sync(self) -> None:
+        self.step.sync()
 
 
 def run_sgd(spec: RunSpec) -> dict | None:

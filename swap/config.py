@@ -134,7 +134,8 @@ class Phase2Config:
     micro_batch_size: int = 0            # per-rank gradient-accumulation chunk (0 = whole share)
     ranks_per_worker: int = 1            # each worker a DistributedDataParallel group of this many ranks (its
                                          # own process group; SWAP paper Sec. 5.2: 2 workers x 8 GPUs); > 1
-                                         # needs layout sequential and workers x ranks_per_worker <= ranks
+                                         # trains workers in their ranks (layout processes acts as sequential)
+                                         # and needs workers x ranks_per_worker <= ranks
     peak_lr: float = 0.12
     warmup_epochs: float = 0.0
     epochs: int = 30
@@ -153,7 +154,8 @@ class Phase2Config:
                                          # restarted, and is sampled at the end of each; phase 3 averages all W x C
                                          # samples (SWAP paper Table 4, "SWAP (40 small-batch epochs)": C = 2)
     sync_every: int | None = None        # H: the workers meet every H updates (null: never, SWAP); needs one worker
-                                         # per rank (or worker group) and layout sequential
+                                         # per rank (or worker group); workers train in their ranks (layout
+                                         # processes acts as sequential)
     outer: str = "average"               # at a meeting: average (local SGD) | nesterov (DiLoCo's outer step on the
                                          # averaged change of the weights, outer_lr and outer_momentum)
     outer_lr: float = 1.0                # DiLoCo's outer learning rate (Douillard et al. 2023: 0.7)
@@ -495,15 +497,16 @@ def validate(cfg: Config) -> None:
     need(p2.outer in ("average", "nesterov"), f"phase2.outer must be average or nesterov, got '{p2.outer}'")
     need(p2.outer_lr > 0, f"phase2.outer_lr must be > 0, got {p2.outer_lr}")
     need(0 <= p2.outer_momentum < 1, f"phase2.outer_momentum must be in [0, 1), got {p2.outer_momentum}")
-    need(p2.sync_every is None or p2.layout == "sequential",
-         f"phase2.sync_every has the workers meet while they train: set phase2.layout=sequential (got {p2.layout})")
+    need(p2.sync_every is None or p2.layout != "vmap",
+         "phase2.sync_every has the workers meet while they train, each in its rank: use phase2.layout sequential "
+         "(processes is taken as sequential then)")
     need(p2.cycles == 1 or not (p2.segments or p2.layout == "vmap"),
          "phase2.cycles > 1 restarts the LR schedule of phase2.epochs; it needs phase2.layout processes or sequential "
          "and no phase2.segments")
     need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
-    need(p2.ranks_per_worker == 1 or p2.layout == "sequential",
-         f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: set "
-         f"phase2.layout=sequential (got {p2.layout})")
+    need(p2.ranks_per_worker == 1 or p2.layout != "vmap",
+         f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: use "
+         f"phase2.layout sequential (processes is taken as sequential then)")
     for key, batch in section_batches(cfg, "phase2"):
         need(batch % p2.ranks_per_worker == 0, f"{key}={batch} is not divisible by phase2.ranks_per_worker="
                                                f"{p2.ranks_per_worker} (each rank of a worker takes an equal share)")

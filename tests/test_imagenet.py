@@ -207,7 +207,7 @@ def test_the_imagenet_preset_starts_on_a_tiny_tree_with_top1_and_top5(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=sequential", "--procs", "2"],
      "phase2.ranks_per_worker=2 x workers=2 needs 4 processes, but the run has 2"),
-    (["--set", "phase2.ranks_per_worker=2"], "set phase2.layout=sequential"),
+    (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=vmap"], "use phase2.layout sequential"),
     (["--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}, {epochs: [1, 3], batch_size: 8, lr: 0.1}]"],
      "phase1.segments[1].epochs=[1, 3] overlaps the one before"),
     (["--set", "data.name=imagefolder", "--set", "model.init_bn0=true"], "model.init_bn0 applies to model.name=resnet50"),

@@ -83,7 +83,7 @@ def test_diloco_with_outer_lr_1_and_no_momentum_is_averaging():
 COMMON = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2",
           "--set", "data.train_subset=2048", "--set", "data.test_subset=300", "--set", "phase1.batch_size=512",
           "--set", "phase1.max_epochs=1", "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=2",
-          "--set", "phase2.batch_size=64", "--set", "phase2.sync_every=5", "--set", "phase2.layout=sequential"]
+          "--set", "phase2.batch_size=64", "--set", "phase2.sync_every=5"]
 
 
 def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, real_fashion):
@@ -114,7 +114,7 @@ def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, 
     (["--set", "phase3.aggregate=greedy"], "set data.holdout=N"),
     (["--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=hessian"], "is not an automatic switch signal"),
     (["--set", "phase1.stop=auto", "--set", "phase1.stop.window=2"], "set its keys one by one"),
-    (["--set", "phase2.sync_every=4", "--set", "phase2.layout=sequential", "--procs", "1"],
+    (["--set", "phase2.sync_every=4", "--procs", "1"],
      "set procs=2 (the run has 1)"),
 ])
 def test_impossible_phase2_settings_exit_2_with_one_line(tmp_path, capsys, extra, message):

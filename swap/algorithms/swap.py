@@ -191,7 +191,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         return WorkerResult(w, error=error.read_text())     # failed before; averaged without it, not retrained
     if interrupt.requested():              # a stop signal arrived between two workers
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
-    if cfg.phase2.layout == "processes" and group is None:
+    if cfg.phase2.layout == "processes" and group is None and not cfg.phase2.sync_every:   # else: they communicate
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set))
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,

@@ -25,6 +25,25 @@ def _train(tmp_path, *extra):
     (["--set", "phase2.peak_lr=0"], "phase2.peak_lr must be > 0"),
     (["--set", "phase1.max_epochs=-1"], "phase1.max_epochs must be >= 1"),
     (["--set", "data.train_subset=100"], "exceeds the 100 training samples"),
+    # issue #16: schedules, worker groups, ResNet-50
+    (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=sequential", "--procs", "2"],
+     "phase2.ranks_per_worker=2 x workers=2 needs 4 processes, but the run has 2"),
+    (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=vmap"], "use phase2.layout sequential"),
+    (["--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}, {epochs: [1, 3], batch_size: 8, lr: 0.1}]"],
+     "phase1.segments[1].epochs=[1, 3] overlaps the one before"),
+    (["--set", "data.name=imagefolder", "--set", "model.init_bn0=true"], "model.init_bn0 applies to model.name=resnet50"),
+    (["--method", "abs", "--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}]"],
+     "method abs does not follow piecewise schedules (phase1.segments)"),
+    # issue #17: cycles, meetings, soups, the automatic switch
+    (["--set", "phase2.sync_every=0"], "phase2.sync_every must be >= 1"),
+    (["--set", "phase2.outer_lr=0"], "phase2.outer_lr must be > 0"),
+    (["--set", "phase2.outer_momentum=1"], "phase2.outer_momentum must be in [0, 1)"),
+    (["--set", "phase2.cycles=0"], "phase2.cycles must be >= 1"),
+    (["--set", "phase3.aggregate=greedy"], "set data.holdout=N"),
+    (["--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=hessian"], "is not an automatic switch signal"),
+    (["--set", "phase1.stop=auto", "--set", "phase1.stop.window=2"], "set its keys one by one"),
+    (["--set", "phase2.sync_every=4", "--procs", "1"],
+     "set procs=2 (the run has 1)"),
 ])
 def test_impossible_runs_exit_2_before_creating_anything(tmp_path, capsys, extra, message):
     assert _train(tmp_path, *extra) == 2

@@ -204,23 +204,6 @@ def test_the_imagenet_preset_starts_on_a_tiny_tree_with_top1_and_top5(tmp_path):
     assert all("test_top5" in r for r in records if r["phase"] in ("phase1", "phase2"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=sequential", "--procs", "2"],
-     "phase2.ranks_per_worker=2 x workers=2 needs 4 processes, but the run has 2"),
-    (["--set", "phase2.ranks_per_worker=2", "--set", "phase2.layout=vmap"], "use phase2.layout sequential"),
-    (["--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}, {epochs: [1, 3], batch_size: 8, lr: 0.1}]"],
-     "phase1.segments[1].epochs=[1, 3] overlaps the one before"),
-    (["--set", "data.name=imagefolder", "--set", "model.init_bn0=true"], "model.init_bn0 applies to model.name=resnet50"),
-    (["--method", "abs", "--set", "phase1.segments=[{epochs: [0, 2], batch_size: 8, lr: 0.1}]"],
-     "method abs does not follow piecewise schedules (phase1.segments)"),
-])
-def test_impossible_imagenet_settings_exit_2_with_one_line(tmp_path, capsys, extra, message):
-    assert main(["train", "--config", "fashion_mnist_quick", "--out", str(tmp_path / "run"), *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "run").exists()
-
-
 def test_an_empty_class_folder_or_a_truncated_image_exits_2_before_the_run(tmp_path, capsys):
     root = write_image_tree(tmp_path / "tree", classes=2, per_class=8)
     args = ["train", "--config", "fashion_mnist_quick", "--data-dir", str(root), "--set", "data.name=imagefolder",

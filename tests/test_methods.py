@@ -48,4 +48,5 @@ def test_every_method_resolves_to_its_functions_and_checkpoint():
     from swap.cli import build_parser
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
                    if a.dest == "method").choices
-    assert sorted(choices) == sorted(n for n, m in METHODS.items() if m.cli) == ["abs", "absa", "sgd", "swap"]
+    assert sorted(choices) == sorted(n for n, m in METHODS.items() if m.cli) == [
+        "abs", "absa", "diloco", "local-sgd", "sgd", "swap", "swap-cycles"]

@@ -298,7 +298,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .data import ImageDataset, augment_for, load_configured
-    from .models import build_model
+    from .models import configured_model
     from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
     from .rundir import RunDir
@@ -332,10 +332,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device = distributed.resolve_device(cfg.device)
     threads = cfg.threads or distributed.default_threads(args.devices) if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
-    m = cfg.model
-    extra = {"init_bn0": m.init_bn0} if m.name == "resnet50" else {}
     t = time.time()
-    thr = calibrate(lambda: build_model(m.name, classes, shape[0], m.width, **extra), shape, classes,
+    thr = calibrate(lambda: configured_model(cfg.model, classes, in_channels=shape[0]), shape, classes,
                     chunk_sizes(cfg, args.devices, args.calibration_batch), device, samples=args.calibration_samples,
                     augment=augment, channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
                     stacked=stacked_shape(cfg, args.devices), eval_batch=min(1024, args.calibration_samples))

@@ -18,7 +18,7 @@ from . import distributed
 from .config import Config, SwapError, check_world, segments
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
-from .models import build_model
+from .models import configured_model
 from .rundir import RunDir, machine_info
 from .schedules import PiecewiseLoader, warmup_decay
 from .averaging import recompute_bn
@@ -125,15 +125,13 @@ class Context:
     def build_model(self) -> nn.Module:
         """The configured model (or ``model_fn()``), initialised from the run seed (identical on every rank)."""
         torch.manual_seed(self.cfg.seed)
-        m = self.cfg.model
-        extra = {"init_bn0": m.init_bn0} if m.name == "resnet50" else {}
         if self.model_fn is not None:
             model = self.model_fn()
         elif self.generic:                  # a built-in generic dataset (text-char, imagefolder) names its model's shape
-            model = build_model(m.name, self.train_set.num_classes, width=m.width, **self.train_set.model_kwargs,
-                                **extra)
+            model = configured_model(self.cfg.model, self.train_set.num_classes, **self.train_set.model_kwargs)
         else:
-            model = build_model(m.name, self.train_set.num_classes, self.train_set.images.shape[1], m.width, **extra)
+            model = configured_model(self.cfg.model, self.train_set.num_classes,
+                                     in_channels=self.train_set.images.shape[1])
         model = model.to(self.dist.device)
         if self.cfg.channels_last and not self.generic:
             model = model.to(memory_format=torch.channels_last)
@@ -228,8 +226,8 @@ class Context:
         segs = segments(self.cfg, section) if section else []
         where = f"{section}.segments" if segs else section or seed_parts[0]
         ranks = self.share(data_parallel)[1]
-        for batch in [s.batch_size for s in segs] or [batch_size]:
-            if ranks > 1:
+        if ranks > 1:
+            for batch in [s.batch_size for s in segs] or [batch_size]:
                 check_world(self.cfg, ranks, batch, where)
         if segs:
             start = self.cfg.phase2.start_epoch if section == "phase2" else 0

@@ -142,3 +142,16 @@ def write_image_tree(root: Path, classes: int = 3, per_class: int = 4, val_per_c
                 img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
                 img.save(folder / f"{i:04d}.{'jpg' if i % 2 else 'png'}")
     return root
+
+
+def train_quick(out: Path, data_dir: Path, procs: int, *overrides: str) -> tuple[dict, list[dict]]:
+    """`swap train --config fashion_mnist_quick --workers 2` with ``procs`` processes and the
+    ``KEY=VALUE`` overrides; asserts it succeeds and returns its summary and metrics records."""
+    import json
+
+    from swap.cli import main
+    args = ["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", str(procs), "--out", str(out),
+            "--data-dir", str(data_dir)]
+    assert main(args + [a for kv in overrides for a in ("--set", kv)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), records

@@ -18,7 +18,7 @@ from swap.cli import main
 from swap.data import Augment, Loader
 from swap.train import SGDStep, train
 
-from conftest import ddp_rank_setup
+from conftest import ddp_rank_setup, train_quick
 
 TOL = 1e-6      # float32; measured 6e-8 (DDP averages gradients, local SGD weights, in float64)
 LR = 0.01       # at 0.05 the two orders of rounding drift apart to 1e-5 in 4 updates (BN on 32 samples)
@@ -120,14 +120,10 @@ def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
 
 
 def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real_fashion):
-    out = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--out", str(out),
-                 "--data-dir", str(real_fashion), "--set", "data.train_subset=4096", "--set", "data.test_subset=300",
-                 "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=15", "--set", "phase1.warmup_epochs=2",
-                 "--set", "phase1.stop=auto", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    losses = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["phase"] == "phase1"]
+    summary, records = train_quick(tmp_path / "run", real_fashion, 1, "data.train_subset=4096", "data.test_subset=300",
+                                   "phase1.batch_size=512", "phase1.max_epochs=15", "phase1.warmup_epochs=2",
+                                   "phase1.stop=auto", "phase2.epochs=1", "phase2.batch_size=128")
+    losses = [r["train_loss"] for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
     assert summary["switch"]["rule"] == "plateau" and summary["switch"]["epoch"] == stop == len(losses)
     gains = {e: (losses[e - 4] - losses[e - 1]) / losses[e - 4] for e in range(4, len(losses) + 1)}
@@ -148,11 +144,8 @@ def test_the_noise_scale_estimate_recovers_a_known_gradient_noise():
 
 
 def test_phase1_logs_the_noise_scale_with_the_automatic_switch(tmp_path, real_fashion):
-    out = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--out", str(out),
-                 "--data-dir", str(real_fashion), "--set", "data.train_subset=4096", "--set", "data.test_subset=300",
-                 "--set", "phase1.batch_size=1024", "--set", "phase1.max_epochs=3", "--set", "phase1.warmup_epochs=1",
-                 "--set", "phase1.stop=auto", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128"]) == 0
-    scales = [json.loads(x).get("noise_scale") for x in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["phase"] == "phase1"]
+    _, records = train_quick(tmp_path / "run", real_fashion, 2, "data.train_subset=4096", "data.test_subset=300",
+                             "phase1.batch_size=1024", "phase1.max_epochs=3", "phase1.warmup_epochs=1",
+                             "phase1.stop=auto", "phase2.epochs=1", "phase2.batch_size=128")
+    scales = [r.get("noise_scale") for r in records if r["phase"] == "phase1"]
     assert len(scales) == 3 and all(s is not None and 1 < s < 1e6 for s in scales), scales

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from swap.cli import main
 
+from conftest import train_quick
+
 AVG_TOLERANCE = 1.0     # points of test accuracy (2000 test images: 1 point = 20 images)
 STOP_ACC = 70.0
 
@@ -99,13 +101,10 @@ def test_swap_with_two_cycles_per_worker_averages_all_four_samples(tmp_path, rea
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1", "--out", str(out),
-                 "--data-dir", str(real_fashion), "--set", "data.train_subset=1024", "--set", "data.test_subset=300",
-                 "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=1", "--set", "phase1.warmup_epochs=1",
-                 "--set", "phase2.epochs=2", "--set", "phase2.batch_size=128", "--set", "phase2.cycles=2"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary, records = train_quick(out, real_fashion, 1, "data.train_subset=1024", "data.test_subset=300",
+                                   "phase1.batch_size=256", "phase1.max_epochs=1", "phase1.warmup_epochs=1",
+                                   "phase2.epochs=2", "phase2.batch_size=128", "phase2.cycles=2")
     assert summary["samples_averaged"] == 4 and summary["epochs"]["phase2"] == 4
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if r["phase"] == "phase2" and r["worker"] == 0]
     assert len(lrs) == 4 and lrs[0] == lrs[2] and lrs[1] == lrs[3] and lrs[1] < lrs[0]    # the schedule restarts
     ck = out / "checkpoints"
@@ -123,13 +122,10 @@ def test_a_greedy_soup_is_chosen_on_the_validation_split_and_reported(tmp_path, 
     """phase3.aggregate = greedy with 2 workers x 2 cycles: the soup starts from the sample with the
     best validation accuracy, keeps what does not lower it, and reports its test accuracy beside
     the uniform average's; the validation split is the last data.holdout training samples."""
-    out = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--out", str(out),
-                 "--data-dir", str(real_fashion), "--set", "data.train_subset=1324", "--set", "data.holdout=300",
-                 "--set", "data.test_subset=300", "--set", "phase1.batch_size=256", "--set", "phase1.max_epochs=1",
-                 "--set", "phase1.warmup_epochs=1", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=128",
-                 "--set", "phase2.cycles=2", "--set", "phase3.aggregate=greedy"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary, _ = train_quick(tmp_path / "run", real_fashion, 2, "data.train_subset=1324", "data.holdout=300",
+                             "data.test_subset=300", "phase1.batch_size=256", "phase1.max_epochs=1",
+                             "phase1.warmup_epochs=1", "phase2.epochs=1", "phase2.batch_size=128", "phase2.cycles=2",
+                             "phase3.aggregate=greedy")
     soup = summary["soup"]
     assert sorted(soup["val_acc"]) == ["w0", "w0c1", "w1", "w1c1"] and summary["aggregate"] == "greedy"
     best = max(soup["val_acc"], key=lambda k: soup["val_acc"][k])

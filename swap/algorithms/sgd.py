@@ -17,7 +17,7 @@ from ..config import section_batch
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
-from ..schedules import samples_between, updates_between
+from ..schedules import epoch_shape, samples_between, updates_between
 from ..noise_scale import NoiseScale
 from ..task import Plateau
 from ..train import train
@@ -38,7 +38,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
-    ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.schedule_loader`).
+    ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.batches`).
     With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
     one); since every data stream derives from (seed, phase, worker, epoch), the continued run is
     the uninterrupted one, bit for bit on CPU.
@@ -64,7 +64,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     step = ctx.update_step(wrapped, opt, micro_batch_size)
     noise = None
     if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and optimizer == "sgd":
-        noise = NoiseScale(loader.shape(0)[2] if hasattr(loader, "segments") else batch_size, d.world_size,
+        noise = NoiseScale(epoch_shape(loader, 0)[2], d.world_size,
                            d.device).attach(wrapped)          # the gradient noise scale, logged every epoch
         step = _Observed(step, noise)
     unit.sync = step.sync

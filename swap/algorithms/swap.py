@@ -278,7 +278,11 @@ def _hooks(*hooks):
     live = [h for h in hooks if h is not None]
     if not live:
         return None
-    return lambda update: [h(update) for h in live] and None
+
+    def each(update: int) -> None:
+        for hook in live:
+            hook(update)
+    return each
 
 
 def _iterates(ctx: Context, worker, w: int):

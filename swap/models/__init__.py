@@ -24,4 +24,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 1, width: float 
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
 
 
-__all__ = ["build_model", "resnet9", "small_cnn", "resnet50", "char_transformer", "CharTransformer", "MODELS"]
+def configured_model(model_cfg, num_classes: int, **kwargs) -> nn.Module:
+    """The model of config section ``model`` (its name, width and, for ``resnet50``, ``init_bn0``)
+    for ``num_classes``; ``kwargs`` are the data's (``in_channels``, a text model's ``seq_len``).
+
+    Raises:
+        SwapError: as :func:`build_model`.
+    """
+    extra = {"init_bn0": model_cfg.init_bn0} if model_cfg.name == "resnet50" else {}
+    return build_model(model_cfg.name, num_classes, width=model_cfg.width, **kwargs, **extra)
+
+
+__all__ = ["build_model", "configured_model", "resnet9", "small_cnn", "resnet50", "char_transformer", "CharTransformer", "MODELS"]

@@ -1,7 +1,7 @@
 """SWAP's phase 2 as one end of a family, and the automatic phase-1 -> phase-2 switch (issue #17).
 
     .venv/bin/python benchmarks/beyond_swap.py --part methods      # ~20 min: 6 variants x 3 seeds
-    .venv/bin/python benchmarks/beyond_swap.py --part transition   # ~20 min: 4 fixed stopping accuracies + auto, x 3 seeds
+    .venv/bin/python benchmarks/beyond_swap.py --part transition   # ~25 min: 4 fixed stopping accuracies + 2 auto signals, x 3 seeds
 
 Every run: ``swap train --config fashion_mnist_quick --procs 2`` on the first 10,000 training images
 of the fixed shuffle, the full 10,000-image test set, 2 workers, seeds 0-2, one after the other.
@@ -11,7 +11,13 @@ samples); swap-cycles with the greedy soup (12,000 images of which the last 2,00
 split: the same 10,000 training images; its summary also holds the uniform average's test
 accuracy); local-sgd with H = 4 and 32 updates; diloco with H = 32 (outer Nesterov 0.7 / 0.9).
 ``transition``: SWAP with phase1.stop_acc at 4 fixed points (the grid a user would search), and
-``phase1.stop: auto`` (its rule fixed in advance, not tuned on these runs).
+``phase1.stop: auto`` with each signal, its settings the defaults fixed in advance, not tuned on
+these runs: ``plateau`` (training loss) and ``holdout`` (validation accuracy; 12,000 images of
+which the last 2,000 are the validation split, so the same 10,000 training images). The verdict
+line compares each auto variant with the grid's best point (mean test accuracy) and the grid's
+total wall time (what the search costs).
+
+``--only NAME`` (repeatable) runs those variants only and merges their rows into the results file.
 
 Prints mean +- std over seeds of the test accuracy, critical-path updates, phase-2 communication
 (rounds, bytes per rank) and wall seconds; writes ``benchmarks/results/beyond_swap_PART.json``.
@@ -42,6 +48,8 @@ VARIANTS = {
     "transition": {
         **{f"stop_acc {a}": ["--method", "swap", "--set", f"phase1.stop_acc={a}"] for a in (80, 84, 87, 90)},
         "auto": ["--method", "swap", "--set", "phase1.stop=auto"],
+        "auto holdout": ["--method", "swap", "--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=holdout",
+                         "--set", "data.train_subset=12000", "--set", "data.holdout=2000"],
     },
 }
 
@@ -72,23 +80,45 @@ def main() -> None:
     ap.add_argument("--part", choices=list(VARIANTS), required=True)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/swap-beyond")
+    ap.add_argument("--only", action="append", default=[], help="run only this variant (repeatable); merge its rows")
     args = ap.parse_args()
-    rows = []
+    variants = {k: v for k, v in VARIANTS[args.part].items() if not args.only or k in args.only}
+    if args.only and len(variants) != len(set(args.only)):
+        ap.error(f"--only: known variants of {args.part}: {', '.join(VARIANTS[args.part])}")
+    results = RESULTS / f"beyond_swap_{args.part}.json"
+    rows = [r for r in json.loads(results.read_text()) if r["variant"] not in variants] if args.only else []
     for seed in range(args.seeds):                         # seeds interleaved: drifts of the machine spread evenly
-        for name, extra in VARIANTS[args.part].items():
+        for name, extra in variants.items():
             rows.append(run(name, extra, seed, Path(args.out) / args.part / name.replace(" ", "_") / f"seed{seed}"))
             print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=1))
     print("| variant | test % | workers mean % | phase-1 epochs | critical-path updates | rounds | MB per rank | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in VARIANTS[args.part]:
+    for name in dict.fromkeys(x["variant"] for x in rows):
         r = [x for x in rows if x["variant"] == name]
         print(f"| {name} | {_ms([x['test_acc'] for x in r])} | {_ms([x['workers_mean'] for x in r])} | "
               f"{_ms([x['phase1_epochs'] for x in r])} | {_ms([x['updates'] for x in r])} | {r[0]['rounds']} | "
               f"{r[0]['bytes'] / 1e6:.1f} | {_ms([x['wall_s'] for x in r])} |")
         if "uniform_test_acc" in r[0]:
             print(f"| {name}: uniform average of the same samples | {_ms([x['uniform_test_acc'] for x in r])} | | | | | | |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"beyond_swap_{args.part}.json").write_text(json.dumps(rows, indent=1))
+    if args.part == "transition":
+        verdict(rows)
+
+
+def verdict(rows: list[dict]) -> None:
+    """Each auto variant against the grid: its mean test accuracy minus the best grid point's, and
+    its mean wall time against the grid's total (the sum over its points of their mean wall time)."""
+    mean = lambda name, key: statistics.mean(x[key] for x in rows if x["variant"] == name)   # noqa: E731
+    grid = [n for n in dict.fromkeys(x["variant"] for x in rows) if n.startswith("stop_acc")]
+    best = max(grid, key=lambda n: mean(n, "test_acc"))
+    total = sum(mean(n, "wall_s") for n in grid)
+    for name in dict.fromkeys(x["variant"] for x in rows):
+        if name.startswith("auto"):
+            gap = mean(name, "test_acc") - mean(best, "test_acc")
+            print(f"{name}: {gap:+.2f} points against the grid's best ({best}, {mean(best, 'test_acc'):.2f}); "
+                  f"{mean(name, 'wall_s'):.0f} s against the grid's {total:.0f} s; target (>= -0.10 points and "
+                  f"cheaper) {'met' if gap >= -0.1 and mean(name, 'wall_s') < total else 'missed'}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class OptimConfig:
 
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
 STOP_METRICS = {"train_acc": "max", "train_loss": "min"}
+AUTO_SIGNALS = ("plateau", "holdout")     # phase1.stop: auto, its signals (swap.task)
 
 
 @dataclass
@@ -98,9 +99,13 @@ class StopConfig:
     metric: str = "train_acc"            # train_acc | train_loss | auto (`phase1.stop: auto` for short): a rule
                                          # decides the switch, no threshold to search (swap.task.Plateau)
     at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
-    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs)
-    window: int = 3                      # auto: epochs the gain is measured over
-    min_gain: float = 0.05               # auto: relative training-loss gain below which phase 1 stops
+    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs,
+                                         # swap.task.Plateau) | holdout (the held-out accuracy on the validation
+                                         # split, data.holdout, beats its best by <= min_delta for `window`
+                                         # epochs in a row, swap.task.HeldOutPeak)
+    window: int = 3                      # auto: epochs the gain is measured over (plateau) | patience (holdout)
+    min_gain: float = 0.05               # auto, plateau: relative training-loss gain below which phase 1 stops
+    min_delta: float = 0.0               # auto, holdout: accuracy points an epoch must beat the best by
 
 
 @dataclass
@@ -276,6 +281,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def uses_validation(self) -> bool:
+        """Whether a choice of the run is made on the validation split (the last ``data.holdout``
+        training samples, while the test set stays the test set): the greedy soup of phase 3, or
+        phase 1's automatic switch on the ``holdout`` signal."""
+        return self.phase3.aggregate == "greedy" or (self.phase1.stop.metric == "auto"
+                                                     and self.phase1.stop.signal == "holdout")
 
     def hash(self) -> str:
         """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
@@ -519,11 +531,14 @@ def validate(cfg: Config) -> None:
     need(cfg.phase1.stop.metric in STOP_METRICS or cfg.phase1.stop.metric == "auto",
          f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed during training "
          f"(known: {', '.join(STOP_METRICS)}, or auto)")
-    need(cfg.phase1.stop.signal in ("plateau",), f"phase1.stop.signal={cfg.phase1.stop.signal!r} is not an automatic "
-                                                 f"switch signal (known: plateau)")
-    need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0,
-         f"phase1.stop.window must be >= 1 and phase1.stop.min_gain > 0, got {cfg.phase1.stop.window}, "
-         f"{cfg.phase1.stop.min_gain}")
+    need(cfg.phase1.stop.signal in AUTO_SIGNALS, f"phase1.stop.signal={cfg.phase1.stop.signal!r} is not an automatic "
+                                                 f"switch signal (known: {', '.join(AUTO_SIGNALS)})")
+    need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0 and cfg.phase1.stop.min_delta >= 0,
+         f"phase1.stop.window must be >= 1, phase1.stop.min_gain > 0 and phase1.stop.min_delta >= 0, got "
+         f"{cfg.phase1.stop.window}, {cfg.phase1.stop.min_gain}, {cfg.phase1.stop.min_delta}")
+    need(not (cfg.phase1.stop.metric == "auto" and cfg.phase1.stop.signal == "holdout") or cfg.data.holdout > 0,
+         "phase1.stop.signal=holdout watches a validation split, never the test set: set data.holdout=N "
+         "(the last N training samples)")
     need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
          f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import Config, SwapError, check_world, segments
-from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, stream_seed
+from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
 from .rundir import RunDir, machine_info
@@ -62,7 +62,7 @@ class Context:
     model_fn: Callable[[], nn.Module] | None = None
     task: Task = DEFAULT_TASK             # how the model is called, its loss and metrics
     collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
-    val_set: object = None                # phase3.aggregate greedy: the validation split (last data.holdout samples)
+    val_set: object = None                # the validation split (last data.holdout samples), when cfg.uses_validation()
 
     @property
     def generic(self) -> bool:
@@ -99,10 +99,13 @@ class Context:
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
         val_set = None
-        if data is None and cfg.phase3.aggregate == "greedy":     # train, test and a validation split
+        if data is None and cfg.uses_validation():     # train, test and a validation split
             *data, val_set = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log, validation=True)
         elif data is None:
             data = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log)
+        elif cfg.uses_validation():                                # a library user's data: its training tail
+            train, val_set = split_holdout(data[0], cfg.data.holdout)
+            data = (train, data[1])
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
             for name, dataset in zip(("train_set", "test_set"), data):
@@ -268,6 +271,15 @@ class Context:
             return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
         return evaluate(model, data, self.mean, self.std, distributed=distributed_eval,
                         channels_last=self.cfg.channels_last, amp_dtype=self.amp)
+
+    def validation_score(self, model: nn.Module) -> float:
+        """The model's top-1 accuracy (%) on the validation split, evaluation sharded over the ranks
+        (collective; the same value on every rank): what the greedy soup and phase 1's ``holdout``
+        switch decide on. A task without ``top1`` scores minus its loss (higher is better)."""
+        value = self.evaluate(model, distributed_eval=True, validation=True)
+        if not isinstance(value, dict):
+            return value
+        return value["top1"] if "top1" in value else -value["loss"]
 
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer: str = "sgd"):

@@ -144,6 +144,38 @@ class Plateau:
         return epoch > self.after and self.gain < self.min_gain
 
 
+class HeldOutPeak:
+    """Phase 1's automatic switch, signal ``holdout``: stop after the first epoch past the warm-up
+    that ends ``window`` epochs in a row in which the large-batch model's held-out accuracy (the
+    validation split, ``data.holdout``; never the test set) did not beat its best so far by more
+    than ``min_delta`` points. This is early stopping with patience (Prechelt, "Early stopping -
+    but when?", 1998) applied to the large-batch phase: once more large-batch epochs stop improving
+    generalisation, SWAP's small-batch workers take over (Gupta et al., ICLR 2020, Sec. 6 leave the
+    transition to a grid search). Cost: one evaluation of the validation split per epoch, no
+    updates.
+
+    ``history``: the held-out accuracies (%) of epochs already trained (a resumed phase 1), oldest first.
+    """
+
+    def __init__(self, window: int, min_delta: float, after_epoch: int, history: list[float] = ()):
+        self.window, self.min_delta, self.after = window, min_delta, after_epoch
+        self.best, self.since, self.last = float("-inf"), 0, None
+        for accuracy in history:
+            self._see(accuracy)
+
+    def _see(self, accuracy: float) -> None:
+        self.last = accuracy
+        if accuracy > self.best + self.min_delta:
+            self.best, self.since = accuracy, 0
+        else:
+            self.since += 1
+
+    def __call__(self, epoch: int, accuracy: float) -> bool:
+        """Whether to stop after ``epoch`` (1-based), whose held-out accuracy is ``accuracy`` (%)."""
+        self._see(accuracy)
+        return epoch > self.after and self.since >= self.window
+
+
 def stop_reached(metric: str, value: float, at: float | None) -> bool:
     """Whether a training epoch with ``metric`` = ``value`` meets the stopping rule ``at``: at
     least ``at`` for an accuracy, at most ``at`` for a loss; never when ``at`` is None."""

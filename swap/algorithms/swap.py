@@ -328,9 +328,7 @@ def _greedy_soup(ctx: Context, model, states: list[tuple[str, dict]]):
     gathered = [x for rank in distributed.all_gather_objects(states) for x in rank]
     labels, candidates = [label for label, _ in gathered], [state for _, state in gathered]
 
-    def score(m) -> float:
-        value = ctx.evaluate(m, distributed_eval=True, validation=True)
-        return value["top1"] if isinstance(value, dict) else value
+    score = ctx.validation_score
 
     def prepare(m) -> None:
         ctx.recompute_bn(m, distributed=True)

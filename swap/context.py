@@ -92,7 +92,9 @@ class Context:
                task: Task | None = None, collate_fn: Callable | None = None) -> "Context":
         """Join the process group (unless ``join=False``), put the data on the device. ``model_fn``
         and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`);
-        ``data`` may be a pair of any map-style datasets (the generic path, class docstring).
+        ``data`` may be a pair of any map-style datasets (the generic path, class docstring); when
+        ``cfg.uses_validation()`` its last ``data.holdout`` training samples become the validation
+        split, unless ``data`` is already (train, test, validation).
 
         Raises:
             SwapError: data that breaks the contract; a generic dataset without ``model_fn``.
@@ -103,6 +105,8 @@ class Context:
             *data, val_set = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log, validation=True)
         elif data is None:
             data = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log)
+        elif len(data) == 3:                                       # already split (an isolated phase-2 worker)
+            *data, val_set = data
         elif cfg.uses_validation():                                # a library user's data: its training tail
             train, val_set = split_holdout(data[0], cfg.data.holdout)
             data = (train, data[1])

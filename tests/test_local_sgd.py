@@ -119,6 +119,48 @@ def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
     assert [resumed(6, 0.99), resumed(7, 0.985)] == [False, True]
 
 
+def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_warm_up():
+    from swap.task import HeldOutPeak
+    accuracies = [50.0, 70.0, 69.0, 68.0, 75.0, 75.05, 74.0, 75.2, 75.0]
+    rule = HeldOutPeak(window=3, min_delta=0.1, after_epoch=3)
+    decisions = [rule(e, a) for e, a in enumerate(accuracies, start=1)]
+    # epoch 4 is the third epoch without a new best, but inside the warm-up; 75.05 and 75.2 are
+    # within min_delta of 75.0, so epochs 6, 7 and 8 count as no progress
+    assert decisions == [False] * 7 + [True, True]
+    assert (rule.best, rule.last) == (75.0, 75.0)
+    resumed = HeldOutPeak(window=3, min_delta=0.1, after_epoch=3, history=accuracies[:6])
+    assert [resumed(7, 74.0), resumed(8, 75.2)] == [False, True]
+
+
+def test_the_holdout_switch_watches_the_validation_split_and_resumes_to_the_same_switch(tmp_path, real_fashion):
+    """``phase1.stop.signal: holdout`` on 2 ranks: the switch epoch is the first where the recorded
+    validation accuracies meet the rule; those are not the test accuracies, the training set lost
+    the held-out tail; and a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
+    from test_resume import _stop_run
+    from swap.task import HeldOutPeak
+    sets = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+            "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.signal=holdout",
+            "phase1.stop.window=2", "phase2.epochs=1", "phase2.batch_size=128"]
+    summary, records = train_quick(tmp_path / "ref", real_fashion, 2, *sets)
+    phase1 = [r for r in records if r["phase"] == "phase1"]
+    stop = summary["epochs"]["phase1"]
+    assert summary["switch"]["rule"] == "holdout" and summary["switch"]["epoch"] == stop == len(phase1)
+    rule = HeldOutPeak(window=2, min_delta=0.0, after_epoch=2)
+    decisions = [rule(r["epoch"], r["val_acc"]) for r in phase1]
+    assert decisions == [False] * (stop - 1) + [stop < 14], decisions
+    assert [r["val_acc"] for r in phase1] != [r["test_acc"] for r in phase1]
+    assert summary["updates"]["phase1"] == stop * 4096 // 512            # 5,120 less the 1,024 held out
+    out = tmp_path / "run"
+    args = ["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--data-dir", str(real_fashion),
+            *[a for kv in sets for a in ("--set", kv)], "--out", str(out)]
+    _stop_run(args, out, "checkpoints/phase1_last.json", signal.SIGTERM, to_group=False)
+    assert main(args + ["--resume"]) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["switch"] == summary["switch"]
+    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real_fashion):
     summary, records = train_quick(tmp_path / "run", real_fashion, 1, "data.train_subset=4096", "data.test_subset=300",
                                    "phase1.batch_size=512", "phase1.max_epochs=15", "phase1.warmup_epochs=2",

@@ -193,7 +193,8 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         raise interrupt.Interrupted(interrupt.requested(), f"before phase2 worker {w}")
     if cfg.phase2.layout == "processes" and group is None and not cfg.phase2.sync_every:   # else: they communicate
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
-        data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set))
+        data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set, ctx.val_set)
+                     if x is not None)
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
                                                           ctx.task),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`

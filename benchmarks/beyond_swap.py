@@ -1,7 +1,7 @@
 """SWAP's phase 2 as one end of a family, and the automatic phase-1 -> phase-2 switch (issue #17).
 
     .venv/bin/python benchmarks/beyond_swap.py --part methods      # ~20 min: 6 variants x 3 seeds
-    .venv/bin/python benchmarks/beyond_swap.py --part transition   # ~25 min: 4 fixed stopping accuracies + 2 auto signals, x 3 seeds
+    .venv/bin/python benchmarks/beyond_swap.py --part transition   # ~35 min: 4 fixed stopping accuracies + 4 auto signals, x 3 seeds
 
 Every run: ``swap train --config fashion_mnist_quick --procs 2`` on the first 10,000 training images
 of the fixed shuffle, the full 10,000-image test set, 2 workers, seeds 0-2, one after the other.
@@ -11,9 +11,11 @@ samples); swap-cycles with the greedy soup (12,000 images of which the last 2,00
 split: the same 10,000 training images; its summary also holds the uniform average's test
 accuracy); local-sgd with H = 4 and 32 updates; diloco with H = 32 (outer Nesterov 0.7 / 0.9).
 ``transition``: SWAP with phase1.stop_acc at 4 fixed points (the grid a user would search), and
-``phase1.stop: auto`` with each signal, its settings the defaults fixed in advance, not tuned on
-these runs: ``plateau`` (training loss) and ``holdout`` (validation accuracy; 12,000 images of
-which the last 2,000 are the validation split, so the same 10,000 training images). The verdict
+``phase1.stop: auto`` with each signal of :mod:`swap.algorithms.transition`, its settings fixed
+before these runs and not tuned on them: ``plateau`` (training loss, defaults), and on the
+validation split (12,000 images of which the last 2,000 are held out, so the same 10,000 training
+images): ``holdout`` (defaults: patience 3 epochs), ``trials`` (a trial every 3 epochs, one
+phase-2 epoch per copy, patience 2 trials) and ``barrier`` (a trial every 3 epochs, 2 points). The verdict
 line compares each auto variant with the grid's best point (mean test accuracy) and the grid's
 total wall time (what the search costs).
 
@@ -35,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = ["--config", "fashion_mnist_quick", "--procs", "2", "--workers", "2", "--set", "data.train_subset=10000"]
-GREEDY = ["--set", "phase3.aggregate=greedy", "--set", "data.train_subset=12000", "--set", "data.holdout=2000"]
+VALIDATION = ["--set", "data.train_subset=12000", "--set", "data.holdout=2000"]    # the same 10,000 training images
+GREEDY = ["--set", "phase3.aggregate=greedy", *VALIDATION]
 VARIANTS = {
     "methods": {
         "swap": ["--method", "swap"],
@@ -49,7 +52,11 @@ VARIANTS = {
         **{f"stop_acc {a}": ["--method", "swap", "--set", f"phase1.stop_acc={a}"] for a in (80, 84, 87, 90)},
         "auto": ["--method", "swap", "--set", "phase1.stop=auto"],
         "auto holdout": ["--method", "swap", "--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=holdout",
-                         "--set", "data.train_subset=12000", "--set", "data.holdout=2000"],
+                         *VALIDATION],
+        "auto trials": ["--method", "swap", "--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=trials",
+                        "--set", "phase1.stop.every=3", "--set", "phase1.stop.window=2", *VALIDATION],
+        "auto barrier": ["--method", "swap", "--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=barrier",
+                         "--set", "phase1.stop.every=3", *VALIDATION],
     },
 }
 

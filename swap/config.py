@@ -88,7 +88,7 @@ class OptimConfig:
 
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
 STOP_METRICS = {"train_acc": "max", "train_loss": "min"}
-AUTO_SIGNALS = ("plateau", "holdout")     # phase1.stop: auto, its signals (swap.task)
+AUTO_SIGNALS = ("plateau", "holdout", "trials", "barrier")   # phase1.stop: auto (swap.algorithms.transition)
 
 
 @dataclass
@@ -99,13 +99,20 @@ class StopConfig:
     metric: str = "train_acc"            # train_acc | train_loss | auto (`phase1.stop: auto` for short): a rule
                                          # decides the switch, no threshold to search (swap.task.Plateau)
     at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
-    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs,
-                                         # swap.task.Plateau) | holdout (the held-out accuracy on the validation
-                                         # split, data.holdout, beats its best by <= min_delta for `window`
-                                         # epochs in a row, swap.task.HeldOutPeak)
-    window: int = 3                      # auto: epochs the gain is measured over (plateau) | patience (holdout)
+    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs)
+                                         # | holdout (the validation accuracy, data.holdout, beats its best by
+                                         # <= min_delta for `window` epochs in a row) | trials (the same, for two
+                                         # short small-batch trial copies averaged every `every` epochs) |
+                                         # barrier (their error barrier <= max_barrier): swap.algorithms.transition
+    window: int = 3                      # auto: epochs the gain is measured over (plateau) | patience, in epochs
+                                         # (holdout) or trials (trials)
     min_gain: float = 0.05               # auto, plateau: relative training-loss gain below which phase 1 stops
-    min_delta: float = 0.0               # auto, holdout: accuracy points an epoch must beat the best by
+    min_delta: float = 0.0               # auto, holdout | trials: accuracy points a reading must beat the best by
+    every: int = 2                       # auto, trials | barrier: epochs between two trials
+    trial_updates: int = 0               # auto, trials | barrier: small-batch updates of each of the 2 trial
+                                         # copies (0 = one phase-2 epoch); they count on the critical path
+    max_barrier: float = 2.0             # auto, barrier: error barrier (accuracy points) at or below which the
+                                         # trial copies count as one basin (swap.algorithms.transition)
 
 
 @dataclass
@@ -285,9 +292,9 @@ class Config:
     def uses_validation(self) -> bool:
         """Whether a choice of the run is made on the validation split (the last ``data.holdout``
         training samples, while the test set stays the test set): the greedy soup of phase 3, or
-        phase 1's automatic switch on the ``holdout`` signal."""
+        phase 1's automatic switch on any signal but ``plateau``."""
         return self.phase3.aggregate == "greedy" or (self.phase1.stop.metric == "auto"
-                                                     and self.phase1.stop.signal == "holdout")
+                                                     and self.phase1.stop.signal != "plateau")
 
     def hash(self) -> str:
         """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
@@ -536,9 +543,12 @@ def validate(cfg: Config) -> None:
     need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0 and cfg.phase1.stop.min_delta >= 0,
          f"phase1.stop.window must be >= 1, phase1.stop.min_gain > 0 and phase1.stop.min_delta >= 0, got "
          f"{cfg.phase1.stop.window}, {cfg.phase1.stop.min_gain}, {cfg.phase1.stop.min_delta}")
-    need(not (cfg.phase1.stop.metric == "auto" and cfg.phase1.stop.signal == "holdout") or cfg.data.holdout > 0,
-         "phase1.stop.signal=holdout watches a validation split, never the test set: set data.holdout=N "
-         "(the last N training samples)")
+    need(not (cfg.phase1.stop.metric == "auto" and cfg.phase1.stop.signal != "plateau") or cfg.data.holdout > 0,
+         f"phase1.stop.signal={cfg.phase1.stop.signal} watches a validation split, never the test set: set "
+         f"data.holdout=N (the last N training samples)")
+    need(cfg.phase1.stop.every >= 1 and cfg.phase1.stop.trial_updates >= 0,
+         f"phase1.stop.every must be >= 1 and phase1.stop.trial_updates >= 0, got {cfg.phase1.stop.every}, "
+         f"{cfg.phase1.stop.trial_updates}")
     need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
          f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
     need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")

@@ -13,14 +13,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
-from ..config import SwapError, section_batch
+from ..config import section_batch
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..schedules import epoch_shape, samples_between, updates_between
 from ..noise_scale import NoiseScale
-from ..task import HeldOutPeak, Plateau
 from ..train import train
+from .transition import AutoSwitch
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
@@ -34,7 +34,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
     (:func:`swap.task.stop_reached`); (``auto``, None): the automatic switch of ``phase1.stop``
-    (:class:`AutoSwitch`, its history read back on a resume). ``after_epoch(record)`` runs on
+    (:class:`swap.algorithms.transition.AutoSwitch`, its history read back on a resume). ``after_epoch(record)`` runs on
     every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
@@ -71,14 +71,14 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
     sink = ctx.sink(phase, None, epochs, optimizer) if d.is_main else None
 
-    switch = AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs),
+    switch = AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs), epochs,
                         start.epoch if resume else 0) if stop and stop[0] == "auto" else None
 
     def on_epoch(record: dict) -> None:
         if noise is not None:
             record["noise_scale"] = noise.epoch_value()
-        if switch is not None and switch.signal == "holdout":
-            record["val_acc"] = switch.rule.last
+        if switch is not None:
+            record.update(switch.reading)
         if sink is not None:
             sink(record)
         unit.end_epoch(record["epoch"], done=record["stopped"])
@@ -99,45 +99,6 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         out["switch"] = {**switch.summary(), "epoch": out.get("epoch")}
     return unit.finish({**out, **p, "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
-
-
-class AutoSwitch:
-    """``phase1.stop: auto`` as the train loop's ``stop_fn(epoch, train_loss)``: the rule of
-    ``phase1.stop.signal`` (``plateau``: :class:`swap.task.Plateau` on the training loss;
-    ``holdout``: :class:`swap.task.HeldOutPeak` on the validation split's top-1 accuracy, after the
-    ranks' BN statistics are synced by ``sync``). On a resume (``resumed_epochs`` > 0) the rule is
-    first fed the values that metrics.jsonl kept for those epochs. Collective with ``holdout``.
-
-    Raises:
-        SwapError: ``holdout`` without a validation split.
-    """
-
-    def __init__(self, ctx: Context, phase: str, model: nn.Module, sync, after_epoch: int, resumed_epochs: int = 0):
-        s = ctx.cfg.phase1.stop
-        self.ctx, self.model, self.sync, self.signal = ctx, model, sync, s.signal
-        key = "train_loss" if s.signal == "plateau" else "val_acc"
-        history = [r[key] for r in ctx.run.read_metrics() if r["phase"] == phase and r["epoch"] is not None
-                   and r["epoch"] <= resumed_epochs] if resumed_epochs else []
-        if s.signal == "plateau":
-            self.rule = Plateau(s.window, s.min_gain, after_epoch, history)
-            self.settings = {"window": s.window, "min_gain": s.min_gain}
-        else:
-            if ctx.val_set is None:
-                raise SwapError("phase1.stop.signal=holdout needs a validation split: set data.holdout=N")
-            self.rule = HeldOutPeak(s.window, s.min_delta, after_epoch, history)
-            self.settings = {"window": s.window, "min_delta": s.min_delta}
-
-    def __call__(self, epoch: int, train_loss: float) -> bool:
-        if self.signal == "plateau":
-            return self.rule(epoch, train_loss)
-        self.sync()
-        return self.rule(epoch, self.ctx.validation_score(self.model))
-
-    def summary(self) -> dict:
-        """The rule, its settings and its last reading (``summary.json``'s ``switch``)."""
-        last = {"last_gain": self.rule.gain} if self.signal == "plateau" else \
-            {"last_val_acc": self.rule.last, "best_val_acc": self.rule.best}
-        return {"rule": self.signal, **self.settings, **last}
 
 
 class _Observed:

@@ -363,6 +363,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     walls = {**walls, "total": sum(walls.values())}
     worker_accs = [r.meta["test_acc"] for r in finished]
     p2_updates = [r.meta["updates"] for r in finished]
+    trials = phase1.get("switch", {}).get("trial_updates", 0)
     summary = {
         "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
         # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
@@ -386,8 +387,10 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "analysis_s": {"track_average": track_s},        # not part of training time
         # Updates on the critical path: phase 1 plus ONE worker's phase 2 (workers run in parallel
         # on W devices); the measure of SWAP's speed that does not depend on this machine.
+        # The automatic switch's trial copies (phase1.stop.signal trials | barrier) count there too.
         "updates": {"phase1": phase1["updates"], "phase2_per_worker": max(p2_updates),
-                    "critical_path": phase1["updates"] + max(p2_updates)},
+                    **({"switch_trials": trials} if trials else {}),
+                    "critical_path": phase1["updates"] + trials + max(p2_updates)},
         "samples": phase1["samples"] + sum(r.meta.get("samples", r.meta["updates"] * p2.batch_size)
                                            for r in finished),                  # all workers' samples
         "batch_size": {"phase1": section_batch(cfg, "phase1"), "phase2": section_batch(cfg, "phase2")},

@@ -132,35 +132,72 @@ def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_
     assert [resumed(7, 74.0), resumed(8, 75.2)] == [False, True]
 
 
-def test_the_holdout_switch_watches_the_validation_split_and_resumes_to_the_same_switch(tmp_path, real_fashion):
-    """``phase1.stop.signal: holdout`` on 2 ranks: the switch epoch is the first where the recorded
-    validation accuracies meet the rule; those are not the test accuracies, the training set lost
-    the held-out tail; and a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
+AUTO = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+        "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
+        "phase2.epochs=1", "phase2.batch_size=128"]
+
+
+@pytest.mark.parametrize("signal_name, key", [("holdout", "val_acc"), ("trials", "trial_val_acc")])
+def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_switch(tmp_path, real_fashion,
+                                                                                     signal_name, key):
+    """``phase1.stop.signal`` holdout and trials on 2 ranks: the switch epoch is the first where the
+    recorded validation accuracies meet the rule; those are not test accuracies; the training set
+    lost the held-out tail; trials come every 2 epochs after the warm-up and their updates are on
+    the critical path; a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
     from test_resume import _stop_run
     from swap.task import HeldOutPeak
-    sets = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
-            "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.signal=holdout",
-            "phase1.stop.window=2", "phase2.epochs=1", "phase2.batch_size=128"]
+    sets = [*AUTO, f"phase1.stop.signal={signal_name}"]
     summary, records = train_quick(tmp_path / "ref", real_fashion, 2, *sets)
     phase1 = [r for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
-    assert summary["switch"]["rule"] == "holdout" and summary["switch"]["epoch"] == stop == len(phase1)
+    assert summary["switch"]["rule"] == signal_name and summary["switch"]["epoch"] == stop == len(phase1)
+    read = [r for r in phase1 if key in r]                      # no reading at phase 1's last epoch
+    every = 1 if signal_name == "holdout" else 2
+    assert [r["epoch"] for r in read] == [e for e in range(1, min(stop + 1, 14))
+                                          if signal_name == "holdout" or (e > 2 and e % every == 0)]
     rule = HeldOutPeak(window=2, min_delta=0.0, after_epoch=2)
-    read = [r for r in phase1 if "val_acc" in r]                     # every epoch but phase 1's last
-    assert len(read) == min(stop, 13)
-    decisions = [rule(r["epoch"], r["val_acc"]) for r in read]
+    decisions = [rule(r["epoch"], r[key]) for r in read]
     assert decisions == [False] * (len(read) - 1) + [stop < 14], decisions
-    assert [r["val_acc"] for r in read] != [r["test_acc"] for r in read]
+    assert [r[key] for r in read] != [r["test_acc"] for r in read]
     assert summary["updates"]["phase1"] == stop * 4096 // 512            # 5,120 less the 1,024 held out
+    trial_updates = len(read) * 4096 // 128 if signal_name == "trials" else 0   # one phase-2 epoch per copy
+    assert summary["updates"].get("switch_trials", 0) == summary["switch"].get("trial_updates", 0) == trial_updates
+    assert summary["updates"]["critical_path"] == stop * 8 + trial_updates + 4096 // 128
+    if signal_name == "trials":
+        assert all(r["trial_barrier"] == pytest.approx(sum(r["trial_copies_val_acc"]) / 2 - r[key]) for r in read)
     out = tmp_path / "run"
     args = ["train", "--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2", "--data-dir", str(real_fashion),
             *[a for kv in sets for a in ("--set", kv)], "--out", str(out)]
     _stop_run(args, out, "checkpoints/phase1_last.json", signal.SIGTERM, to_group=False)
     assert main(args + ["--resume"]) == 0
     resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["switch"] == summary["switch"]
+    assert {k: v for k, v in resumed["switch"].items() if k != "cost_s"} == \
+        {k: v for k, v in summary["switch"].items() if k != "cost_s"}
+    assert resumed["updates"] == summary["updates"]
     ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_trial_copies_leave_phase1_untouched_and_the_barrier_rule_switches_at_a_small_barrier(tmp_path, real_fashion):
+    """Phase 1 with trials that never switch (patience 100) ends on the same weights, bit for bit, as
+    phase 1 with no rule at all; with ``barrier`` and a 100-point threshold the switch comes at the
+    first trial after the warm-up (epoch 4), and the barrier recorded is the copies' mean
+    validation accuracy minus their midpoint's."""
+    common = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+              "phase1.max_epochs=6", "phase1.warmup_epochs=2", "phase2.epochs=1", "phase2.batch_size=128"]
+    train_quick(tmp_path / "plain", real_fashion, 2, *common, "phase1.stop_acc=100")
+    trials, records = train_quick(tmp_path / "trials", real_fashion, 2, *common, "phase1.stop.metric=auto",
+                                  "phase1.stop.signal=trials", "phase1.stop.window=100")
+    assert trials["epochs"]["phase1"] == 6 and trials["switch"]["trials"] == 1     # epoch 4 (6 is phase 1's last)
+    a, b = (load_file(str(tmp_path / d / "checkpoints" / "phase1.safetensors")) for d in ("plain", "trials"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    barrier, records = train_quick(tmp_path / "barrier", real_fashion, 2, *common, "phase1.stop.metric=auto",
+                                   "phase1.stop.signal=barrier", "phase1.stop.max_barrier=100")
+    assert barrier["epochs"]["phase1"] == 4 and barrier["switch"]["trials"] == 1
+    r = [r for r in records if r["phase"] == "phase1" and "trial_barrier" in r]
+    assert len(r) == 1 and r[0]["trial_barrier"] == pytest.approx(sum(r[0]["trial_copies_val_acc"]) / 2
+                                                                   - r[0]["trial_val_acc"])
+    assert barrier["switch"]["last_barrier"] == r[0]["trial_barrier"] <= 100
 
 
 def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real_fashion):

@@ -121,15 +121,15 @@ def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
 
 def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_warm_up():
     from swap.task import HeldOutPeak
-    accuracies = [50.0, 70.0, 69.0, 68.0, 75.0, 75.05, 74.0, 75.2, 75.0]
+    accuracies = [50.0, 70.0, 69.0, 68.0, 75.0, 75.05, 74.0, 75.08, 75.0]
     rule = HeldOutPeak(window=3, min_delta=0.1, after_epoch=3)
     decisions = [rule(e, a) for e, a in enumerate(accuracies, start=1)]
-    # epoch 4 is the third epoch without a new best, but inside the warm-up; 75.05 and 75.2 are
+    # epoch 4 is the third epoch without a new best, but inside the warm-up; 75.05 and 75.08 are
     # within min_delta of 75.0, so epochs 6, 7 and 8 count as no progress
     assert decisions == [False] * 7 + [True, True]
     assert (rule.best, rule.last) == (75.0, 75.0)
     resumed = HeldOutPeak(window=3, min_delta=0.1, after_epoch=3, history=accuracies[:6])
-    assert [resumed(7, 74.0), resumed(8, 75.2)] == [False, True]
+    assert [resumed(7, 74.0), resumed(8, 75.08)] == [False, True]
 
 
 AUTO = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",

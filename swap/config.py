@@ -97,18 +97,20 @@ class StopConfig:
     at least ``at``, or ``train_loss`` falling to at most ``at``. ``at: null`` keeps
     ``phase1.stop_acc`` (training accuracy)."""
     metric: str = "train_acc"            # train_acc | train_loss | auto (`phase1.stop: auto` for short): a rule
-                                         # decides the switch, no threshold to search (swap.task.Plateau)
+                                         # decides the switch, no threshold to search (swap.algorithms.transition)
     at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
-    signal: str = "plateau"              # auto: plateau (the training loss gains < min_gain over `window` epochs)
-                                         # | holdout (the validation accuracy, data.holdout, beats its best by
-                                         # <= min_delta for `window` epochs in a row) | trials (the same, for two
-                                         # short small-batch trial copies averaged every `every` epochs) |
-                                         # barrier (their error barrier <= max_barrier): swap.algorithms.transition
-    window: int = 3                      # auto: epochs the gain is measured over (plateau) | patience, in epochs
-                                         # (holdout) or trials (trials)
+    signal: str = "trials"               # auto: trials (two short small-batch trial copies of the phase-1 weights,
+                                         # averaged every `every` epochs; their validation accuracy, data.holdout,
+                                         # beats its best by <= min_delta for `window` trials in a row; the signal
+                                         # that met its target in BENCHMARKS.md) | holdout (the same for the
+                                         # phase-1 model itself, every epoch) | barrier (the trial copies' error
+                                         # barrier <= max_barrier) | plateau (the training loss gains < min_gain
+                                         # over `window` epochs; needs no validation split)
+    window: int = 2                      # auto: patience, in trials (trials) or epochs (holdout) | epochs the gain
+                                         # is measured over (plateau; BENCHMARKS.md measured plateau and holdout at 3)
     min_gain: float = 0.05               # auto, plateau: relative training-loss gain below which phase 1 stops
     min_delta: float = 0.0               # auto, holdout | trials: accuracy points a reading must beat the best by
-    every: int = 2                       # auto, trials | barrier: epochs between two trials
+    every: int = 3                       # auto, trials | barrier: epochs between two trials
     trial_updates: int = 0               # auto, trials | barrier: small-batch updates of each of the 2 trial
                                          # copies (0 = one phase-2 epoch); they count on the critical path
     max_barrier: float = 2.0             # auto, barrier: error barrier (accuracy points) at or below which the

@@ -59,3 +59,22 @@ def test_batches_impossible_for_the_processes_or_the_data_are_refused_before_any
         swap.train_swap(tiny_net, _quadrant_data(256, 0), _quadrant_data(64, 1), {**config, "phase1": {"batch_size": 128}},
                         out=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_library_run_takes_its_validation_split_from_the_tail_of_the_training_data(tmp_path):
+    """With choices made on a validation split (the trials switch, the greedy soup), a user's own
+    training tensors lose their last ``data.holdout`` samples to it: phase 1 trains on the rest,
+    and the switch and the soup read validation accuracies, not test accuracies."""
+    config = {"workers": 2, "eval_every": 100,
+              "data": {"crop_padding": 0, "flip": False, "cutout": 0, "holdout": 256},
+              "phase1": {"batch_size": 128, "micro_batch_size": 64, "peak_lr": 0.4, "warmup_epochs": 1,
+                         "max_epochs": 6, "stop": {"metric": "auto", "signal": "trials", "every": 1, "window": 1,
+                                                   "trial_updates": 4}},
+              "phase2": {"batch_size": 32, "peak_lr": 0.05, "epochs": 1},
+              "phase3": {"aggregate": "greedy"}}
+    _, summary = swap.train_swap(tiny_net, _quadrant_data(1024, 0), _quadrant_data(512, 1), config, out=tmp_path / "run")
+    switch = summary["switch"]
+    assert switch["rule"] == "trials" and switch["trials"] >= 1 and switch["trial_updates"] == 4 * 2 * switch["trials"]
+    assert summary["updates"]["phase1"] == summary["epochs"]["phase1"] * (1024 - 256) // 128
+    assert summary["updates"]["phase2_per_worker"] == (1024 - 256) // 32
+    assert set(summary["soup"]["val_acc"]) == {"w0", "w1"} and summary["soup"]["kept"]

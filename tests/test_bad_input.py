@@ -42,6 +42,7 @@ def _train(tmp_path, *extra):
     (["--set", "phase3.aggregate=greedy"], "set data.holdout=N"),
     (["--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=hessian"], "is not an automatic switch signal"),
     (["--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=holdout"], "watches a validation split"),
+    (["--set", "phase1.stop=auto"], "phase1.stop.signal=trials watches a validation split"),
     (["--set", "phase1.stop.min_delta=-1"], "phase1.stop.min_delta >= 0"),
     (["--set", "phase1.stop=auto", "--set", "phase1.stop.window=2"], "set its keys one by one"),
     (["--set", "phase2.sync_every=4", "--procs", "1"],

@@ -204,7 +204,8 @@ def test_trial_copies_leave_phase1_untouched_and_the_barrier_rule_switches_at_a_
 def test_swap_with_the_automatic_switch_stops_where_its_rule_says(tmp_path, real_fashion):
     summary, records = train_quick(tmp_path / "run", real_fashion, 1, "data.train_subset=4096", "data.test_subset=300",
                                    "phase1.batch_size=512", "phase1.max_epochs=15", "phase1.warmup_epochs=2",
-                                   "phase1.stop.metric=auto", "phase1.stop.signal=plateau", "phase2.epochs=1", "phase2.batch_size=128")
+                                   "phase1.stop.metric=auto", "phase1.stop.signal=plateau", "phase2.epochs=1",
+                                   "phase2.batch_size=128")
     losses = [r["train_loss"] for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
     assert summary["switch"]["rule"] == "plateau" and summary["switch"]["epoch"] == stop == len(losses)
@@ -228,6 +229,7 @@ def test_the_noise_scale_estimate_recovers_a_known_gradient_noise():
 def test_phase1_logs_the_noise_scale_with_the_automatic_switch(tmp_path, real_fashion):
     _, records = train_quick(tmp_path / "run", real_fashion, 2, "data.train_subset=4096", "data.test_subset=300",
                              "phase1.batch_size=1024", "phase1.max_epochs=3", "phase1.warmup_epochs=1",
-                             "phase1.stop.metric=auto", "phase1.stop.signal=plateau", "phase2.epochs=1", "phase2.batch_size=128")
+                             "phase1.stop.metric=auto", "phase1.stop.signal=plateau", "phase2.epochs=1",
+                             "phase2.batch_size=128")
     scales = [r.get("noise_scale") for r in records if r["phase"] == "phase1"]
     assert len(scales) == 3 and all(s is not None and 1 < s < 1e6 for s in scales), scales

@@ -34,8 +34,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
     or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
     (:func:`swap.task.stop_reached`); (``auto``, None): the automatic switch of ``phase1.stop``
-    (:class:`swap.algorithms.transition.AutoSwitch`, its history read back on a resume). ``after_epoch(record)`` runs on
-    every rank after each epoch.
+    (:class:`swap.algorithms.transition.AutoSwitch`, its history read back on a resume).
+    ``after_epoch(record)`` runs on every rank after each epoch.
     ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.batches`).

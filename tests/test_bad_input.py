@@ -44,6 +44,8 @@ def _train(tmp_path, *extra):
     (["--set", "phase1.stop.metric=auto", "--set", "phase1.stop.signal=holdout"], "watches a validation split"),
     (["--set", "phase1.stop=auto"], "phase1.stop.signal=trials watches a validation split"),
     (["--set", "phase1.stop.min_delta=-1"], "phase1.stop.min_delta >= 0"),
+    (["--set", "phase1.stop.every=0"], "phase1.stop.every must be >= 1"),
+    (["--set", "phase1.stop.trial_updates=-1"], "phase1.stop.trial_updates >= 0"),
     (["--set", "phase1.stop=auto", "--set", "phase1.stop.window=2"], "set its keys one by one"),
     (["--set", "phase2.sync_every=4", "--procs", "1"],
      "set procs=2 (the run has 1)"),

@@ -116,6 +116,11 @@ class StopConfig:
     max_barrier: float = 2.0             # auto, barrier: error barrier (accuracy points) at or below which the
                                          # trial copies count as one basin (swap.algorithms.transition)
 
+    @property
+    def watches_validation(self) -> bool:
+        """The automatic switch on a signal that reads the validation split (all but ``plateau``)."""
+        return self.metric == "auto" and self.signal != "plateau"
+
 
 @dataclass
 class Phase1Config:
@@ -295,8 +300,7 @@ class Config:
         """Whether a choice of the run is made on the validation split (the last ``data.holdout``
         training samples, while the test set stays the test set): the greedy soup of phase 3, or
         phase 1's automatic switch on any signal but ``plateau``."""
-        return self.phase3.aggregate == "greedy" or (self.phase1.stop.metric == "auto"
-                                                     and self.phase1.stop.signal != "plateau")
+        return self.phase3.aggregate == "greedy" or self.phase1.stop.watches_validation
 
     def hash(self) -> str:
         """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
@@ -545,7 +549,7 @@ def validate(cfg: Config) -> None:
     need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0 and cfg.phase1.stop.min_delta >= 0,
          f"phase1.stop.window must be >= 1, phase1.stop.min_gain > 0 and phase1.stop.min_delta >= 0, got "
          f"{cfg.phase1.stop.window}, {cfg.phase1.stop.min_gain}, {cfg.phase1.stop.min_delta}")
-    need(not (cfg.phase1.stop.metric == "auto" and cfg.phase1.stop.signal != "plateau") or cfg.data.holdout > 0,
+    need(not cfg.phase1.stop.watches_validation or cfg.data.holdout > 0,
          f"phase1.stop.signal={cfg.phase1.stop.signal} watches a validation split, never the test set: set "
          f"data.holdout=N (the last N training samples)")
     need(cfg.phase1.stop.every >= 1 and cfg.phase1.stop.trial_updates >= 0,

@@ -68,6 +68,8 @@ class AutoSwitch:
         s = ctx.cfg.phase1.stop
         self.ctx, self.model, self.sync, self.s, self.signal = ctx, model, sync, s, s.signal
         self.after, self.last_epoch = after_epoch, last_epoch
+        self.batch = section_batches(ctx.cfg, "phase2")[0][1]           # a trial copy's batch: phase 2's
+        self.per_copy = s.trial_updates or len(ctx.train_set) // self.batch
         kept = [r for r in ctx.run.read_metrics() if r["phase"] == phase and r["epoch"] is not None
                 and r["epoch"] <= resumed_epochs] if resumed_epochs else []
         self.trials = sum("trial_val_acc" in r for r in kept)
@@ -105,11 +107,6 @@ class AutoSwitch:
         self.cost_s += self.reading["switch_s"]
         return stop
 
-    def trial_updates(self) -> int:
-        """Updates of one trial copy: ``phase1.stop.trial_updates``, or one phase-2 epoch's."""
-        batch = section_batches(self.ctx.cfg, "phase2")[0][1]
-        return self.s.trial_updates or len(self.ctx.train_set) // batch
-
     def measure(self, epoch: int) -> dict:
         """Train the two trial copies of the current weights (rank c trains copy c, or rank 0 both),
         gather them on every rank and score them on the validation split: each copy, and their
@@ -131,14 +128,15 @@ class AutoSwitch:
         return {"trial_val_acc": middle, "trial_barrier": sum(ends) / COPIES - middle, "trial_copies_val_acc": ends}
 
     def _train_copy(self, epoch: int, c: int) -> dict[str, torch.Tensor]:
-        """Copy ``c``'s state dict (on the CPU) after :meth:`trial_updates` small-batch updates from
-        the current weights, on data stream (seed, "trial", epoch, c)."""
+        """Copy ``c``'s state dict (on the CPU) after :attr:`per_copy` small-batch updates
+        (``phase1.stop.trial_updates``, or one phase-2 epoch's) from the current weights, on data
+        stream (seed, "trial", epoch, c)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         trial = copy.deepcopy(self.model).train()
         stream = ("trial", epoch, c)
-        loader = ctx.loader(section_batches(cfg, "phase2")[0][1], stream, data_parallel=False)
+        loader = ctx.loader(self.batch, stream, data_parallel=False)
         step = ctx.update_step(trial, ctx.optimizer(trial, "sgd", stream))
-        total = self.trial_updates()
+        total = self.per_copy
         lr_at = warmup_decay(cfg.phase2.peak_lr, 0, total)
         done, pass_ = 0, 0
         while done < total:
@@ -161,7 +159,7 @@ class AutoSwitch:
                "best_acc": self.rule.best, "cost_s": self.cost_s}
         if self.signal in ("trials", "barrier"):
             parallel = 1 if self.ctx.dist.world_size >= COPIES else COPIES
-            out.update(every=s.every, trials=self.trials, trial_updates=self.trials * self.trial_updates() * parallel,
+            out.update(every=s.every, trials=self.trials, trial_updates=self.trials * self.per_copy * parallel,
                        last_barrier=self.barrier)
             if self.signal == "barrier":
                 out["max_barrier"] = s.max_barrier

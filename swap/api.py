@@ -4,6 +4,8 @@ samples, with the user's loss and metrics (:mod:`swap.task`)."""
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import multiprocessing
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
 from .data.generic import check_sample, subset
 from .rundir import RunDir
-from .task import METRICS, Task
+from .task import METRICS, Task, class_targets
 
 
 def _as_dataset(data, num_classes: int | None) -> ImageDataset:
@@ -78,15 +80,20 @@ def check_main_guard(entry: str) -> None:
             return
 
 
-def check_task(model_fn, dataset, task: Task, collate_fn=None) -> None:
-    """Run the model, the loss and every metric once on a batch of the first two samples, before
-    any training, so that a model that does not take the input, a loss that is not a scalar or a
+def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
+    """Run the model, the loss and every metric once on a batch of the first two samples, made by
+    the run's collate function (``collate_fn``, else the dataset's own ``collate_fn`` attribute,
+    else torch's ``default_collate``), before any training, so that a model that does not take the input, a loss that is not a scalar or a
     metric that fails is a one-line error and not a failed rank.
 
+    Returns:
+        whether the batch's targets are class indices of the model's output
+        (:func:`swap.task.class_targets`; False for soft targets such as mixup's).
     Raises:
         SwapError: naming what failed.
     """
-    batch = (collate_fn or torch.utils.data.default_collate)([dataset[i] for i in range(min(2, len(dataset)))])
+    collate = collate_fn or getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate   # as the run
+    batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
     x, y = batch
     model = model_fn()
     model.eval()
@@ -100,13 +107,28 @@ def check_task(model_fn, dataset, task: Task, collate_fn=None) -> None:
         task.batch_metrics(out, y, loss)
     except Exception as exc:
         raise SwapError(f"a metric failed on a batch of the dataset: {type(exc).__name__}: {exc}") from None
+    return class_targets(out, y)
+
+
+def check_stop_rule(cfg: Config, task: Task, method) -> None:
+    """Refuse, before any work, a phase-1 stopping rule on training accuracy when the training
+    targets are not class indices (``task.class_targets`` False): the accuracy would read 0 and
+    phase 1 would run to ``phase1.max_epochs`` whatever happened.
+
+    Raises:
+        SwapError: naming ``phase1.stop.metric: train_loss`` and ``phase1.stop: auto``.
+    """
+    if not task.class_targets and method.summary == "swap" and cfg.phase1.stop_rule()[0] == "train_acc":
+        raise SwapError("the training targets are not class indices (soft or float targets, e.g. mixup), so the "
+                        "training accuracy has no meaning and phase1.stop_acc can never be reached: stop on the loss "
+                        "(phase1.stop.metric: train_loss with phase1.stop.at: LOSS) or set phase1.stop: auto")
 
 
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
          collate_fn=None):
     from . import methods
 
-    cfg = config if isinstance(config, Config) else load_config(None, config)
+    cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
     if procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"):
         check_main_guard(f"train_{method}")
     custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
@@ -121,8 +143,13 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
         for name, dataset in (("train_set", train_set), ("test_set", test_set)):
             check_sample(dataset, name)
         train_set, test_set = subset(train_set, cfg.data.train_subset), subset(test_set, cfg.data.test_subset)
-        check_task(model_fn, train_set, task, collate_fn)
+        if not check_task(model_fn, train_set, task, collate_fn):
+            task = dataclasses.replace(task, class_targets=False)
+    check_stop_rule(cfg, task, methods.METHODS[method])
+    fitted = methods.METHODS[method].fit(cfg, procs, len(train_set))     # defaults the user did not set
     methods.METHODS[method].check(cfg, procs, len(train_set))
+    if fitted:
+        print(f"swap: train_{method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
     spec = methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set), task=task,

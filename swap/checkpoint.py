@@ -58,9 +58,44 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: first name}`` of every entry of a state dict that is the very tensor of an earlier
+    entry (same storage, offset, shape and strides): tied weights, such as a language model's
+    input embedding shared with its output layer (GPT-2, BERT). Empty tensors are never tied."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
+def _to_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` that a safetensors file holds: one entry per tied group
+    (:func:`tied_names`; the others are restored from the model on load), on the CPU, each in
+    memory of its own (a tensor that only overlaps another's storage is copied)."""
+    tied = tied_names(state)
+    out, seen = {}, set()
+    for name, t in state.items():
+        if name in tied:
+            continue
+        t = t.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=None) -> None:
     """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``;
-    with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. All files
+    tied weights are stored once (:func:`tied_names`; their names in ``meta["tied"]``); with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. All files
     are written and fsynced under temporary names first, then renamed, the JSON last, so a
     checkpoint whose JSON exists is complete, and a failed write leaves the previous one whole.
 
@@ -71,7 +106,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=No
     path.parent.mkdir(parents=True, exist_ok=True)
     targets = ([path.with_suffix(".optim.pt")] if optimizer is not None else []) + [
         path.with_suffix(".safetensors"), path.with_suffix(".json")]
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state, tied = _to_save(full), tied_names(full)
+    if tied:
+        meta = {**meta, "tied": tied}
     with atomic_paths(*targets) as tmps:
         hashes = {}
         if optimizer is not None:
@@ -149,6 +187,7 @@ def read_meta(path: str | Path) -> dict:
 
 def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None, optimizer=None) -> dict:
     """Load weights into ``model`` (and, if given, the optimizer state) after checking them; return the metadata.
+    Weights tied in ``model`` stay tied (the file holds one copy; it is copied into the shared tensor).
 
     Raises:
         SwapError: files missing or corrupt, weights hash differs from the metadata, config hash
@@ -181,6 +220,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     except (SafetensorError, OSError) as exc:
         raise SwapError(f"checkpoint {weights}: not a readable safetensors file ({exc})") from None
     expected = model.state_dict()
+    for name, first in tied_names(expected).items():      # tied weights are stored once
+        if name not in state and first in state:
+            state[name] = state[first]
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

@@ -155,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _ = load_configured(cfg.data, verify=True)
+        fitted = method.fit(cfg, procs, len(train_set))       # defaults the user did not set, fitted to the data
         method.check(cfg, procs, len(train_set))
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
@@ -163,7 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
                 if method.driver and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
-        print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}", file=sys.stderr)
+        fitted = f"; fitted to the data: {', '.join(fitted)}" if fitted else ""
+        print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}{fitted}",
+              file=sys.stderr)
         with run.locked():
             try:
                 summary = methods.launch(args.method, dataclasses.replace(spec, t0=time.time()), procs)
@@ -309,16 +312,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.train_samples:                         # no data needed: sizes given, synthetic images
         if args.train_samples < 1 or args.test_samples < 1 or args.classes < 2:
             raise SwapError("--train-samples and --test-samples must be >= 1 and --classes >= 2")
-        n_train, n_test, classes, shape = args.train_samples, args.test_samples, args.classes, \
-            (3, cfg.data.image_size, cfg.data.image_size)
+        side = cfg.data.image_size or 224               # synthetic images: ImageNet's side unless set
+        n_train, n_test, classes, shape = args.train_samples, args.test_samples, args.classes, (3, side, side)
         augment = None
     else:
         train_set, test_set = load_configured(cfg.data)
         n_train, n_test, classes = len(train_set), len(test_set), train_set.num_classes
         if isinstance(train_set, ImageDataset):
             shape, augment = tuple(train_set.images.shape[1:]), augment_for(cfg.data, train_set)
-        elif hasattr(train_set, "channels"):          # an image folder: its channels at data.image_size
-            shape, augment = (train_set.channels, cfg.data.image_size, cfg.data.image_size), None
+        elif hasattr(train_set, "channels"):          # an image folder: its channels at its side
+            shape, augment = (train_set.channels, train_set.size, train_set.size), None
         else:
             raise SwapError(f"swap plan calibrates image models; data.name={cfg.data.name} is not one")
     measured: dict[str, list[dict]] = {}

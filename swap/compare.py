@@ -188,7 +188,8 @@ def summary_method(entries: list) -> str:
 
 
 def _holdout(run: RunDir) -> bool:
-    return run.load_config().data.holdout > 0
+    cfg = run.load_config()
+    return cfg.data.holdout > 0 and not cfg.uses_validation()
 
 
 def write_report(out: str | Path, report: dict) -> None:

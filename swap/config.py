@@ -19,25 +19,10 @@ from typing import Any
 
 import yaml
 
+from .errors import SwapError, printable  # noqa: F401  (re-exported: `from swap.config import SwapError`)
+from .schedules import parse_segments
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def printable(text: str) -> str:
-    """``text`` with every non-printable character (newline, carriage return, ``\\x1e``, ``\\x85``,
-    ``\\u2028``, tab, ...) written as its Python escape, so that it renders as exactly one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-class SwapError(Exception):
-    """The one error type for bad input: its message says what was wrong and how to fix it.
-
-    User values quoted in the message may hold any character; the message is stored with
-    non-printable characters escaped (:func:`printable`), so it is always one printable line.
-    The CLI prints it (no traceback) and exits with status 2.
-    """
-
-    def __init__(self, message: object = ""):
-        super().__init__(printable(str(message)))
 
 
 @dataclass
@@ -52,15 +37,23 @@ class DataConfig:
     flip: bool = True                    # random horizontal flip
     cutout: int = 8                      # cutout square side in pixels (DeVries & Taylor 2017; 0 = off)
     holdout: int = 0                     # > 0: the last N training samples become the evaluation set
-                                         # (a validation split for tuning); the test set is not touched
+                                         # (a validation split for tuning); the test set is not touched. A run
+                                         # that decides on a validation split (phase1.stop: auto, greedy soup)
+                                         # holds them out as that split; 0 there = 10% of the training
+                                         # samples, at most 5,000 (named in the run's first line)
     num_workers: int = 0                 # DataLoader worker processes of a generic Dataset (0 = in-process)
     seq_len: int = 64                    # text-char: bytes per sample (context length of the model)
     sample_rngs: str = "torch"           # a Dataset's random transforms replay exactly (resume, ranks) when they
                                          # draw from: torch (torch's RNG) | all (+ Python random, NumPy)
-    image_size: int = 224                # imagefolder: evaluation side in pixels (and training side where no
-                                         # segment sets image_size)
+    image_size: int | None = None        # imagefolder: evaluation side in pixels (and training side where no
+                                         # segment sets image_size); null = the images' own (the shorter side of
+                                         # the first training image; other sizes are resized and centre-cropped)
+    crop: str = "auto"                   # imagefolder training crop: resized (Inception's random resized crop,
+                                         # min_scale; ImageNet) | padded (crop_padding, flip, cutout, as the
+                                         # in-memory path; small images) | auto (padded up to 64 px, else resized)
     min_scale: float = 0.08              # imagefolder: smallest area fraction of a random resized crop
-    crop_ratio: float = 0.875            # imagefolder: evaluation centre crop / resized shorter side
+    crop_ratio: float = 0.875            # imagefolder: evaluation centre crop / resized shorter side (crop
+                                         # resized; padded evaluates the whole image)
     bad_images: str = "stop"             # imagefolder: an unreadable image stops the run | skip (counted, in
                                          # RUN/logs/bad_images.txt)
     verify_images: bool = True           # imagefolder: decode every image once before training (`swap train`,
@@ -120,6 +113,15 @@ class StopConfig:
     def watches_validation(self) -> bool:
         """The automatic switch on a signal that reads the validation split (all but ``plateau``)."""
         return self.metric == "auto" and self.signal != "plateau"
+
+
+@dataclass
+class DDPConfig:
+    """torch's DistributedDataParallel, wherever ranks train one model (phase 1, the SGD baselines,
+    ABS, a phase-2 worker group)."""
+    find_unused_parameters: bool = False  # true: a model whose forward pass leaves some parameters out (a
+                                         # skipped branch, a gated expert) trains on several ranks; costs a
+                                         # graph traversal per update
 
 
 @dataclass
@@ -282,6 +284,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     phase3: Phase3Config = field(default_factory=Phase3Config)
@@ -302,6 +305,19 @@ class Config:
         phase 1's automatic switch on any signal but ``plateau``."""
         return self.phase3.aggregate == "greedy" or self.phase1.stop.watches_validation
 
+    def is_set(self, key: str) -> bool:
+        """Whether the user chose the value of dotted ``key`` (``phase3.bn_batch_size``): it was
+        given by a preset, a YAML file, ``--set``, ``SWAP_SET`` or a dict of overrides
+        (:func:`load_config`), or it differs from the default (a config built in code). A key
+        the user did not set may be fitted to the data (:meth:`swap.methods.Method.fit`); one
+        they set is refused when impossible."""
+        if key in getattr(self, "given", ()):
+            return True
+        here, default = self, Config()
+        for part in key.split("."):
+            here, default = getattr(here, part), getattr(default, part)
+        return here != default
+
     def hash(self) -> str:
         """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
         keys in :data:`NOT_HASHED`: a run may be resumed with those changed."""
@@ -320,8 +336,9 @@ NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers")
 
 # --------------------------------------------------------------------------- loading and merging
 
-def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
-    """Set fields of dataclass ``obj`` from a nested dict, refusing unknown keys and wrong types."""
+def _merge(obj: Any, values: dict[str, Any], where: str, given: set | None = None) -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, refusing unknown keys and wrong types;
+    the dotted key of every value set is added to ``given``."""
     if not isinstance(values, dict):
         raise SwapError(f"config section '{where or 'top'}' must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(obj)}
@@ -333,9 +350,11 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
         if isinstance(current, StopConfig) and value == "auto":     # `phase1.stop: auto`, short for metric: auto
             value = {"metric": "auto"}
         if dataclasses.is_dataclass(current):
-            _merge(current, value, path)
+            _merge(current, value, path, given)
         else:
             setattr(obj, key, _coerce(value, known[key].type, path))
+            if given is not None:
+                given.add(path)
 
 
 def _coerce(value: Any, annotation: str, path: str) -> Any:
@@ -422,22 +441,23 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
     Raises:
         SwapError: unreadable YAML, unknown key, wrong type, or an impossible value (see :func:`validate`).
     """
-    cfg = Config()
+    cfg, given = Config(), set()
     if name_or_path is not None:
         path = resolve_preset(name_or_path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise SwapError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        _merge(cfg, values, "")
+        _merge(cfg, values, "", given)
         if "name" not in values:
             cfg.name = path.stem
     if overrides:
-        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
+        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "", given)
     from_env = env_overrides()
     if from_env:
-        _merge(cfg, parse_overrides(from_env), "")
+        _merge(cfg, parse_overrides(from_env), "", given)
     validate(cfg)
+    cfg.given = frozenset(given)          # the keys the user chose (Config.is_set); not a field: not saved
     return cfg
 
 
@@ -476,7 +496,9 @@ def validate(cfg: Config) -> None:
          f"model.name must be resnet9, smallcnn, resnet50, char-transformer or torchvision:NAME, got '{cfg.model.name}'")
     need(not cfg.model.init_bn0 or cfg.model.name == "resnet50",
          f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
-    need(cfg.data.image_size >= 1, f"data.image_size must be >= 1 (pixels), got {cfg.data.image_size}")
+    need(cfg.data.image_size is None or cfg.data.image_size >= 1,
+         f"data.image_size must be >= 1 (pixels) or null (the images' own), got {cfg.data.image_size}")
+    need(cfg.data.crop in ("auto", "resized", "padded"), f"data.crop must be auto, resized or padded, got '{cfg.data.crop}'")
     need(0 < cfg.data.min_scale <= 1, f"data.min_scale must be in (0, 1], got {cfg.data.min_scale}")
     need(0 < cfg.data.crop_ratio <= 1, f"data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
     need(cfg.data.bad_images in ("stop", "skip"), f"data.bad_images must be stop or skip, got '{cfg.data.bad_images}'")
@@ -549,9 +571,6 @@ def validate(cfg: Config) -> None:
     need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0 and cfg.phase1.stop.min_delta >= 0,
          f"phase1.stop.window must be >= 1, phase1.stop.min_gain > 0 and phase1.stop.min_delta >= 0, got "
          f"{cfg.phase1.stop.window}, {cfg.phase1.stop.min_gain}, {cfg.phase1.stop.min_delta}")
-    need(not cfg.phase1.stop.watches_validation or cfg.data.holdout > 0,
-         f"phase1.stop.signal={cfg.phase1.stop.signal} watches a validation split, never the test set: set "
-         f"data.holdout=N (the last N training samples)")
     need(cfg.phase1.stop.every >= 1 and cfg.phase1.stop.trial_updates >= 0,
          f"phase1.stop.every must be >= 1 and phase1.stop.trial_updates >= 0, got {cfg.phase1.stop.every}, "
          f"{cfg.phase1.stop.trial_updates}")
@@ -571,9 +590,6 @@ def validate(cfg: Config) -> None:
     need(cfg.data.sample_rngs in ("torch", "all"), f"data.sample_rngs must be torch or all, got '{cfg.data.sample_rngs}'")
     need(cfg.phase3.aggregate in ("uniform", "greedy"),
          f"phase3.aggregate must be uniform or greedy, got '{cfg.phase3.aggregate}'")
-    need(cfg.phase3.aggregate != "greedy" or cfg.data.holdout > 0,
-         "phase3.aggregate=greedy chooses the soup on a validation split, never the test set: set data.holdout=N "
-         "(the last N training samples)")
     need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
     a = cfg.abs
     need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,
@@ -590,6 +606,13 @@ def validate(cfg: Config) -> None:
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
 
 
+def validation_size(data_cfg: DataConfig, train_samples: int) -> int:
+    """Samples of the validation split that a run taking decisions on one (:meth:`Config.uses_validation`)
+    holds out of ``train_samples``: ``data.holdout`` if set, else 10% of them, at most 5,000 and
+    at least 1 (the last samples of the training set; the test set is never used to decide)."""
+    return data_cfg.holdout or max(1, min(train_samples // 10, 5000))
+
+
 def segments(cfg: Config, section: str) -> list:
     """The piecewise schedule (:class:`swap.schedules.Segment` list) of config ``section``
     (``phase1``, ``phase2``, ``sgd``, ...), or ``[]`` when it has none.
@@ -597,7 +620,6 @@ def segments(cfg: Config, section: str) -> list:
     Raises:
         SwapError: segments that overlap, leave gaps or hold a bad value (naming which).
     """
-    from .schedules import parse_segments
     return parse_segments(getattr(getattr(cfg, section), "segments", []), f"{section}.segments")
 
 

@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, SwapError, check_world, segments
+from .config import Config, SwapError, check_world, segments, validation_size
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
@@ -108,7 +109,7 @@ class Context:
         elif len(data) == 3:                                       # already split (an isolated phase-2 worker)
             *data, val_set = data
         elif cfg.uses_validation():                                # a library user's data: its training tail
-            train, val_set = split_holdout(data[0], cfg.data.holdout)
+            train, val_set = split_holdout(data[0], validation_size(cfg.data, len(data[0])))
             data = (train, data[1])
         t0 = distributed.broadcast_object(t0 if t0 is not None else time.time())
         if not isinstance(data[0], ImageDataset):
@@ -145,6 +146,15 @@ class Context:
         if self.cfg.compile:
             model.compile()                 # in place: state_dict keys (checkpoints) unchanged
         return model
+
+    def data_parallel(self, model: nn.Module, group=None) -> nn.Module:
+        """``model`` wrapped in DistributedDataParallel over ``group`` (None = all ranks), the one
+        place every phase builds it: no per-forward buffer broadcast (each rank's BN statistics
+        follow its own micro-batches and are averaged over ranks before each evaluation, each
+        checkpoint and at the end: the update step's ``sync``), and ``ddp.find_unused_parameters``
+        for models whose forward pass skips some parameters."""
+        return DistributedDataParallel(model, process_group=group, forward_sync_buffers=False,
+                                       find_unused_parameters=self.cfg.ddp.find_unused_parameters)
 
     @property
     def amp(self) -> torch.dtype | None:
@@ -279,11 +289,12 @@ class Context:
     def validation_score(self, model: nn.Module) -> float:
         """The model's top-1 accuracy (%) on the validation split, evaluation sharded over the ranks
         (collective; the same value on every rank): what the greedy soup and phase 1's ``holdout``
-        switch decide on. A task without ``top1`` scores minus its loss (higher is better)."""
+        switch decide on. A task without ``top1``, or with soft targets, scores minus its loss
+        (higher is better)."""
         value = self.evaluate(model, distributed_eval=True, validation=True)
         if not isinstance(value, dict):
             return value
-        return value["top1"] if "top1" in value else -value["loss"]
+        return value["top1"] if "top1" in value and self.task.class_targets else -value["loss"]
 
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer: str = "sgd"):
@@ -297,8 +308,9 @@ class Context:
                    "wall_s": time.time() - self.t0}
             self.run.log(rec)
             test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
-            tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f} "
-                       f"train {rec['train_acc']:.2f}%{test} ({rec['samples_per_s']:.0f} samples/s)", file=sys.stderr)
+            train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
+            tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f}"
+                       f"{train}{test} ({rec['samples_per_s']:.0f} samples/s)", file=sys.stderr)
         return on_epoch
 
     def progress(self, total: int, label: str, position: int = 0):

@@ -121,14 +121,16 @@ def verbose() -> bool:
     return os.environ.get("SWAP_LOG", "").lower() == "debug"
 
 
-# torch.distributed's loggers (elastic agent, rendezvous, c10d): silenced in normal runs, where a
-# failure is reported by our own one-line error and the traceback goes to the run's log files.
-_TORCH_LOGGERS = ("torch.distributed", "c10d")
+# torch.distributed's loggers (elastic agent, rendezvous, c10d) and torch.multiprocessing's (the
+# elastic agent starts ranks with its spawn, which logs each process it terminates after a failure):
+# silenced in normal runs, where a failure is reported by our own one-line error and the traceback
+# goes to the run's log files.
+_TORCH_LOGGERS = ("torch.distributed", "c10d", "torch.multiprocessing")
 
 
 @contextlib.contextmanager
 def quiet_torch_logs():
-    """Within the block, torch.distributed's and c10d's loggers print nothing (unless
+    """Within the block, torch.distributed's, c10d's and torch.multiprocessing's loggers print nothing (unless
     :func:`verbose`); their levels are restored afterwards."""
     import logging
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, SwapError, check_world, section_batches
+from .config import Config, SwapError, check_world, section_batches, validation_size
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,51 @@ class Method:
         (each segment's, for a piecewise schedule)."""
         return [kb for s in self.split(cfg) for kb in section_batches(cfg, s)]
 
+    def _sized(self, cfg: Config, procs: int) -> list[tuple[str, int, int]]:
+        """(config key, value, the ranks it must split over) of every batch that must fit in the
+        training set: the global batches split over ``procs`` ranks, then :attr:`sized`'s."""
+        out = [(key, batch, procs) for key, batch in self.batches(cfg)]
+        for key in self.sized:
+            section, name = key.split(".")
+            ranks = cfg.phase2.ranks_per_worker if key == "phase2.batch_size" else 1
+            pairs = section_batches(cfg, section) if name == "batch_size" else [(key, getattr(getattr(cfg, section), name))]
+            out += [(k, value, ranks) for k, value in pairs]
+        return out
+
+    @staticmethod
+    def trainable(cfg: Config, train_samples: int) -> int:
+        """The samples left to train on of ``train_samples`` once the validation split, if the run
+        decides on one, is held out."""
+        return train_samples - cfg.data.holdout if cfg.uses_validation() else train_samples
+
+    def fit(self, cfg: Config, procs: int, train_samples: int) -> list[str]:
+        """Fit the settings the user did not set (:meth:`swap.config.Config.is_set`) to a training
+        set of ``train_samples`` samples, in place, so that a default never refuses a small
+        dataset: a run that decides on a validation split without ``data.holdout`` holds out
+        :func:`swap.config.validation_size` samples; a batch larger than the samples left to train
+        on (a global batch, ``phase2.batch_size``, the BN pass's ``phase3.bn_batch_size``) becomes
+        the largest multiple of the ranks sharing it that fits (the whole training set for the BN
+        pass). Values the user set are left to :meth:`check`, which refuses impossible ones.
+
+        Returns:
+            one note per change, ``"key=value (why)"``, for the run's first line.
+        """
+        notes = []
+        if cfg.uses_validation() and not cfg.data.holdout:
+            cfg.data.holdout = validation_size(cfg.data, train_samples)
+            notes.append(f"data.holdout={cfg.data.holdout} (the validation split: the last {cfg.data.holdout} training "
+                         f"samples, 10% up to 5,000; set data.holdout to choose)")
+        n = self.trainable(cfg, train_samples)
+        for key, value, ranks in self._sized(cfg, procs):
+            if value > n >= ranks and "segments" not in key and not cfg.is_set(key):
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, n - n % ranks)
+                notes.append(f"{key}={n - n % ranks} (the default {value} exceeds the {n} training samples)")
+        return notes
+
     def check(self, cfg: Config, procs: int, train_samples: int | None = None) -> None:
         """Refuse, before any work, batches that do not split over ``procs`` processes or that
-        exceed ``train_samples``.
+        exceed the ``train_samples`` (less the validation split, :meth:`trainable`).
 
         Raises:
             SwapError: naming the key, its value and the limit.
@@ -150,14 +192,12 @@ class Method:
             raise SwapError(f"phase2.ranks_per_worker={k} x workers={cfg.workers} needs {cfg.workers * k} processes, "
                             f"but the run has {procs}; set procs={cfg.workers * k} or lower one of them")
         if train_samples is not None:
-            sized = []
-            for key in self.sized:
-                section, name = key.split(".")
-                sized += section_batches(cfg, section) if name == "batch_size" else \
-                    [(key, getattr(getattr(cfg, section), name))]
-            for key, value in self.batches(cfg) + sized:
-                if value > train_samples:
-                    raise SwapError(f"{key}={value} exceeds the {train_samples} training samples")
+            n = self.trainable(cfg, train_samples)
+            for key, value, _ in self._sized(cfg, procs):
+                if value > n:
+                    raise SwapError(f"{key}={value} exceeds the {n} training samples" +
+                                    (f" left after the validation split (data.holdout={cfg.data.holdout})"
+                                     if n < train_samples else ""))
 
     def function(self, which: str = "rank_fn") -> Callable[..., Any]:
         """The per-rank function (or the driver) of this method, imported."""

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import SwapError
+
 Schedule = Callable[[int], float]
 
 
@@ -88,7 +90,6 @@ def parse_segments(raw: list, where: str) -> list[Segment]:
     Raises:
         SwapError: naming ``where`` (e.g. ``phase1.segments``), the segment and what is wrong.
     """
-    from .config import SwapError
     out: list[Segment] = []
     for k, seg in enumerate(raw):
         at = f"{where}[{k}]"

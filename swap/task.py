@@ -32,11 +32,17 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.float(), target)
 
 
+def class_targets(output: torch.Tensor, target) -> bool:
+    """Whether ``target`` holds class indices for the logits ``output`` (..., K): an integer tensor
+    shaped like ``output`` without its last dimension. Soft or float targets (mixup, CutMix, label
+    distributions, regression) are not, and have no accuracy."""
+    return isinstance(target, torch.Tensor) and not target.is_floating_point() and output.shape[:-1] == target.shape
+
+
 def top_k_correct(output: torch.Tensor, target: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Predictions whose target is among the ``k`` largest logits (int64 scalar, on the device);
-    0 when the target is not a tensor of class indices shaped like ``output`` without its last
-    dimension (e.g. a regression target)."""
-    if target.is_floating_point() or output.shape[:-1] != target.shape:
+    0 when the target is not a tensor of class indices (:func:`class_targets`)."""
+    if not class_targets(output, target):
         return torch.zeros((), dtype=torch.int64, device=output.device)
     if k == 1:
         return (output.argmax(-1) == target).sum()
@@ -52,12 +58,15 @@ class Task:
         loss_fn: ``loss_fn(output, target) -> scalar tensor``; None = :func:`cross_entropy`.
         metrics: names reported by evaluation: ``loss``, ``top1``, ``top5`` and the keys of ``custom``.
         custom: user metrics, ``name -> fn(output, target) -> (sum, count)`` (tensors or numbers).
+        class_targets: the training targets are class indices (:func:`class_targets`); False
+            (soft targets): the training accuracy is not reported (None) and no rule may stop on it.
     Raises (constructor):
         SwapError: an unknown metric name.
     """
     loss_fn: Callable | None = None
     metrics: tuple[str, ...] = ("top1", "loss")
     custom: dict = field(default_factory=dict)
+    class_targets: bool = True
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in METRICS and m not in self.custom]

@@ -380,7 +380,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         train_s = time.perf_counter() - t_epoch
         if group_wide:
             dist.all_reduce(totals, group=group)
-        train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist()
+        train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist() if getattr(step, "task", DEFAULT_TASK).class_targets \
+            else [None] * n                                        # soft targets: no accuracy to report
         train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
         worst = min(train_acc) if stop_metric == "train_acc" else max(train_loss)
         stopping = stop_reached(stop_metric, worst, stop_acc) if stop_fn is None else stop_fn(epoch + 1, max(train_loss))

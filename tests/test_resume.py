@@ -289,3 +289,23 @@ def test_a_write_killed_before_its_renames_is_discarded(tmp_path):
     assert recover(ck) == [] and not list(ck.glob("*.tmp"))
     meta, weights, _ = _load(ck / "a")
     assert meta["epoch"] == 1 and all(torch.equal(weights[k], states[0][k]) for k in weights)
+
+
+def test_a_corrupt_checkpoint_on_resume_is_one_line_and_no_log_of_torch(tmp_path, reference_2procs, real_fashion):
+    """Issue #23: `--resume` of a 2-process run whose phase1.safetensors is corrupt prints our start
+    line and our one-line error, and nothing of torch's (the elastic agent's spawn logged
+    "Terminating process ... via signal SIGTERM" for the rank still alive when the other failed)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_2procs, run)
+    weights = run / "checkpoints" / "phase1.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("SWAP_LOG", None)
+    done = subprocess.run([sys.executable, "-m", "swap.cli", "train", *SETTINGS, "--procs", "2", "--data-dir",
+                           str(real_fashion), "--out", str(run), "--resume"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("swap: swap on fashion-mnist"), done.stderr
+    assert lines[1].startswith("swap: error: checkpoint") and "phase1.safetensors" in lines[1], done.stderr

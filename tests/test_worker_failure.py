@@ -62,6 +62,8 @@ def test_survivors_finish_and_the_failure_is_reported(runs):
     assert returncode == 2
     last = [line for line in stderr.splitlines() if line.startswith("swap: error:")][-1]
     assert "worker 1" in last and "SIGKILL" in last and "--resume" in last and "allow_missing_workers" in last, last
+    noise = [line for line in stderr.splitlines() if not line.startswith(("swap: ", "["))]
+    assert noise == [], noise          # our lines and progress lines only: no log line of torch's
     ckpts = failed / "checkpoints"
     assert (ckpts / "worker0.json").exists() and (ckpts / "worker2.json").exists()     # the others finished
     assert not (ckpts / "worker1.json").exists() and "SIGKILL" in (ckpts / "worker1.error").read_text()

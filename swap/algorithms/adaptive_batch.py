@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
 from ..adversarial import AdversarialBatches
@@ -131,7 +130,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     saved = start.result or start.meta
     if saved:
         state, rule = saved["state"], BatchSizeRule(**saved["rule"])
-    step = ctx.update_step(DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model, opt,
+    step = ctx.update_step(ctx.data_parallel(model) if d.world_size > 1 else model, opt,
                            a.micro_batch_size)
     unit.sync = step.sync
     shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)

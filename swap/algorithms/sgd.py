@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed
 from ..config import section_batch
@@ -58,9 +57,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
-    # No per-forward buffer broadcast: each rank's BN statistics follow its own micro-batches and
-    # are averaged over ranks before each evaluation, each checkpoint and at the end (step.sync).
-    wrapped = DDP(model, forward_sync_buffers=False) if d.world_size > 1 else model
+    wrapped = ctx.data_parallel(model) if d.world_size > 1 else model
     step = ctx.update_step(wrapped, opt, micro_batch_size)
     noise = None
     if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and optimizer == "sgd":

@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import distributed, interrupt
@@ -196,7 +195,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set, ctx.val_set)
                      if x is not None)
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
-                                                          ctx.task),
+                                                          ctx.task, ctx.collate_fn),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
         return WorkerResult(w, error=why) if why is not None else \
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
@@ -210,10 +209,11 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
 
 
 def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data,
-                     task=None) -> None:
-    """Body of an isolated phase-2 worker process: rebuild the rank's context without joining the
-    process group, start from the phase-1 state ``start`` and train (checkpoints go to disk)."""
-    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task)
+                     task=None, collate_fn=None) -> None:
+    """Body of an isolated phase-2 worker process: rebuild the rank's context (with its data,
+    task and collate function) without joining the process group, start from the phase-1 state
+    ``start`` and train (checkpoints go to disk)."""
+    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task, collate_fn=collate_fn)
     worker = ctx.build_model()
     worker.load_state_dict(start)
     train_worker(ctx, worker, w, resume)
@@ -243,7 +243,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
-    ddp = DDP(worker, process_group=group.group, forward_sync_buffers=False) if group is not None else worker
+    ddp = ctx.data_parallel(worker, group.group) if group is not None else worker
     step = ctx.update_step(ddp, opt, p2.micro_batch_size)
     unit.sync = step.sync
     leads = group is None or group.rank == 0

@@ -8,7 +8,7 @@ import torch
 from .cifar import load_cifar
 from .idx import load_idx_pair, read_idx
 from .loader import Augment, Loader, eval_batches, stream_seed, subset_indices
-from ..config import SwapError
+from ..config import DataConfig, SwapError, validation_size
 from .sources import fetch, find_data_dir, get_source
 
 
@@ -63,8 +63,8 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     bytes per sample, the test split the corpus's contiguous tail; ``holdout`` does not apply).
 
     ``imagefolder`` returns two :class:`swap.data.folder.ImageFolder` (train/ and val/ of
-    ``data_dir``; the generic path), with the settings of ``options`` (config section ``data``) and
-    skipped images listed in ``bad_log``.
+    ``data_dir``; the generic path), with the settings of ``options`` (config section ``data``, a
+    :class:`swap.config.DataConfig`; None = its defaults) and skipped images listed in ``bad_log``.
 
     Args:
         name: fashion-mnist | mnist | cifar10 | cifar100 | text-char | imagefolder.
@@ -80,7 +80,7 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     if name == "imagefolder":                 # decoded by DataLoader workers: the generic path
         from .folder import load_image_folder
         from .generic import subset
-        train_set, test_set = load_image_folder(folder, options, bad_log)
+        train_set, test_set = load_image_folder(folder, options or DataConfig(name), bad_log)
         return subset(train_set, train_subset), subset(test_set, test_subset)
     if name == "text-char":                   # any map-style Dataset: the generic path
         from .generic import subset
@@ -121,8 +121,9 @@ def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, 
     """(train, test) of config section ``data`` (:func:`load_dataset` with its settings). With
     ``verify`` (the CLI, before a run starts), an image folder's files are decoded once when
     ``data.verify_images`` (:func:`swap.data.folder.check_images`); skipped ones are reported.
-    With ``validation`` (a greedy soup's selection set): (train, test, validation), the last
-    ``data.holdout`` training samples held out while the test set stays the test set.
+    With ``validation`` (a greedy soup's or an automatic switch's decisions): (train, test,
+    validation), the last :func:`swap.config.validation_size` training samples (``data.holdout``,
+    or its default) held out while the test set stays the test set.
 
     Raises:
         SwapError: as :func:`load_dataset`; unreadable images with ``data.bad_images: stop``.
@@ -138,7 +139,7 @@ def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, 
             print(f"swap: {bad} unreadable image(s) will be skipped (data.bad_images=skip); "
                   f"each is listed in RUN/logs/bad_images.txt when met", file=sys.stderr)
     if validation:
-        train, val = split_holdout(train, d.holdout)
+        train, val = split_holdout(train, validation_size(d, len(train)))
         return train, test, val
     return train, test
 

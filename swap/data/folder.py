@@ -7,12 +7,20 @@
 the generic data path (:mod:`swap.data.generic`: DataLoader workers decode, our sampler orders,
 every sample's random crop replays exactly on a resume because it draws from torch's generator).
 
-- Training: the Inception-style random resized crop (Szegedy et al., CVPR 2015, "Going deeper with
-  convolutions", Sec. 6; the form torchvision's ``RandomResizedCrop`` made standard: an area
-  fraction in ``[min_scale, 1]``, an aspect ratio log-uniform in ``[3/4, 4/3]``, 10 tries, then a
-  centre crop) resized to ``size`` x ``size``, and a horizontal flip with probability 1/2.
+- The side ``size``: ``data.image_size``, or by default the images' own size (the shorter side
+  of the training split's first readable image; an image of another size has its shorter side
+  resized to it and is centre-cropped to a square).
+- Training, crop ``resized``: the Inception-style random resized crop (Szegedy et al., CVPR 2015,
+  "Going deeper with convolutions", Sec. 6; the form torchvision's ``RandomResizedCrop`` made
+  standard: an area fraction in ``[min_scale, 1]``, an aspect ratio log-uniform in ``[3/4, 4/3]``,
+  10 tries, then a centre crop) resized to ``size`` x ``size``, and a horizontal flip with
+  probability 1/2. Crop ``padded``, for small images (CIFAR's and Fashion-MNIST's training crop,
+  as the in-memory path does it: :class:`swap.data.loader.Augment`): the whole image at ``size``,
+  normalised, zero-padded by ``crop_padding`` pixels, a random ``size`` crop, the flip and a
+  ``cutout`` square. ``data.crop: auto`` takes ``padded`` up to :data:`PADDED_MAX_SIDE` pixels and
+  ``resized`` above.
 - Evaluation: the shorter side resized to ``size / crop_ratio``, then a centre crop of ``size``
-  (ImageNet's 0.875 convention; ``crop_ratio: 1`` keeps the whole image).
+  (ImageNet's 0.875 convention; ``crop_ratio: 1`` keeps the whole image, as crop ``padded`` does).
 - Pixels are normalised per channel with ImageNet's mean and std (RGB), once per batch
   (:meth:`ImageFolder.collate_fn`); a tree of greyscale images (the first image's mode ``L``)
   stays 1-channel, normalised with their averages.
@@ -32,8 +40,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import SwapError
+from .loader import Augment
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
+PADDED_MAX_SIDE = 64        # data.crop: auto trains images of at most this side (pixels) with the padded crop
 MEAN_RGB, STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet, in [0, 1] pixel units
 
 
@@ -65,30 +75,37 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
 
 class ImageFolder(Dataset):
     """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
-    uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn`
-    makes batches of them, normalised (float32).
+    uint8 (C, size, size), C = 3 (1 for a greyscale tree), or float32 already normalised for a
+    ``padded`` training crop, y an int label; :meth:`collate_fn` makes batches of them, normalised
+    (float32).
 
     Args:
         root: the split's folder (``ROOT/train`` or ``ROOT/val``).
-        train: random resized crop + flip (True) or resize + centre crop (False).
-        size: output side in pixels.
-        min_scale: smallest area fraction of a training crop, in (0, 1].
+        train: the training crop + flip (True) or resize + centre crop (False).
+        size: output side in pixels; None = the images' own (module docstring).
+        min_scale: smallest area fraction of a ``resized`` training crop, in (0, 1].
         crop_ratio: evaluation centre crop / resized shorter side, in (0, 1].
         flip: random horizontal flip in training.
         bad_images: ``stop`` or ``skip`` (module docstring).
         bad_log: file that gets the path of every skipped image (appended; may be None).
         classes: the training split's class names (for ``val``).
+        crop: the training crop, ``resized``, ``padded`` or ``auto`` (module docstring).
+        crop_padding, cutout: a ``padded`` crop's padding and cutout side, pixels (0 = off).
     Raises:
-        SwapError: see :func:`scan_tree`.
+        SwapError: see :func:`scan_tree`; a ``padded`` crop's padding or cutout impossible for ``size``.
     """
 
-    def __init__(self, root: str | Path, train: bool, size: int, min_scale: float = 0.08, crop_ratio: float = 0.875,
-                 flip: bool = True, bad_images: str = "stop", bad_log: str | Path | None = None,
-                 classes: list[str] | None = None):
+    def __init__(self, root: str | Path, train: bool, size: int | None, min_scale: float = 0.08,
+                 crop_ratio: float = 0.875, flip: bool = True, bad_images: str = "stop",
+                 bad_log: str | Path | None = None, classes: list[str] | None = None, crop: str = "resized",
+                 crop_padding: int = 0, cutout: int = 0):
         self.root = Path(root)
         self.classes, self.samples = scan_tree(self.root, classes)
         self.num_classes = len(self.classes)
-        self.train, self.size, self.min_scale, self.crop_ratio, self.flip = train, size, min_scale, crop_ratio, flip
+        self.train, self.min_scale, self.crop_ratio, self.flip = train, min_scale, crop_ratio, flip
+        self.size = size or self._own_side()
+        self.crop = crop if crop != "auto" else "padded" if self.size <= PADDED_MAX_SIDE else "resized"
+        self.augment = Augment(crop_padding, flip, cutout).check(self.size, self.size) if self.crop == "padded" else None
         self.bad_images, self.bad_log = bad_images, None if bad_log is None else str(bad_log)
         self.skipped: set[str] = set()
         self.channels = self._channels()
@@ -96,6 +113,17 @@ class ImageFolder(Dataset):
         mean, std = (MEAN_RGB, STD_RGB) if self.channels == 3 else ((sum(MEAN_RGB) / 3,), (sum(STD_RGB) / 3,))
         self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
         self.std = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def _own_side(self) -> int:
+        """The shorter side (pixels) of the first readable image."""
+        from PIL import Image
+        for path, _ in self.samples[:16]:
+            try:
+                with Image.open(path) as im:
+                    return min(im.size)
+            except OSError:
+                continue
+        raise SwapError(f"no readable image among the first of {self.root}; set data.image_size")
 
     def _channels(self) -> int:
         """3, or 1 when the first readable image is greyscale (mode ``L``)."""
@@ -142,21 +170,34 @@ class ImageFolder(Dataset):
         """The image at ``path``, cropped, resized and flipped: uint8 (C, size, size)."""
         from PIL import Image
         u = torch.rand(23).tolist() if self.train else None      # every draw of the sample at once
+        padded = self.augment is not None
         with Image.open(path, formats=("PNG", "JPEG")) as im:
             mode = "RGB" if self.channels == 3 else "L"
             if im.mode != mode:
                 im = im.convert(mode)
-            box = self._crop_box(*im.size, u) if self.train else self._centre_box(*im.size)
+            if self.train and not padded:
+                box = self._crop_box(*im.size, u)
+            else:
+                box = self._centre_box(*im.size, 1.0 if padded else None)
             im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-            if self.train and self.flip and u[22] < 0.5:
+            if self.train and not padded and self.flip and u[22] < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             x = torch.from_numpy(np.asarray(im).copy())
-        return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        if self.train and padded:                                # as the in-memory path: on normalised pixels
+            x = x.float().sub_(self.mean).div_(self.std)
+            p, s = self.augment.crop_padding, self.size
+            params = {"shift": torch.tensor([[int(u[0] * (2 * p + 1)), int(u[1] * (2 * p + 1))]]),
+                      "flip": torch.tensor([u[22] < 0.5]), "centre": torch.tensor([[int(u[2] * s), int(u[3] * s)]])}
+            x = self.augment.apply(x.unsqueeze(0), params)[0]
+        return x
 
     def collate_fn(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of samples: x float32 (B, C, size, size) normalised (once per batch, in the
-        DataLoader worker), y int64 (B,)."""
-        x = torch.stack([s[0] for s in samples]).float().sub_(self.mean).div_(self.std)
+        DataLoader worker, unless a ``padded`` crop normalised each sample), y int64 (B,)."""
+        x = torch.stack([s[0] for s in samples])
+        if x.dtype == torch.uint8:
+            x = x.float().sub_(self.mean).div_(self.std)
         return x, torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
     def _crop_box(self, w: int, h: int, u: list[float]) -> tuple[float, float, float, float]:
@@ -174,9 +215,10 @@ class ImageFolder(Dataset):
         side = min(w, h)                                        # fallback: the centre square
         return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
 
-    def _centre_box(self, w: int, h: int) -> tuple[float, float, float, float]:
-        """The centre crop of side ``crop_ratio`` x the shorter side (resized to ``size`` after)."""
-        side = min(w, h) * self.crop_ratio
+    def _centre_box(self, w: int, h: int, ratio: float | None = None) -> tuple[float, float, float, float]:
+        """The centre crop of side ``ratio`` (default ``crop_ratio``) x the shorter side (resized
+        to ``size`` after)."""
+        side = min(w, h) * (self.crop_ratio if ratio is None else ratio)
         return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
 
 
@@ -219,14 +261,17 @@ def check_images(splits: list[ImageFolder], bad_images: str) -> int:
 
 def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = None) -> tuple[ImageFolder, ImageFolder]:
     """The (train, val) splits of ``root`` with config section ``data``'s settings (``image_size``,
-    ``min_scale``, ``crop_ratio``, ``flip``, ``bad_images``).
+    ``crop``, ``min_scale``, ``crop_ratio``, ``flip``, ``crop_padding``, ``cutout``, ``bad_images``):
+    both at the training split's side (``image_size``, else the images' own), the training crop
+    ``padded`` or ``resized`` (``crop: auto``: padded up to :data:`PADDED_MAX_SIDE` pixels).
 
     Raises:
-        SwapError: see :func:`scan_tree`.
+        SwapError: see :func:`scan_tree`; a padding or cutout impossible for the side.
     """
     root = Path(root)
     d = data_cfg
-    train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log)
-    val = ImageFolder(root / "val", False, d.image_size, d.min_scale, d.crop_ratio, False, d.bad_images, bad_log,
-                      classes=train.classes)
+    train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log,
+                        crop=d.crop, crop_padding=d.crop_padding, cutout=d.cutout)
+    val = ImageFolder(root / "val", False, train.size, d.min_scale, 1.0 if train.crop == "padded" else d.crop_ratio,
+                      False, d.bad_images, bad_log, classes=train.classes)
     return train, val

@@ -40,19 +40,14 @@ PHASE2 = ("[{epochs: [0, 2], batch_size: 128, lr: 0.05, image_size: 24},"
 
 def write_tree(tree: Path) -> float:
     """Fashion-MNIST as PNG class folders; returns the seconds it took (0 when already there)."""
-    from PIL import Image
-
     from swap.data import load_dataset
+    from swap.data.folder import write_image_folder
     if (tree / "done").is_file():
         return 0.0
     t = time.perf_counter()
     train, test = load_dataset("fashion-mnist")
     for split, data in (("train", train), ("val", test)):
-        for c in CLASSES:
-            (tree / split / c).mkdir(parents=True, exist_ok=True)
-        images, labels = data.images[:, 0].numpy(), data.labels.tolist()
-        for i, (img, y) in enumerate(zip(images, labels)):
-            Image.fromarray(img, "L").save(tree / split / CLASSES[y] / f"{i:05d}.png")
+        write_image_folder(tree / split, data.images, data.labels, CLASSES)
     (tree / "done").write_text("70000\n")
     return time.perf_counter() - t
 
@@ -84,7 +79,7 @@ def main() -> None:
     tree, out = Path(args.tree), Path(args.out)
     written_s = write_tree(tree)
     folder = run("imagefolder", ["--set", "data.name=imagefolder", "--set", f"data.dir={tree}",
-                                 "--set", "data.image_size=28", "--set", "data.crop_ratio=1.0",
+                                 "--set", "data.image_size=28", "--set", "data.crop=resized", "--set", "data.crop_ratio=1.0",
                                  "--set", "data.min_scale=0.5", "--set", f"data.num_workers={args.num_workers}"],
                  out / "imagefolder")
     memory = run("in-memory", [], out / "in-memory")

@@ -16,14 +16,16 @@ every sample's random crop replays exactly on a resume because it draws from tor
   10 tries, then a centre crop) resized to ``size`` x ``size``, and a horizontal flip with
   probability 1/2. Crop ``padded``, for small images (CIFAR's and Fashion-MNIST's training crop,
   as the in-memory path does it: :class:`swap.data.loader.Augment`): the whole image at ``size``,
-  normalised, zero-padded by ``crop_padding`` pixels, a random ``size`` crop, the flip and a
+  padded with black by ``crop_padding`` pixels, a random ``size`` crop, the flip and a black
   ``cutout`` square. ``data.crop: auto`` takes ``padded`` up to :data:`PADDED_MAX_SIDE` pixels and
   ``resized`` above.
 - Evaluation: the shorter side resized to ``size / crop_ratio``, then a centre crop of ``size``
   (ImageNet's 0.875 convention; ``crop_ratio: 1`` keeps the whole image, as crop ``padded`` does).
 - Pixels are normalised per channel with ImageNet's mean and std (RGB), once per batch
   (:meth:`ImageFolder.collate_fn`); a tree of greyscale images (the first image's mode ``L``)
-  stays 1-channel, normalised with their averages.
+  stays 1-channel, normalised with their averages. With the ``padded`` crop (small images, not
+  ImageNet's), with the training split's own statistics instead, estimated on up to 10,000 images spread
+  over it, as the in-memory path normalises by its training set's.
 
 A file that cannot be decoded (not an image, truncated) either stops the run with one line naming
 it (``bad_images: stop``) or is replaced by the next readable sample of the tree and counted
@@ -75,8 +77,7 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
 
 class ImageFolder(Dataset):
     """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
-    uint8 (C, size, size), C = 3 (1 for a greyscale tree), or float32 already normalised for a
-    ``padded`` training crop, y an int label; :meth:`collate_fn` makes batches of them, normalised
+    uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn` makes batches of them, normalised
     (float32).
 
     Args:
@@ -98,7 +99,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, train: bool, size: int | None, min_scale: float = 0.08,
                  crop_ratio: float = 0.875, flip: bool = True, bad_images: str = "stop",
                  bad_log: str | Path | None = None, classes: list[str] | None = None, crop: str = "resized",
-                 crop_padding: int = 0, cutout: int = 0):
+                 crop_padding: int = 0, cutout: int = 0, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.root = Path(root)
         self.classes, self.samples = scan_tree(self.root, classes)
         self.num_classes = len(self.classes)
@@ -110,9 +111,36 @@ class ImageFolder(Dataset):
         self.skipped: set[str] = set()
         self.channels = self._channels()
         self.model_kwargs = {"in_channels": self.channels}      # for the model factory (swap.models.build_model)
-        mean, std = (MEAN_RGB, STD_RGB) if self.channels == 3 else ((sum(MEAN_RGB) / 3,), (sum(STD_RGB) / 3,))
-        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
-        self.std = torch.tensor(std).view(-1, 1, 1) * 255
+        if stats is not None:
+            mean, std = (s.flatten() for s in stats)
+        elif self.crop == "padded" and train:                   # small images: their own statistics
+            mean, std = self._estimate_stats()
+        else:                                                   # ImageNet's
+            rgb = self.channels == 3
+            mean = torch.tensor(MEAN_RGB if rgb else (sum(MEAN_RGB) / 3,)) * 255
+            std = torch.tensor(STD_RGB if rgb else (sum(STD_RGB) / 3,)) * 255
+        self.mean, self.std = mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)
+
+    def _estimate_stats(self, count: int = 10000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (pixel units, float64 (C,)) of ``count`` images spread evenly
+        over the split (each at ``size``, whole), as the in-memory path normalises by its
+        training set's statistics; unreadable images are left out."""
+        from PIL import Image
+        picks = np.linspace(0, len(self.samples) - 1, min(count, len(self.samples))).round().astype(int)
+        total = torch.zeros(3, self.channels, dtype=torch.float64)      # pixels, sum, sum of squares
+        for k in picks:
+            try:
+                with Image.open(self.samples[k][0], formats=("PNG", "JPEG")) as im:
+                    im = im.convert("RGB" if self.channels == 3 else "L")
+                    im = im.resize((self.size, self.size), Image.BILINEAR, box=self._centre_box(*im.size, 1.0))
+                    x = torch.from_numpy(np.asarray(im, dtype=np.float64)).reshape(-1, self.channels)
+            except (OSError, SyntaxError, ValueError):
+                continue
+            total += torch.stack([torch.full((self.channels,), float(len(x)), dtype=torch.float64),
+                                  x.sum(0), (x * x).sum(0)])
+        n = total[0].clamp(min=1)
+        mean = total[1] / n
+        return mean, ((total[2] / n - mean * mean).clamp(min=0).sqrt()).clamp(min=1.0)
 
     def _own_side(self) -> int:
         """The shorter side (pixels) of the first readable image."""
@@ -179,25 +207,22 @@ class ImageFolder(Dataset):
                 box = self._crop_box(*im.size, u)
             else:
                 box = self._centre_box(*im.size, 1.0 if padded else None)
-            im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+            if box != (0, 0, *im.size) or im.size != (self.size, self.size):     # else already the crop
+                im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
             if self.train and not padded and self.flip and u[22] < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            x = torch.from_numpy(np.asarray(im).copy())
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if self.train and padded:                                # as the in-memory path: on normalised pixels
-            x = x.float().sub_(self.mean).div_(self.std)
+            x = np.asarray(im)
+        x = x[:, :, None] if x.ndim == 2 else x
+        if self.train and padded:               # as the in-memory path: on raw pixels, padding and cutout black
             p, s = self.augment.crop_padding, self.size
-            params = {"shift": torch.tensor([[int(u[0] * (2 * p + 1)), int(u[1] * (2 * p + 1))]]),
-                      "flip": torch.tensor([u[22] < 0.5]), "centre": torch.tensor([[int(u[2] * s), int(u[3] * s)]])}
-            x = self.augment.apply(x.unsqueeze(0), params)[0]
-        return x
+            x = self.augment.apply_one(x, (int(u[0] * (2 * p + 1)), int(u[1] * (2 * p + 1))), u[22] < 0.5,
+                                       (int(u[2] * s), int(u[3] * s)))
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
     def collate_fn(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of samples: x float32 (B, C, size, size) normalised (once per batch, in the
-        DataLoader worker, unless a ``padded`` crop normalised each sample), y int64 (B,)."""
-        x = torch.stack([s[0] for s in samples])
-        if x.dtype == torch.uint8:
-            x = x.float().sub_(self.mean).div_(self.std)
+        DataLoader worker), y int64 (B,)."""
+        x = torch.stack([s[0] for s in samples]).float().sub_(self.mean).div_(self.std)
         return x, torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
     def _crop_box(self, w: int, h: int, u: list[float]) -> tuple[float, float, float, float]:
@@ -273,5 +298,28 @@ def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = N
     train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log,
                         crop=d.crop, crop_padding=d.crop_padding, cutout=d.cutout)
     val = ImageFolder(root / "val", False, train.size, d.min_scale, 1.0 if train.crop == "padded" else d.crop_ratio,
-                      False, d.bad_images, bad_log, classes=train.classes)
+                      False, d.bad_images, bad_log, classes=train.classes, stats=(train.mean, train.std))
     return train, val
+
+
+def write_image_folder(root: str | Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> Path:
+    """Write an in-memory image set as one split of a class-per-folder tree, lossless PNG
+    (Pillow): ``root/CLASS/NNNNN.png``, ``NNNNN`` the sample's index. The same images through both
+    data paths (benchmarks, tests of the folder path against the in-memory one).
+
+    Args:
+        images: uint8 (N, C, H, W), C = 1 (greyscale PNG) or 3 (RGB).
+        labels: int (N,), indices into ``classes`` (the folder names; sorted, they give the indices back).
+    Returns:
+        ``root``.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i, (img, y) in enumerate(zip(pixels, labels.tolist())):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img, "L" if img.shape[-1] == 1 else "RGB").save(
+            root / classes[y] / f"{i:05d}.png")
+    return root

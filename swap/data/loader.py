@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +97,28 @@ class Augment:
             in_cols = (xs >= left) & (xs < left + s)                     # (N, W)
             x = x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
         return x.contiguous()
+
+    def apply_one(self, x: np.ndarray, shift: tuple[int, int], flip: bool, centre: tuple[int, int]) -> np.ndarray:
+        """:meth:`apply` on one image ``x`` (H, W, C) (NumPy, any dtype: raw uint8 pixels), with one sample's
+        parameters as :meth:`draw` gives them (``shift`` in [0, 2 x crop_padding], ``centre`` a
+        pixel): the same transform, by slicing instead of a batched gather, for a DataLoader that
+        augments a sample at a time (:class:`swap.data.folder.ImageFolder`'s padded crop).
+        Returns a new array (H, W, C)."""
+        h, w = x.shape[:2]
+        if self.crop_padding:                     # out[r, c] = x[r + dy - p, c + dx - p], zero outside
+            sy, sx = shift[0] - self.crop_padding, shift[1] - self.crop_padding
+            out = np.zeros_like(x)
+            out[max(0, -sy):min(h, h - sy), max(0, -sx):min(w, w - sx)] = \
+                x[max(0, sy):min(h, h + sy), max(0, sx):min(w, w + sx)]
+            x = out
+        if self.flip and flip:
+            x = x[:, ::-1]
+        x = np.ascontiguousarray(x)
+        if self.cutout:
+            s = self.cutout
+            top, left = centre[0] - s // 2, centre[1] - s // 2
+            x[max(0, top):max(0, top + s), max(0, left):max(0, left + s)] = 0.0
+        return x
 
 
 def _normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

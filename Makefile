@@ -30,11 +30,11 @@ demo: data
 	$(BIN)/swap train --config fashion_mnist_quick --workers 2 --out $(DEMO_OUT) --overwrite
 
 test: data
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Broad random search of the property tests (not part of `make test` / CI, whose examples are fixed).
 fuzz: data
-	$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-profile fuzz
+	$(BIN)/python -m pytest -q --durations=15 tests/test_fuzz.py --hypothesis-profile fuzz
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

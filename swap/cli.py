@@ -154,9 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         procs = local_procs(cfg)
         method.check(cfg, procs)
         # Validate the data before creating anything: missing or corrupt files fail here.
-        train_set, _ = load_configured(cfg.data, verify=True)
-        fitted = method.fit(cfg, procs, len(train_set))       # defaults the user did not set, fitted to the data
-        method.check(cfg, procs, len(train_set))
+        train_set, _, *val = load_configured(cfg.data, verify=True, validation=cfg.uses_validation())
+        samples = len(train_set) + sum(map(len, val))            # the training set, a validation split included
+        fitted = method.fit(cfg, procs, samples)                 # defaults the user did not set, fitted to the data
+        method.check(cfg, procs, samples)
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
         del train_set

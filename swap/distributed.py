@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -269,6 +270,12 @@ def _die_with_parent() -> None:
 
 def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str, log_path: str | None) -> None:
     _die_with_parent()
+    # tqdm's default lock is a multiprocessing semaphore, registered with the parent's resource
+    # tracker: a worker killed by SIGKILL would leave it there, and the tracker would print a
+    # "leaked semaphore" warning when the run exits. The child's progress output needs no lock
+    # shared with other processes.
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     try:
         with interrupt.handle_signals():
             fn(*args)

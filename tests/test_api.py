@@ -56,8 +56,8 @@ def test_batches_impossible_for_the_processes_or_the_data_are_refused_before_any
     with pytest.raises(swap.SwapError, match="phase1.batch_size=100 is not divisible by the number of processes"):
         swap.train_swap(tiny_net, _quadrant_data(1024, 0), _quadrant_data(64, 1), config, out=tmp_path / "a", procs=3)
     with pytest.raises(swap.SwapError, match="phase2.batch_size=512 exceeds the 256 training samples"):
-        swap.train_swap(tiny_net, _quadrant_data(256, 0), _quadrant_data(64, 1), {**config, "phase1": {"batch_size": 128}},
-                        out=tmp_path / "b")
+        swap.train_swap(tiny_net, _quadrant_data(256, 0), _quadrant_data(64, 1),     # set by the user: refused
+                        {**config, "phase1": {"batch_size": 128}, "phase2": {"batch_size": 512}}, out=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

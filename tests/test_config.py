@@ -67,3 +67,47 @@ def test_override_parsing():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
     with pytest.raises(SwapError, match="KEY=VALUE"):
         parse_overrides(["nokey"])
+
+
+def _swap_imports(nested: bool) -> dict[str, set[str]]:
+    """{module: swap modules it imports} for every module of the package: its top-level import
+    statements, and with ``nested`` also those inside functions."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "swap"
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+        tree = ast.parse(path.read_text())
+        nodes = ast.walk(tree) if nested else tree.body
+        out = set()
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                for alias in node.names:                  # `from . import distributed` names a module
+                    sub = f"{target}.{alias.name}"
+                    out.add(sub if (root.parent / (sub.replace(".", "/") + ".py")).is_file() else target)
+        graph[name] = out
+    return graph
+
+
+def test_config_and_schedules_do_not_import_each_other_and_top_level_imports_have_no_cycle():
+    nested = _swap_imports(nested=True)
+    assert "swap.config" not in nested["swap.schedules"] and "swap.config" not in nested["swap.errors"]
+    assert nested["swap.errors"] == set()
+    top = _swap_imports(nested=False)
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:        # depth-first search for a back edge
+        state[module] = 1
+        for dep in top.get(module, ()):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [module, dep])}"
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = 2
+    for module in top:
+        if module not in state:
+            visit(module, [])

@@ -134,7 +134,7 @@ def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_
 
 AUTO = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
         "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
-        "phase1.stop.every=2", "phase2.epochs=1", "phase2.batch_size=128"]
+        "phase1.stop.every=2", "phase2.epochs=1", "phase2.batch_size=128", "phase2.layout=sequential"]
 
 
 @pytest.mark.parametrize("signal_name, key", [("holdout", "val_acc"), ("trials", "trial_val_acc")])
@@ -146,7 +146,8 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     the critical path; a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
     from test_resume import _stop_run
     from swap.task import HeldOutPeak
-    sets = [*AUTO, f"phase1.stop.signal={signal_name}"]
+    trial = 8                                                   # updates of each trial copy (a phase-2 epoch is 32)
+    sets = [*AUTO, f"phase1.stop.signal={signal_name}", f"phase1.stop.trial_updates={trial}"]
     summary, records = train_quick(tmp_path / "ref", real_fashion, 2, *sets)
     phase1 = [r for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
@@ -160,7 +161,7 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     assert decisions == [False] * (len(read) - 1) + [stop < 14], decisions
     assert [r[key] for r in read] != [r["test_acc"] for r in read]
     assert summary["updates"]["phase1"] == stop * 4096 // 512            # 5,120 less the 1,024 held out
-    trial_updates = len(read) * 4096 // 128 if signal_name == "trials" else 0   # one phase-2 epoch per copy
+    trial_updates = len(read) * trial if signal_name == "trials" else 0
     assert summary["updates"].get("switch_trials", 0) == summary["switch"].get("trial_updates", 0) == trial_updates
     assert summary["updates"]["critical_path"] == stop * 8 + trial_updates + 4096 // 128
     if signal_name == "trials":
@@ -185,7 +186,7 @@ def test_trial_copies_leave_phase1_untouched_and_the_barrier_rule_switches_at_a_
     validation accuracy minus their midpoint's."""
     common = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
               "phase1.max_epochs=6", "phase1.warmup_epochs=2", "phase2.epochs=1", "phase2.batch_size=128",
-              "phase1.stop.every=2"]
+              "phase1.stop.every=2", "phase1.stop.trial_updates=8"]
     train_quick(tmp_path / "plain", real_fashion, 2, *common, "phase1.stop_acc=100")
     trials, records = train_quick(tmp_path / "trials", real_fashion, 2, *common, "phase1.stop.metric=auto",
                                   "phase1.stop.signal=trials", "phase1.stop.window=100")

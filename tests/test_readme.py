@@ -54,6 +54,6 @@ def test_a_call_without_the_main_guard_is_refused_before_any_work(tmp_path, real
     done = _run_script(tmp_path, _unguarded(source))
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("swap.config.SwapError: ") and 'if __name__ == "__main__":' in last
+    assert last.startswith("swap.errors.SwapError: ") and 'if __name__ == "__main__":' in last
     assert "example.py:" in last
     assert "[phase1]" not in done.stderr and "bootstrapping" not in done.stderr   # refused before phase 1

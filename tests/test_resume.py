@@ -222,6 +222,7 @@ def test_auto_resume_under_torchrun_survives_a_killed_rank(tmp_path, reference_2
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-3000:]
+    assert "terminate called" not in stderr, stderr[-3000:]     # no process aborted at exit (issue #23)
     assert "stale" in stderr                        # the restarted rank 0 took over the dead one's lock
     _assert_resumed_like(reference_2procs, out, "the killed rank and torchrun's restart")
 

@@ -83,8 +83,9 @@ def check_main_guard(entry: str) -> None:
 def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
     """Run the model, the loss and every metric once on a batch of the first two samples, made by
     the run's collate function (``collate_fn``, else the dataset's own ``collate_fn`` attribute,
-    else torch's ``default_collate``), before any training, so that a model that does not take the input, a loss that is not a scalar or a
-    metric that fails is a one-line error and not a failed rank.
+    else torch's ``default_collate``), before any training, so that a model that does not take
+    the input, a loss that is not a scalar or a metric that fails is a one-line error and not a
+    failed rank.
 
     Returns:
         whether the batch's targets are class indices of the model's output

@@ -95,8 +95,9 @@ def _to_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, optimizer=None) -> None:
     """Save ``model.state_dict()`` to ``path.safetensors`` and ``meta`` (+ sha256) to ``path.json``;
-    tied weights are stored once (:func:`tied_names`; their names in ``meta["tied"]``); with ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. All files
-    are written and fsynced under temporary names first, then renamed, the JSON last, so a
+    tied weights are stored once (:func:`tied_names`; their names in ``meta["tied"]``); with
+    ``optimizer``, its ``state_dict()`` (momentum buffers, ...) to ``path.optim.pt``. All files are
+    written and fsynced under temporary names first, then renamed, the JSON last, so a
     checkpoint whose JSON exists is complete, and a failed write leaves the previous one whole.
 
     Raises:

@@ -24,8 +24,8 @@ every sample's random crop replays exactly on a resume because it draws from tor
 - Pixels are normalised per channel with ImageNet's mean and std (RGB), once per batch
   (:meth:`ImageFolder.collate_fn`); a tree of greyscale images (the first image's mode ``L``)
   stays 1-channel, normalised with their averages. With the ``padded`` crop (small images, not
-  ImageNet's), with the training split's own statistics instead, estimated on up to 10,000 images spread
-  over it, as the in-memory path normalises by its training set's.
+  ImageNet's), with the training split's own statistics instead, estimated on up to 10,000 images
+  spread over it, as the in-memory path normalises by its training set's.
 
 A file that cannot be decoded (not an image, truncated) either stops the run with one line naming
 it (``bad_images: stop``) or is replaced by the next readable sample of the tree and counted

@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from ..errors import SwapError
+from .base import LayerwiseOptimizer
 
 
-class LAMB(Optimizer):
+class LAMB(LayerwiseOptimizer):
     """LAMB (module docstring), a ``torch.optim.Optimizer``: per parameter group ``lr``, ``betas``,
     ``eps``, ``weight_decay``, ``exclude_1d``. State per parameter: ``step`` (int, updates taken),
     ``exp_avg`` and ``exp_avg_sq`` (same shape and dtype as the parameter).
@@ -48,57 +48,47 @@ class LAMB(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       exclude_1d=exclude_1d))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One LAMB update of every parameter with a gradient; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] += 1
-            grads = [p.grad for p in params]
-            m = [self.state[p]["exp_avg"] for p in params]
-            v = [self.state[p]["exp_avg_sq"] for p in params]
-            torch._foreach_lerp_(m, grads, 1 - b1)                                    # m = b1 m + (1 - b1) g
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)                    # v = b2 v + (1 - b2) g^2
-            t = [self.state[p]["step"] for p in params]
-            bc1 = [1 - b1 ** k for k in t]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** k) for k in t])
-            torch._foreach_add_(denom, eps)                                           # sqrt(v-hat) + eps
-            torch._foreach_reciprocal_(denom)           # in place: a fresh buffer would cost a page-faulting allocation
-            torch._foreach_mul_(denom, m)
-            scaled = denom                                                            # r * (1 - b1^t)
-            adapt = [not (group["exclude_1d"] and p.ndim <= 1) for p in params]
-            owners = [p for p, a in zip(params, adapt) if a]
-            if owners:
-                # u = r + lambda x = (scaled + lambda (1 - b1^t) x) / (1 - b1^t): the trust ratio
-                # ||x|| / ||u|| times u is ||x|| / ||u'|| times u' with u' = scaled + lambda (1 - b1^t) x
-                u = [r for r, a in zip(scaled, adapt) if a]
-                c = [k for k, a in zip(bc1, adapt) if a]
-                if wd and len(set(c)) == 1:
-                    torch._foreach_add_(u, owners, alpha=wd * c[0])
-                elif wd:
-                    for x, r, k in zip(owners, u, c):
-                        r.add_(x, alpha=wd * k)
-                w_norm = torch.stack(torch._foreach_norm(owners))
-                u_norm = torch.stack(torch._foreach_norm(u))
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
-                                    1 / torch.tensor(c, dtype=w_norm.dtype, device=w_norm.device))   # trust 1
-                torch._foreach_addcmul_(owners, u, list((-lr * ratio).to(owners[0].dtype).unbind()))
-            plain = [(p, r, k) for p, r, k, a in zip(params, scaled, bc1, adapt) if not a]
-            if plain:                                                                 # Adam's step: lr r
-                steps = [r for _, r, _ in plain]
-                torch._foreach_mul_(steps, [lr / k for _, _, k in plain])
-                torch._foreach_sub_([p for p, _, _ in plain], steps)
-        return loss
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One LAMB update of ``params`` (the group's tensors with a gradient)."""
+        (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - b1)                                    # m = b1 m + (1 - b1) g
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)                    # v = b2 v + (1 - b2) g^2
+        t = [self.state[p]["step"] for p in params]
+        bc1 = [1 - b1 ** k for k in t]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** k) for k in t])
+        torch._foreach_add_(denom, eps)                                           # sqrt(v-hat) + eps
+        torch._foreach_reciprocal_(denom)           # in place: a fresh buffer would cost a page-faulting allocation
+        torch._foreach_mul_(denom, m)
+        scaled = denom                                                            # r * (1 - b1^t)
+        adapt = [self.adapted(group, p) for p in params]
+        owners = [p for p, a in zip(params, adapt) if a]
+        if owners:
+            # u = r + lambda x = (scaled + lambda (1 - b1^t) x) / (1 - b1^t): the trust ratio
+            # ||x|| / ||u|| times u is ||x|| / ||u'|| times u' with u' = scaled + lambda (1 - b1^t) x
+            u = [r for r, a in zip(scaled, adapt) if a]
+            c = [k for k, a in zip(bc1, adapt) if a]
+            if wd and len(set(c)) == 1:
+                torch._foreach_add_(u, owners, alpha=wd * c[0])
+            elif wd:
+                for x, r, k in zip(owners, u, c):
+                    r.add_(x, alpha=wd * k)
+            w_norm = torch.stack(torch._foreach_norm(owners))
+            u_norm = torch.stack(torch._foreach_norm(u))
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                1 / torch.tensor(c, dtype=w_norm.dtype, device=w_norm.device))   # trust 1
+            torch._foreach_addcmul_(owners, u, list((-lr * ratio).to(owners[0].dtype).unbind()))
+        plain = [(p, r, k) for p, r, k, a in zip(params, scaled, bc1, adapt) if not a]
+        if plain:                                                                 # Adam's step: lr r
+            steps = [r for _, r, _ in plain]
+            torch._foreach_mul_(steps, [lr / k for _, _, k in plain])
+            torch._foreach_sub_([p for p, _, _ in plain], steps)

@@ -27,9 +27,9 @@ lists of tensors (``torch._foreach_*``) with the trust ratios kept on the device
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
 from ..errors import SwapError
+from .base import LayerwiseOptimizer
 
 
 def _check(lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float) -> None:
@@ -39,7 +39,7 @@ def _check(lr: float, momentum: float, weight_decay: float, trust_coefficient: f
                         f"trust_coefficient={trust_coefficient}, eps={eps}")
 
 
-class LARS(Optimizer):
+class LARS(LayerwiseOptimizer):
     """LARS (module docstring), a ``torch.optim.Optimizer``: per parameter group ``lr``,
     ``momentum``, ``weight_decay``, ``trust_coefficient``, ``eps``, ``nesterov``, ``clip``,
     ``exclude_1d``. State per parameter: ``momentum_buffer`` (same shape and dtype).
@@ -56,33 +56,23 @@ class LARS(Optimizer):
                                       trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, clip=clip,
                                       exclude_1d=exclude_1d))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One LARS update of every parameter with a gradient; returns ``closure()``'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            adapted = [p for p in params if not (group["exclude_1d"] and p.ndim <= 1)]
-            plain = [p for p in params if group["exclude_1d"] and p.ndim <= 1]
-            if adapted:
-                grads = [p.grad for p in adapted]
-                w_norm = torch.stack(torch._foreach_norm(adapted))
-                g_norm = torch.stack(torch._foreach_norm(grads))
-                ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-                if group["clip"]:
-                    ratio = ratio.clamp(max=1.0)                      # local LR at most the global LR
-                direction = torch._foreach_add(grads, adapted, alpha=wd) if wd else grads     # g + beta w
-                self._momentum_step(adapted, direction, list((lr * ratio).to(adapted[0].dtype).unbind()), group)
-            if plain:
-                self._momentum_step(plain, [p.grad for p in plain], lr, group)
-        return loss
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One LARS update of ``params`` (the group's tensors with a gradient)."""
+        lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        adapted = [p for p in params if self.adapted(group, p)]
+        plain = [p for p in params if not self.adapted(group, p)]
+        if adapted:
+            grads = [p.grad for p in adapted]
+            w_norm = torch.stack(torch._foreach_norm(adapted))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            if group["clip"]:
+                ratio = ratio.clamp(max=1.0)                      # local LR at most the global LR
+            direction = torch._foreach_add(grads, adapted, alpha=wd) if wd else grads     # g + beta w
+            self._momentum_step(adapted, direction, list((lr * ratio).to(adapted[0].dtype).unbind()), group)
+        if plain:
+            self._momentum_step(plain, [p.grad for p in plain], lr, group)
 
     def _momentum_step(self, params: list, direction: list, local_lr, group: dict) -> None:
         """``v = m v + local_lr d``, then ``w -= v`` (or Nesterov's ``w -= local_lr d + m v``), for

@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         method.check(cfg, procs, samples)
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
-        del train_set
+        del train_set, val
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"

@@ -131,8 +131,8 @@ _TORCH_LOGGERS = ("torch.distributed", "c10d", "torch.multiprocessing")
 
 @contextlib.contextmanager
 def quiet_torch_logs():
-    """Within the block, torch.distributed's, c10d's and torch.multiprocessing's loggers print nothing (unless
-    :func:`verbose`); their levels are restored afterwards."""
+    """Within the block, torch.distributed's, c10d's and torch.multiprocessing's loggers print
+    nothing (unless :func:`verbose`); their levels are restored afterwards."""
     import logging
 
     if verbose():

@@ -77,8 +77,8 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
 
 class ImageFolder(Dataset):
     """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
-    uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn` makes batches of them, normalised
-    (float32).
+    uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn`
+    makes batches of them, normalised (float32).
 
     Args:
         root: the split's folder (``ROOT/train`` or ``ROOT/val``).
@@ -104,12 +104,14 @@ class ImageFolder(Dataset):
         self.classes, self.samples = scan_tree(self.root, classes)
         self.num_classes = len(self.classes)
         self.train, self.min_scale, self.crop_ratio, self.flip = train, min_scale, crop_ratio, flip
-        self.size = size or self._own_side()
+        side, self.channels = self._probe()
+        self.size = size or side
+        if self.size is None:
+            raise SwapError(f"no readable image among the first of {self.root}; set data.image_size")
         self.crop = crop if crop != "auto" else "padded" if self.size <= PADDED_MAX_SIDE else "resized"
         self.augment = Augment(crop_padding, flip, cutout).check(self.size, self.size) if self.crop == "padded" else None
         self.bad_images, self.bad_log = bad_images, None if bad_log is None else str(bad_log)
         self.skipped: set[str] = set()
-        self.channels = self._channels()
         self.model_kwargs = {"in_channels": self.channels}      # for the model factory (swap.models.build_model)
         if stats is not None:
             mean, std = (s.flatten() for s in stats)
@@ -125,44 +127,31 @@ class ImageFolder(Dataset):
         """Per-channel mean and std (pixel units, float64 (C,)) of ``count`` images spread evenly
         over the split (each at ``size``, whole), as the in-memory path normalises by its
         training set's statistics; unreadable images are left out."""
-        from PIL import Image
         picks = np.linspace(0, len(self.samples) - 1, min(count, len(self.samples))).round().astype(int)
         total = torch.zeros(3, self.channels, dtype=torch.float64)      # pixels, sum, sum of squares
         for k in picks:
             try:
-                with Image.open(self.samples[k][0], formats=("PNG", "JPEG")) as im:
-                    im = im.convert("RGB" if self.channels == 3 else "L")
-                    im = im.resize((self.size, self.size), Image.BILINEAR, box=self._centre_box(*im.size, 1.0))
-                    x = torch.from_numpy(np.asarray(im, dtype=np.float64)).reshape(-1, self.channels)
+                pixels = self._decode(self.samples[k][0], lambda w, h: self._centre_box(w, h, 1.0))
             except (OSError, SyntaxError, ValueError):
                 continue
+            x = torch.from_numpy(pixels.astype(np.float64)).reshape(-1, self.channels)
             total += torch.stack([torch.full((self.channels,), float(len(x)), dtype=torch.float64),
                                   x.sum(0), (x * x).sum(0)])
         n = total[0].clamp(min=1)
         mean = total[1] / n
         return mean, ((total[2] / n - mean * mean).clamp(min=0).sqrt()).clamp(min=1.0)
 
-    def _own_side(self) -> int:
-        """The shorter side (pixels) of the first readable image."""
+    def _probe(self) -> tuple[int | None, int]:
+        """The shorter side (pixels) and the channels of the first readable image: 1 when it is
+        greyscale (mode ``L``), else 3; (None, 3) when none of the first 16 can be read."""
         from PIL import Image
         for path, _ in self.samples[:16]:
             try:
                 with Image.open(path) as im:
-                    return min(im.size)
+                    return min(im.size), 1 if im.mode in ("L", "1", "I;16", "I") else 3
             except OSError:
                 continue
-        raise SwapError(f"no readable image among the first of {self.root}; set data.image_size")
-
-    def _channels(self) -> int:
-        """3, or 1 when the first readable image is greyscale (mode ``L``)."""
-        from PIL import Image
-        for path, _ in self.samples[:16]:
-            try:
-                with Image.open(path) as im:
-                    return 1 if im.mode in ("L", "1", "I;16", "I") else 3
-            except OSError:
-                continue
-        return 3
+        return None, 3
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -196,28 +185,31 @@ class ImageFolder(Dataset):
 
     def _load(self, path: str) -> torch.Tensor:
         """The image at ``path``, cropped, resized and flipped: uint8 (C, size, size)."""
-        from PIL import Image
         u = torch.rand(23).tolist() if self.train else None      # every draw of the sample at once
         padded = self.augment is not None
-        with Image.open(path, formats=("PNG", "JPEG")) as im:
-            mode = "RGB" if self.channels == 3 else "L"
-            if im.mode != mode:
-                im = im.convert(mode)
-            if self.train and not padded:
-                box = self._crop_box(*im.size, u)
-            else:
-                box = self._centre_box(*im.size, 1.0 if padded else None)
-            if box != (0, 0, *im.size) or im.size != (self.size, self.size):     # else already the crop
-                im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-            if self.train and not padded and self.flip and u[22] < 0.5:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            x = np.asarray(im)
-        x = x[:, :, None] if x.ndim == 2 else x
+        if self.train and not padded:
+            x = self._decode(path, lambda w, h: self._crop_box(w, h, u))
+            if self.flip and u[22] < 0.5:
+                x = x[:, ::-1]
+        else:
+            x = self._decode(path, lambda w, h: self._centre_box(w, h, 1.0 if padded else None))
         if self.train and padded:               # as the in-memory path: on raw pixels, padding and cutout black
             p, s = self.augment.crop_padding, self.size
             x = self.augment.apply_one(x, (int(u[0] * (2 * p + 1)), int(u[1] * (2 * p + 1))), u[22] < 0.5,
                                        (int(u[2] * s), int(u[3] * s)))
         return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+    def _decode(self, path: str, box_of) -> np.ndarray:
+        """The image at ``path`` in the split's mode (RGB or L), its box ``box_of(width, height)``
+        resized to ``size`` x ``size`` (Pillow returns the image itself when that is already all
+        of it): uint8 (size, size, C)."""
+        from PIL import Image
+        with Image.open(path, formats=("PNG", "JPEG")) as im:
+            mode = "RGB" if self.channels == 3 else "L"
+            if im.mode != mode:
+                im = im.convert(mode)
+            x = np.asarray(im.resize((self.size, self.size), Image.BILINEAR, box=box_of(*im.size)))
+        return x[:, :, None] if x.ndim == 2 else x
 
     def collate_fn(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of samples: x float32 (B, C, size, size) normalised (once per batch, in the

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2048)
     args = ap.parse_args()
-    from swap.algorithms.extrap import ExtrapSGD
+    from swap.optim.extrap import ExtrapSGD
     from swap.data import Augment, Loader, load_dataset
     from swap.models import build_model
     from swap.rundir import machine_info

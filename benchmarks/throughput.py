@@ -168,7 +168,7 @@ def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
     for w in range(ctx.dist.rank, workers, ctx.dist.world_size):
         model = ctx.build_model()
         loader = ctx.loader(128, ("phase2", w), data_parallel=False)
-        train(ctx.update_step(model, ctx.optimizer(model)), loader, lambda s: 0.05, epochs=epochs)
+        train(ctx.update_step(model, ctx.optimizer(model, "phase2")), loader, lambda s: 0.05, epochs=epochs)
     wall = max(distributed.all_gather_objects(time.perf_counter() - t))
     distributed.teardown()
     return wall

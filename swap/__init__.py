@@ -14,7 +14,7 @@ such as :class:`SGDStep`), :func:`evaluate`, :class:`Task` (loss and metrics), :
 """
 from .adversarial import fgsm
 from .algorithms.adaptive_batch import BatchSizeRule
-from .algorithms.extrap import ExtrapSGD
+from .optim.extrap import ExtrapSGD
 from .api import train_sgd, train_swap
 from .averaging import average_models, average_state_dicts, bn_buffer_names, recompute_bn
 from .config import Config, SwapError, load_config

@@ -7,6 +7,7 @@ import ast
 import copy
 import dataclasses
 import multiprocessing
+import pickle
 import sys
 import tempfile
 import time
@@ -125,13 +126,53 @@ def check_stop_rule(cfg: Config, task: Task, method) -> None:
                         "(phase1.stop.metric: train_loss with phase1.stop.at: LOSS) or set phase1.stop: auto")
 
 
+# The config sections a user's optimizer may be given for, by method
+OPTIMIZER_SECTIONS = {"swap": ("phase1", "phase2"), "sgd": ("sgd",)}
+
+
+def optimizer_fns(optimizer, method: str, cfg: Config, spawns: bool) -> dict | None:
+    """The user's ``optimizer`` argument as ``{config section: fn}``: one function for every
+    section of ``method`` (:data:`OPTIMIZER_SECTIONS`), or a dict naming some of them (the others
+    keep the config's optimizer). ``spawns``: the run starts processes, which receive the functions
+    by pickling (a module-level function, or a ``functools.partial`` of one).
+
+    Raises:
+        SwapError: a value that is not callable, a key that is not a section of the method, a
+            function the processes cannot receive, or phase 2 stacked (``vmap``: its SGD only).
+    """
+    if optimizer is None:
+        return None
+    sections = OPTIMIZER_SECTIONS[method]
+    fns = optimizer if isinstance(optimizer, dict) else {s: optimizer for s in sections}
+    for key, fn in fns.items():
+        if key not in sections:
+            raise SwapError(f"optimizer={{{key!r}: ...}}: train_{method} takes an optimizer for "
+                            f"{' and '.join(sections)}, not {key!r}")
+        if not callable(fn):
+            raise SwapError(f"optimizer for {key} must be a function param_groups -> torch.optim.Optimizer, got "
+                            f"{type(fn).__name__}")
+        if spawns:
+            try:
+                pickle.dumps(fn)
+            except Exception:
+                raise SwapError(f"the optimizer function for {key} cannot be sent to the worker processes (a lambda "
+                                f"or a local function): define it at the top level of a module, or use "
+                                f"functools.partial of one") from None
+    if "phase2" in fns and cfg.phase2.layout == "vmap":
+        raise SwapError("phase2.layout vmap stacks the workers into one SGD: a phase-2 optimizer of your own needs "
+                        "phase2.layout processes or sequential")
+    return fns
+
+
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
-         collate_fn=None):
+         collate_fn=None, optimizer=None):
     from . import methods
 
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
-    if procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"):
+    spawns = procs > 1 or (method == "swap" and cfg.phase2.layout == "processes")
+    if spawns:
         check_main_guard(f"train_{method}")
+    fns = optimizer_fns(optimizer, method, cfg, spawns)
     custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
     names = tuple(metrics) if metrics is not None else ("top1", "loss")
     task = Task(loss_fn, names, custom)                      # SwapError: an unknown metric name
@@ -154,7 +195,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     RunDir.prepare(out, cfg, overwrite=overwrite)
     spec = methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set), task=task,
-                           collate_fn=collate_fn)
+                           collate_fn=collate_fn, optimizer=fns)
     summary = methods.launch(method, spec, procs)
     model = model_fn()
     load_checkpoint(RunDir(out).checkpoint(methods.METHODS[method].checkpoint), model)
@@ -163,7 +204,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
                out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-               metrics=None, collate_fn=None) -> tuple[nn.Module, dict]:
+               metrics=None, collate_fn=None, optimizer=None) -> tuple[nn.Module, dict]:
     """Train ``model_fn()`` with SWAP (Gupta et al., ICLR 2020, Algorithm 1) and return the averaged model.
 
     Args:
@@ -183,6 +224,16 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             reported by every evaluation (``test_METRIC`` in metrics.jsonl; the summary's
             ``test_metrics`` for a generic dataset).
         collate_fn: builds a batch from a list of samples (default torch's ``default_collate``).
+        optimizer: your own optimizer, ``fn(param_groups) -> torch.optim.Optimizer``, for every
+            phase, or a dict ``{"phase1": fn1, "phase2": fn2}`` (a phase left out keeps the config's
+            ``phase1.optimizer`` / ``phase2.optimizer``). ``param_groups`` are the model's
+            parameters as groups (``optim.no_decay``: a second group with ``weight_decay`` 0);
+            you may regroup them, but must give the optimizer every one. The schedule (config:
+            peak LR, warm-up, decay) scales each group's own LR: a group built with ``lr`` equal to
+            the optimizer's default LR follows it, a group with ``lr=0.1 * default`` (or
+            ``lr_scale=0.1``, timm's key) gets a tenth of it at every update. Its state is
+            checkpointed with the run (each phase-2 worker keeps its own). A module-level function
+            (or a ``functools.partial`` of one) when processes are started.
         config: a :class:`swap.config.Config` or a nested dict of overrides of the defaults,
             e.g. ``{"workers": 4, "phase1": {"batch_size": 1024, "stop_acc": 95}}``.
         out: run directory (default: a new temporary folder); must not hold a run unless ``overwrite``.
@@ -199,14 +250,18 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             call from a script's top level without the ``__main__`` guard (:func:`check_main_guard`).
             All before any training.
     """
-    return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn)
+    return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
+                optimizer)
 
 
 def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
               out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-              metrics=None, collate_fn=None) -> tuple[nn.Module, dict]:
-    """Plain data-parallel SGD with the ``sgd`` config section (the paper's baselines); as :func:`train_swap`."""
-    return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn)
+              metrics=None, collate_fn=None, optimizer=None) -> tuple[nn.Module, dict]:
+    """Data-parallel training with the ``sgd`` config section (the paper's baselines; its
+    ``optimizer``: sgd, lars, lamb, adamw or extrap), or with ``optimizer``, your own
+    (``fn(param_groups)``, as in :func:`train_swap`); otherwise as :func:`train_swap`."""
+    return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
+                optimizer)
 
 
 __all__ = ["train_swap", "train_sgd"]

@@ -9,6 +9,9 @@ Methods (Gupta et al., ICLR 2020, Sec. 5):
     swa-small   sgd-small's model, then small-batch SWA cycles ("Small-batch SWA")
     extrap-large  large-batch SGD with extrapolated SGD (Lin et al., ICML 2020), section ``sgd_large``
     swap-extrap   SWAP whose phase 1 uses extrapolated SGD (section ``extrap``)
+    lars-large, lamb-large, adamw-large  the large-batch baseline with LARS (You et al. 2017), LAMB (You
+                  et al., ICLR 2020) or AdamW, sections ``lars_large``, ``lamb_large``, ``adamw_large``
+    swap-lars, swap-lamb  SWAP whose phase 1 uses that section's optimizer and peak LR
     swap-cycles   SWAP whose workers each run phase2.cycles (>= 2) LR cycles, one sample per cycle (Table 4)
     abs         adaptive batch size from the top Hessian eigenvalue (Yao et al. 2018), section ``abs``
     absa        abs plus FGSM adversarial training

@@ -8,6 +8,7 @@ set, learning rates per update, accuracies in percent (0-100).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -70,13 +71,30 @@ class ModelConfig:
     init_bn0: bool = False               # resnet50: zero-init the last BN scale of each residual block (Goyal et al. 2017)
 
 
+OPTIMIZERS = ("sgd", "lars", "lamb", "adamw", "extrap")   # the values of every section's `optimizer`
+NO_DECAY = ("none", "bn", "norm_bias")
+
+
 @dataclass
 class OptimConfig:
-    """SGD settings shared by all phases (paper: Nesterov momentum 0.9, weight decay 5e-4)."""
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    bn_weight_decay: bool = True         # false: no weight decay on BatchNorm scales and shifts (DAWNBench --no-bn-wd)
+    """Optimizer settings of every phase (``swap.optim``). A section that trains (``phase1``,
+    ``phase2``, ``sgd``, ``sgd_small``, ``sgd_large``, ``lars_large``, ...) picks its ``optimizer`` and may override any of
+    these for itself with its own ``optim`` mapping (``phase1.optim: {weight_decay: 0.01}``).
+    ``null`` means the optimizer's own default, from its paper or reference implementation:
+    weight decay 5e-4 for sgd, extrap and lars (SWAP paper; You et al. 2017), 0.01 for lamb (You et al.
+    2020, BERT) and adamw (torch.optim.AdamW); eps 1e-9 (lars), 1e-6 (lamb), 1e-8 (adamw)."""
+    momentum: float = 0.9                # sgd, extrap, lars (paper: Nesterov momentum 0.9)
+    nesterov: bool = True                # sgd, extrap, lars
+    weight_decay: float | None = None    # null = the optimizer's default (class docstring)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # adamw, lamb: Adam's (beta1, beta2), each in [0, 1)
+    eps: float | None = None             # adamw, lamb, lars: added to the denominator (null = the optimizer's)
+    trust_coefficient: float = 0.001     # lars: eta, the trust coefficient (You et al. 2017, Alg. 1)
+    trust_clip: bool = False             # lars: LARC clipping, local LR = min(eta x trust ratio, 1) x LR
+    no_decay: str = "none"               # parameters without weight decay: none | bn (BatchNorm scales and shifts,
+                                         # DAWNBench --no-bn-wd) | norm_bias (every bias and normalisation weight,
+                                         # i.e. every 1-D parameter: timm, Hugging Face, LARS/LAMB reference code)
+    clip_grad_norm: float = 0.0          # clip the L2 norm of each update's whole gradient (all ranks, all
+                                         # micro-batches) to this (0 = off); torch.nn.utils.clip_grad_norm_'s rule
 
 
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
@@ -133,8 +151,11 @@ class Phase1Config:
     warmup_epochs: float = 30.0
     max_epochs: int = 150                # the LR schedule spans max_epochs; stopping usually comes first
     stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
-    schedule: str = "linear"             # warm-up then linear | cosine decay to 0 at max_epochs
-    optimizer: str = "sgd"               # sgd | extrap (extrapolated SGD, section `extrap`)
+    schedule: str = "linear"             # warm-up then linear | cosine decay to min_lr at max_epochs
+    min_lr: float = 0.0                  # the LR the decay ends at
+    warmup_updates: int = 0              # > 0: warm-up in updates, instead of warmup_epochs
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap (extrapolated SGD, section `extrap`)
+    optim: dict = field(default_factory=dict)   # this section's overrides of `optim` ({weight_decay: 0.01})
     stop: StopConfig = field(default_factory=StopConfig)   # stopping rule on any training metric
     segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
                                          # schedule and the epochs when given: [{epochs: [start, end], batch_size,
@@ -161,6 +182,10 @@ class Phase2Config:
     warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
+    min_lr: float = 0.0
+    warmup_updates: int = 0
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw (each worker's own, its state its own)
+    optim: dict = field(default_factory=dict)
     track_average: bool = False          # after training: test accuracy of the workers' average (BN
                                          # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
     save_every: int = 0                  # save each worker's weights every N updates (0 = off), for `swap cosine`
@@ -206,7 +231,10 @@ class SGDConfig:
     warmup_epochs: float = 0.0
     epochs: int = 30
     schedule: str = "linear"
-    optimizer: str = "sgd"               # sgd | extrap
+    min_lr: float = 0.0
+    warmup_updates: int = 0
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap
+    optim: dict = field(default_factory=dict)
     segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
                                          # schedule and the epochs when given: [{epochs: [start, end], batch_size,
                                          # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
@@ -278,7 +306,8 @@ class Config:
     compile: bool = False                # torch.compile the model's forward (nn.Module.compile)
     channels_last: bool = True
     eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
-    max_grad_norm: float = 1.0e4         # a larger or non-finite gradient norm stops the phase (divergence)
+    divergence_grad_norm: float = 1.0e4  # the divergence guard: a larger or non-finite gradient norm stops the
+                                         # phase (before clipping; optim.clip_grad_norm clips)
     checkpoint_every: int = 1            # resumable checkpoint (weights + optimizer) every N epochs of
                                          # every phase and worker (0 = only at phase ends)
     data: DataConfig = field(default_factory=DataConfig)
@@ -292,6 +321,14 @@ class Config:
     # `swap compare` settings of its baselines: sgd-small and sgd-large run `sgd` with these sections
     sgd_small: SGDConfig = field(default_factory=SGDConfig)
     sgd_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=1.2, warmup_epochs=5.0))
+    # the large-batch baseline with each large-batch optimizer (methods lars-large, lamb-large, adamw-large); the
+    # LR of lars_large and lamb_large is also phase 1's in swap-lars and swap-lamb
+    lars_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=8.0, warmup_epochs=5.0,
+                                                                    optimizer="lars"))
+    lamb_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=0.01, warmup_epochs=5.0,
+                                                                    optimizer="lamb"))
+    adamw_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=0.004, warmup_epochs=5.0,
+                                                                     optimizer="adamw"))
     swa: SWAConfig = field(default_factory=SWAConfig)
     extrap: ExtrapConfig = field(default_factory=ExtrapConfig)
     abs: ABSConfig = field(default_factory=ABSConfig)
@@ -336,14 +373,26 @@ NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers")
 
 # --------------------------------------------------------------------------- loading and merging
 
+# Keys that were renamed: a config that still uses one is refused with the reason, never silently ignored
+RENAMED = {
+    "max_grad_norm": "max_grad_norm is gone: it stopped the run, where Hugging Face, timm and torchvision clip "
+                     "with a key of that name; set optim.clip_grad_norm to clip the gradient norm, or "
+                     "divergence_grad_norm for the norm that stops a diverging run",
+    "optim.bn_weight_decay": "optim.bn_weight_decay is gone: set optim.no_decay: bn (no weight decay on BatchNorm "
+                             "weights) or norm_bias (none on any bias or normalisation weight)",
+}
+
+
 def _merge(obj: Any, values: dict[str, Any], where: str, given: set | None = None) -> None:
-    """Set fields of dataclass ``obj`` from a nested dict, refusing unknown keys and wrong types;
-    the dotted key of every value set is added to ``given``."""
+    """Set fields of dataclass ``obj`` from a nested dict, refusing unknown and renamed keys
+    (:data:`RENAMED`) and wrong types; the dotted key of every value set is added to ``given``."""
     if not isinstance(values, dict):
         raise SwapError(f"config section '{where or 'top'}' must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
+        if path in RENAMED:
+            raise SwapError(RENAMED[path])
         if key not in known:
             raise SwapError(f"unknown config key '{path}' (known here: {', '.join(sorted(known))})")
         current = getattr(obj, key)
@@ -390,6 +439,9 @@ def _coerce(value: Any, annotation: str, path: str) -> Any:
     elif kind == "list":
         if isinstance(value, list):
             return value                 # its items are checked by validate()
+    elif kind == "dict":
+        if isinstance(value, dict):
+            return value                 # its keys and values are checked by validate()
     raise SwapError(f"config key '{path}' expects {kind}, got {value!r}")
 
 
@@ -513,18 +565,17 @@ def validate(cfg: Config) -> None:
     need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
     need(cfg.precision in ("fp32", "bf16", "auto"), f"precision must be fp32, bf16 or auto, got '{cfg.precision}'")
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
-    need(cfg.max_grad_norm > 0, f"max_grad_norm must be > 0, got {cfg.max_grad_norm}")
+    need(cfg.divergence_grad_norm > 0, f"divergence_grad_norm must be > 0, got {cfg.divergence_grad_norm}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
     need(cfg.data.crop_padding >= 0 and cfg.data.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")
-    need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
-    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
-    need(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+    _check_optim(cfg.optim, "optim")
     need(cfg.data.holdout >= 0, f"data.holdout must be >= 0, got {cfg.data.holdout}")
     need(0 < cfg.swa.lr_min and 0 < cfg.swa.large_lr_min <= cfg.swa.large_lr_max,
          "swa.lr_min and swa.large_lr_min must be > 0 and swa.large_lr_min <= swa.large_lr_max")
     for section, epochs_key in (("phase1", "max_epochs"), ("phase2", "epochs"), ("sgd", "epochs"),
-                                ("sgd_small", "epochs"), ("sgd_large", "epochs")):
+                                ("sgd_small", "epochs"), ("sgd_large", "epochs"), ("lars_large", "epochs"),
+                                ("lamb_large", "epochs"), ("adamw_large", "epochs")):
         sec = getattr(cfg, section)
         need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
         need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")
@@ -533,8 +584,17 @@ def validate(cfg: Config) -> None:
         need(0 <= sec.warmup_epochs <= epochs,
              f"{section}.warmup_epochs must be in [0, {section}.{epochs_key}={epochs}], got {sec.warmup_epochs}")
         need(sec.schedule in ("linear", "cosine"), f"{section}.schedule must be linear or cosine, got '{sec.schedule}'")
-        if hasattr(sec, "optimizer"):
-            need(sec.optimizer in ("sgd", "extrap"), f"{section}.optimizer must be sgd or extrap, got '{sec.optimizer}'")
+        need(sec.min_lr <= sec.peak_lr, f"{section}.min_lr={sec.min_lr} is above {section}.peak_lr={sec.peak_lr}")
+        need(sec.min_lr >= 0 and sec.warmup_updates >= 0, f"{section}.min_lr and {section}.warmup_updates must be "
+                                                           f">= 0, got {sec.min_lr}, {sec.warmup_updates}")
+        need(not (sec.warmup_updates and sec.warmup_epochs), f"{section}.warmup_updates={sec.warmup_updates} and "
+             f"{section}.warmup_epochs={sec.warmup_epochs} both set the warm-up: keep one (the other 0)")
+        need(sec.optimizer in OPTIMIZERS and (section != "phase2" or sec.optimizer != "extrap"),
+             f"{section}.optimizer must be one of {', '.join(o for o in OPTIMIZERS if section != 'phase2' or o != 'extrap')}"
+             f", got '{sec.optimizer}'")
+        if not isinstance(sec.optim, dict):
+            raise SwapError(f"{section}.optim must be a mapping of optim keys, got {sec.optim!r}")
+        optim_for(cfg, section)          # overrides that name no optim key, or bad values, fail here
         micro = getattr(sec, "micro_batch_size", 0)
         need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
         segments(cfg, section)           # a piecewise schedule that does not tile its epochs fails here
@@ -580,8 +640,12 @@ def validate(cfg: Config) -> None:
     need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
     need(cfg.phase2.layout in ("processes", "sequential", "vmap"),
          f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
-    need(not (cfg.phase2.layout == "vmap" and not cfg.optim.bn_weight_decay),
-         "optim.bn_weight_decay=false needs phase2.layout processes or sequential (vmap decays every parameter)")
+    vmap_optim = optim_for(cfg, "phase2")
+    need(not (cfg.phase2.layout == "vmap" and (p2.optimizer != "sgd" or vmap_optim.no_decay != "none"
+                                               or vmap_optim.clip_grad_norm)),
+         f"phase2.layout vmap stacks the workers into one SGD over every parameter: phase2.optimizer "
+         f"{p2.optimizer}, optim.no_decay {vmap_optim.no_decay} and optim.clip_grad_norm "
+         f"{vmap_optim.clip_grad_norm:g} need phase2.layout processes or sequential (or sgd, none and 0)")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.segments),
          "phase2.segments (a piecewise schedule) needs phase2.layout processes or sequential")
     need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
@@ -604,6 +668,40 @@ def validate(cfg: Config) -> None:
     need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
+
+
+def _check_optim(o: OptimConfig, where: str) -> None:
+    """Refuse impossible optimizer settings (``where``: ``optim`` or ``phase1.optim``, ...)."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise SwapError(f"{where}.{msg}")
+
+    need(0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}")
+    need(not o.nesterov or o.momentum > 0, "nesterov needs momentum > 0 (set nesterov: false for momentum 0)")
+    need(o.weight_decay is None or o.weight_decay >= 0, f"weight_decay must be >= 0 or null, got {o.weight_decay}")
+    need(isinstance(o.betas, list) and len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                                 and 0 <= b < 1 for b in o.betas),
+         f"betas must be [beta1, beta2], each in [0, 1), got {o.betas!r}")
+    need(o.eps is None or o.eps >= 0, f"eps must be >= 0 or null, got {o.eps}")
+    need(o.trust_coefficient >= 0, f"trust_coefficient must be >= 0, got {o.trust_coefficient}")
+    need(o.no_decay in NO_DECAY, f"no_decay must be {', '.join(NO_DECAY)}, got '{o.no_decay}'")
+    need(o.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 = off), got {o.clip_grad_norm}")
+
+
+def optim_for(cfg: Config, section: str) -> OptimConfig:
+    """The optimizer settings of config ``section`` (``phase1``, ``phase2``, ``sgd``, ``abs``, ...):
+    ``optim`` with the section's own ``optim`` overrides, if it has any.
+
+    Raises:
+        SwapError: an override that names no ``optim`` key, or an impossible value.
+    """
+    overrides = getattr(getattr(cfg, section), "optim", None) or {}
+    if not overrides:
+        return cfg.optim
+    o = copy.deepcopy(cfg.optim)
+    _merge(o, overrides, f"{section}.optim")
+    _check_optim(o, f"{section}.optim")
+    return o
 
 
 def validation_size(data_cfg: DataConfig, train_samples: int) -> int:

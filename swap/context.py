@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, SwapError, check_world, segments, validation_size
+from .config import Config, SwapError, check_world, optim_for, segments, validation_size
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
@@ -26,21 +26,11 @@ from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
 from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
-from .algorithms.extrap import ExtrapSGD, ExtrapStep
+from .optim.build import build_optimizer, label, user_optimizer
+from .optim.extrap import ExtrapSGD, ExtrapStep
 
 
 IMAGENET_TASK = Task(metrics=("top1", "top5", "loss"))     # an image folder reports top-1 and top-5 (ImageNet's)
-
-
-def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = True) -> list[dict]:
-    """``model``'s parameters as optimizer groups: one group, or with ``bn_weight_decay=False`` a
-    second group of the BatchNorm scales and shifts with weight decay 0 (the DAWNBench ImageNet
-    runs' ``--no-bn-wd``; Goyal et al. 2017 keep decay on them, and so does the default)."""
-    if bn_weight_decay:
-        return [{"params": list(model.parameters())}]
-    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
-    return [{"params": [p for p in model.parameters() if id(p) not in bn]},
-            {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}]
 
 
 @dataclass
@@ -64,6 +54,7 @@ class Context:
     task: Task = DEFAULT_TASK             # how the model is called, its loss and metrics
     collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
     val_set: object = None                # the validation split (last data.holdout samples), when cfg.uses_validation()
+    optimizer_fns: dict | None = None     # the user's optimizer per config section ({"phase1": fn, ...}; library use)
 
     @property
     def generic(self) -> bool:
@@ -74,7 +65,7 @@ class Context:
     def for_run(cls, spec, join: bool = True) -> "Context":
         """The context of a :class:`swap.methods.RunSpec` (inside each rank)."""
         return cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join, spec.task,
-                          spec.collate_fn)
+                          spec.collate_fn, spec.optimizer)
 
     @classmethod
     def from_run_dir(cls, run_path: str | Path) -> "Context":
@@ -90,7 +81,8 @@ class Context:
     def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
                model_fn: Callable[[], nn.Module] | None = None,
                data: tuple[ImageDataset, ImageDataset] | None = None, join: bool = True,
-               task: Task | None = None, collate_fn: Callable | None = None) -> "Context":
+               task: Task | None = None, collate_fn: Callable | None = None,
+               optimizer_fns: dict | None = None) -> "Context":
         """Join the process group (unless ``join=False``), put the data on the device. ``model_fn``
         and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`);
         ``data`` may be a pair of any map-style datasets (the generic path, class docstring); when
@@ -121,13 +113,13 @@ class Context:
                 task = IMAGENET_TASK
             collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
             return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
-                       collate_fn, val_set)
+                       collate_fn, val_set, optimizer_fns)
         train_set, test_set = (x.to(d.device) for x in data)
         augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here
         mean, std = train_set.channel_stats()
         val_set = val_set.to(d.device) if val_set is not None else None
         return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn, task or DEFAULT_TASK,
-                   val_set=val_set)
+                   val_set=val_set, optimizer_fns=optimizer_fns)
 
     # ------------------------------------------------------------------ building blocks
     def build_model(self) -> nn.Module:
@@ -169,26 +161,36 @@ class Context:
         with autocast(self.dist.device, self.amp):
             recompute_bn(model, self.bn_batches(*share), distributed=distributed)
 
-    def optimizer(self, model: nn.Module, kind: str = "sgd", stream: tuple = ()):
-        """SGD with the configured (Nesterov) momentum and weight decay (the LR is set per update);
-        ``kind="extrap"`` wraps it in extrapolated SGD (section ``extrap``), whose gaussian noise
-        is drawn from the stream (seed, *stream, rank)."""
-        o = self.cfg.optim
-        sgd = torch.optim.SGD(param_groups(model, o.weight_decay, o.bn_weight_decay), lr=0.0, momentum=o.momentum,
-                              nesterov=o.nesterov, weight_decay=o.weight_decay)
-        if kind != "extrap":
-            return sgd
-        e = self.cfg.extrap
-        # on the parameters' device: noise drawn on the CPU would cost a host-to-device copy per tensor
-        gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
-        return ExtrapSGD(sgd, e.variant, e.gamma_ratio, e.sigma_ratio, gen)
+    def optimizer(self, model: nn.Module, section: str, stream: tuple = ()):
+        """The optimizer of config ``section`` (``phase1``, ``phase2``, ``sgd``, ``abs``) over
+        ``model``: the user's function for that section when the library was given one
+        (:attr:`optimizer_fns`), else the section's ``optimizer`` (``sgd`` for a section without
+        one) with its settings (:func:`swap.config.optim_for`), built by
+        :func:`swap.optim.build.build_optimizer`; extrapolated SGD draws its gaussian noise from the
+        stream (seed, *stream, rank). The LR is set per update by the schedule."""
+        o = optim_for(self.cfg, section)
+        fn = (self.optimizer_fns or {}).get(section)
+        if fn is not None:
+            return user_optimizer(fn, model, o, section)
+        kind = getattr(getattr(self.cfg, section), "optimizer", "sgd")
+        gen = None
+        if kind == "extrap":   # on the parameters' device: noise drawn on the CPU would cost a copy per tensor
+            gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))
+        return build_optimizer(kind, model, o, self.cfg.extrap, gen)
 
-    def update_step(self, model: nn.Module, optimizer, micro_batch_size: int = 0) -> UpdateStep:
+    def update_step(self, model: nn.Module, optimizer, micro_batch_size: int = 0, section: str = "") -> UpdateStep:
         """The train loop's update for ``optimizer`` (from :meth:`optimizer`) on ``model`` (plain or
-        DDP-wrapped): extrapolated SGD's two passes for ``extrap``, SGD with micro-batches of
-        ``micro_batch_size`` samples (0 = one pass) otherwise; forward passes at :attr:`amp`."""
+        DDP-wrapped): extrapolated SGD's two passes for ``extrap``, else one optimizer step on
+        micro-batches of ``micro_batch_size`` samples (0 = one pass); forward passes at
+        :attr:`amp`; the whole gradient clipped to config ``section``'s ``optim.clip_grad_norm``."""
         kind = ExtrapStep if isinstance(optimizer, ExtrapSGD) else SGDStep
-        return kind(model, optimizer, micro_batch_size, self.amp, self.task)
+        clip = optim_for(self.cfg, section).clip_grad_norm if section else 0.0
+        return kind(model, optimizer, micro_batch_size, self.amp, self.task, clip)
+
+    @staticmethod
+    def optimizer_label(optimizer) -> str:
+        """The optimizer's name in records and summaries (:func:`swap.optim.build.label`)."""
+        return label(optimizer)
 
     def augment(self) -> Augment:
         return augment_for(self.cfg.data, self.train_set)
@@ -252,7 +254,11 @@ class Context:
                                      len(self.train_set), start)
             return loader, loader.lr_at, loader.epochs
         loader = self.loader(batch_size, seed_parts, data_parallel)
-        return loader, lr_at or self.schedule(peak_lr, warmup_epochs, epochs, len(loader), shape), epochs
+        if lr_at is None:
+            sec = getattr(self.cfg, section) if section else None
+            lr_at = self.schedule(peak_lr, warmup_epochs, epochs, len(loader), shape,
+                                  getattr(sec, "min_lr", 0.0), getattr(sec, "warmup_updates", 0))
+        return loader, lr_at, epochs
 
     def bn_batches(self, rank: int = 0, world_size: int = 1):
         """Inputs of the one pass over the training data that recomputes BN statistics (phase 3,
@@ -266,8 +272,13 @@ class Context:
         return (x for j, (x, _) in enumerate(loader.epoch(0)) if j % world_size == rank)
 
     @staticmethod
-    def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str):
-        return warmup_decay(peak_lr, round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch, shape)
+    def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str,
+                 min_lr: float = 0.0, warmup_updates: int = 0):
+        """Warm-up (``warmup_updates`` updates, or ``warmup_epochs`` epochs) to ``peak_lr``, then
+        ``shape`` decay to ``min_lr`` at ``epochs`` (:func:`swap.schedules.warmup_decay`)."""
+        total = epochs * steps_per_epoch
+        warmup = min(warmup_updates, total) if warmup_updates else round(warmup_epochs * steps_per_epoch)
+        return warmup_decay(peak_lr, warmup, total, shape, min_lr)
 
     def evaluate(self, model: nn.Module, distributed_eval: bool = False, validation: bool = False) -> float | dict[str, float]:
         """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``.
@@ -297,11 +308,11 @@ class Context:
         return value["top1"] if "top1" in value and self.task.class_targets else -value["loss"]
 
     # ------------------------------------------------------------------ reporting
-    def sink(self, phase: str, worker: int | None, epochs: int, optimizer: str = "sgd"):
+    def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None):
         """Per-epoch callback: one metrics.jsonl record and one progress line. Records name the
-        optimizer (``sgd`` or ``extrap:VARIANT``)."""
+        ``optimizer`` (:meth:`optimizer_label`: ``sgd``, ``lars``, ``extrap:VARIANT``, ``user:AdamW``)."""
         label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
-        optimizer = f"extrap:{self.cfg.extrap.variant}" if optimizer == "extrap" else optimizer
+        optimizer = self.optimizer_label(optimizer) if optimizer is not None else "sgd"
 
         def on_epoch(rec: dict) -> None:
             rec = {"phase": phase, "worker": worker, "optimizer": optimizer, **rec, "phase_wall_s": rec["wall_s"],

@@ -11,7 +11,9 @@ every rank function receives, in place of positional argument tuples.
 Methods: ``sgd`` (``swap train --method sgd``), the paper's baselines ``sgd-small`` and ``sgd-large``
 (Gupta et al., ICLR 2020, Table 1), ``swap`` (Algorithm 1), the sequential SWA baselines ``swa-large``,
 ``swa-lb-sb``, ``swa-small`` (Table 4; Izmailov et al., UAI 2018), extrapolated SGD ``extrap-large``
-and ``swap-extrap`` (Lin et al., ICML 2020), adaptive batch size ``abs`` and ``absa`` (Yao et al. 2018).
+and ``swap-extrap`` (Lin et al., ICML 2020), the large-batch baseline with LARS, LAMB or AdamW
+(``lars-large``, ``lamb-large``, ``adamw-large``; sections of those names) and SWAP with a LARS or LAMB
+phase 1 (``swap-lars``, ``swap-lamb``), adaptive batch size ``abs`` and ``absa`` (Yao et al. 2018).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class RunSpec:
     start: dict | None = None              # SWA methods: {"checkpoint": base path, "summary": dict} of the start
     task: Any = None                       # swap.task.Task, or None for the default
     collate_fn: Callable | None = None     # generic datasets: builds a batch from samples (default collate)
+    optimizer: dict | None = None          # the user's optimizer functions by config section ({"phase1": fn, ...})
 
 
 
@@ -68,13 +71,35 @@ def _local_sgd(cfg: Config) -> None:
     cfg.phase2.outer, cfg.phase2.layout = "average", "sequential"
 
 
+# DiLoCo's inner optimizer (Douillard et al. 2023, Sec. 3: AdamW, weight decay 0.1, betas (0.9, 0.95), LR 4e-4
+# for their 150M-1B-parameter language models). The LR is scaled to our presets' small models.
+DILOCO_INNER = {"optimizer": "adamw", "peak_lr": 1e-3, "optim": {"weight_decay": 0.1, "betas": [0.9, 0.95]}}
+
+
 def _diloco(cfg: Config) -> None:
-    """A config transform: DiLoCo in phase 2 (Douillard et al. 2023): an outer Nesterov step every
-    ``phase2.sync_every`` updates (default 8), outer LR 0.7 and momentum 0.9 unless set."""
+    """A config transform: DiLoCo in phase 2 (Douillard et al. 2023): each worker trains with inner
+    AdamW (:data:`DILOCO_INNER`, unless ``phase2.optimizer`` was set: then the user's optimizer,
+    LR and settings), keeping its own AdamW state across meetings, and meets every
+    ``phase2.sync_every`` updates (default 8) for an outer Nesterov step, outer LR 0.7 and momentum
+    0.9 unless set."""
     p2 = cfg.phase2
     p2.sync_every, p2.outer, p2.layout = p2.sync_every or 8, "nesterov", "sequential"
     if p2.outer_lr == 1.0 and p2.outer_momentum == 0.0:
         p2.outer_lr, p2.outer_momentum = 0.7, 0.9
+    if not cfg.is_set("phase2.optimizer"):
+        p2.optimizer, p2.peak_lr = DILOCO_INNER["optimizer"], DILOCO_INNER["peak_lr"]
+        p2.optim = {**DILOCO_INNER["optim"], **p2.optim}
+
+
+def _large_batch_phase1(section: str) -> Callable[[Config], None]:
+    """A config transform: SWAP's phase 1 trains with the optimizer, peak LR and settings of the
+    large-batch baseline section ``section`` (``lars_large``: LARS, ``lamb_large``: LAMB), keeping
+    phase 1's batch, warm-up, schedule and stopping rule."""
+    def configure(cfg: Config) -> None:
+        sec = getattr(cfg, section)
+        cfg.phase1.optimizer, cfg.phase1.peak_lr = sec.optimizer, sec.peak_lr
+        cfg.phase1.optim = {**sec.optim, **cfg.phase1.optim}
+    return configure
 
 
 def _extrapolated_phase1(cfg: Config) -> None:
@@ -228,15 +253,25 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sgd-small", "swap.algorithms.sgd:run_sgd", _section("sgd_small"), (), "sgd", "sgd",
            configure=_sgd_from("sgd_small")),
     Method("sgd-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
-           configure=_sgd_from("sgd_large", optimizer="sgd")),
+           configure=_sgd_from("sgd_large")),
     Method("swap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", cli=True),
     Method("swa-large", _SWA, _phase1, (), "swa", "swa", {"variant": "swa-large"}, start=("swap", "phase1")),
     Method("swa-lb-sb", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-lb-sb"}, start=("swap", "phase1")),
     Method("swa-small", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-small"}, start=("sgd-small", "sgd")),
     Method("extrap-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd",
            "sgd", configure=_sgd_from("sgd_large", optimizer="extrap")),
+    Method("lars-large", "swap.algorithms.sgd:run_sgd", _section("lars_large"), (), "sgd", "sgd",
+           configure=_sgd_from("lars_large")),
+    Method("lamb-large", "swap.algorithms.sgd:run_sgd", _section("lamb_large"), (), "sgd", "sgd",
+           configure=_sgd_from("lamb_large")),
+    Method("adamw-large", "swap.algorithms.sgd:run_sgd", _section("adamw_large"), (), "sgd", "sgd",
+           configure=_sgd_from("adamw_large")),
     Method("swap-extrap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
            configure=_extrapolated_phase1),
+    Method("swap-lars", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
+           configure=_large_batch_phase1("lars_large")),
+    Method("swap-lamb", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
+           configure=_large_batch_phase1("lamb_large")),
     Method("swap-cycles", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_cycles,
            cli=True),
     Method("local-sgd", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_local_sgd,

@@ -1,8 +1,9 @@
 """Learning-rate schedules as plain functions of the update index (0-based): ``lr_at(step) -> float``.
 
-The train loop writes ``lr_at(step)`` into every parameter group before each update, so one
-schedule covers any optimizer. Lengths are in updates (steps); callers convert epochs with the
-loader's updates per epoch.
+Before each update the train loop writes ``lr_at(step)`` into every parameter group, scaled by the
+group's ``lr_scale`` (:func:`apply_lr`), so one schedule covers any optimizer and keeps the ratios of
+a user's per-group LRs (layer-wise LR decay). Lengths are in updates (steps); callers convert epochs
+with the loader's updates per epoch.
 """
 from __future__ import annotations
 
@@ -15,19 +16,44 @@ from .errors import SwapError
 Schedule = Callable[[int], float]
 
 
-def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str = "linear") -> Schedule:
-    """Linear warm-up from ~0 to ``peak_lr`` over ``warmup_steps``, then decay to 0 at ``total_steps``.
+def record_lr_scales(optimizer) -> None:
+    """Give each parameter group of ``optimizer`` (any ``torch.optim.Optimizer``) its ``lr_scale``:
+    its LR over the optimizer's default LR (``defaults["lr"]``) at construction, unless the group
+    already carries one (timm's convention for layer-wise LR decay). Groups at the default LR get
+    none (scale 1). Call once, before any :func:`apply_lr`."""
+    base = float(optimizer.defaults.get("lr", 0.0) or 0.0)
+    for group in optimizer.param_groups:
+        if "lr_scale" not in group and base > 0 and float(group["lr"]) != base:
+            group["lr_scale"] = float(group["lr"]) / base
+
+
+def apply_lr(optimizer, lr: float) -> None:
+    """Set the LR of every parameter group of ``optimizer`` for the next update: ``lr`` times the
+    group's ``lr_scale`` (:func:`record_lr_scales`; 1 when it has none)."""
+    for group in optimizer.param_groups:
+        scale = group.get("lr_scale")
+        group["lr"] = lr if scale is None else lr * scale
+
+
+def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str = "linear",
+                 min_lr: float = 0.0) -> Schedule:
+    """Linear warm-up from ~0 to ``peak_lr`` over ``warmup_steps``, then decay to ``min_lr`` (default
+    0) at ``total_steps``.
 
     The warm-up of Goyal et al. 2017 ("Accurate, Large Minibatch SGD"), used by SWAP's phase 1 and
     with ``warmup_steps=0`` by its phase 2 (Gupta et al., ICLR 2020, Sec. 5 and Tables 5-6).
     Step s < warmup_steps gets ``peak_lr * (s + 1) / warmup_steps``; after it, ``shape`` is
-    ``linear`` (straight line to 0 at ``total_steps``) or ``cosine`` (half cosine to 0).
+    ``linear`` (straight line to ``min_lr`` at ``total_steps``) or ``cosine`` (half cosine to
+    ``min_lr``, as ``torch.optim.lr_scheduler.CosineAnnealingLR``'s ``eta_min``).
 
     Raises:
-        ValueError: ``total_steps < 1``, ``warmup_steps`` outside [0, total_steps], unknown shape.
+        ValueError: ``total_steps < 1``, ``warmup_steps`` outside [0, total_steps], unknown shape,
+            ``min_lr`` outside [0, peak_lr].
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total >= 1")
+    if not 0 <= min_lr <= peak_lr:
+        raise ValueError(f"need 0 <= min_lr ({min_lr}) <= peak_lr ({peak_lr})")
     if shape not in ("linear", "cosine"):
         raise ValueError(f"unknown schedule shape '{shape}' (linear | cosine)")
     decay_steps = max(1, total_steps - warmup_steps)
@@ -36,9 +62,9 @@ def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str
         if step < warmup_steps:
             return peak_lr * (step + 1) / warmup_steps
         frac = min(1.0, (step - warmup_steps) / decay_steps)      # 0 at the peak, 1 at the end
-        if shape == "linear":
-            return peak_lr * (1.0 - frac)
-        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        if shape == "linear":                                     # min_lr 0: peak_lr * (1 - frac) exactly
+            return min_lr + (peak_lr - min_lr) * (1.0 - frac)
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     return lr_at
 

@@ -3,7 +3,7 @@
 :func:`train` drives epochs, updates, the stopping accuracy, stop signals, the divergence guard and
 the per-epoch records. What one update does is an :class:`UpdateStep`: :class:`SGDStep` here (SGD
 with micro-batches, with or without DistributedDataParallel), extrapolated SGD in
-:mod:`swap.algorithms.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Where a run
+:mod:`swap.optim.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Where a run
 resumes and what it checkpoints is :mod:`swap.phase`'s business, reached through the loop's
 ``on_epoch`` and ``on_interrupt`` callbacks.
 
@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
-from .schedules import epoch_shape
+from .schedules import apply_lr, epoch_shape
 from .task import Task, stop_reached, top_k_correct
 
 DEFAULT_TASK = Task()
@@ -158,8 +158,8 @@ class DivergenceGuard:
         epoch, step, j, norm = self.first.tolist()
         if epoch >= 0:
             raise SwapError(f"{self.labels[int(j)]} diverged at epoch {int(epoch)}, step {int(step)}: gradient norm "
-                            f"{norm:.3g} (limit max_grad_norm={self.max_norm:g}); lower the peak LR or lengthen the "
-                            f"warm-up, then --resume from the last checkpoint")
+                            f"{norm:.3g} (limit divergence_grad_norm={self.max_norm:g}); lower the peak LR, lengthen the "
+                            f"warm-up or clip (optim.clip_grad_norm), then --resume from the last checkpoint")
 
 
 def gradient_norm(model: nn.Module) -> torch.Tensor:
@@ -242,26 +242,38 @@ class SGDStep(UpdateStep):
     ``micro_batch_size`` samples (0 = one pass) with accumulated gradients; ``model`` may be
     DDP-wrapped (gradients all-reduced once, on the last micro-batch). Forward passes run under
     autocast to ``amp_dtype`` (None = float32). ``task`` (:class:`swap.task.Task`): how the model is
-    called and its loss (default: cross-entropy)."""
+    called and its loss (default: cross-entropy). With ``clip_grad_norm > 0`` the whole update's
+    gradient (all micro-batches, all-reduced over the ranks) is scaled to at most that L2 norm
+    (``torch.nn.utils.clip_grads_with_norm_``, reusing the norm the divergence guard reads: no
+    second pass over the gradients, no host sync). The schedule's LR scales each parameter group's
+    own (:func:`swap.schedules.apply_lr`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int = 0,
-                 amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK):
+                 amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK, clip_grad_norm: float = 0.0):
         self.model, self.optimizer, self.task = model, optimizer, task
-        self.micro_batch_size, self.amp_dtype = micro_batch_size, amp_dtype
+        self.micro_batch_size, self.amp_dtype, self.clip_grad_norm = micro_batch_size, amp_dtype, clip_grad_norm
         self.models, self.group_wide = [model], isinstance(model, DDP)
         self.group = model.process_group if self.group_wide and _world() > 1 else None
         if self.group is not None and _world(self.group) == _world():
             self.group = None                            # the whole world: the default group
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_lr(self.optimizer, lr)
+
+    def clipped_norm(self) -> torch.Tensor:
+        """The norm of the model's gradient (before clipping: what the divergence guard reads),
+        after clipping the gradient to ``clip_grad_norm`` when that is set."""
+        norm = gradient_norm(self.model)
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                 self.clip_grad_norm, norm)
+        return norm
 
     def gradients(self, x, y, lr):
         self.set_lr(lr)
         self.optimizer.zero_grad(set_to_none=True)
         totals = _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype, task=self.task)
-        return totals.view(1, 3), gradient_norm(self.model)
+        return totals.view(1, 3), self.clipped_norm()
 
     def apply(self) -> None:
         self.optimizer.step()
@@ -277,7 +289,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
           stop_metric: str = "train_acc", stop_fn: Callable[[int, float], bool] | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
-          progress=None, max_grad_norm: float = float("inf"), label: str | list[str] = "training",
+          progress=None, divergence_grad_norm: float = float("inf"), label: str | list[str] = "training",
           on_interrupt: Callable[[dict], None] | None = None, micro_batch_size: int = 0,
           amp_dtype: torch.dtype | None = None) -> dict:
     """Train with ``step`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
@@ -287,7 +299,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             swap 0.1, ``train(model, loader, optimizer, lr_at, epochs, micro_batch_size=,
             amp_dtype=)``, still works (a DeprecationWarning): it trains with :class:`SGDStep`, or
             with the optimizer's own ``update_step(model, micro_batch_size, amp_dtype)`` if it has
-            one (:class:`swap.algorithms.extrap.ExtrapSGD`).
+            one (:class:`swap.optim.extrap.ExtrapSGD`).
         loader: this rank's batches: ``len(loader)`` updates per epoch, ``loader.epoch(epoch,
             start)`` yields the batches of ``epoch`` from update ``start``, ``loader.batch_size``
             is the global batch (samples) for the records (a :class:`swap.data.Loader`); or a
@@ -315,7 +327,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             stopped (the stopping accuracy was reached: this is the last epoch).
         on_step: called with the global update index (1-based, as ``lr_at``'s plus 1) after each update.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
-        max_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
+        divergence_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
             gradient is checked before it is applied, and a non-finite or larger norm raises;
             ``label`` (e.g. "phase2 worker 3", one per model) names the run in that message. The
             gradient is identical on all ranks, so all stop. Checked before every update on CPU,
@@ -342,7 +354,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
     records: list[dict] = []
     updates = 0
     device = next(models[0].parameters()).device
-    guard = DivergenceGuard(max_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
+    guard = DivergenceGuard(divergence_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
     for epoch in range(start_epoch, epochs):
         for m in models:
             m.train()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from swap import distributed
-from swap.algorithms.extrap import ExtrapSGD, ExtrapStep
+from swap.optim.extrap import ExtrapSGD, ExtrapStep
 from swap.averaging import frozen_bn_stats
 from swap.cli import main
 from swap.data import ImageDataset, Loader

@@ -23,7 +23,7 @@ from swap.data import load_dataset
 from conftest import write_fashion_files, write_idx
 
 
-KEYS = ["seed", "workers", "procs", "threads", "eval_every", "checkpoint_every", "max_grad_norm", "data.train_subset",
+KEYS = ["seed", "workers", "procs", "threads", "eval_every", "checkpoint_every", "divergence_grad_norm", "data.train_subset",
         "data.crop_padding", "data.cutout", "data.holdout", "model.width", "optim.momentum", "optim.weight_decay",
         "phase1.batch_size", "phase1.micro_batch_size", "phase1.peak_lr", "phase1.warmup_epochs", "phase1.max_epochs",
         "phase1.stop_acc", "phase2.batch_size", "phase2.peak_lr", "phase2.epochs", "phase2.save_every",

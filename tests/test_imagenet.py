@@ -15,7 +15,7 @@ from torch import nn
 from swap import interrupt
 from swap.cli import main
 from swap.config import SwapError, load_config
-from swap.context import param_groups
+from swap.optim import param_groups
 from swap.data.folder import ImageFolder, check_images
 from swap.data.generic import DatasetLoader
 from swap.interrupt import Interrupted
@@ -173,7 +173,7 @@ def test_resnet50_has_its_parameter_count_init_bn0_and_no_bn_weight_decay():
     x = torch.rand(2, blocks[1].body[0].in_channels, 8, 8)  # an identity-shortcut block starts as the identity
     assert torch.equal(blocks[1](x), x)
     assert small(torch.randn(2, 3, 40, 40)).shape == (2, 10)
-    groups = param_groups(small, 1e-4, bn_weight_decay=False)
+    groups = param_groups(small, 1e-4, "bn")
     bn = sum(p.numel() for m in small.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
     assert groups[1]["weight_decay"] == 0.0 and sum(p.numel() for p in groups[1]["params"]) == bn
     assert len(param_groups(small, 1e-4)) == 1
@@ -185,7 +185,7 @@ def test_the_imagenet_preset_starts_on_a_tiny_tree_with_top1_and_top5(tmp_path):
     progressive resizing; shrunk to this CPU by overrides of sizes only."""
     root = write_image_tree(tmp_path / "tree", classes=3, per_class=16, val_per_class=4, size=(48, 40))
     cfg = load_config("imagenet_paper")
-    assert (cfg.model.name, cfg.model.init_bn0, cfg.optim.bn_weight_decay) == ("resnet50", True, False)
+    assert (cfg.model.name, cfg.model.init_bn0, cfg.optim.no_decay) == ("resnet50", True, "bn")
     assert cfg.phase2.ranks_per_worker == 8 and cfg.phase2.start_epoch == 22 and cfg.workers == 2
     small = json.dumps([{"epochs": [0, 1], "batch_size": 16, "lr": [0.02, 0.05], "image_size": 24},
                         {"epochs": [1, 3], "batch_size": 8, "lr": 0.02, "image_size": 32}])

@@ -34,7 +34,7 @@ def test_divergence_in_phase2_names_worker_epoch_step_and_keeps_phase1(tmp_path,
 
 def test_gradient_limit_stops_at_the_first_step(tmp_path, real_fashion, capsys):
     code = main(["train", *TINY, "--method", "sgd", "--data-dir", str(real_fashion), "--out", str(tmp_path / "r"),
-                 "--set", "max_grad_norm=1e-9"])
+                 "--set", "divergence_grad_norm=1e-9"])
     assert code == 2 and "sgd diverged at epoch 1, step 1" in capsys.readouterr().err
 
 

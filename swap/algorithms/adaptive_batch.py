@@ -120,7 +120,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     if spec.resume:
         ctx.prune_metrics_for_resume()
     model = ctx.build_model()
-    opt = ctx.optimizer(model)
+    opt = ctx.optimizer(model, "abs")
     rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
     state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
              "history": [], "resizes": [], "resize_from": None, "partial": {}}
@@ -131,7 +131,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     if saved:
         state, rule = saved["state"], BatchSizeRule(**saved["rule"])
     step = ctx.update_step(ctx.data_parallel(model) if d.world_size > 1 else model, opt,
-                           a.micro_batch_size)
+                           a.micro_batch_size, "abs")
     unit.sync = step.sync
     shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
     eig_x, eig_y = _eigen_sample(ctx)
@@ -176,7 +176,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
         first, totals = (start.step, start.totals) if epoch == start.epoch else (0, None)
         out = train(step, loader, lr_at, epochs=epoch + 1, start_epoch=epoch, start_step=first, start_totals=totals,
                     evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                    max_grad_norm=cfg.max_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
+                    divergence_grad_norm=cfg.divergence_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
                      samples=state["samples"] + (steps - first) * rule.batch)
         unit.end_epoch(epoch + 1, updates=state["updates"] - start.updates, extra=saved_state())

@@ -18,14 +18,16 @@ from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..schedules import epoch_shape, samples_between, updates_between
 from ..noise_scale import NoiseScale
+from ..optim.build import kind_of
 from ..train import train
 from .transition import AutoSwitch
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
                         epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
-                        lr_at=None, stop: tuple[str, float] | None = None, after_epoch=None, optimizer: str = "sgd",
-                        resume: bool = False, final: bool = True, section: str | None = None) -> dict:
+                        lr_at=None, stop: tuple[str, float] | None = None, after_epoch=None,
+                        resume: bool = False, final: bool = True, section: str | None = None,
+                        optim_section: str | None = None) -> dict:
     """Large- or small-batch SGD over all ranks, as one resumable :class:`swap.phase.Phase` named
     ``phase`` (checkpoints ``PHASE_last`` and, if ``final``, ``PHASE``).
 
@@ -35,7 +37,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     (:func:`swap.task.stop_reached`); (``auto``, None): the automatic switch of ``phase1.stop``
     (:class:`swap.algorithms.transition.AutoSwitch`, its history read back on a resume).
     ``after_epoch(record)`` runs on every rank after each epoch.
-    ``optimizer``: ``sgd`` or ``extrap`` (extrapolated SGD, :mod:`swap.algorithms.extrap`).
+    The optimizer is config section ``optim_section``'s (default ``section``; :meth:`Context.optimizer`:
+    its ``optimizer`` and ``optim`` settings, or the library user's own), clipped as it says.
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.batches`).
     With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
@@ -51,22 +54,23 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     cfg, d = ctx.cfg, ctx.dist
     loader, lr_at, epochs = ctx.batches(section, (phase, 0), True, batch_size=batch_size, epochs=epochs, lr_at=lr_at,
                                         peak_lr=peak_lr, warmup_epochs=warmup_epochs, shape=schedule)
-    opt = ctx.optimizer(model, optimizer, (phase,))
+    optim_section = optim_section or section
+    opt = ctx.optimizer(model, optim_section, (phase,))
     unit = Phase(ctx.run, cfg.hash(), [Unit(phase, model, opt, {"phase": phase})], every=cfg.checkpoint_every,
                  epochs=epochs, steps=loader, group=True, final=final)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
     wrapped = ctx.data_parallel(model) if d.world_size > 1 else model
-    step = ctx.update_step(wrapped, opt, micro_batch_size)
+    step = ctx.update_step(wrapped, opt, micro_batch_size, optim_section)
     noise = None
-    if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and optimizer == "sgd":
+    if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and ctx.optimizer_label(opt) == "sgd":
         noise = NoiseScale(epoch_shape(loader, 0)[2], d.world_size,
                            d.device).attach(wrapped)          # the gradient noise scale, logged every epoch
         step = _Observed(step, noise)
     unit.sync = step.sync
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
-    sink = ctx.sink(phase, None, epochs, optimizer) if d.is_main else None
+    sink = ctx.sink(phase, None, epochs, opt) if d.is_main else None
 
     switch = AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs), epochs,
                         start.epoch if resume else 0) if stop and stop[0] == "auto" else None
@@ -88,13 +92,13 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
                 start_totals=start.totals, stop_metric=stop[0] if stop else "train_acc",
                 stop_acc=stop[1] if stop else None, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
                 eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
-                max_grad_norm=cfg.max_grad_norm, label=phase)
+                divergence_grad_norm=cfg.divergence_grad_norm, label=phase)
     if bar is not None:
         bar.close()
     p = unit.progress(out["updates"])
     if switch is not None:
         out["switch"] = {**switch.summary(), "epoch": out.get("epoch")}
-    return unit.finish({**out, **p, "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
+    return unit.finish({**out, **p, "optimizer": kind_of(opt), "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
 
@@ -129,12 +133,12 @@ def run_sgd(spec: RunSpec) -> dict | None:
         ctx.prune_metrics_for_resume()
     out = train_data_parallel(ctx, ctx.build_model(), phase="sgd", batch_size=s.batch_size,
                               micro_batch_size=s.micro_batch_size, peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs,
-                              epochs=s.epochs, schedule=s.schedule, optimizer=s.optimizer, resume=spec.resume,
+                              epochs=s.epochs, schedule=s.schedule, resume=spec.resume,
                               section="sgd")
     summary = None
     if ctx.dist.is_main:
         summary = {
-            "method": "sgd", "optimizer": s.optimizer, "config": cfg.name, "seed": cfg.seed,
+            "method": "sgd", "optimizer": out["optimizer"], "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},
             **({"test_metrics": {"final": {"top1": out["test_acc"], **{k[5:]: v for k, v in out.items()
                                                                         if k.startswith("test_") and k != "test_acc"}}}}

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from ..config import optim_for
 from ..context import Context
+from ..optim.build import weight_decay_of
 from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..task import cross_entropy, top_k_correct
@@ -35,22 +37,22 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     :func:`swap.algorithms.swap.train_worker` does.
 
     Raises:
-        SwapError: a worker's gradient norm is non-finite or above ``max_grad_norm`` (names it;
+        SwapError: a worker's gradient norm is non-finite or above ``divergence_grad_norm`` (names it;
             :class:`swap.train.DivergenceGuard`).
         swap.interrupt.Interrupted: SIGINT/SIGTERM, after every worker's mid-epoch checkpoint.
     """
     cfg, p2, run = ctx.cfg, ctx.cfg.phase2, ctx.run
     models = [copy.deepcopy(model) for _ in workers]
-    units = [Unit(RunDir.worker(w), m, ctx.optimizer(m), {"phase": "phase2", "worker": w})   # per-worker SGD:
+    units = [Unit(RunDir.worker(w), m, ctx.optimizer(m, "phase2"), {"phase": "phase2", "worker": w})   # per-worker SGD:
              for w, m in zip(workers, models)]                                            # the checkpoint format
     loader = StackedLoader([ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers])
     steps = len(loader)
     phase = Phase(run, cfg.hash(), units, every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps,
                   snapshots=p2.track_average)
     start = phase.restore(resume)
-    o = cfg.optim
+    o = optim_for(cfg, "phase2")                         # sgd, no decay groups, no clipping (config.validate)
     step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,
-                       weight_decay=o.weight_decay, amp_dtype=ctx.amp, loss_fn=ctx.task.loss)
+                       weight_decay=weight_decay_of("sgd", o), amp_dtype=ctx.amp, loss_fn=ctx.task.loss)
     phase.sync = step.sync
     sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
 
@@ -63,7 +65,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     out = train(step, loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule),
                 epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=phase.interrupted,
-                max_grad_norm=cfg.max_grad_norm, label=[f"phase2 worker {w}" for w in workers])
+                divergence_grad_norm=cfg.divergence_grad_norm, label=[f"phase2 worker {w}" for w in workers])
     p = phase.progress(out["updates"])
     metas = phase.finish([{"epoch": p2.epochs, "updates": p["updates"], "train_acc": rec["train_acc"],
                            "test_acc": rec["test_acc"], "wall_s": p["wall_s"]} for rec in out["records"]])

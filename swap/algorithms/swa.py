@@ -64,7 +64,7 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
 
     out = train_data_parallel(ctx, model, phase="swa", batch_size=batch, micro_batch_size=micro,
                               epochs=cycles * epochs_per_cycle, lr_at=cyclic(lr_max, lr_min, epochs_per_cycle * steps),
-                              after_epoch=sample, final=False)
+                              after_epoch=sample, final=False, optim_section="phase1" if variant == "swa-large" else "phase2")
     summary = None
     if d.is_main:
         t_bn = time.perf_counter()

@@ -77,7 +77,7 @@ def phase1(ctx: Context, model, resume: bool) -> dict:
     p1 = ctx.cfg.phase1
     out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
                               peak_lr=p1.peak_lr, warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs,
-                              schedule=p1.schedule, stop=p1.stop_rule(), optimizer=p1.optimizer, resume=resume,
+                              schedule=p1.schedule, stop=p1.stop_rule(), resume=resume,
                               section="phase1")
     distributed.barrier()
     return out
@@ -195,7 +195,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set, ctx.val_set)
                      if x is not None)
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
-                                                          ctx.task, ctx.collate_fn),
+                                                          ctx.task, ctx.collate_fn, ctx.optimizer_fns),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
         return WorkerResult(w, error=why) if why is not None else \
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
@@ -209,11 +209,12 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
 
 
 def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data,
-                     task=None, collate_fn=None) -> None:
+                     task=None, collate_fn=None, optimizer_fns=None) -> None:
     """Body of an isolated phase-2 worker process: rebuild the rank's context (with its data,
-    task and collate function) without joining the process group, start from the phase-1 state
+    task, collate function and optimizer functions) without joining the process group, start from the phase-1 state
     ``start`` and train (checkpoints go to disk)."""
-    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task, collate_fn=collate_fn)
+    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task, collate_fn=collate_fn,
+                         optimizer_fns=optimizer_fns)
     worker = ctx.build_model()
     worker.load_state_dict(start)
     train_worker(ctx, worker, w, resume)
@@ -229,7 +230,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     one DistributedDataParallel model over the group's ranks, each taking its share of every batch
     of the worker's data order; the group's first rank logs and writes its checkpoints."""
     cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
-    opt = ctx.optimizer(worker)
+    opt = ctx.optimizer(worker, "phase2", ("phase2", w))
     meet = OuterSync(worker, opt, p2.sync_every, p2.outer, p2.outer_lr, p2.outer_momentum) if p2.sync_every else None
     share = (group.rank, group.size) if group is not None else False
     loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), share, batch_size=p2.batch_size, epochs=p2.epochs,
@@ -244,10 +245,10 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     if start.result is not None:
         return start.result
     ddp = ctx.data_parallel(worker, group.group) if group is not None else worker
-    step = ctx.update_step(ddp, opt, p2.micro_batch_size)
+    step = ctx.update_step(ddp, opt, p2.micro_batch_size, "phase2")
     unit.sync = step.sync
     leads = group is None or group.rank == 0
-    sink = ctx.sink("phase2", w, epochs) if leads else None
+    sink = ctx.sink("phase2", w, epochs, opt) if leads else None
 
     def on_epoch(record: dict) -> None:
         if sink is not None:
@@ -264,7 +265,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch,
                 start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
-                on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, max_grad_norm=cfg.max_grad_norm,
+                on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, divergence_grad_norm=cfg.divergence_grad_norm,
                 label=f"phase2 worker {w}")
     bar.close()
     p = unit.progress(out["updates"])
@@ -365,7 +366,9 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     p2_updates = [r.meta["updates"] for r in finished]
     trials = phase1.get("switch", {}).get("trial_updates", 0)
     summary = {
-        "method": "swap", "phase1_optimizer": p1.optimizer, "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
+        "method": "swap", "phase1_optimizer": phase1.get("optimizer", p1.optimizer),
+        "phase2_optimizer": "user" if "phase2" in (ctx.optimizer_fns or {}) else p2.optimizer,
+        "config": cfg.name, "seed": cfg.seed, "workers": cfg.workers,
         # the workers whose weights were averaged; the others failed (phase3.allow_missing_workers)
         "averaged_workers": [r.worker for r in finished],
         "samples_averaged": len(finished) * p2.cycles,        # W x C (phase2.cycles)

@@ -135,7 +135,7 @@ class AutoSwitch:
         trial = copy.deepcopy(self.model).train()
         stream = ("trial", epoch, c)
         loader = ctx.loader(self.batch, stream, data_parallel=False)
-        step = ctx.update_step(trial, ctx.optimizer(trial, "sgd", stream))
+        step = ctx.update_step(trial, ctx.optimizer(trial, "phase2", stream), section="phase2")
         total = self.per_copy
         lr_at = warmup_decay(cfg.phase2.peak_lr, 0, total)
         done, pass_ = 0, 0

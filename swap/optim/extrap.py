@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..averaging import frozen_bn_stats
-from ..train import DEFAULT_TASK, SGDStep, _pass, gradient_norm, unwrap
+from ..train import DEFAULT_TASK, SGDStep, _pass, unwrap
 
 VARIANTS = ("extragradient", "past-gradient", "gaussian")
 
@@ -144,12 +144,13 @@ class ExtrapStep(SGDStep):
     Args:
         model: the module, or its DDP wrapper.
         optimizer: an :class:`ExtrapSGD` over its parameters.
-        micro_batch_size, amp_dtype, task: as :class:`swap.train.SGDStep`.
+        micro_batch_size, amp_dtype, task, clip_grad_norm: as :class:`swap.train.SGDStep` (the
+            clipped gradient is G_t, the one at the extrapolated point).
     """
 
     def __init__(self, model, optimizer: ExtrapSGD, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None,
-                 task=DEFAULT_TASK):
-        super().__init__(model, optimizer, micro_batch_size, amp_dtype, task)
+                 task=DEFAULT_TASK, clip_grad_norm: float = 0.0):
+        super().__init__(model, optimizer, micro_batch_size, amp_dtype, task, clip_grad_norm)
 
     def gradients(self, x, y, lr):
         opt = self.optimizer
@@ -161,4 +162,4 @@ class ExtrapStep(SGDStep):
         opt.zero_grad(set_to_none=True)
         with frozen_bn_stats(unwrap(self.model)):
             _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype, task=self.task)
-        return totals.view(1, 3), gradient_norm(self.model)
+        return totals.view(1, 3), self.clipped_norm()

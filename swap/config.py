@@ -154,7 +154,8 @@ class Phase1Config:
     schedule: str = "linear"             # warm-up then linear | cosine decay to min_lr at max_epochs
     min_lr: float = 0.0                  # the LR the decay ends at
     warmup_updates: int = 0              # > 0: warm-up in updates, instead of warmup_epochs
-    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap (extrapolated SGD, section `extrap`)
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap (extrapolated SGD, section `extrap`) |
+                                         # package.module:function, your own: fn(param_groups) -> torch optimizer
     optim: dict = field(default_factory=dict)   # this section's overrides of `optim` ({weight_decay: 0.01})
     stop: StopConfig = field(default_factory=StopConfig)   # stopping rule on any training metric
     segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
@@ -184,7 +185,7 @@ class Phase2Config:
     schedule: str = "linear"
     min_lr: float = 0.0
     warmup_updates: int = 0
-    optimizer: str = "sgd"               # sgd | lars | lamb | adamw (each worker's own, its state its own)
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | package.module:function (each worker's own)
     optim: dict = field(default_factory=dict)
     track_average: bool = False          # after training: test accuracy of the workers' average (BN
                                          # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
@@ -233,7 +234,7 @@ class SGDConfig:
     schedule: str = "linear"
     min_lr: float = 0.0
     warmup_updates: int = 0
-    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap | package.module:function
     optim: dict = field(default_factory=dict)
     segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
                                          # schedule and the epochs when given: [{epochs: [start, end], batch_size,
@@ -589,9 +590,10 @@ def validate(cfg: Config) -> None:
                                                            f">= 0, got {sec.min_lr}, {sec.warmup_updates}")
         need(not (sec.warmup_updates and sec.warmup_epochs), f"{section}.warmup_updates={sec.warmup_updates} and "
              f"{section}.warmup_epochs={sec.warmup_epochs} both set the warm-up: keep one (the other 0)")
-        need(sec.optimizer in OPTIMIZERS and (section != "phase2" or sec.optimizer != "extrap"),
+        need(sec.optimizer in OPTIMIZERS and (section != "phase2" or sec.optimizer != "extrap")
+             or _is_import_path(sec.optimizer),
              f"{section}.optimizer must be one of {', '.join(o for o in OPTIMIZERS if section != 'phase2' or o != 'extrap')}"
-             f", got '{sec.optimizer}'")
+             f" or your own as package.module:function, got {printable(sec.optimizer)!r}")
         if not isinstance(sec.optim, dict):
             raise SwapError(f"{section}.optim must be a mapping of optim keys, got {sec.optim!r}")
         optim_for(cfg, section)          # overrides that name no optim key, or bad values, fail here
@@ -668,6 +670,12 @@ def validate(cfg: Config) -> None:
     need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
+
+
+def _is_import_path(value: str) -> bool:
+    """``package.module:function``: dotted identifiers, one colon."""
+    module, colon, name = value.partition(":")
+    return bool(colon) and name.isidentifier() and all(part.isidentifier() for part in module.split("."))
 
 
 def _check_optim(o: OptimConfig, where: str) -> None:

@@ -26,7 +26,7 @@ from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
 from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
-from .optim.build import build_optimizer, label, user_optimizer
+from .optim.build import build_optimizer, import_optimizer, label, user_optimizer
 from .optim.extrap import ExtrapSGD, ExtrapStep
 
 
@@ -164,8 +164,8 @@ class Context:
     def optimizer(self, model: nn.Module, section: str, stream: tuple = ()):
         """The optimizer of config ``section`` (``phase1``, ``phase2``, ``sgd``, ``abs``) over
         ``model``: the user's function for that section when the library was given one
-        (:attr:`optimizer_fns`), else the section's ``optimizer`` (``sgd`` for a section without
-        one) with its settings (:func:`swap.config.optim_for`), built by
+        (:attr:`optimizer_fns`) or the section's ``optimizer`` names one (``package.module:function``),
+        else the section's ``optimizer`` (``sgd`` for a section without one) with its settings (:func:`swap.config.optim_for`), built by
         :func:`swap.optim.build.build_optimizer`; extrapolated SGD draws its gaussian noise from the
         stream (seed, *stream, rank). The LR is set per update by the schedule."""
         o = optim_for(self.cfg, section)
@@ -173,6 +173,8 @@ class Context:
         if fn is not None:
             return user_optimizer(fn, model, o, section)
         kind = getattr(getattr(self.cfg, section), "optimizer", "sgd")
+        if ":" in kind:                                # package.module:function, the user's
+            return user_optimizer(import_optimizer(kind, f"{section}.optimizer"), model, o, section)
         gen = None
         if kind == "extrap":   # on the parameters' device: noise drawn on the CPU would cost a copy per tensor
             gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))

@@ -203,12 +203,16 @@ class Method:
         """
         for key, batch in self.batches(cfg):
             check_world(cfg, procs, batch, key.rsplit(".", 1)[0])
+        run = self.config(cfg)
+        for section in ("phase1", "phase2", "sgd"):
+            if ":" in getattr(run, section).optimizer and (section == "sgd") == (self.summary == "sgd"):
+                from .optim.build import import_optimizer
+                import_optimizer(getattr(run, section).optimizer, f"{section}.optimizer")
         piecewise = [f"{s}.segments" for s in ("phase1", "phase2") if getattr(cfg, s).segments]
         if self.summary in ("swa", "abs") and piecewise:
             raise SwapError(f"method {self.name} does not follow piecewise schedules ({', '.join(piecewise)}); "
                             f"sgd, sgd-small, sgd-large, swap and swap-extrap do")
         k = cfg.phase2.ranks_per_worker
-        run = self.config(cfg)
         if self.summary == "swap" and run.phase2.sync_every and run.workers * k != procs:
             raise SwapError(f"phase2.sync_every has the {run.workers} workers meet while they train: it needs one "
                             f"worker per {'group of ' + str(k) + ' ranks' if k > 1 else 'process'}; set procs="

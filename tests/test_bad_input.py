@@ -48,6 +48,23 @@ def _train(tmp_path, *extra):
     (["--set", "phase1.stop=auto", "--set", "phase1.stop.window=2"], "set its keys one by one"),
     (["--set", "phase2.sync_every=4", "--procs", "1"],
      "set procs=2 (the run has 1)"),
+    # issue #24: optimizers, clipping, decay groups, schedules
+    (["--set", "phase1.optimizer=adam"], "phase1.optimizer must be one of sgd, lars, lamb, adamw, extrap"),
+    (["--set", "phase2.optimizer=extrap"], "phase2.optimizer must be one of sgd, lars, lamb, adamw or your own"),
+    (["--set", "optim.betas=[0.9, 1.0]"], "optim.betas must be [beta1, beta2], each in [0, 1), got [0.9, 1.0]"),
+    (["--set", "phase1.optim={betas: [-0.1, 0.9]}"], "phase1.optim.betas must be [beta1, beta2]"),
+    (["--set", "optim.trust_coefficient=-0.001"], "optim.trust_coefficient must be >= 0"),
+    (["--set", "phase1.optim={trust_coeff: 0.01}"], "unknown config key 'phase1.optim.trust_coeff'"),
+    (["--set", "max_grad_norm=1.0"], "set optim.clip_grad_norm to clip the gradient norm, or divergence_grad_norm"),
+    (["--set", "optim.bn_weight_decay=false"], "optim.no_decay: bn"),
+    (["--set", "optim.no_decay=biases"], "optim.no_decay must be none, bn, norm_bias"),
+    (["--set", "optim.clip_grad_norm=-1"], "optim.clip_grad_norm must be >= 0"),
+    (["--set", "phase2.layout=vmap", "--set", "phase2.optimizer=adamw"],
+     "phase2.layout vmap stacks the workers into one SGD over every parameter: phase2.optimizer adamw"),
+    (["--set", "phase2.layout=vmap", "--set", "optim.clip_grad_norm=1"], "optim.clip_grad_norm 1 need phase2.layout"),
+    (["--set", "phase1.warmup_updates=10"], "phase1.warmup_updates=10 and phase1.warmup_epochs=3.0 both set"),
+    (["--set", "phase2.min_lr=1"], "phase2.min_lr=1.0 is above phase2.peak_lr"),
+    (["--set", "phase1.optimizer=no_such_module:make"], "phase1.optimizer=no_such_module:make: cannot import it"),
 ])
 def test_impossible_runs_exit_2_before_creating_anything(tmp_path, capsys, extra, message):
     assert _train(tmp_path, *extra) == 2

@@ -44,10 +44,12 @@ def _assert_resumed_like(reference: Path, out: Path, how: str) -> None:
     assert len(keys) == len(set(keys)) == 3 + 2 * 2
 
 
-def _kill_when(out: Path, trigger: str, data_dir: Path, delay_s: float) -> None:
-    """Start `swap train` in its own process group; SIGKILL it `delay_s` after `trigger` appears."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "swap.cli", "train", *SETTINGS, "--data-dir", str(data_dir),
+def _kill_when(out: Path, trigger: str, data_dir: Path, delay_s: float, settings: list[str] = SETTINGS) -> None:
+    """Start `swap train` in its own process group; SIGKILL it `delay_s` after `trigger` appears.
+    The tests folder is on its path (a user's optimizer, ``user_optim:two_group_adamw``)."""
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "swap.cli", "train", *settings, "--data-dir", str(data_dir),
                              "--out", str(out)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -84,6 +86,32 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, reference, real_fashi
     assert len(keys) == len(set(keys)) == 3 + 2 * 2
     s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
     assert s_got["updates"] == s_ref["updates"] and s_got["test_acc"] == s_ref["test_acc"]
+
+
+OPTIMIZED = ["--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1", "--set", "data.train_subset=4096",
+             "--set", "data.test_subset=300", "--set", "sgd.batch_size=256", "--set", "sgd.micro_batch_size=128",
+             "--set", "sgd.epochs=3", "--set", "sgd.warmup_epochs=1", "--set", "eval_every=3"]
+
+
+@pytest.mark.parametrize("optimizer, peak_lr", [
+    ("lars", 8.0), ("lamb", 0.05), ("adamw", 0.005),
+    ("user_optim:two_group_adamw", 0.005),            # the user's, named in the config (two groups, LR ratio 10)
+])
+def test_a_killed_run_resumes_bit_for_bit_with_each_optimizer(tmp_path, real_fashion, optimizer, peak_lr):
+    """LARS's momentum, LAMB's and AdamW's moments and step counts, and a user's optimizer state are
+    checkpointed: a run killed in its second epoch and resumed ends with the uninterrupted run's weights."""
+    settings = [*OPTIMIZED, "--set", f"sgd.optimizer={optimizer}", "--set", f"sgd.peak_lr={peak_lr}",
+                "--set", "sgd.optim={clip_grad_norm: 2.0}"]
+    assert main(["train", *settings, "--data-dir", str(real_fashion), "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "run"
+    _kill_when(out, "checkpoints/sgd_last.json", real_fashion, 0.1, settings)
+    assert not (out / "summary.json").exists()
+    assert main(["train", *settings, "--data-dir", str(real_fashion), "--out", str(out), "--resume"]) == 0
+    ref, got = (load_file(str(d / "checkpoints" / "sgd.safetensors")) for d in (tmp_path / "ref", out))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    s_ref, s_got = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", out))
+    assert s_got["optimizer"] == s_ref["optimizer"] == ("user:RecordingAdamW" if ":" in optimizer else optimizer)
+    assert s_got["updates"] == s_ref["updates"] and s_ref["test_acc"]["final"] > 60.0      # it trained
 
 
 def _group_members(pgid: int) -> list[int]:

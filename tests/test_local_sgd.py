@@ -87,7 +87,7 @@ COMMON = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "2",
 
 
 def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, real_fashion):
-    """DiLoCo (outer Nesterov 0.7 / 0.9, H = 5): 32 updates per worker per epoch, so the Ctrl-C after
+    """DiLoCo (inner AdamW, outer Nesterov 0.7 / 0.9, H = 5): 32 updates per worker per epoch, so the Ctrl-C after
     epoch 1 lands inside a round; the resumed run ends with the uninterrupted run's weights."""
     from test_resume import _stop_run
     args = ["train", *COMMON, "--method", "diloco", "--data-dir", str(real_fashion)]
@@ -96,6 +96,14 @@ def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, 
     summary = json.loads((ref / "summary.json").read_text())
     comm = summary["communication"]
     assert comm["phase2"]["rounds"] == 2 * 32 // 5 and comm["phase2"]["bytes"] > 0 and comm["phase1"]["rounds"] == 4
+    # DiLoCo's inner AdamW (Douillard et al. 2023: weight decay 0.1, betas (0.9, 0.95)): each worker keeps
+    # its own moments across the meetings (never averaged), checkpointed with the worker
+    assert summary["phase2_optimizer"] == "adamw"
+    inner = [torch.load(ref / "checkpoints" / f"worker{w}_last.optim.pt", weights_only=True)["inner"] for w in (0, 1)]
+    assert inner[0]["param_groups"][0]["betas"] == (0.9, 0.95) and inner[0]["param_groups"][0]["weight_decay"] == 0.1
+    assert all(float(s["step"]) == 32 for s in inner[0]["state"].values())      # the checkpoint after epoch 1
+    assert not torch.equal(inner[0]["state"][0]["exp_avg_sq"], inner[1]["state"][0]["exp_avg_sq"])
+    assert summary["test_acc"]["averaged"] > summary["test_acc"]["phase1"] + 15     # phase 2 trained
     out = tmp_path / "run"
     _stop_run(args + ["--out", str(out)], out, "checkpoints/worker0_last.json", signal.SIGINT, to_group=True,
               delay_s=0.05)

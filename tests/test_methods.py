@@ -50,3 +50,26 @@ def test_every_method_resolves_to_its_functions_and_checkpoint():
                    if a.dest == "method").choices
     assert sorted(choices) == sorted(n for n, m in METHODS.items() if m.cli) == [
         "abs", "absa", "diloco", "local-sgd", "sgd", "swap", "swap-cycles"]
+
+
+def test_the_large_batch_optimizer_methods_take_their_sections():
+    """lars-large, lamb-large, adamw-large train their own sections (batch, LR, optimizer); swap-lars
+    and swap-lamb keep phase 1's batch and stopping rule with that section's optimizer, peak LR and
+    settings; diloco's workers get inner AdamW unless phase2.optimizer was set."""
+    from swap.config import load_config, optim_for
+    cfg = load_config("fashion_mnist_compare", ["lars_large.peak_lr=6.0", "lars_large.optim={trust_clip: true}",
+                                                "lamb_large.batch_size=1024"])
+    for method, section, kind in (("lars-large", "lars_large", "lars"), ("lamb-large", "lamb_large", "lamb"),
+                                  ("adamw-large", "adamw_large", "adamw"), ("sgd-large", "sgd_large", "sgd")):
+        run = METHODS[method].config(cfg)
+        assert run.sgd == getattr(cfg, section) and run.sgd.optimizer == kind
+        assert METHODS[method].batches(cfg) == [(f"{section}.batch_size", getattr(cfg, section).batch_size)]
+    lars = METHODS["swap-lars"].config(cfg)
+    assert (lars.phase1.optimizer, lars.phase1.peak_lr, lars.phase1.batch_size) == ("lars", 6.0, cfg.phase1.batch_size)
+    assert optim_for(lars, "phase1").trust_clip and lars.phase1.stop_rule() == cfg.phase1.stop_rule()
+    assert METHODS["swap-lamb"].config(cfg).phase1.optimizer == "lamb" and cfg.phase1.optimizer == "sgd"
+    diloco = METHODS["diloco"].config(cfg)
+    assert (diloco.phase2.optimizer, diloco.phase2.peak_lr) == ("adamw", 1e-3)
+    assert optim_for(diloco, "phase2").betas == [0.9, 0.95] and optim_for(diloco, "phase2").weight_decay == 0.1
+    mine = METHODS["diloco"].config(load_config("fashion_mnist_compare", ["phase2.optimizer=lamb"]))
+    assert (mine.phase2.optimizer, mine.phase2.peak_lr) == ("lamb", cfg.phase2.peak_lr)

@@ -88,8 +88,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, reference, real_fashi
     assert s_got["updates"] == s_ref["updates"] and s_got["test_acc"] == s_ref["test_acc"]
 
 
-OPTIMIZED = ["--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1", "--set", "data.train_subset=4096",
-             "--set", "data.test_subset=300", "--set", "sgd.batch_size=256", "--set", "sgd.micro_batch_size=128",
+OPTIMIZED = ["--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1", "--set", "data.train_subset=2048",
+             "--set", "data.test_subset=300", "--set", "sgd.batch_size=128", "--set", "sgd.micro_batch_size=0",
              "--set", "sgd.epochs=3", "--set", "sgd.warmup_epochs=1", "--set", "eval_every=3"]
 
 

@@ -6,7 +6,8 @@ The comparison is only fair if every optimizer gets its own tuned LR (Nado et al
 Optimizer Reality Check"). So, per workload:
 
 1. **Tune on the validation split** (``data.holdout``; the test set is not read): each method's peak LR
-   from a grid of 4 values, 1 seed; the best validation score (top-1, or the loss for text) wins.
+   from a grid of 4 values, 1 seed; the best validation score (top-1, or the loss for text) wins. A grid
+   whose best value is on its edge is extended on that side by factors of 2 (up to 3 more values).
    SWAP's phase 1 takes the tuned LR of the large-batch run of its optimizer (``sgd-large``, or
    ``lars-large`` for ``swap-lars``) and its grid is phase 2's peak LR; ``swap-lars`` reuses SWAP's phase-2 LR.
 2. **Test**: every method with its chosen LR, seeds 0-2, on the whole training set and the test set.
@@ -39,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+EXTEND = 3          # a grid whose best value is on its edge grows by factors of 2 on that side, up to 3 values
 
 LARGE = ("sgd_large", "lars_large", "lamb_large", "adamw_large")
 FASHION_SIZE = ["data.train_subset=20000", "eval_every=100", "phase1.batch_size=1024"] + \
@@ -102,12 +104,15 @@ def tune(name: str, w: dict, out: Path) -> tuple[dict, dict]:
         inherited = [f"{k}={chosen[src]}" for k, src in w.get("inherit", {}).get(method, {}).items()]
         if method == "swap" and "stop_from" in w:
             inherited.append(f"phase1.stop.at={stop_loss(w, out)}")
-        scores = {}
-        for v in values:
+        scores, todo = {}, list(values)
+        while todo:
+            v = todo.pop(0)
             run = out / "tune" / method / f"{key}={v}"
             compare(w["config"], [method], 1, [*w["sets"], f"data.holdout={w['holdout']}", *inherited, f"{key}={v}"], run)
             scores[v] = final(json.loads((run / method / "seed0" / "summary.json").read_text()), w["score"])
-        best = better(w["score"])(scores, key=scores.get)
+            best = better(w["score"])(scores, key=scores.get)
+            if not todo and len(scores) < len(values) + EXTEND and best in (min(scores), max(scores)):
+                todo.append(round(best * 2 if best == max(scores) else best / 2, 6))   # the best is on an edge
         chosen[key] = best
         grids[method] = {"key": key, "scores": scores, "chosen": best, "inherited": inherited}
         print(f"[{name}] {method}: {key} " + ", ".join(f"{v:g} -> {s:.4g}" for v, s in scores.items()) +

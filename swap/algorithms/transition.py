@@ -129,7 +129,8 @@ class AutoSwitch:
 
     def _train_copy(self, epoch: int, c: int) -> dict[str, torch.Tensor]:
         """Copy ``c``'s state dict (on the CPU) after :attr:`per_copy` small-batch updates
-        (``phase1.stop.trial_updates``, or one phase-2 epoch's) from the current weights, on data
+        (``phase1.stop.trial_updates``, or one phase-2 epoch's; phase 2's optimizer, peak LR, decay shape and
+        minimum LR) from the current weights, on data
         stream (seed, "trial", epoch, c)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         trial = copy.deepcopy(self.model).train()
@@ -137,7 +138,8 @@ class AutoSwitch:
         loader = ctx.loader(self.batch, stream, data_parallel=False)
         step = ctx.update_step(trial, ctx.optimizer(trial, "phase2", stream), section="phase2")
         total = self.per_copy
-        lr_at = warmup_decay(cfg.phase2.peak_lr, 0, total)
+        p2 = cfg.phase2                     # a miniature phase 2: its optimizer, peak LR, decay shape and minimum
+        lr_at = warmup_decay(p2.peak_lr, 0, total, p2.schedule, p2.min_lr)
         done, pass_ = 0, 0
         while done < total:
             for x, y in loader.epoch(pass_):

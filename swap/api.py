@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
-from .data.generic import check_sample, subset
+from .data.generic import check_sample, split_batch, subset
 from .rundir import RunDir
 from .task import METRICS, Task, class_targets
 
@@ -95,8 +95,7 @@ def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
         SwapError: naming what failed.
     """
     collate = collate_fn or getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate   # as the run
-    batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
-    x, y = batch
+    x, y = split_batch(collate([dataset[i] for i in range(min(2, len(dataset)))]))
     model = model_fn()
     model.eval()
     try:

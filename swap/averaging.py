@@ -107,8 +107,8 @@ def model_input(batch):
 
 def call_model(model: nn.Module, x):
     """``model`` on input ``x`` by the data contract: ``model(x)`` for a tensor, ``model(*x)`` for
-    a tuple or list of tensors, ``model(**x)`` for a dict of tensors."""
-    if isinstance(x, dict):
+    a tuple or list of tensors, ``model(**x)`` for a mapping (a dict, a Hugging Face batch)."""
+    if isinstance(x, Mapping):
         return model(**x)
     if isinstance(x, (tuple, list)):
         return model(*x)

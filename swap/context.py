@@ -307,7 +307,8 @@ class Context:
         value = self.evaluate(model, distributed_eval=True, validation=True)
         if not isinstance(value, dict):
             return value
-        return value["top1"] if "top1" in value and self.task.class_targets else -value["loss"]
+        top1 = value.get("top1") if self.task.class_targets else None
+        return top1 if top1 is not None else -value["loss"]
 
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None):

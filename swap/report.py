@@ -23,7 +23,7 @@ def results_table(summary: dict) -> str:
     else:
         rows.append((f"SGD (batch {summary['batch_size']['sgd']})", acc["final"], wall["total"]))
     lines = ["| Method | Test accuracy (%) | Training time (s) |", "|---|---:|---:|"]
-    lines += [f"| {name} | {a:.2f} | {t:.1f} |" for name, a, t in rows]
+    lines += [f"| {name} | {'n/a' if a is None else f'{a:.2f}'} | {t:.1f} |" for name, a, t in rows]   # None: no accuracy
     if summary["method"] == "swap":
         u = summary["updates"]
         lines.append("")

@@ -3,15 +3,28 @@ loss, the metrics, and the phase-1 stopping rule over them.
 
 The data contract: a sample is ``(input, target)``; ``input`` is a tensor, a tuple of tensors or a
 dict of tensors, and the model is called as ``model(x)``, ``model(*x)`` or ``model(**x)``
-(:func:`swap.averaging.call_model`); ``target`` is any tensor. The loss is ``loss_fn(output,
-target) -> scalar`` (default: cross-entropy over the last dimension, so a classifier's (B, K)
-logits with (B,) labels and a language model's (B, T, V) logits with (B, T) tokens both work).
-Metrics are counted per prediction (a sample for a classifier, a token for a language model):
-``loss`` (mean loss), ``top1`` and ``top5`` (accuracy in percent, for integer targets), or a
-user function ``fn(output, target) -> (sum, count)`` whose value is ``sum / count``.
+(:func:`swap.averaging.call_model`); ``target`` is any tensor. A sample (and a batch) may also be a
+single mapping, a Hugging Face row or collator batch (``input_ids``, ``attention_mask``, ``labels``):
+the model is called with ``model(**batch)`` and the target is its ``labels`` (None without them).
+
+The output contract: a model returns a tensor (the prediction), a tuple or list (its first element
+is the prediction), or a mapping or object with ``loss`` and/or ``logits`` (a ``transformers``
+``ModelOutput``): :func:`prediction` and :func:`own_loss`. The loss is ``loss_fn(output, target) ->
+scalar`` (given the output as the model returned it), else the output's own ``loss`` when it carries
+one, else cross-entropy of the prediction over its last dimension (a classifier's (B, K) logits with
+(B,) labels and a language model's (B, T, V) logits with (B, T) tokens both work; targets equal to
+-100, torch's and Hugging Face's ignore index, do not count).
+
+Metrics are counted per target that counts (a sample for a classifier, a token not equal to -100
+for a language model): ``loss`` (mean loss), ``top1`` and ``top5`` (accuracy in percent, only where
+the output has a prediction and the targets are class indices of it: elsewhere they have no value,
+None, never 0%), or a user function ``fn(output, target) -> (sum, count)`` whose value is ``sum /
+count``. Micro-batches are weighted by the same count, so a mean loss over counted targets (ours,
+or a model's own) accumulates to the mean over the whole batch.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +35,43 @@ from .averaging import call_model
 from .config import STOP_METRICS, SwapError
 
 METRICS = ("loss", "top1", "top5")
+IGNORE_INDEX = -100          # targets that do not count (torch's cross_entropy and Hugging Face's default)
+
+
+def _field(output, name: str):
+    """``output[name]`` of a mapping, or ``output.name`` of an object; None when absent."""
+    value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def prediction(output) -> torch.Tensor | None:
+    """The prediction tensor of a model's output (module docstring): the output itself if it is a
+    tensor, a tuple's or list's first element, a mapping's or object's ``logits``; None when it has
+    none (an output that carries only its ``loss``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return prediction(output[0]) if output else None
+    return _field(output, "logits")
+
+
+def own_loss(output) -> torch.Tensor | None:
+    """The loss a model computed itself and returned in its output (a mapping's or object's
+    ``loss``, as a ``transformers`` model does when given ``labels``); None otherwise."""
+    if isinstance(output, (torch.Tensor, tuple, list)):
+        return None
+    return _field(output, "loss")
+
+
+def target_count(target, samples: int):
+    """The targets of a batch that count: for integer targets the elements not equal to -100 (int64
+    tensor on the device: no host sync), for other tensors all of their elements, without targets
+    (a model that computes its own loss from its input) the ``samples``."""
+    if not isinstance(target, torch.Tensor):
+        return samples if target is None else len(target)
+    if target.is_floating_point():
+        return target.numel()
+    return (target != IGNORE_INDEX).sum()
 
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,18 +82,25 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.float(), target)
 
 
-def class_targets(output: torch.Tensor, target) -> bool:
-    """Whether ``target`` holds class indices for the logits ``output`` (..., K): an integer tensor
-    shaped like ``output`` without its last dimension. Soft or float targets (mixup, CutMix, label
-    distributions, regression) are not, and have no accuracy."""
-    return isinstance(target, torch.Tensor) and not target.is_floating_point() and output.shape[:-1] == target.shape
+def class_targets(output, target) -> bool:
+    """Whether ``target`` holds class indices for the prediction of ``output`` (:func:`prediction`,
+    logits (..., K)): an integer tensor shaped like it without its last dimension. Soft or float
+    targets (mixup, CutMix, label distributions, regression), missing targets and an output without
+    a prediction are not, and have no accuracy."""
+    pred = prediction(output)
+    return (pred is not None and isinstance(target, torch.Tensor) and not target.is_floating_point()
+            and pred.shape[:-1] == target.shape)
 
 
-def top_k_correct(output: torch.Tensor, target: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Predictions whose target is among the ``k`` largest logits (int64 scalar, on the device);
-    0 when the target is not a tensor of class indices (:func:`class_targets`)."""
+def top_k_correct(output, target: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Predictions whose target is among the ``k`` largest logits of the output's prediction
+    (int64 scalar, on the device; targets equal to -100 are never correct); 0 when the targets are
+    not class indices of it (:func:`class_targets`)."""
     if not class_targets(output, target):
-        return torch.zeros((), dtype=torch.int64, device=output.device)
+        pred = prediction(output)
+        device = pred.device if pred is not None else target.device if isinstance(target, torch.Tensor) else None
+        return torch.zeros((), dtype=torch.int64, device=device)
+    output = prediction(output)
     if k == 1:
         return (output.argmax(-1) == target).sum()
     top = output.topk(min(k, output.shape[-1]), dim=-1).indices
@@ -78,41 +135,68 @@ class Task:
         """``model`` on input ``x`` by the data contract."""
         return call_model(model, x)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The scalar loss of a batch.
+    def loss(self, output, target) -> torch.Tensor:
+        """The scalar loss of a batch: ``loss_fn(output, target)``, else the output's own loss
+        (:func:`own_loss`), else the cross-entropy of its prediction (module docstring).
 
         Raises:
-            SwapError: the loss function returned something other than a scalar tensor.
+            SwapError: the loss function returned something other than a scalar tensor; no loss
+                can be formed (an output with neither loss nor prediction, or a batch without
+                targets whose output has no loss of its own).
         """
-        loss = cross_entropy(output, target) if self.loss_fn is None else self.loss_fn(output, target)
+        if self.loss_fn is not None:
+            loss = self.loss_fn(output, target)
+        elif own_loss(output) is not None:
+            loss = own_loss(output)
+        else:
+            pred = prediction(output)
+            if pred is None or target is None:
+                raise SwapError("no loss to train on: " + ("the model's output has neither a loss nor logits"
+                                                           if pred is None else "the batch has no targets (labels) "
+                                                           "and the model's output no loss of its own")
+                                + "; pass loss_fn, or return a loss or logits from the model")
+            loss = cross_entropy(pred, target)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise SwapError(f"the loss function must return a scalar tensor, got {shape}; reduce it "
                             f"(e.g. .mean()) inside loss_fn")
         return loss
 
-    def predictions(self, output: torch.Tensor, target: torch.Tensor) -> int:
-        """Predictions in a batch: one per target element (a sample, or a token)."""
-        return target.numel() if isinstance(target, torch.Tensor) else len(target)
+    def predictions(self, output, target, samples: int = 0):
+        """The predictions of a batch that count (:func:`target_count`: one per target element
+        not equal to -100, a sample or a token; ``samples`` when there are no targets)."""
+        return target_count(target, samples)
 
-    def batch_metrics(self, output: torch.Tensor, target: torch.Tensor,
-                      loss: torch.Tensor | None = None) -> dict[str, tuple]:
-        """Each configured metric's (sum, count) over a batch, as float64 tensors on the device;
-        ``loss`` (the batch's :meth:`loss`) is needed only when ``loss`` is a metric."""
-        n = float(self.predictions(output, target))
+    def batch_metrics(self, output, target, loss: torch.Tensor | None = None, samples: int = 0) -> dict[str, tuple]:
+        """Each configured metric's (sum, count) over a batch, as float64 tensors on the device
+        (``top1``/``top5`` count 0, so no value, where the targets are not class indices of the
+        output's prediction); ``loss`` (the batch's :meth:`loss`) is needed only when ``loss`` is a
+        metric; ``samples``: the batch's samples, counted when it has no targets."""
+        device = loss.device if loss is not None else _device(output, target)
+        n = torch.as_tensor(self.predictions(output, target, samples), dtype=torch.float64, device=device)
         out = {}
         for m in self.metrics:
             if m == "loss":
                 s = loss.detach().double() * n
             elif m in ("top1", "top5"):
+                if not class_targets(output, target):
+                    out[m] = (n.new_zeros(()), n.new_zeros(()))
+                    continue
                 s = 100.0 * top_k_correct(output, target, 1 if m == "top1" else 5).double()
             else:
                 s, count = self.custom[m](output, target)
-                out[m] = (torch.as_tensor(s, dtype=torch.float64, device=output.device),
-                          torch.as_tensor(count, dtype=torch.float64, device=output.device))
+                out[m] = (torch.as_tensor(s, dtype=torch.float64, device=device),
+                          torch.as_tensor(count, dtype=torch.float64, device=device))
                 continue
-            out[m] = (s, output.new_full((), n, dtype=torch.float64))
+            out[m] = (s, n)
         return out
+
+
+def _device(output, target) -> torch.device:
+    pred = prediction(output)
+    if pred is not None:
+        return pred.device
+    return target.device if isinstance(target, torch.Tensor) else torch.device("cpu")
 
 
 def check_stop_metric(metric: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -85,7 +86,7 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
     batches = eval_batches(data, batch_size, mean, std, rank, world, channels_last)
     acc = evaluate_metrics(model, batches, TOP1_TASK, distributed, amp_dtype)["top1"]
-    return 0.0 if acc != acc else acc                     # nan: no samples
+    return 0.0 if acc is None else acc                    # None: no samples
 
 
 @torch.no_grad()
@@ -95,7 +96,8 @@ def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distr
     percent, per prediction, or the user's) of ``model`` in eval mode over ``batches`` of
     ``(input, target)`` (any input of the data contract). With ``distributed=True`` each rank passes
     its own shard and the sums are all-reduced, so every rank returns the same numbers. Returns
-    ``{metric: value}``."""
+    ``{metric: value}``; None for a metric with no value on this data (no samples, or ``top1`` of an
+    output without class-index targets)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -105,13 +107,13 @@ def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distr
         with autocast(device, amp_dtype):
             out = task.forward(model, x)
             loss = task.loss(out, y) if "loss" in task.metrics else None
-        for m, (s, count) in task.batch_metrics(out, y, loss).items():
+        for m, (s, count) in task.batch_metrics(out, y, loss, batch_samples(x, y)).items():
             sums[m] += torch.stack([s, count])
     if distributed and _world() > 1:
         for t in sums.values():
             dist.all_reduce(t)
     model.train(was_training)
-    return {m: (t[0] / t[1]).item() if t[1] > 0 else float("nan") for m, t in sums.items()}
+    return {m: (t[0] / t[1]).item() if t[1] > 0 else None for m, t in sums.items()}
 
 
 class DivergenceGuard:
@@ -168,40 +170,56 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
 
 
 def slice_input(x, lo: int, hi: int):
-    """Samples ``lo:hi`` of a batch input: a tensor, or each tensor of a tuple, list or dict."""
-    if isinstance(x, dict):
+    """Samples ``lo:hi`` of a batch input: a tensor, or each tensor of a tuple, list or mapping."""
+    if isinstance(x, Mapping):
         return {k: v[lo:hi] for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(v[lo:hi] for v in x)
     return x[lo:hi]
 
 
-def _pass(model: nn.Module, x, y: torch.Tensor, micro_batch_size: int, sync: bool,
+def batch_samples(x, y) -> int:
+    """Samples in a batch: the targets' length, or without targets the input's (its first tensor's
+    first dimension)."""
+    if y is not None:
+        return len(y)
+    first = next(iter(x.values())) if isinstance(x, Mapping) else x[0] if isinstance(x, (tuple, list)) else x
+    return len(first)
+
+
+def _pass(model: nn.Module, x, y, micro_batch_size: int, sync: bool,
           backward: bool = True, amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK) -> torch.Tensor:
-    """Forward (and backward) over the batch ``x`` (an input of the data contract, :mod:`swap.task`)
-    in micro-batches of samples; each loss weighted by its share of the batch, so accumulated
-    gradients are those of the batch's mean loss. With DDP, gradients are all-reduced on the last
-    micro-batch only if ``sync`` (DDP's ``no_sync`` otherwise). With ``amp_dtype`` (e.g. bfloat16)
-    the forward runs under autocast; gradients stay float32. ``task`` gives the call, the loss and
-    what a prediction is. Returns float64 (3,): loss sum, correct predictions, predictions (one per
-    target element: samples for a classifier)."""
+    """Forward (and backward) over the batch ``x`` (an input of the data contract, :mod:`swap.task`;
+    ``y`` its targets, or None for a model that computes its own loss) in micro-batches of samples;
+    each loss weighted by its share of the batch's counted targets (:func:`swap.task.target_count`:
+    those not equal to -100, or the samples), so accumulated gradients are those of the batch's
+    mean loss over them. With DDP, gradients are all-reduced on the last micro-batch only if
+    ``sync`` (DDP's ``no_sync`` otherwise), and the ranks' gradients are averaged (equal weight per
+    rank). With ``amp_dtype`` (e.g. bfloat16) the forward runs under autocast; gradients stay
+    float32. ``task`` gives the call, the loss and what a prediction is. Returns float64 (3,): loss
+    sum, correct predictions, predictions (counted targets: samples for a classifier, tokens for a
+    language model)."""
     is_ddp = isinstance(model, DDP)
-    samples = len(y)
+    samples = batch_samples(x, y)
     chunk = micro_batch_size if 0 < micro_batch_size < samples else samples
     n_chunks = (samples + chunk - 1) // chunk
-    totals = torch.zeros(3, dtype=torch.float64, device=y.device)
+    device = next(unwrap(model).parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    whole = task.predictions(None, y, samples) if n_chunks > 1 else None
     for j in range(n_chunks):
-        xc, yc = slice_input(x, j * chunk, (j + 1) * chunk), y[j * chunk:(j + 1) * chunk]
+        lo, hi = j * chunk, (j + 1) * chunk
+        xc, yc = slice_input(x, lo, hi), (y[lo:hi] if y is not None else None)
+        n = task.predictions(None, yc, min(hi, samples) - lo)
         reduce = sync and j == n_chunks - 1
         comm = model.no_sync() if is_ddp and not reduce else contextlib.nullcontext()
         with comm, (contextlib.nullcontext() if backward else torch.no_grad()):
-            with autocast(y.device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = task.forward(model, xc)
                 loss = task.loss(out, yc)
             if backward:
-                (loss * (len(yc) / samples)).backward()
-        n = float(task.predictions(out, yc))
-        totals += torch.stack([loss.detach().double() * n, top_k_correct(out, yc).double(), totals.new_full((), n)])
+                (loss * (n / whole) if whole is not None else loss).backward()
+        n = torch.as_tensor(n, dtype=torch.float64, device=device)
+        totals += torch.stack([loss.detach().double() * n, top_k_correct(out, yc).to(device).double(), n])
     return totals
 
 

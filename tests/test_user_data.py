@@ -173,6 +173,9 @@ def test_soft_targets_refuse_a_stop_on_training_accuracy_and_report_no_accuracy(
     assert trained and all(r["train_acc"] is None for r in trained)
     assert all(r["train_loss"] < 1.2 for r in trained[-2:])             # it trained: log(3) = 1.10 is chance
     assert summary["train_acc"]["phase1"] is None
+    # the test targets are soft too: no test accuracy either (None, not 0.00%), and the loss is reported
+    assert summary["test_acc"]["averaged"] is None and summary["test_acc"]["workers_mean"] is None
+    assert all(r["test_acc"] is None for r in trained) and trained[-1]["test_loss"] < 1.2
 
 
 # ---------------------------------------------------------------- tied weights

@@ -380,7 +380,8 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "aggregate": cfg.phase3.aggregate,
         **({"soup": soup} if soup is not None else {}),          # greedy: kept samples, validation accuracies
         "failed_workers": {str(r.worker): r.error for r in workers if not r.finished},
-        "test_acc": {"workers": worker_accs, "workers_mean": sum(worker_accs) / len(worker_accs),
+        "test_acc": {"workers": worker_accs,                    # None: no accuracy on this data (soft targets)
+                     "workers_mean": None if None in worker_accs else sum(worker_accs) / len(worker_accs),
                      "averaged": averaged_acc, "phase1": phase1["test_acc"]},
         "train_acc": {"phase1": phase1["train_acc"], "workers": [r.meta["train_acc"] for r in finished]},
         "wall_s": walls,

@@ -3,7 +3,9 @@
 (:class:`swap.data.Loader`):
 
 - a sample is ``(input, target)``: ``input`` a tensor, a tuple of tensors or a dict of tensors,
-  ``target`` a tensor (or a number); batches are collated by ``collate_fn`` (torch's default);
+  ``target`` a tensor (or a number); or a single mapping (a Hugging Face row), whose batch is the
+  input and whose ``labels`` are the target (:func:`split_batch`); batches are collated by
+  ``collate_fn`` (torch's default);
 - each epoch's order is a permutation drawn from (seed, phase, worker, epoch), the same
   permutation :class:`swap.data.Loader` draws for a dataset of the same length;
 - in a data-parallel phase every rank takes its slice of each global batch, so W ranks see exactly
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import torch
@@ -29,8 +32,8 @@ from .loader import stream_seed, subset_indices
 
 
 def to_device(x, device: torch.device, non_blocking: bool = False):
-    """A tensor, or each tensor of a tuple, list or dict, on ``device``."""
-    if isinstance(x, dict):
+    """A tensor, or each tensor of a tuple, list or mapping (a plain dict after), on ``device``."""
+    if isinstance(x, Mapping):
         return {k: to_device(v, device, non_blocking) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device, non_blocking) for v in x)
@@ -47,12 +50,32 @@ def _is_input(x) -> bool:
     return False
 
 
-def check_sample(dataset, name: str = "dataset") -> None:
-    """Refuse, before any training, a dataset that breaks the data contract (module docstring).
+def split_batch(batch) -> tuple:
+    """A collated batch as ``(input, target)``: a pair as it is; a single mapping (a Hugging Face
+    collator's batch) as ``(dict(batch), batch["labels"])``, the labels staying in the input (the
+    model computes its own loss from them), the target None without them.
 
     Raises:
-        SwapError: empty, or its first sample is not ``(input, target)`` with a tensor / tuple /
-            dict-of-tensors input and a tensor or number target (one line, naming what it got).
+        SwapError: a batch that is neither.
+    """
+    if isinstance(batch, Mapping):
+        x = dict(batch)
+        return x, x.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise SwapError(f"a batch must be (input, target) or a mapping such as a Hugging Face collator's, got "
+                    f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
+def check_sample(dataset, name: str = "dataset") -> None:
+    """Refuse, before any training, a dataset that breaks the data contract (module docstring).
+    A sample that is a single mapping (a Hugging Face row, collated by the run's ``collate_fn``)
+    is accepted as it is.
+
+    Raises:
+        SwapError: empty, or its first sample is neither a non-empty mapping nor ``(input, target)``
+            with a tensor / tuple / dict-of-tensors input and a tensor or number target (one line,
+            naming what it got).
     """
     try:
         n = len(dataset)
@@ -61,8 +84,10 @@ def check_sample(dataset, name: str = "dataset") -> None:
     if n == 0:
         raise SwapError(f"{name} is empty")
     sample = dataset[0]
+    if isinstance(sample, Mapping) and sample:
+        return
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
-        raise SwapError(f"{name}[0] must be a pair (input, target), got {type(sample).__name__}"
+        raise SwapError(f"{name}[0] must be a pair (input, target) or a mapping, got {type(sample).__name__}"
                         + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else ""))
     x, y = sample
     if not _is_input(x):
@@ -218,8 +243,9 @@ class DatasetLoader:
         stream = (*self.seed_parts, epoch)
         self._batches.keys = [[(stream, int(i)) for i in row] for row in rows]
         cuda = self.device.type == "cuda"
-        for x, y in _unwrapped(self._loader):
-            yield to_device(x, self.device, cuda), to_device(y, self.device, cuda)
+        for batch in _unwrapped(self._loader):
+            x, y = split_batch(to_device(batch, self.device, cuda))
+            yield x, y
 
 
 def _unwrapped(loader):
@@ -266,6 +292,6 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, de
     shard = torch.utils.data.Subset(dataset, range(lo, hi))
     device = torch.device(device)
     cuda = device.type == "cuda"
-    for x, y in _unwrapped(DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                                      pin_memory=cuda)):
-        yield to_device(x, device, cuda), to_device(y, device, cuda)
+    for batch in _unwrapped(DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                                       pin_memory=cuda)):
+        yield split_batch(to_device(batch, device, cuda))

@@ -60,7 +60,7 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
                  bad_log=None) -> tuple:
     """Find, read and check a dataset; return (train, test): :class:`ImageDataset` on ``device``,
     or for ``text-char`` two :class:`swap.data.text.TextChars` (the generic path; ``seq_len``
-    bytes per sample, the test split the corpus's contiguous tail; ``holdout`` does not apply).
+    bytes per sample, the test split the corpus's contiguous tail).
 
     ``imagefolder`` returns two :class:`swap.data.folder.ImageFolder` (train/ and val/ of
     ``data_dir``; the generic path), with the settings of ``options`` (config section ``data``, a
@@ -71,7 +71,8 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
         data_dir: searched first (see :mod:`swap.data.sources` for the order).
         train_subset, test_subset: keep the first N of a fixed shuffle (0 = all).
         holdout: if > 0, return (first N - holdout, last holdout) of the training samples (after
-            ``train_subset``) instead of (train, test): a validation split for tuning.
+            ``train_subset``) instead of (train, test): a validation split for tuning (every
+            dataset: a text corpus's training windows, an image folder's train/).
     Raises:
         SwapError: files missing (with how to get them), corrupt, truncated or mismatched.
     """
@@ -81,12 +82,14 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
         from .folder import load_image_folder
         from .generic import subset
         train_set, test_set = load_image_folder(folder, options or DataConfig(name), bad_log)
-        return subset(train_set, train_subset), subset(test_set, test_subset)
+        train_set, test_set = subset(train_set, train_subset), subset(test_set, test_subset)
+        return split_holdout(train_set, holdout) if holdout > 0 else (train_set, test_set)
     if name == "text-char":                   # any map-style Dataset: the generic path
         from .generic import subset
         from .text import load_text_char
         train_set, test_set = load_text_char(folder, seq_len)
-        return subset(train_set, train_subset), subset(test_set, test_subset)
+        train_set, test_set = subset(train_set, train_subset), subset(test_set, test_subset)
+        return split_holdout(train_set, holdout) if holdout > 0 else (train_set, test_set)
     if name in ("fashion-mnist", "mnist"):
         train = load_idx_pair(folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
         test = load_idx_pair(folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz")

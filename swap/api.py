@@ -103,7 +103,12 @@ def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
             out = task.forward(model, x)
     except Exception as exc:                 # the user's model on the user's input: any error
         raise SwapError(f"model_fn()'s model cannot take a batch of the dataset: {type(exc).__name__}: {exc}") from None
-    loss = task.loss(out, y)                 # SwapError if not a scalar
+    try:
+        loss = task.loss(out, y)             # SwapError if not a scalar
+    except SwapError:
+        raise
+    except Exception as exc:                 # the user's loss on the user's output: any error
+        raise SwapError(f"the loss failed on a batch of the dataset: {type(exc).__name__}: {exc}") from None
     try:
         task.batch_metrics(out, y, loss)
     except Exception as exc:

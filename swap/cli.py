@@ -160,6 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         method.check(cfg, procs, samples)
         if isinstance(train_set, ImageDataset):
             augment_for(cfg.data, train_set)
+        else:
+            spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
         del train_set, val
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
@@ -185,6 +187,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(results_table(summary))
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _checked_task(cfg, method, train_set):
+    """Before any work, for a dataset of the generic path with a model of your own (``model.name``
+    an import path): the model, the loss and every metric run once on a batch
+    (:func:`swap.api.check_task`), and a stopping rule on training accuracy is refused where the
+    targets are not class indices. Returns the run's :class:`swap.task.Task` (None: the default)."""
+    from .api import check_stop_rule, check_task
+    from .context import configured_parts
+    from .task import Task
+
+    model_fn, task, collate_fn = configured_parts(cfg)
+    if model_fn is None:
+        return task
+    task = task or Task()
+    if not check_task(model_fn, train_set, task, collate_fn):
+        task = dataclasses.replace(task, class_targets=False)
+    check_stop_rule(cfg, task, method)
+    return task
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import SwapError, printable  # noqa: F401  (re-exported: `from swap.config import SwapError`)
+from .imports import is_import_path
 from .schedules import parse_segments
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -30,7 +31,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DataConfig:
     """Dataset and augmentation. ``dir`` is searched first, then ``$SWAP_DATA``, then system paths."""
     name: str = "fashion-mnist"          # fashion-mnist | mnist | cifar10 | cifar100 | text-char (fortunes) |
-                                         # imagefolder (dir/train/CLASS/*.jpg|png and dir/val/CLASS/..., Pillow)
+                                         # imagefolder (dir/train/CLASS/*.jpg|png and dir/val/CLASS/..., Pillow) |
+                                         # package.module:function, yours: function() or function(data.dir)
+                                         # returns (train_set, test_set), map-style Datasets
+    collate: str | None = None           # package.module:function building a batch from samples (default: the
+                                         # dataset's own collate_fn attribute, else torch's default_collate)
     dir: str | None = None
     train_subset: int = 0                # 0 = all training samples; else the first N of a fixed shuffle
     test_subset: int = 0
@@ -66,7 +71,8 @@ class ModelConfig:
     """``resnet9``: the DAWNBench cifar10-fast ResNet-9; ``smallcnn``: early-downsampling CPU net;
     ``resnet50``: the bottleneck ResNet-50 (He et al. 2016); ``torchvision:NAME``: any torchvision
     classification model, where torchvision can be imported."""
-    name: str = "smallcnn"
+    name: str = "smallcnn"               # resnet9 | smallcnn | resnet50 | char-transformer | torchvision:NAME |
+                                         # package.module:function, yours: function() returns an nn.Module
     width: float = 1.0                   # channel multiplier
     init_bn0: bool = False               # resnet50: zero-init the last BN scale of each residual block (Goyal et al. 2017)
 
@@ -95,6 +101,17 @@ class OptimConfig:
                                          # i.e. every 1-D parameter: timm, Hugging Face, LARS/LAMB reference code)
     clip_grad_norm: float = 0.0          # clip the L2 norm of each update's whole gradient (all ranks, all
                                          # micro-batches) to this (0 = off); torch.nn.utils.clip_grad_norm_'s rule
+
+
+@dataclass
+class TaskConfig:
+    """The loss and the metrics (:class:`swap.task.Task`), for a model of your own in the CLI; the
+    library takes ``loss_fn=`` and ``metrics=`` instead."""
+    loss: str | None = None              # package.module:function, loss(output, target) -> scalar (null: the
+                                         # output's own loss, else cross-entropy of its prediction)
+    metrics: list = field(default_factory=list)   # names among top1, top5, loss, and package.module:function
+                                         # entries fn(output, target) -> (sum, count), reported under the
+                                         # function's name ([] = top1 and loss)
 
 
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
@@ -313,6 +330,7 @@ class Config:
                                          # every phase and worker (0 = only at phase ends)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     phase1: Phase1Config = field(default_factory=Phase1Config)
@@ -542,11 +560,21 @@ def validate(cfg: Config) -> None:
 
     need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
-    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder"),
-         f"data.name must be fashion-mnist, mnist, cifar10, cifar100, text-char or imagefolder, got '{cfg.data.name}'")
-    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer", "resnet50")
+    own_data, own_model = is_import_path(cfg.data.name), is_import_path(cfg.model.name)
+    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder") or own_data,
+         f"data.name must be fashion-mnist, mnist, cifar10, cifar100, text-char, imagefolder or yours as "
+         f"package.module:function, got {printable(cfg.data.name)!r}")
+    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer", "resnet50") or own_model
          or cfg.model.name.startswith("torchvision:") and len(cfg.model.name) > len("torchvision:"),
-         f"model.name must be resnet9, smallcnn, resnet50, char-transformer or torchvision:NAME, got '{cfg.model.name}'")
+         f"model.name must be resnet9, smallcnn, resnet50, char-transformer, torchvision:NAME or yours as "
+         f"package.module:function, got {printable(cfg.model.name)!r}")
+    for key, value in (("data.collate", cfg.data.collate), ("task.loss", cfg.task.loss)):
+        need(value is None or is_import_path(value), f"{key} must be package.module:function or null, got "
+                                                     f"{printable(str(value))!r}")
+    need(isinstance(cfg.task.metrics, list) and all(m in ("top1", "top5", "loss") or is_import_path(m)
+                                                    for m in cfg.task.metrics),
+         f"task.metrics must be a list of top1, top5, loss and package.module:function entries, got "
+         f"{printable(str(cfg.task.metrics))}")
     need(not cfg.model.init_bn0 or cfg.model.name == "resnet50",
          f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
     need(cfg.data.image_size is None or cfg.data.image_size >= 1,
@@ -555,7 +583,7 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.data.min_scale <= 1, f"data.min_scale must be in (0, 1], got {cfg.data.min_scale}")
     need(0 < cfg.data.crop_ratio <= 1, f"data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
     need(cfg.data.bad_images in ("stop", "skip"), f"data.bad_images must be stop or skip, got '{cfg.data.bad_images}'")
-    need((cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
+    need(own_data or own_model or (cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
          f"data.name={cfg.data.name} needs an image model and text-char the char-transformer "
          f"(model.name={cfg.model.name})")
     need(cfg.data.seq_len >= 1, f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
@@ -591,7 +619,7 @@ def validate(cfg: Config) -> None:
         need(not (sec.warmup_updates and sec.warmup_epochs), f"{section}.warmup_updates={sec.warmup_updates} and "
              f"{section}.warmup_epochs={sec.warmup_epochs} both set the warm-up: keep one (the other 0)")
         need(sec.optimizer in OPTIMIZERS and (section != "phase2" or sec.optimizer != "extrap")
-             or _is_import_path(sec.optimizer),
+             or is_import_path(sec.optimizer),
              f"{section}.optimizer must be one of {', '.join(o for o in OPTIMIZERS if section != 'phase2' or o != 'extrap')}"
              f" or your own as package.module:function, got {printable(sec.optimizer)!r}")
         if not isinstance(sec.optim, dict):
@@ -670,12 +698,6 @@ def validate(cfg: Config) -> None:
     need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
-
-
-def _is_import_path(value: str) -> bool:
-    """``package.module:function``: dotted identifiers, one colon."""
-    module, colon, name = value.partition(":")
-    return bool(colon) and name.isidentifier() and all(part.isidentifier() for part in module.split("."))
 
 
 def _check_optim(o: OptimConfig, where: str) -> None:

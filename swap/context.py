@@ -26,11 +26,32 @@ from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
 from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
-from .optim.build import build_optimizer, import_optimizer, label, user_optimizer
+from .imports import import_object, is_import_path
+from .optim.build import build_optimizer, label, user_optimizer
 from .optim.extrap import ExtrapSGD, ExtrapStep
 
 
 IMAGENET_TASK = Task(metrics=("top1", "top5", "loss"))     # an image folder reports top-1 and top-5 (ImageNet's)
+
+
+def configured_parts(cfg: Config, model_fn=None, task: Task | None = None, collate_fn=None) -> tuple:
+    """(model_fn, task, collate_fn) of a run: those given (library use), else the config's import
+    paths (``model.name``, ``task.loss``/``task.metrics``, ``data.collate``: a model and data of
+    your own in the CLI), else None for the built-in ones.
+
+    Raises:
+        SwapError: an import path that fails (:func:`swap.imports.import_object`); an unknown metric.
+    """
+    if model_fn is None and is_import_path(cfg.model.name):
+        model_fn = import_object(cfg.model.name, "model.name")
+    if collate_fn is None and cfg.data.collate:
+        collate_fn = import_object(cfg.data.collate, "data.collate")
+    t = cfg.task
+    if task is None and (t.loss or t.metrics):
+        custom = {m.rsplit(":", 1)[1]: import_object(m, "task.metrics") for m in t.metrics if is_import_path(m)}
+        names = tuple(m.rsplit(":", 1)[1] if is_import_path(m) else m for m in t.metrics) or ("top1", "loss")
+        task = Task(import_object(t.loss, "task.loss") if t.loss else None, names, custom)
+    return model_fn, task, collate_fn
 
 
 @dataclass
@@ -93,6 +114,7 @@ class Context:
             SwapError: data that breaks the contract; a generic dataset without ``model_fn``.
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
+        model_fn, task, collate_fn = configured_parts(cfg, model_fn, task, collate_fn)
         val_set = None
         if data is None and cfg.uses_validation():     # train, test and a validation split
             *data, val_set = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log, validation=True)
@@ -108,7 +130,8 @@ class Context:
             for name, dataset in zip(("train_set", "test_set"), data):
                 check_sample(dataset, name)
             if model_fn is None and not hasattr(data[0], "model_kwargs"):
-                raise SwapError("a dataset of your own needs its model: pass model_fn")
+                raise SwapError("a dataset of your own needs its model: pass model_fn (library) or set "
+                                "model.name: package.module:function")
             if task is None and cfg.data.name == "imagefolder" and model_fn is None:
                 task = IMAGENET_TASK
             collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
@@ -174,7 +197,7 @@ class Context:
             return user_optimizer(fn, model, o, section)
         kind = getattr(getattr(self.cfg, section), "optimizer", "sgd")
         if ":" in kind:                                # package.module:function, the user's
-            return user_optimizer(import_optimizer(kind, f"{section}.optimizer"), model, o, section)
+            return user_optimizer(import_object(kind, f"{section}.optimizer"), model, o, section)
         gen = None
         if kind == "extrap":   # on the parameters' device: noise drawn on the CPU would cost a copy per tensor
             gen = torch.Generator(self.dist.device).manual_seed(stream_seed(self.cfg.seed, *stream, "noise", self.dist.rank))

@@ -206,8 +206,8 @@ class Method:
         run = self.config(cfg)
         for section in ("phase1", "phase2", "sgd"):
             if ":" in getattr(run, section).optimizer and (section == "sgd") == (self.summary == "sgd"):
-                from .optim.build import import_optimizer
-                import_optimizer(getattr(run, section).optimizer, f"{section}.optimizer")
+                from .imports import import_object
+                import_object(getattr(run, section).optimizer, f"{section}.optimizer")
         piecewise = [f"{s}.segments" for s in ("phase1", "phase2") if getattr(cfg, s).segments]
         if self.summary in ("swa", "abs") and piecewise:
             raise SwapError(f"method {self.name} does not follow piecewise schedules ({', '.join(piecewise)}); "

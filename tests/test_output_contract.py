@@ -5,60 +5,17 @@ transformers model returns."""
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 import swap
 from swap.config import SwapError
 from swap.task import Task, class_targets, own_loss, prediction
 from swap.train import _pass
 
-from test_api import _quadrant_data
-
-
-class Output(OrderedDict):
-    """A ``transformers.utils.ModelOutput`` look-alike: an ordered dict whose keys are also attributes."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class Rows(Dataset):
-    """Hugging Face style rows: one mapping per sample, ``labels`` among the model's inputs."""
-
-    def __init__(self, n: int, seed: int):
-        images, labels = _quadrant_data(n, seed)
-        self.pixels, self.labels = images.float() / 255, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
-
-
-class Classifier(nn.Module):
-    """``forward(pixel_values, labels=None)`` returning ``Output(loss=..., logits=...)``, its loss
-    offset by 10 so that the run's recorded loss shows which loss was trained on."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.net(pixel_values)
-        out = Output(logits=logits)
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels) + 10.0
-        return Output(loss=out["loss"], logits=logits) if labels is not None else out
+from user_parts import Classifier, Output, Rows
 
 
 SMALL = {"workers": 2, "eval_every": 100, "data": {"crop_padding": 0, "flip": False, "cutout": 0},
@@ -122,3 +79,51 @@ def test_micro_batches_weight_a_mean_over_counted_tokens_by_their_count():
     torch.testing.assert_close(parts.emb.weight.grad, whole.emb.weight.grad, rtol=1e-5, atol=1e-7)
     assert totals_parts[2] == totals_whole[2] == 14
     assert totals_parts[0] == pytest.approx(totals_whole[0].item(), rel=1e-6)     # the same loss sum
+
+
+CLI = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1",
+       "--set", "model.name=user_parts:Classifier", "--set", "data.name=user_parts:load",
+       "--set", "task.metrics=[top1, loss, user_parts:errors]", "--set", "phase1.batch_size=128",
+       "--set", "phase1.micro_batch_size=64", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
+       "--set", "phase1.stop.metric=train_loss", "--set", "phase1.stop.at=0", "--set", "phase2.epochs=4",
+       "--set", "phase2.batch_size=32", "--set", "phase3.bn_batch_size=128"]
+
+
+def test_a_model_and_data_of_your_own_in_the_cli_resume_bit_for_bit_after_a_kill_in_phase2(tmp_path):
+    """`swap train` with model.name, data.name and a metric given as import paths: the run trains the
+    user's model on the user's rows with the model's own loss, reports the user's metric, and a run
+    killed with SIGKILL in phase 2 ends, after --auto-resume, with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from swap.cli import main
+    from test_resume import _kill_when
+    here = ["--data-dir", str(tmp_path)]                  # user_parts:load takes data.dir (and ignores it)
+    assert main(["train", *CLI, *here, "--out", str(tmp_path / "ref")]) == 0
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    averaged = summary["test_metrics"]["averaged"]
+    assert averaged["top1"] > 90.0 and averaged["errors"] == pytest.approx(1 - averaged["top1"] / 100, abs=1e-6)
+    assert averaged["loss"] >= 10.0                                       # the model's own loss
+    out = tmp_path / "run"
+    _kill_when(out, "checkpoints/worker0_last.json", tmp_path, 0.1, CLI)
+    assert not (out / "summary.json").exists()
+    assert main(["train", *CLI, *here, "--out", str(out), "--auto-resume"]) == 0
+    ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.name", "user_parts:nothing", "model.name=user_parts:nothing: cannot import it (AttributeError"),
+    ("data.name", "no_such_module:load", "data.name=no_such_module:load: cannot import it (ModuleNotFoundError"),
+    ("data.name", "user_parts:errors", "data.name=user_parts:errors failed: TypeError"),
+    ("task.loss", "user_parts:Rows", "the loss failed on a batch of the dataset: RuntimeError"),
+])
+def test_an_import_path_that_fails_is_one_line_and_exit_2(tmp_path, capsys, key, value, message):
+    from swap.cli import main
+    args = [a if not a.startswith(f"{key}=") else f"{key}={value}" for a in CLI]
+    if f"{key}={value}" not in args:
+        args += ["--set", f"{key}={value}"]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("swap: error:"), err
+    assert any(m in err for m in message.split("|")), err
+    assert not (tmp_path / "run").exists()

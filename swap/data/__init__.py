@@ -8,7 +8,8 @@ import torch
 from .cifar import load_cifar
 from .idx import load_idx_pair, read_idx
 from .loader import Augment, Loader, eval_batches, stream_seed, subset_indices
-from ..config import DataConfig, SwapError, validation_size
+from ..config import DataConfig, SwapError, printable, validation_size
+from ..imports import import_object, is_import_path
 from .sources import fetch, find_data_dir, get_source
 
 
@@ -76,6 +77,11 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     Raises:
         SwapError: files missing (with how to get them), corrupt, truncated or mismatched.
     """
+    if is_import_path(name):                  # the user's own datasets: the generic path
+        from .generic import subset
+        train_set, test_set = own_datasets(name, data_dir)
+        train_set, test_set = subset(train_set, train_subset), subset(test_set, test_subset)
+        return split_holdout(train_set, holdout) if holdout > 0 else (train_set, test_set)
     src = get_source(name)
     folder = find_data_dir(name, data_dir)
     if name == "imagefolder":                 # decoded by DataLoader workers: the generic path
@@ -100,6 +106,34 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     if holdout > 0:
         train_set, test_set = split_holdout(train_set, holdout)
     return train_set.to(device), test_set.to(device)
+
+
+def own_datasets(path: str, data_dir: str | None) -> tuple:
+    """(train_set, test_set) of ``data.name: package.module:function``: ``function(data.dir)`` when it
+    takes an argument, else ``function()``; each checked against the data contract.
+
+    Raises:
+        SwapError: it cannot be imported, fails, or does not return two datasets of the contract.
+    """
+    import inspect
+
+    from .generic import check_sample
+    fn = import_object(path, "data.name")
+    try:
+        takes = bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        takes = False
+    try:
+        out = fn(data_dir) if takes else fn()
+    except SwapError:
+        raise
+    except Exception as exc:                  # the user's loader: any error
+        raise SwapError(f"data.name={path} failed: {type(exc).__name__}: {printable(str(exc))}") from None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise SwapError(f"data.name={path} must return (train_set, test_set), got {type(out).__name__}")
+    for dataset, what in zip(out, ("train_set", "test_set")):
+        check_sample(dataset, f"data.name={path}'s {what}")
+    return tuple(out)
 
 
 def split_holdout(train_set, holdout: int) -> tuple:

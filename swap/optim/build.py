@@ -122,26 +122,6 @@ def user_optimizer(fn, model: nn.Module, o, where: str):
     return opt
 
 
-def import_optimizer(path: str, where: str):
-    """The optimizer function that config value ``path`` (``package.module:function``) names: a
-    user's ``fn(param_groups) -> torch.optim.Optimizer`` in the CLI and under ``torchrun``.
-
-    Raises:
-        SwapError: the module cannot be imported or has no such callable (naming ``where``).
-    """
-    import importlib
-
-    module, _, name = path.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise SwapError(f"{where}={printable(path)}: cannot import it ({type(exc).__name__}: {exc}); give "
-                        f"package.module:function, importable from the working directory or PYTHONPATH") from None
-    if not callable(fn):
-        raise SwapError(f"{where}={printable(path)} is not a function")
-    return fn
-
-
 def kind_of(optimizer) -> str:
     """The optimizer's name in summaries: the config's value (``sgd``, ``lars``, ``lamb``,
     ``adamw``, ``extrap``), or ``user:CLASS`` for the user's."""

@@ -94,8 +94,10 @@ OPTIMIZED = ["--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1
 
 
 @pytest.mark.parametrize("optimizer, peak_lr", [
-    ("lars", 8.0), ("lamb", 0.05), ("adamw", 0.005),
-    ("user_optim:two_group_adamw", 0.005),            # the user's, named in the config (two groups, LR ratio 10)
+    ("lars", 8.0), ("lamb", 0.05),
+    # torch's AdamW, as the user's own optimizer named in the config (two groups, LR ratio 10): the
+    # state that `optimizer: adamw` checkpoints too (the same class), and a user's optimizer besides
+    ("user_optim:two_group_adamw", 0.005),
 ])
 def test_a_killed_run_resumes_bit_for_bit_with_each_optimizer(tmp_path, real_fashion, optimizer, peak_lr):
     """LARS's momentum, LAMB's and AdamW's moments and step counts, and a user's optimizer state are

@@ -6,20 +6,15 @@ from torch import nn
 
 import swap
 
+from user_parts import quadrant_data
+
 
 def tiny_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
 
 
-def _quadrant_data(n, seed):
-    """Class k = the brightest of the four 4x4 quadrants of an 8x8 image: learnable, not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 120, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    for k, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
-        images[labels == k, :, r:r + 4, c:c + 4] += 100
-    return images, labels
+_quadrant_data = quadrant_data          # the learnable toy images of tests/user_parts.py
 
 
 def test_train_swap_with_custom_model(tmp_path):

@@ -169,9 +169,13 @@ def optimizer_fns(optimizer, method: str, cfg: Config, spawns: bool) -> dict | N
 
 
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
-         collate_fn=None, optimizer=None):
+         collate_fn=None, optimizer=None, resume: bool | str = False):
     from . import methods
 
+    if resume not in (False, True, "auto"):
+        raise SwapError(f"resume must be False, True or 'auto', got {resume!r}")
+    if resume and not out:
+        raise SwapError("resume needs out=DIR, the run directory to continue")
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
     spawns = procs > 1 or (method == "swap" and cfg.phase2.layout == "processes")
     if spawns:
@@ -197,8 +201,9 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     if fitted:
         print(f"swap: train_{method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
-    RunDir.prepare(out, cfg, overwrite=overwrite)
-    spec = methods.RunSpec(cfg, out, time.time(), False, model_fn, (train_set, test_set), task=task,
+    RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
+    # as --auto-resume: every rank runs as a resume; one that finds no checkpoint starts from scratch
+    spec = methods.RunSpec(cfg, out, time.time(), bool(resume), model_fn, (train_set, test_set), task=task,
                            collate_fn=collate_fn, optimizer=fns)
     summary = methods.launch(method, spec, procs)
     model = model_fn()
@@ -208,7 +213,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
                out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-               metrics=None, collate_fn=None, optimizer=None) -> tuple[nn.Module, dict]:
+               metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False) -> tuple[nn.Module, dict]:
     """Train ``model_fn()`` with SWAP (Gupta et al., ICLR 2020, Algorithm 1) and return the averaged model.
 
     Args:
@@ -240,7 +245,12 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             (or a ``functools.partial`` of one) when processes are started.
         config: a :class:`swap.config.Config` or a nested dict of overrides of the defaults,
             e.g. ``{"workers": 4, "phase1": {"batch_size": 1024, "stop_acc": 95}}``.
-        out: run directory (default: a new temporary folder); must not hold a run unless ``overwrite``.
+        out: run directory (default: a new temporary folder); must not hold a run unless ``overwrite``
+            or ``resume``.
+        resume: ``True`` continues the run in ``out`` from its last checkpoints (``--resume``: the
+            same config; finished phases and workers are not trained again, and the result is the
+            uninterrupted run's, bit for bit on one machine); ``"auto"`` continues it if ``out``
+            holds one, else starts it (``--auto-resume``).
         procs: local processes (phase 1 data-parallel ranks; phase-2 workers are spread over them).
     ``data.train_subset`` / ``data.test_subset`` keep the first N samples of a fixed shuffle, as for
     the built-in datasets. With ``procs > 1`` or ``phase2.layout: processes`` (the default) worker
@@ -255,17 +265,17 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             All before any training.
     """
     return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer)
+                optimizer, resume)
 
 
 def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
               out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-              metrics=None, collate_fn=None, optimizer=None) -> tuple[nn.Module, dict]:
+              metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False) -> tuple[nn.Module, dict]:
     """Data-parallel training with the ``sgd`` config section (the paper's baselines; its
     ``optimizer``: sgd, lars, lamb, adamw or extrap), or with ``optimizer``, your own
     (``fn(param_groups)``, as in :func:`train_swap`); otherwise as :func:`train_swap`."""
     return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer)
+                optimizer, resume)
 
 
 __all__ = ["train_swap", "train_sgd"]

@@ -75,3 +75,35 @@ def test_a_library_run_takes_its_validation_split_from_the_tail_of_the_training_
     assert summary["updates"]["phase1"] == summary["epochs"]["phase1"] * (1024 - 256) // 128
     assert summary["updates"]["phase2_per_worker"] == (1024 - 256) // 32
     assert set(summary["soup"]["val_acc"]) == {"w0", "w1"} and summary["soup"]["kept"]
+
+
+def test_a_library_run_resumes_bit_for_bit_from_what_a_kill_in_phase2_leaves(tmp_path):
+    """``train_swap(..., resume=True)`` continues the run in ``out``: from the state on disk that
+    SIGKILL in worker 1's second epoch leaves (worker 0 finished, worker 1 at its epoch-1
+    checkpoint, no average), only worker 1's second epoch is trained again, and the averaged model
+    equals the uninterrupted run's bit for bit; ``resume="auto"`` starts a run where there is none."""
+    import json
+
+    from safetensors.torch import load_file
+    config = {"workers": 2, "eval_every": 100, "data": {"crop_padding": 0, "flip": False, "cutout": 0},
+              "phase1": {"batch_size": 128, "micro_batch_size": 64, "peak_lr": 0.4, "warmup_epochs": 1,
+                         "max_epochs": 2, "stop_acc": 99.0},
+              "phase2": {"batch_size": 32, "peak_lr": 0.05, "epochs": 2, "layout": "sequential"}}
+    data = _quadrant_data(512, 0), _quadrant_data(256, 1)
+    run = tmp_path / "run"
+    _, ref = swap.train_swap(tiny_net, *data, config, out=run)
+    averaged = load_file(str(run / "checkpoints" / "swap.safetensors"))
+    kept = (run / "checkpoints" / "worker0.safetensors").stat().st_mtime_ns
+    for f in [*(run / "checkpoints").glob("worker1.*"), *(run / "checkpoints").glob("swap.*"), run / "summary.json"]:
+        f.unlink()
+    model, again = swap.train_swap(tiny_net, *data, config, out=run, resume=True)
+    got = load_file(str(run / "checkpoints" / "swap.safetensors"))
+    assert all(torch.equal(averaged[k], got[k]) for k in averaged)
+    assert all(torch.equal(v, got[k]) for k, v in model.state_dict().items() if k in got)
+    assert again["updates"] == ref["updates"] and again["test_acc"] == ref["test_acc"]
+    assert (run / "checkpoints" / "worker0.safetensors").stat().st_mtime_ns == kept      # not trained again
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["phase"], r["worker"], r["epoch"]) for r in records if r["phase"] in ("phase1", "phase2")]
+    assert len(keys) == len(set(keys)) == 2 + 2 * 2
+    _, fresh = swap.train_swap(tiny_net, *data, config, out=tmp_path / "fresh", resume="auto")
+    assert fresh["test_acc"] == ref["test_acc"]

@@ -11,6 +11,10 @@ Optimizer Reality Check"). So, per workload:
    SWAP's phase 1 takes the tuned LR of the large-batch run of its optimizer (``sgd-large``, or
    ``lars-large`` for ``swap-lars``) and its grid is phase 2's peak LR; ``swap-lars`` reuses SWAP's phase-2 LR.
 2. **Test**: every method with its chosen LR, seeds 0-2, on the whole training set and the test set.
+3. **Equal critical path** (``fashion``): SWAP's phase 1 runs to its stopping accuracy and its workers
+   add phase 2, so its critical path is longer than the large-batch runs' epoch budget. The large-batch
+   methods run again, same LRs and seeds, for as many epochs as SWAP's mean critical-path updates take
+   at the large batch (rounded up): the comparison at equal updates on the critical path.
 
 Workloads:
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -59,6 +64,8 @@ WORKLOADS = {
                   "swap": ("phase2.peak_lr", [0.025, 0.05, 0.1, 0.2])},
         "inherit": {"swap": {"phase1.peak_lr": "sgd_large.peak_lr"}},
         "test": ["sgd-small", "sgd-large", "lars-large", "lamb-large", "adamw-large", "swap", "swap-lars"],
+        # (the reference, its large batch's updates per epoch: 20,000 // 1024, the methods run to its critical path)
+        "matched": ("swap", 20000 // 1024, ["sgd-large", "lars-large", "lamb-large", "adamw-large"]),
     },
     "text": {
         "config": "text_char_quick", "sets": ["eval_every=100"], "holdout": 819, "score": "loss",
@@ -130,6 +137,18 @@ def stop_loss(w: dict, out: Path) -> float:
     return round(next(r["train_loss"] for r in records if r.get("epoch") == epoch and r["phase"] == "sgd"), 3)
 
 
+def _columns(runs: list[dict], score: str) -> dict:
+    """Mean, std and values over the seeds' summaries: the score, critical-path updates, wall seconds
+    (and top-1 beside a loss)."""
+    cols = {score: [final(r, score) for r in runs],
+            "critical_path_updates": [r["updates"]["critical_path"] for r in runs],
+            "wall_s": [r["wall_s"]["total"] for r in runs]}
+    if score == "loss":
+        cols["top1"] = [final(r, "top1") for r in runs]
+    return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "all": v}
+            for k, v in cols.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
@@ -144,27 +163,33 @@ def main() -> int:
         if "stop_from" in w:
             sets.append(f"phase1.stop.at={stop_loss(w, out)}")
         compare(w["config"], w["test"], args.seeds, sets, out / "test")
+        stages = [("test", w["test"], sets, "")]
+        if "matched" in w:
+            ref, per_epoch, methods = w["matched"]
+            paths = [out / "test" / ref / f"seed{s}" / "summary.json" for s in range(args.seeds)]
+            path = statistics.mean(json.loads(p.read_text())["updates"]["critical_path"] for p in paths)
+            epochs = math.ceil(path / per_epoch)
+            matched = [*sets, *[f"{m.replace('-', '_')}.epochs={epochs}" for m in methods]]
+            compare(w["config"], methods, args.seeds, matched, out / "matched")
+            stages.append(("matched", methods, matched, f" ({epochs} epochs)"))
         rows = {}
-        for m in w["test"]:
-            runs = [json.loads((out / "test" / m / f"seed{s}" / "summary.json").read_text()) for s in range(args.seeds)]
-            cols = {w["score"]: [final(r, w["score"]) for r in runs],
-                    "critical_path_updates": [r["updates"]["critical_path"] for r in runs],
-                    "wall_s": [r["wall_s"]["total"] for r in runs]}
-            if w["score"] == "loss":
-                cols["top1"] = [final(r, "top1") for r in runs]
-            rows[m] = {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "all": v}
-                       for k, v in cols.items()}
+        for stage, methods, _, suffix in stages:
+            for m in methods:
+                runs = [json.loads((out / stage / m / f"seed{s}" / "summary.json").read_text())
+                        for s in range(args.seeds)]
+                rows[m + suffix] = _columns(runs, w["score"])
         machine = json.loads((out / "test" / w["test"][0] / "seed0" / "summary.json").read_text())["machine"]
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"large_batch_{name}.json").write_text(json.dumps(
-            {"workload": name, "config": w["config"], "sets": sets, "holdout": w["holdout"], "grids": grids,
+            {"workload": name, "config": w["config"], "sets": {st: ss for st, _, ss, _ in stages},
+             "holdout": w["holdout"], "grids": grids,
              "chosen": chosen, "rows": rows, "machine": machine}, indent=1))
         unit = "test top-1 (%)" if w["score"] == "top1" else "test loss (nats/byte) | top-1 (%)"
         print(f"\n{name}: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')}\n"
               f"| method | chosen peak LR | {unit} | critical-path updates | wall (s) |\n"
               f"|---|---:|---:|{'---:|' if w['score'] == 'loss' else ''}---:|---:|")
         for m, r in rows.items():
-            lr = grids.get(m, {}).get("chosen", "inherited")
+            lr = grids.get(m.split(" ")[0], {}).get("chosen", "inherited")
             f = lambda k, d=2: f"{r[k]['mean']:.{d}f} +- {r[k]['std']:.{d}f}"          # noqa: E731
             score = f(w["score"], 2 if w["score"] == "top1" else 3) + (f" | {f('top1')}" if w["score"] == "loss" else "")
             print(f"| {m} | {lr} | {score} | {r['critical_path_updates']['mean']:.0f} | {f('wall_s', 0)} |")

@@ -86,7 +86,7 @@ CLI = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1",
        "--set", "task.metrics=[top1, loss, user_parts:errors]", "--set", "phase1.batch_size=128",
        "--set", "phase1.micro_batch_size=64", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
        "--set", "phase1.stop.metric=train_loss", "--set", "phase1.stop.at=0", "--set", "phase2.epochs=4",
-       "--set", "phase2.batch_size=32", "--set", "phase3.bn_batch_size=128"]
+       "--set", "phase2.batch_size=32", "--set", "phase2.layout=sequential", "--set", "phase3.bn_batch_size=128"]
 
 
 def test_a_model_and_data_of_your_own_in_the_cli_resume_bit_for_bit_after_a_kill_in_phase2(tmp_path):

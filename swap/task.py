@@ -144,11 +144,8 @@ class Task:
                 can be formed (an output with neither loss nor prediction, or a batch without
                 targets whose output has no loss of its own).
         """
-        if self.loss_fn is not None:
-            loss = self.loss_fn(output, target)
-        elif own_loss(output) is not None:
-            loss = own_loss(output)
-        else:
+        loss = self.loss_fn(output, target) if self.loss_fn is not None else own_loss(output)
+        if loss is None and self.loss_fn is None:
             pred = prediction(output)
             if pred is None or target is None:
                 raise SwapError("no loss to train on: " + ("the model's output has neither a loss nor logits"

@@ -7,6 +7,7 @@ import ast
 import copy
 import dataclasses
 import multiprocessing
+import os
 import pickle
 import sys
 import tempfile
@@ -17,10 +18,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from . import distributed
 from .config import Config, SwapError, load_config
 from .data import ImageDataset, augment_for
 from .data.generic import check_sample, split_batch, subset
+from .imports import install_hint
 from .rundir import RunDir
 from .task import METRICS, Task, class_targets
 
@@ -96,7 +98,10 @@ def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
     """
     collate = collate_fn or getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate   # as the run
     x, y = split_batch(collate([dataset[i] for i in range(min(2, len(dataset)))]))
-    model = model_fn()
+    try:
+        model = model_fn()
+    except Exception as exc:                 # the user's factory: any error
+        raise SwapError(f"model_fn() failed: {type(exc).__name__}: {exc}{install_hint(exc)}") from None
     model.eval()
     try:
         with torch.no_grad():
@@ -177,7 +182,10 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     if resume and not out:
         raise SwapError("resume needs out=DIR, the run directory to continue")
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
-    spawns = procs > 1 or (method == "swap" and cfg.phase2.layout == "processes")
+    ranked = distributed.under_launcher()                   # torchrun started this script: join its ranks
+    if ranked:
+        procs = int(os.environ["WORLD_SIZE"])
+    spawns = not ranked and (procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"))
     if spawns:
         check_main_guard(f"train_{method}")
     fns = optimizer_fns(optimizer, method, cfg, spawns)
@@ -200,15 +208,24 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     methods.METHODS[method].check(cfg, procs, len(train_set))
     if fitted:
         print(f"swap: train_{method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
+    if ranked and not out:
+        raise SwapError("under torchrun, train_swap needs out=DIR: every rank writes into the same run directory")
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
-    RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
     # as --auto-resume: every rank runs as a resume; one that finds no checkpoint starts from scratch
     spec = methods.RunSpec(cfg, out, time.time(), bool(resume), model_fn, (train_set, test_set), task=task,
                            collate_fn=collate_fn, optimizer=fns)
-    summary = methods.launch(method, spec, procs)
-    model = model_fn()
-    load_checkpoint(RunDir(out).checkpoint(methods.METHODS[method].checkpoint), model)
-    return model, summary
+    if ranked:                               # as `torchrun -m swap.cli train`: the first process of each
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:            # machine prepares its run directory
+            with RunDir.prepare(out, cfg, overwrite, resume is True, resume == "auto").locked():
+                summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
+        else:
+            summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
+        if int(os.environ["RANK"]) != 0:
+            return None, None                # the run's model and summary are rank 0's
+    else:
+        RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
+        summary = methods.launch(method, spec, procs)
+    return methods.final_model(method, out, model_fn), summary
 
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,

@@ -130,6 +130,7 @@ def local_procs(cfg) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed, methods
+    from .context import configured_parts
     from .data import ImageDataset, augment_for, load_configured
     from .report import results_table
     from .rundir import RunDir
@@ -185,7 +186,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + stop["signal"]
     if summary is not None:
         print(results_table(summary))
-        print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/)")
+        model_fn = configured_parts(cfg)[0]
+        pretrained = model_fn is not None and hasattr(methods.final_model(args.method, out, model_fn), "save_pretrained")
+        print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/"
+              + (", pretrained/: the model for from_pretrained" if pretrained else "") + ")")
     return 0
 
 

@@ -135,7 +135,8 @@ class Context:
             if task is None and cfg.data.name == "imagefolder" and model_fn is None:
                 task = IMAGENET_TASK
             collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
-            return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or DEFAULT_TASK,
+            # a task of its own: the run's alignment of outputs and targets (Task.align) is found here
+            return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or Task(),
                        collate_fn, val_set, optimizer_fns)
         train_set, test_set = (x.to(d.device) for x in data)
         augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here

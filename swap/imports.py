@@ -19,6 +19,17 @@ def is_import_path(value) -> bool:
     return bool(colon) and name.isidentifier() and all(part.isidentifier() for part in module.split("."))
 
 
+# Packages of the optional extras: a module that needs one and lacks it is named with the extra to install
+EXTRAS = {"transformers": "hf"}
+
+
+def install_hint(exc: BaseException) -> str:
+    """``"; pip install 'swap[EXTRA]'"`` when ``exc`` is a missing package of an optional extra, else ''."""
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    extra = EXTRAS.get((name or "").split(".")[0])
+    return f"; pip install 'swap[{extra}]'" if extra else ""
+
+
 def import_object(path: str, where: str):
     """The callable that ``path`` (``package.module:function``) names; ``where`` (a config key such
     as ``model.name``) names it in errors.
@@ -33,9 +44,10 @@ def import_object(path: str, where: str):
     try:
         obj = getattr(importlib.import_module(module), name)
     except Exception as exc:                                  # the user's module: any error while importing
+        hint = install_hint(exc) or ("; give package.module:function, importable from the working directory "
+                                     "or PYTHONPATH")
         raise SwapError(f"{where}={printable(path)}: cannot import it ({type(exc).__name__}: "
-                        f"{printable(str(exc))}); give package.module:function, importable from the working "
-                        f"directory or PYTHONPATH") from None
+                        f"{printable(str(exc))}){hint}") from None
     if not callable(obj):
         raise SwapError(f"{where}={printable(path)} is not a function")
     return obj

@@ -320,6 +320,42 @@ def launch(name: str, spec: RunSpec, procs: int) -> Any:
     return distributed.launch(_rank, procs, name, spec, log_dir=RunDir(spec.run_path).logs_dir)
 
 
+def final_model(name: str, run_path: str | Path, model_fn: Callable[[], Any]):
+    """The trained model of method ``name``'s run in ``run_path``: ``model_fn()`` with the final
+    checkpoint's weights (the averaged model for SWAP), on the CPU. A model that has
+    ``save_pretrained`` (a Hugging Face ``transformers`` model) is also written to
+    ``RUN/pretrained/`` in its own format, for ``from_pretrained``.
+
+    Raises:
+        SwapError: the checkpoint is missing or does not fit the model.
+    """
+    from .checkpoint import load_checkpoint
+    from .rundir import RunDir
+
+    model = model_fn()
+    run = RunDir(run_path)
+    load_checkpoint(run.checkpoint(get_method(name).checkpoint), model)
+    if callable(getattr(model, "save_pretrained", None)):
+        _save_pretrained(model, run.path / "pretrained")
+    return model
+
+
+def _save_pretrained(model, path: Path) -> None:
+    """``model.save_pretrained(path)`` without transformers' progress bar on the terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+    except ImportError:                          # a save_pretrained of some other library
+        hf_logging, bar = None, False
+    if bar:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def run_rank(name: str, spec: RunSpec) -> Any:
     """This process is one rank (under ``torchrun``): train method ``name`` here."""
     from . import distributed

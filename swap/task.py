@@ -15,6 +15,13 @@ one, else cross-entropy of the prediction over its last dimension (a classifier'
 (B,) labels and a language model's (B, T, V) logits with (B, T) tokens both work; targets equal to
 -100, torch's and Hugging Face's ignore index, do not count).
 
+A causal language model that computes its own loss (a ``transformers`` ``...ForCausalLM``, given
+``labels`` equal to its ``input_ids``) scores position t's logits against the label at t + 1. Which
+alignment an output uses is found once per :class:`Task`, on the first output that carries both its
+own loss and (B, T, V) logits for (B, T) labels: the alignment whose cross-entropy equals the
+model's own loss (:meth:`Task.align`). Top-1, top-5 and the counted targets then follow it, so
+next-token accuracy needs no setting.
+
 Metrics are counted per target that counts (a sample for a classifier, a token not equal to -100
 for a language model): ``loss`` (mean loss), ``top1`` and ``top5`` (accuracy in percent, only where
 the output has a prediction and the targets are class indices of it: elsewhere they have no value,
@@ -25,6 +32,7 @@ or a model's own) accumulates to the mean over the whole batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -95,7 +103,8 @@ def class_targets(output, target) -> bool:
 def top_k_correct(output, target: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Predictions whose target is among the ``k`` largest logits of the output's prediction
     (int64 scalar, on the device; targets equal to -100 are never correct); 0 when the targets are
-    not class indices of it (:func:`class_targets`)."""
+    not class indices of it (:func:`class_targets`). The pair as given: :meth:`Task.correct`
+    aligns a causal language model's first."""
     if not class_targets(output, target):
         pred = prediction(output)
         device = pred.device if pred is not None else target.device if isinstance(target, torch.Tensor) else None
@@ -105,6 +114,23 @@ def top_k_correct(output, target: torch.Tensor, k: int = 1) -> torch.Tensor:
         return (output.argmax(-1) == target).sum()
     top = output.topk(min(k, output.shape[-1]), dim=-1).indices
     return (top == target.unsqueeze(-1)).any(-1).sum()
+
+
+def _next_token_loss(output, target) -> bool | None:
+    """Whether the output's own loss scores position t against target t + 1 (a causal language
+    model's shift): True or False when exactly one alignment's cross-entropy equals it (relative
+    1e-4), None when the output cannot tell (no own loss, not (B, T, V) logits for (B, T) integer
+    targets with T >= 2, or both alignments match). One host sync."""
+    own, pred = own_loss(output), prediction(output)
+    if (own is None or not class_targets(output, target) or pred.dim() < 3 or pred.shape[-2] < 2
+            or not (target[..., 1:] != IGNORE_INDEX).any()):
+        return None
+    with torch.no_grad():
+        shifted = cross_entropy(pred[..., :-1, :], target[..., 1:]).item()
+        same = cross_entropy(pred, target).item()
+    own = own.detach().float().item()
+    match = [math.isclose(own, v, rel_tol=1e-4, abs_tol=1e-6) for v in (shifted, same)]
+    return match[0] if match[0] != match[1] else None
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,7 @@ class Task:
     metrics: tuple[str, ...] = ("top1", "loss")
     custom: dict = field(default_factory=dict)
     class_targets: bool = True
+    shift: dict = field(default_factory=dict, compare=False, repr=False)    # {"next_token": bool} once found
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in METRICS and m not in self.custom]
@@ -159,10 +186,29 @@ class Task:
                             f"(e.g. .mean()) inside loss_fn")
         return loss
 
+    def align(self, output, target):
+        """``(output, target)`` paired as the model's own loss pairs them: a causal language model's
+        logits without their last position and targets without their first (module docstring);
+        as given otherwise. The alignment is found on the first output that tells
+        (:func:`_next_token_loss`) and kept for every later batch."""
+        if "next_token" not in self.shift and output is not None:
+            found = _next_token_loss(output, target)
+            if found is not None:
+                self.shift["next_token"] = found
+        if not self.shift.get("next_token") or not isinstance(target, torch.Tensor):
+            return output, target
+        pred = prediction(output)
+        return (pred[..., :-1, :] if pred is not None else None), target[..., 1:]
+
     def predictions(self, output, target, samples: int = 0):
-        """The predictions of a batch that count (:func:`target_count`: one per target element
-        not equal to -100, a sample or a token; ``samples`` when there are no targets)."""
-        return target_count(target, samples)
+        """The predictions of a batch that count (:func:`target_count` of the aligned targets,
+        :meth:`align`: one per target element not equal to -100, a sample or a token; ``samples``
+        when there are no targets)."""
+        return target_count(self.align(output, target)[1], samples)
+
+    def correct(self, output, target, k: int = 1) -> torch.Tensor:
+        """Top-``k`` correct predictions of a batch (:func:`top_k_correct` of the aligned pair)."""
+        return top_k_correct(*self.align(output, target), k)
 
     def batch_metrics(self, output, target, loss: torch.Tensor | None = None, samples: int = 0) -> dict[str, tuple]:
         """Each configured metric's (sum, count) over a batch, as float64 tensors on the device
@@ -179,7 +225,7 @@ class Task:
                 if not class_targets(output, target):
                     out[m] = (n.new_zeros(()), n.new_zeros(()))
                     continue
-                s = 100.0 * top_k_correct(output, target, 1 if m == "top1" else 5).double()
+                s = 100.0 * self.correct(output, target, 1 if m == "top1" else 5).double()
             else:
                 s, count = self.custom[m](output, target)
                 out[m] = (torch.as_tensor(s, dtype=torch.float64, device=device),

@@ -29,7 +29,7 @@ from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 from .schedules import apply_lr, epoch_shape
-from .task import Task, stop_reached, top_k_correct
+from .task import Task, stop_reached
 
 DEFAULT_TASK = Task()
 TOP1_TASK = Task(metrics=("top1",))
@@ -205,21 +205,23 @@ def _pass(model: nn.Module, x, y, micro_batch_size: int, sync: bool,
     n_chunks = (samples + chunk - 1) // chunk
     device = next(unwrap(model).parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    whole = task.predictions(None, y, samples) if n_chunks > 1 else None
+    whole = None
     for j in range(n_chunks):
         lo, hi = j * chunk, (j + 1) * chunk
         xc, yc = slice_input(x, lo, hi), (y[lo:hi] if y is not None else None)
-        n = task.predictions(None, yc, min(hi, samples) - lo)
         reduce = sync and j == n_chunks - 1
         comm = model.no_sync() if is_ddp and not reduce else contextlib.nullcontext()
         with comm, (contextlib.nullcontext() if backward else torch.no_grad()):
             with autocast(device, amp_dtype):
                 out = task.forward(model, xc)
                 loss = task.loss(out, yc)
+            n = task.predictions(out, yc, min(hi, samples) - lo)      # after the forward: its alignment
+            if whole is None and n_chunks > 1:
+                whole = task.predictions(out, y, samples)
             if backward:
                 (loss * (n / whole) if whole is not None else loss).backward()
         n = torch.as_tensor(n, dtype=torch.float64, device=device)
-        totals += torch.stack([loss.detach().double() * n, top_k_correct(out, yc).to(device).double(), n])
+        totals += torch.stack([loss.detach().double() * n, task.correct(out, yc).to(device).double(), n])
     return totals
 
 

@@ -257,15 +257,41 @@ class SkipNet(nn.Module):
         return self.body(torch.cat([num, self.emb(cat)], dim=1))
 
 
+SKIPNET_CFG = {"threads": 1, "ddp": {"find_unused_parameters": True},
+               "sgd": {"batch_size": 64, "micro_batch_size": 0, "epochs": 2, "peak_lr": 0.1}}
+
+TORCHRUN_SCRIPT = """
+import sys
+import torch
+import swap
+from test_user_data import SKIPNET_CFG, SkipNet, Tabular
+
+if __name__ == "__main__":
+    model, summary = swap.train_sgd(SkipNet, Tabular(256), Tabular(64, seed=1), SKIPNET_CFG, out=sys.argv[1])
+    if model is not None:                     # rank 0 returns the run's model
+        torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
 def test_find_unused_parameters_reaches_ddp_and_two_ranks_train_what_one_does(tmp_path, monkeypatch):
+    """Two local processes and one train the same weights; so does a script of the library launched
+    by ``torchrun --nproc-per-node 2`` (its ranks joined, none spawned: bit for bit the processes' run)."""
+    import subprocess
+    import sys
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cfg = {"threads": 1, "ddp": {"find_unused_parameters": True},
-           "sgd": {"batch_size": 64, "micro_batch_size": 0, "epochs": 2, "peak_lr": 0.1}}
-    two, _ = swap.train_sgd(SkipNet, Tabular(256), Tabular(64, seed=1), cfg, out=tmp_path / "two", procs=2)
-    one, _ = swap.train_sgd(SkipNet, Tabular(256), Tabular(64, seed=1), cfg, out=tmp_path / "one", procs=1)
+    two, _ = swap.train_sgd(SkipNet, Tabular(256), Tabular(64, seed=1), SKIPNET_CFG, out=tmp_path / "two", procs=2)
+    one, _ = swap.train_sgd(SkipNet, Tabular(256), Tabular(64, seed=1), SKIPNET_CFG, out=tmp_path / "one", procs=1)
     for (k, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
     assert not torch.equal(one.body[0].weight, SkipNet().body[0].weight)    # it trained
+    (tmp_path / "script.py").write_text(TORCHRUN_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "script.py"), str(tmp_path / "torchrun"), str(tmp_path / "weights.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranked = torch.load(tmp_path / "weights.pt")
+    for k, a in two.state_dict().items():
+        assert torch.equal(a, ranked[k]), k
 
 
 # ---------------------------------------------------------------- image folders

@@ -325,10 +325,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import distributed
+    from . import distributed, methods
+    from .context import configured_parts
     from .data import ImageDataset, augment_for, load_configured
     from .models import configured_model
-    from .plan import Hardware, calibrate, chunk_sizes, plan_table, predict, stacked_shape
+    from .plan import Hardware, calibrate, calibrate_dataset, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
     from .rundir import RunDir
 
@@ -343,13 +344,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         augment = None
     else:
         train_set, test_set = load_configured(cfg.data)
-        n_train, n_test, classes = len(train_set), len(test_set), train_set.num_classes
+        n_train, n_test, classes = len(train_set), len(test_set), getattr(train_set, "num_classes", 0)
         if isinstance(train_set, ImageDataset):
             shape, augment = tuple(train_set.images.shape[1:]), augment_for(cfg.data, train_set)
         elif hasattr(train_set, "channels"):          # an image folder: its channels at its side
             shape, augment = (train_set.channels, train_set.size, train_set.size), None
-        else:
-            raise SwapError(f"swap plan calibrates image models; data.name={cfg.data.name} is not one")
+        elif configured_parts(cfg)[0] is None:
+            raise SwapError(f"swap plan calibrates image models and models of your own (model.name: "
+                            f"package.module:function); data.name={cfg.data.name} with model.name={cfg.model.name} "
+                            f"is neither")
+        else:                                        # your model on your dataset's own batches
+            shape, augment = None, None
     measured: dict[str, list[dict]] = {}
     if args.measured:
         for method in ("sgd-small", "sgd-large", "swap"):
@@ -362,15 +367,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     threads = cfg.threads or distributed.default_threads(args.devices) if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     t = time.time()
-    thr = calibrate(lambda: configured_model(cfg.model, classes, in_channels=shape[0]), shape, classes,
-                    chunk_sizes(cfg, args.devices, args.calibration_batch), device, samples=args.calibration_samples,
-                    augment=augment, channels_last=cfg.channels_last, amp_dtype=amp_dtype_for(cfg.precision, device),
-                    stacked=stacked_shape(cfg, args.devices), eval_batch=min(1024, args.calibration_samples))
+    sizes, amp = chunk_sizes(cfg, args.devices, args.calibration_batch), amp_dtype_for(cfg.precision, device)
+    if shape is None:
+        model_fn, _, collate_fn = configured_parts(cfg)
+        thr = calibrate_dataset(model_fn, train_set, _checked_task(cfg, methods.get_method("swap"), train_set),
+                                collate_fn or getattr(train_set, "collate_fn", None), sizes, device,
+                                samples=args.calibration_samples, amp_dtype=amp,
+                                eval_batch=min(1024, args.calibration_samples))
+    else:
+        thr = calibrate(lambda: configured_model(cfg.model, classes, in_channels=shape[0]), shape, classes, sizes,
+                        device, samples=args.calibration_samples, augment=augment, channels_last=cfg.channels_last,
+                        amp_dtype=amp, stacked=stacked_shape(cfg, args.devices),
+                        eval_batch=min(1024, args.calibration_samples))
     pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), n_train, n_test, phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
           f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
           + "".join(f", {k} stacked x {cfg.phase2.batch_size}: {v:.0f}/s" for k, v in thr.stacked.items())
-          + f", eval {thr.eval:.0f}/s at {shape[1]}x{shape[2]} px; phase 1 epochs {pred['swap']['phase1_epochs']}. "
+          + f", eval {thr.eval:.0f}/s" + (f" at {shape[1]}x{shape[2]} px" if shape else "") + f"; phase 1 epochs {pred['swap']['phase1_epochs']}. "
           f"A model: {args.devices} devices each as fast as the calibrated one, compute per sample scaled by "
           f"pixels at other image sizes, ring all-reduce at {args.bandwidth:.3g} B/s", file=sys.stderr)
     print(plan_table(pred, {m: [s["wall_s"]["total"] for s in runs] for m, runs in measured.items()}))

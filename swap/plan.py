@@ -187,9 +187,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         model = model_fn().to(device).to(memory_format=fmt)
         data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
         loader = Loader(data, b, (0, "calibrate", b), mean, std, augment, channels_last=channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        record = train(SGDStep(model, opt, 0, amp_dtype), loader, lambda step: 1e-3, epochs=2)
-        train_rates[b] = record["samples_per_s"]
+        train_rates[b] = _warm_rate(SGDStep(model, _sgd(model), 0, amp_dtype), loader)
     data = _synthetic(eval_batch * 3, sample_shape, num_classes, device)
     evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)     # warm-up
     t = time.perf_counter()
@@ -205,10 +203,63 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         models = [model_fn().to(device).to(memory_format=fmt) for _ in range(k)]
         sgds = [torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
         step = StackedStep(models, sgds, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
-        record = train(step, StackedLoader(loaders), lambda s: 1e-3, epochs=2)       # the second (warm) epoch's rate
-        stacked_rates[k] = record["samples_per_s"]
+        stacked_rates[k] = _warm_rate(step, StackedLoader(loaders))
     side = sample_shape[1] if sample_shape[1] == sample_shape[2] else None
     return Throughput(train_rates, eval_rate, param_bytes, stacked_rates, side)
+
+
+def _sgd(model: nn.Module) -> torch.optim.SGD:
+    """The calibration's optimizer (its update's cost, not its result, is measured)."""
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def _warm_rate(step, loader) -> float:
+    """Training samples/s of ``step`` over ``loader``: the second (warm) of 2 epochs."""
+    return train(step, loader, lambda s: 1e-3, epochs=2)["samples_per_s"]
+
+
+def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_fn, batches: list[int],
+                      device: torch.device, samples: int = 4096, amp_dtype: torch.dtype | None = None,
+                      eval_batch: int = 1024) -> Throughput:
+    """:func:`calibrate` for a model and dataset of your own (the generic path: any map-style
+    ``Dataset``, ``model.name``/``data.name`` import paths): training samples/s at each size in
+    ``batches`` on the dataset's own first samples (about ``samples`` per epoch, at least 3
+    updates, fewer where the dataset is smaller), batched by ``collate_fn`` through
+    :class:`swap.data.generic.DatasetLoader` and the train loop with ``task``'s loss; forward-only
+    samples/s of :func:`swap.train.evaluate_metrics` on up to 3 evaluation batches. No stacked
+    workers and no image-size scaling (``side`` None).
+
+    Raises:
+        SwapError: the dataset holds fewer samples than the largest batch.
+    """
+    from .config import SwapError
+    from .data.generic import DatasetLoader, eval_loader, to_device
+    from .train import evaluate_metrics
+
+    from .data.generic import split_batch
+
+    torch.manual_seed(0)
+    # the train loop counts predictions (a language model's tokens): per sample, on two samples
+    x, y = split_batch(to_device((collate_fn or torch.utils.data.default_collate)([dataset[0], dataset[1]]), device))
+    with torch.no_grad():
+        per_sample = float(task.predictions(task.forward(model_fn().to(device).eval(), x), y, 2)) / 2
+    train_rates = {}
+    for b in sorted(set(batches)):
+        if len(dataset) < b:
+            raise SwapError(f"swap plan: the training set ({len(dataset)} samples) is smaller than a batch of {b}")
+        n = min(len(dataset), b * max(3, samples // b))
+        model = model_fn().to(device)
+        loader = DatasetLoader(torch.utils.data.Subset(dataset, range(n)), b, (0, "calibrate", b), device=device,
+                               collate_fn=collate_fn)
+        train_rates[b] = _warm_rate(SGDStep(model, _sgd(model), 0, amp_dtype, task), loader) / per_sample
+    data = torch.utils.data.Subset(dataset, range(min(len(dataset), 3 * eval_batch)))
+    batches_ = list(eval_loader(data, eval_batch, device=device, collate_fn=collate_fn))
+    evaluate_metrics(model, batches_, task, amp_dtype=amp_dtype)                       # warm-up
+    t = time.perf_counter()
+    evaluate_metrics(model, batches_, task, amp_dtype=amp_dtype)                       # syncs (.item())
+    eval_rate = len(data) / (time.perf_counter() - t)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Throughput(train_rates, eval_rate, param_bytes, {}, None)
 
 
 def _synthetic(n: int, shape: tuple[int, int, int], num_classes: int, device: torch.device) -> ImageDataset:

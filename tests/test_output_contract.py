@@ -127,3 +127,33 @@ def test_an_import_path_that_fails_is_one_line_and_exit_2(tmp_path, capsys, key,
     assert len(err.splitlines()) == 1 and err.startswith("swap: error:"), err
     assert any(m in err for m in message.split("|")), err
     assert not (tmp_path / "run").exists()
+
+
+def test_swap_plan_calibrates_a_model_and_data_of_your_own_on_their_batches(tmp_path, capsys):
+    """`swap plan` with model.name and data.name import paths: calibrated on the dataset's own rows,
+    its updates those of the config (1024 rows: phase 1 2 epochs of batch 128, phase 2 4 of 32)."""
+    from swap.cli import main
+    plan_args = [a for a in CLI if a not in ("--workers", "--procs", "2", "1")] + ["--set", "workers=2"]
+    assert main(["plan", *plan_args, "--data-dir", str(tmp_path), "--calibration-samples", "128"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| swap") or line.startswith("| sgd")}
+    assert int(rows["swap"][4]) == 2 * 1024 // 128 + 4 * 1024 // 32
+
+
+def test_plan_rates_a_language_model_in_samples_not_tokens(monkeypatch):
+    """The train loop counts predictions (tokens); the plan's rates are samples (rows) per second."""
+    import swap.plan as plan
+    from test_hf import _Causal
+
+    class Seqs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            ids = torch.arange(9) % 7
+            return {"input_ids": ids, "labels": ids}
+
+    monkeypatch.setattr(plan, "_warm_rate", lambda step, loader: 8000.0)      # predictions/s, as the loop counts
+    thr = plan.calibrate_dataset(lambda: _Causal(shift=True), Seqs(), Task(), None, [16], torch.device("cpu"),
+                                 samples=32, eval_batch=16)
+    assert thr.train == {16: 1000.0}                      # 8 predicted tokens per row of 9

@@ -26,7 +26,7 @@ Workloads:
   warm-up and clipping): sgd-small and sgd-large with AdamW, lamb-large, swap with AdamW phases. Phase 1
   stops on a training loss, the one the tuned large-batch run reached after 4 of its 6 epochs.
 
-    .venv/bin/python benchmarks/large_batch.py [--workload fashion|text|all] [--out runs/large-batch]
+    .venv/bin/python benchmarks/large_batch.py [--workload fashion|text|gpt2|all] [--out runs/large-batch]
 
 Every run is an ordinary ``swap compare`` run directory under ``OUT/WORKLOAD/{tune,test}``; finished ones
 are reused, so the script resumes. Prints the grids and the test table (mean +- std over the seeds:
@@ -76,6 +76,16 @@ WORKLOADS = {
         "inherit": {"swap": {"phase1.peak_lr": "sgd_large.peak_lr"}},
         "stop_from": ("sgd-large", 4),        # phase 1 stops at the loss the tuned large batch had after epoch 4
         "test": ["sgd-small", "sgd-large", "lamb-large", "swap"],
+    },
+    # issue #25: a Hugging Face GPT-2 as it is (examples/hf_fortunes.py), the text workload's data and budget
+    "gpt2": {
+        "config": "hf_gpt2_fortunes", "sets": ["eval_every=100"], "holdout": 819, "score": "loss",
+        "grids": {"sgd-small": ("sgd_small.peak_lr", [3e-3, 1e-2, 2e-2]),
+                  "sgd-large": ("sgd_large.peak_lr", [1e-3, 3e-3, 1e-2]),
+                  "swap": ("phase2.peak_lr", [1e-3, 3e-3, 1e-2])},
+        "inherit": {"swap": {"phase1.peak_lr": "sgd_large.peak_lr"}},
+        "stop_from": ("sgd-large", 4),
+        "test": ["sgd-small", "sgd-large", "swap"],
     },
 }
 

@@ -235,16 +235,22 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
 
     Args:
         model_fn: builds a fresh ``nn.Module`` mapping float (N, C, H, W) to logits (N, classes);
-            a module-level function when ``procs > 1`` (the processes import it by name).
+            a module-level function when ``procs > 1`` (the processes import it by name). On a
+            dataset of your own, any model of the output contract (:mod:`swap.task`): it returns a
+            tensor, a tuple (the first element is the prediction) or a mapping or object with
+            ``loss`` and/or ``logits`` (a ``transformers`` ``ModelOutput``, trained on its own loss).
         train_set, test_set: ``swap.data.ImageDataset`` or ``(images, labels)``: images uint8
             (or float) (N, C, H, W) in pixel units, labels int (N,). Normalisation statistics come
             from ``train_set``; augmentation as configured (``data.crop_padding/flip/cutout``).
             Or any map-style ``torch.utils.data.Dataset`` of ``(input, target)`` samples: input a
             tensor, a tuple or a dict of tensors (the model is called as ``model(x)``,
-            ``model(*x)``, ``model(**x)``), target a tensor; it does its own transforms, loaded
-            by a DataLoader (``data.num_workers``) in a deterministic, resumable order.
-        loss_fn: ``loss_fn(output, target) -> scalar``; default cross-entropy over the last
-            dimension (classifiers, and language models with (B, T, V) logits).
+            ``model(*x)``, ``model(**x)``), target a tensor; or of single mappings (a Hugging Face
+            row: the model is called with ``model(**row)``, the target is its ``labels``). It does
+            its own transforms, loaded by a DataLoader (``data.num_workers``) in a deterministic,
+            resumable order.
+        loss_fn: ``loss_fn(output, target) -> scalar``; default the output's own ``loss``, else
+            cross-entropy over the last dimension (classifiers, and language models with (B, T, V)
+            logits).
         metrics: names among ``top1``, ``top5``, ``loss`` (default ``top1``, ``loss``), or a
             dict ``name -> fn(output, target) -> (sum, count)`` of your own (plus those names);
             reported by every evaluation (``test_METRIC`` in metrics.jsonl; the summary's
@@ -269,11 +275,15 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             uninterrupted run's, bit for bit on one machine); ``"auto"`` continues it if ``out``
             holds one, else starts it (``--auto-resume``).
         procs: local processes (phase 1 data-parallel ranks; phase-2 workers are spread over them).
+            Under ``torchrun`` (a script launched by ``torchrun --nproc-per-node N script.py``) no
+            process is started: the call joins torchrun's ranks (``procs`` is its world size),
+            needs ``out``, and returns ``(None, None)`` on every rank but rank 0.
     ``data.train_subset`` / ``data.test_subset`` keep the first N samples of a fixed shuffle, as for
     the built-in datasets. With ``procs > 1`` or ``phase2.layout: processes`` (the default) worker
     processes import the calling script again: call this under ``if __name__ == "__main__":``.
     Returns:
         (averaged model on CPU with recomputed BN statistics, summary dict as in ``summary.json``).
+        A model with ``save_pretrained`` (``transformers``) is also written to ``OUT/pretrained/``.
     Raises:
         SwapError: invalid config or data (a sample that is not ``(input, target)``, a model that
             cannot take the input, a loss that is not a scalar, an unknown metric), existing run

@@ -89,10 +89,11 @@ CLI = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1",
        "--set", "phase2.batch_size=32", "--set", "phase2.layout=sequential", "--set", "phase3.bn_batch_size=128"]
 
 
-def test_a_model_and_data_of_your_own_in_the_cli_resume_bit_for_bit_after_a_kill_in_phase2(tmp_path):
+def test_a_model_and_data_of_your_own_in_the_cli_resume_compare_and_landscape(tmp_path):
     """`swap train` with model.name, data.name and a metric given as import paths: the run trains the
     user's model on the user's rows with the model's own loss, reports the user's metric, and a run
-    killed with SIGKILL in phase 2 ends, after --auto-resume, with the uninterrupted run's weights."""
+    killed with SIGKILL in phase 2 ends, after --auto-resume, with the uninterrupted run's weights;
+    `swap compare` trains the same weights, and `swap landscape` evaluates a point on the user's data."""
     from safetensors.torch import load_file
 
     from swap.cli import main
@@ -109,6 +110,22 @@ def test_a_model_and_data_of_your_own_in_the_cli_resume_bit_for_bit_after_a_kill
     assert main(["train", *CLI, *here, "--out", str(out), "--auto-resume"]) == 0
     ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # swap compare runs the same model and data: its SWAP run of seed 0 is this run, bit for bit
+    compare_args = [a for a in CLI if a not in ("--workers", "2")] + ["--set", "workers=2"]
+    assert main(["compare", *compare_args, *here, "--methods", "swap", "--seeds", "1",
+                 "--out", str(tmp_path / "compare")]) == 0
+    compared = load_file(str(tmp_path / "compare" / "swap" / "seed0" / "checkpoints" / "swap.safetensors"))
+    assert all(torch.equal(ref[k], compared[k]) for k in ref)
+    # swap landscape's evaluation of a point, on the user's data: at the averaged model, with BN
+    # statistics recomputed over the whole training set as phase 3 did, the run's own test error
+    from swap.analysis.landscape import flat_params, generic_point
+    from swap.checkpoint import load_checkpoint
+    from swap.context import Context
+    ctx = Context.from_run_dir(tmp_path / "ref")
+    model = ctx.build_model()
+    load_checkpoint(ctx.run.checkpoint("swap"), model)
+    train_err, test_err = generic_point(ctx, model, 0)(flat_params(model))
+    assert test_err == pytest.approx(100 - averaged["top1"], abs=1e-9) and 0 <= train_err < 10
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -106,6 +106,40 @@ def evaluate_point(model: nn.Module, vector: torch.Tensor, bn_set, train_eval_se
             _error(model, test_set, mean, std, channels_last))
 
 
+def generic_point(ctx, model: nn.Module, subset: int):
+    """:func:`evaluate_point` for a dataset of your own (the generic path, ``ctx.generic``):
+    ``vector -> (train error, test error)`` in % (100 - top-1 of the run's task), BN statistics
+    recomputed over the training subset (the first ``subset`` samples of a fixed shuffle, 0 = all)
+    through the run's collate function.
+
+    Raises:
+        SwapError: the run's outputs have no top-1 (no logits with class-index targets).
+    """
+    import dataclasses
+
+    from ..averaging import recompute_bn
+    from ..config import SwapError
+    from ..data.generic import eval_loader, subset as take
+    from ..train import evaluate_metrics
+
+    sub, size = take(ctx.train_set, subset), ctx.cfg.phase3.bn_batch_size
+    task = dataclasses.replace(ctx.task, metrics=("top1",))
+
+    def batches(data):
+        return eval_loader(data, size, device=ctx.dist.device, collate_fn=ctx.collate_fn,
+                           num_workers=ctx.cfg.data.num_workers)
+
+    def point(vector: torch.Tensor) -> tuple[float, float]:
+        load_point(model, vector)
+        recompute_bn(model, (x for x, _ in batches(sub)))
+        top1 = [evaluate_metrics(model, batches(data), task)["top1"] for data in (sub, ctx.test_set)]
+        if None in top1:
+            raise SwapError("swap landscape plots error (100 - top-1 %): this run's outputs have no top-1 "
+                            "(no logits with class-index targets)")
+        return 100.0 - top1[0], 100.0 - top1[1]
+    return point
+
+
 def landscape_rank(run_path: str, names: list[str], size: int, margin: float, subset: int) -> dict | None:
     """Rank function of ``swap landscape``: evaluate grid points ``rank, rank + world, ...``.
 
@@ -128,14 +162,20 @@ def landscape_rank(run_path: str, names: list[str], size: int, margin: float, su
     plane = Plane.through(*vectors)
     coords = [plane.coords(x) for x in vectors]
     alphas, betas = grid_axes(coords, size, margin)
-    sub = ctx.train_set.subset(subset)
+    if ctx.generic:                                     # a dataset of your own, through its DataLoader
+        point = generic_point(ctx, model, subset)
+    else:
+        sub = ctx.train_set.subset(subset)
+
+        def point(vec):
+            return evaluate_point(model, vec, sub, sub, ctx.test_set, ctx.mean, ctx.std, cfg.channels_last)
     points = [(i, j) for j in range(size) for i in range(size)]
     mine = points[ctx.dist.rank::ctx.dist.world_size]
     bar = ctx.progress(len(mine), f"landscape rank {ctx.dist.rank}", position=ctx.dist.local_rank)
     results = {}
     for i, j in mine:
         vec = plane.point(float(alphas[i]), float(betas[j]))
-        results[(i, j)] = evaluate_point(model, vec, sub, sub, ctx.test_set, ctx.mean, ctx.std, cfg.channels_last)
+        results[(i, j)] = point(vec)
         bar.update(1)
     bar.close()
     gathered = distributed.all_gather_objects(results)

@@ -8,13 +8,14 @@
    8 x 256 micro-batches) and phase-2 (128) batch sizes; the two loops run in lockstep, one update
    each in turn, each side timed separately (:func:`compare_loops`), over several epochs of about
    5 s each; the median and spread of the per-epoch ratios. Then a cProfile breakdown of our loop
-   (``--loop-only`` stops here).
+   (``--loop-only`` stops here). 1b: the same loop with TensorBoard and MLflow on and a record
+   every 10 updates, against it without them (:func:`compare_logging`; ``--logging-only``).
 2. Phase 3: averaging W=8 state dicts + one BN-recompute pass over 60,000 images + test evaluation,
    in seconds and as a share of a SWAP run's wall time (``--swap-run``, default runs/demo).
 3. Phase-2 scaling: 2 workers x 1 epoch in 1 process (2 threads, workers in turn) against
    2 processes (1 thread each, workers in parallel).
 
-    .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only]
+    .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only] [--logging-only]
 
 Prints a table and writes ``benchmarks/results/throughput.json`` (``throughput-loop.json`` with ``--loop-only``).
 """
@@ -113,6 +114,61 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
             "ours_all": rate["ours"], "bare_all": rate["bare"]}
 
 
+def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, every: int = 10) -> dict:
+    """Our loop with TensorBoard and MLflow on and a record every ``every`` updates
+    (``logging.log_every``), against the same loop without them (both writing metrics.jsonl per
+    epoch, as every run does), same batches, same model, same initial weights. Epochs alternate
+    between the two sides (which goes first alternates too), so the drift of a shared machine's
+    speed falls on both; one untimed warm-up epoch each, then ``reps`` timed epochs of ``steps``
+    updates. Returns samples/s per side and the ratio logged / plain per epoch, with medians."""
+    from swap import tracking
+    from swap.config import load_config
+    from swap.data import Augment, Loader
+    from swap.models import build_model
+    from swap.rundir import RunDir
+    from swap.train import SGDStep, train
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+
+    data = train_set.subset(steps * batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"plain": RunDir(Path(tmp) / "plain"), "logged": RunDir(Path(tmp) / "logged")}
+        for r in runs.values():
+            r.path.mkdir()
+        cfg = load_config(None, {"logging": {"loggers": ["tensorboard", "mlflow"], "log_every": every}})
+        tracking.prepare(runs["logged"].path, cfg)
+        tracking.start(runs["logged"].path, cfg.logging.loggers)
+        sides = {}
+        for side in runs:
+            m = model()
+            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            loader = Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
+            sides[side] = (SGDStep(m, opt, batch), loader)
+        times = {"plain": [], "logged": []}
+        for epoch in range(reps + 1):
+            for side in (("plain", "logged") if epoch % 2 else ("logged", "plain")):
+                step, loader = sides[side]
+                run = runs[side]
+
+                def sink(rec, run=run):
+                    run.log({"phase": "phase1", "worker": None, **rec})
+                t = time.perf_counter()
+                train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_epoch=sink,
+                      log_every=every if side == "logged" else 0, on_log=sink if side == "logged" else None)
+                if epoch > 0:
+                    times[side].append(time.perf_counter() - t)
+        logged_records = len(runs["logged"].read_metrics(steps=True))
+        tracking.stop(runs["logged"].path)
+    rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
+    ratios = [a / b for a, b in zip(rate["logged"], rate["plain"])]
+    return {"batch": batch, "steps": steps, "reps": reps, "log_every": every, "loggers": ["tensorboard", "mlflow"],
+            "records_logged": logged_records, "plain_samples_per_s": statistics.median(rate["plain"]),
+            "logged_samples_per_s": statistics.median(rate["logged"]), "ratio": statistics.median(ratios),
+            "ratios": ratios}
+
+
 def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> dict:
     """Where our loop's time goes (cProfile, one epoch of ``steps`` updates after a warm-up):
     cumulative seconds of the data path, forward + backward, the optimizer step, the metrics, the
@@ -189,6 +245,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--loop-only", action="store_true", help="only part 1 (our loop against the bare loop)")
     ap.add_argument("--swap-run", default=str(ROOT / "runs" / "demo"))
+    ap.add_argument("--logging-only", action="store_true", help="only the loggers' cost (part 1b)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from swap import distributed
@@ -204,10 +261,16 @@ def main() -> None:
     results: dict = {"machine": machine_info(torch.device("cpu"), torch.get_num_threads(), 1), "loop": []}
 
     # 1. our loop vs the bare loop on the same batches, same warm-up, interleaved repetitions
-    for batch, micro, steps in ((2048, 256, 16), (128, 128, 256)):
+    for batch, micro, steps in (() if args.logging_only else ((2048, 256, 16), (128, 128, 256))):
         row = compare_loops(train_set, mean, std, batch, micro, steps, args.reps)
         results["loop"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
+    # 1b. the loggers' cost: TensorBoard + MLflow, a record every 10 updates, against none
+    results["logging"] = compare_logging(train_set, mean, std, 128, 256, args.reps)
+    print(json.dumps({k: v for k, v in results["logging"].items() if k != "ratios"}), flush=True)
+    if args.logging_only:
+        _write(results, "throughput-logging.json")
+        return
     results["profile"] = [profile_loop(train_set, mean, std, b, m, n) for b, m, n in ((128, 128, 256), (2048, 256, 16))]
     for p in results["profile"]:
         print(f"profile, batch {p['batch']} ({p['micro_batch']}), {p['profiled_total_s']:.2f} s under cProfile:")

@@ -173,9 +173,31 @@ def optimizer_fns(optimizer, method: str, cfg: Config, spawns: bool) -> dict | N
     return fns
 
 
+def check_callbacks(callbacks, spawns: bool) -> tuple:
+    """The library's ``callbacks`` as a tuple, each an object with at least one of ``on_record``,
+    ``on_phase_end``, ``on_run_end`` (:mod:`swap.tracking`).
+
+    Raises:
+        SwapError: an object with none of them, or one the worker processes cannot receive.
+    """
+    callbacks = tuple(callbacks or ())
+    for cb in callbacks:
+        if not any(callable(getattr(cb, h, None)) for h in ("on_record", "on_phase_end", "on_run_end")):
+            raise SwapError(f"callback {type(cb).__name__} has none of on_record(record), on_phase_end(phase, result), "
+                            f"on_run_end(summary)")
+        if spawns:
+            try:
+                pickle.dumps(cb)
+            except Exception:
+                raise SwapError(f"callback {type(cb).__name__} cannot be sent to the worker processes (it holds "
+                                f"something that does not pickle, or its class is local): define its class at the "
+                                f"top level of a module, or use procs=1 with phase2.layout sequential") from None
+    return callbacks
+
+
 def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
-         collate_fn=None, optimizer=None, resume: bool | str = False):
-    from . import methods
+         collate_fn=None, optimizer=None, resume: bool | str = False, callbacks=None):
+    from . import methods, tracking
 
     if resume not in (False, True, "auto"):
         raise SwapError(f"resume must be False, True or 'auto', got {resume!r}")
@@ -189,6 +211,8 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     if spawns:
         check_main_guard(f"train_{method}")
     fns = optimizer_fns(optimizer, method, cfg, spawns)
+    callbacks = check_callbacks(callbacks, spawns)
+    tracking.check_loggers(cfg.logging.loggers)
     custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
     names = tuple(metrics) if metrics is not None else ("top1", "loss")
     task = Task(loss_fn, names, custom)                      # SwapError: an unknown metric name
@@ -213,10 +237,11 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
     # as --auto-resume: every rank runs as a resume; one that finds no checkpoint starts from scratch
     spec = methods.RunSpec(cfg, out, time.time(), bool(resume), model_fn, (train_set, test_set), task=task,
-                           collate_fn=collate_fn, optimizer=fns)
+                           collate_fn=collate_fn, optimizer=fns, callbacks=callbacks)
     if ranked:                               # as `torchrun -m swap.cli train`: the first process of each
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:            # machine prepares its run directory
             with RunDir.prepare(out, cfg, overwrite, resume is True, resume == "auto").locked():
+                tracking.prepare(out, cfg)
                 summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
         else:
             summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
@@ -224,13 +249,15 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
             return None, None                # the run's model and summary are rank 0's
     else:
         RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
+        tracking.prepare(out, cfg)
         summary = methods.launch(method, spec, procs)
     return methods.final_model(method, out, model_fn), summary
 
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
                out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-               metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False) -> tuple[nn.Module, dict]:
+               metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False,
+               callbacks=None) -> tuple[nn.Module, dict]:
     """Train ``model_fn()`` with SWAP (Gupta et al., ICLR 2020, Algorithm 1) and return the averaged model.
 
     Args:
@@ -274,6 +301,12 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             same config; finished phases and workers are not trained again, and the result is the
             uninterrupted run's, bit for bit on one machine); ``"auto"`` continues it if ``out``
             holds one, else starts it (``--auto-resume``).
+        callbacks: objects with any of ``on_record(record)`` (each metrics.jsonl record, with
+            ``step``: updates on the critical path), ``on_phase_end(phase, result)`` (phase1,
+            phase2 per worker, phase3; sgd) and ``on_run_end(summary)``, called in the process
+            that writes the records (:mod:`swap.tracking`); module-level classes when processes
+            are started (they are pickled to them). The config's ``logging.loggers``
+            (tensorboard, mlflow) and ``logging.log_every`` work as in the CLI.
         procs: local processes (phase 1 data-parallel ranks; phase-2 workers are spread over them).
             Under ``torchrun`` (a script launched by ``torchrun --nproc-per-node N script.py``) no
             process is started: the call joins torchrun's ranks (``procs`` is its world size),
@@ -292,17 +325,18 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             All before any training.
     """
     return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer, resume)
+                optimizer, resume, callbacks)
 
 
 def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
               out: str | Path | None = None, procs: int = 1, overwrite: bool = False, *, loss_fn=None,
-              metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False) -> tuple[nn.Module, dict]:
+              metrics=None, collate_fn=None, optimizer=None, resume: bool | str = False,
+              callbacks=None) -> tuple[nn.Module, dict]:
     """Data-parallel training with the ``sgd`` config section (the paper's baselines; its
     ``optimizer``: sgd, lars, lamb, adamw or extrap), or with ``optimizer``, your own
     (``fn(param_groups)``, as in :func:`train_swap`); otherwise as :func:`train_swap`."""
     return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer, resume)
+                optimizer, resume, callbacks)
 
 
 __all__ = ["train_swap", "train_sgd"]

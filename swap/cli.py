@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key, dotted (e.g. phase1.batch_size=4096); repeatable")
     t.add_argument("--verbose", action="store_true", help="show torch's own log lines and full tracebacks "
                    "(same as SWAP_LOG=debug); by default a failure is one line naming RUN/logs/rankR.log")
+    t.add_argument("--logger", dest="loggers", action="append", choices=["tensorboard", "mlflow"],
+                   help="also log to TensorBoard (RUN/tensorboard) or MLflow (MLFLOW_TRACKING_URI, else RUN/mlruns); "
+                        "repeatable; config key 'logging.loggers' (metrics.jsonl is always written)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue a run from its last checkpoint (every checkpoint_every epochs): "
@@ -118,6 +121,8 @@ def config_from_args(args: argparse.Namespace):
     for option, key in (("workers", "workers"), ("procs", "procs"), ("data_dir", "data.dir")):
         if getattr(args, option, None) is not None:
             overrides.append(f"{key}={getattr(args, option)}")
+    if getattr(args, "loggers", None):
+        overrides.append(f"logging.loggers=[{', '.join(args.loggers)}]")
     return load_config(args.config, overrides)
 
 
@@ -129,7 +134,7 @@ def local_procs(cfg) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed, methods
+    from . import distributed, methods, tracking
     from .context import configured_parts
     from .data import ImageDataset, augment_for, load_configured
     from .report import results_table
@@ -137,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = methods.get_method(args.method)
     cfg = method.config(config_from_args(args))           # the method's own settings (swap-cycles, diloco, ...)
+    tracking.check_loggers(cfg.logging.loggers)           # a logger's package missing: one line, before any work
     # With --auto-resume every rank runs as a resume: one that finds no checkpoint starts from scratch
     # (so ranks need not agree whether the directory held a run before the first of them prepared it).
     resume = args.resume or args.auto_resume
@@ -148,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # that machine's run directory.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             with RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume).locked():
+                tracking.prepare(out, cfg)
                 summary = methods.run_rank(args.method, spec)
         else:
             summary = methods.run_rank(args.method, spec)
@@ -165,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
         del train_set, val
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
+        tracking.prepare(out, cfg)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
                 if method.driver and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")

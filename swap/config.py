@@ -114,6 +114,14 @@ class TaskConfig:
                                          # function's name ([] = top1 and loss)
 
 
+@dataclass
+class LoggingConfig:
+    """Where the run's records go besides metrics.jsonl (:mod:`swap.tracking`)."""
+    loggers: list = field(default_factory=list)   # tensorboard and/or mlflow (swap train --logger NAME)
+    log_every: int = 0                   # also record the training loss, LR, gradient norm and samples/s every
+                                         # N updates (a metrics.jsonl record of kind "step"; 0 = per epoch only)
+
+
 # Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
 STOP_METRICS = {"train_acc": "max", "train_loss": "min"}
 AUTO_SIGNALS = ("plateau", "holdout", "trials", "barrier")   # phase1.stop: auto (swap.algorithms.transition)
@@ -351,6 +359,7 @@ class Config:
     swa: SWAConfig = field(default_factory=SWAConfig)
     extrap: ExtrapConfig = field(default_factory=ExtrapConfig)
     abs: ABSConfig = field(default_factory=ABSConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -381,13 +390,15 @@ class Config:
         for key in NOT_HASHED:
             section, name = key.split(".")
             d[section].pop(name, None)
+            if not d[section]:
+                d.pop(section)                   # a section of such keys only: hashed as before it existed
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # Keys that change how a run is laid out or copes with failures, not what it computes (up to float
 # rounding); `--resume` accepts new values.
-NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers")
+NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers", "logging.loggers", "logging.log_every")
 
 
 # --------------------------------------------------------------------------- loading and merging
@@ -571,6 +582,9 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.collate", cfg.data.collate), ("task.loss", cfg.task.loss)):
         need(value is None or is_import_path(value), f"{key} must be package.module:function or null, got "
                                                      f"{printable(str(value))!r}")
+    need(isinstance(cfg.logging.loggers, list) and all(isinstance(x, str) for x in cfg.logging.loggers),
+         f"logging.loggers must be a list of names (tensorboard, mlflow), got {printable(str(cfg.logging.loggers))}")
+    need(cfg.logging.log_every >= 0, f"logging.log_every must be >= 0 updates, got {cfg.logging.log_every}")
     need(isinstance(cfg.task.metrics, list) and all(m in ("top1", "top5", "loss") or is_import_path(m)
                                                     for m in cfg.task.metrics),
          f"task.metrics must be a list of top1, top5, loss and package.module:function entries, got "

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, tracking
 from .config import Config, SwapError, check_world, optim_for, segments, validation_size
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
@@ -76,6 +76,8 @@ class Context:
     collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
     val_set: object = None                # the validation split (last data.holdout samples), when cfg.uses_validation()
     optimizer_fns: dict | None = None     # the user's optimizer per config section ({"phase1": fn, ...}; library use)
+    callbacks: tuple = ()                 # the library's callbacks (swap.tracking), passed on to worker processes
+    resumed: bool = False                 # this process continues a run (its loggers append)
 
     @property
     def generic(self) -> bool:
@@ -84,9 +86,19 @@ class Context:
 
     @classmethod
     def for_run(cls, spec, join: bool = True) -> "Context":
-        """The context of a :class:`swap.methods.RunSpec` (inside each rank)."""
-        return cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join, spec.task,
-                          spec.collate_fn, spec.optimizer)
+        """The context of a :class:`swap.methods.RunSpec` (inside each rank), with this process's
+        tracking of the run started (:func:`swap.tracking.start`: the configured loggers and the
+        library's callbacks)."""
+        ctx = cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join, spec.task,
+                         spec.collate_fn, spec.optimizer)
+        ctx.track(spec.callbacks, spec.resume)
+        return ctx
+
+    def track(self, callbacks=(), resumed: bool = False) -> None:
+        """Start this process's tracking of the run: records it logs go to the loggers of
+        ``logging.loggers`` and to ``callbacks`` (:mod:`swap.tracking`)."""
+        self.callbacks, self.resumed = tuple(callbacks), resumed
+        tracking.start(self.run.path, self.cfg.logging.loggers, self.callbacks, resumed)
 
     @classmethod
     def from_run_dir(cls, run_path: str | Path) -> "Context":
@@ -337,7 +349,8 @@ class Context:
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None):
         """Per-epoch callback: one metrics.jsonl record and one progress line. Records name the
-        ``optimizer`` (:meth:`optimizer_label`: ``sgd``, ``lars``, ``extrap:VARIANT``, ``user:AdamW``)."""
+        ``optimizer`` (:meth:`optimizer_label`: ``sgd``, ``lars``, ``extrap:VARIANT``, ``user:AdamW``).
+        Its ``step`` attribute takes the records between epochs (``logging.log_every``)."""
         label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
         optimizer = self.optimizer_label(optimizer) if optimizer is not None else "sgd"
 
@@ -349,7 +362,16 @@ class Context:
             train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
             tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f}"
                        f"{train}{test} ({rec['samples_per_s']:.0f} samples/s)", file=sys.stderr)
+
+        def on_step(rec: dict) -> None:          # logging.log_every: a record between epochs, no progress line
+            self.run.log({"phase": phase, "worker": worker, **rec, "wall_s": time.time() - self.t0})
+        on_epoch.step = on_step
         return on_epoch
+
+    @property
+    def log_every(self) -> int:
+        """``logging.log_every``: updates between the records of :meth:`sink`'s ``step`` (0 = none)."""
+        return self.cfg.logging.log_every
 
     def progress(self, total: int, label: str, position: int = 0):
         """A tqdm bar over updates, only on a terminal (per-epoch lines are printed regardless)."""

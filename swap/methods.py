@@ -44,6 +44,7 @@ class RunSpec:
     task: Any = None                       # swap.task.Task, or None for the default
     collate_fn: Callable | None = None     # generic datasets: builds a batch from samples (default collate)
     optimizer: dict | None = None          # the user's optimizer functions by config section ({"phase1": fn, ...})
+    callbacks: tuple = ()                  # the library's callbacks (swap.tracking): on_record, on_phase_end, on_run_end
 
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from .checkpoint import atomic_write_bytes, recover
 from .config import Config, SwapError, config_from_dict
+from .tracking import active
 
 
 class RunDir:
@@ -192,23 +193,30 @@ class RunDir:
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl. Lines under 4 KiB written with O_APPEND do not
-        interleave, so several processes may log to one file."""
+        interleave, so several processes may log to one file.
+        Then this process's tracking (:mod:`swap.tracking`: loggers, callbacks) receives it."""
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
+        tracking = active(self.path)
+        if tracking is not None:
+            tracking.record(record)
 
     def rewrite_metrics(self, keep) -> None:
-        """Keep only the records for which ``keep(record)`` is true (atomic rewrite)."""
-        lines = [json.dumps(r) + "\n" for r in self.read_metrics() if keep(r)]
+        """Keep only the records (of every kind) for which ``keep(record)`` is true (atomic rewrite)."""
+        lines = [json.dumps(r) + "\n" for r in self.read_metrics(steps=True) if keep(r)]
         atomic_write_bytes(self.metrics_path, "".join(lines).encode())
 
-    def read_metrics(self) -> list[dict]:
+    def read_metrics(self, steps: bool = False) -> list[dict]:
+        """The records of metrics.jsonl: per epoch and per event; with ``steps`` also the records
+        between epochs (``kind: step``, ``logging.log_every``)."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return records if steps else [r for r in records if r.get("kind") != "step"]
 
     @property
     def bad_images_log(self) -> Path:
@@ -221,6 +229,9 @@ class RunDir:
         if self.bad_images_log.is_file():
             summary = {**summary, "skipped_images": len(set(self.bad_images_log.read_text().splitlines()))}
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
+        tracking = active(self.path)
+        if tracking is not None:                  # the run's end: callbacks, final metrics, artifacts
+            tracking.run_end(summary)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())

@@ -164,6 +164,56 @@ class DivergenceGuard:
                             f"warm-up or clip (optim.clip_grad_norm), then --resume from the last checkpoint")
 
 
+class StepLog:
+    """Records between epochs (``logging.log_every`` = N): every N updates, per model, the mean
+    training loss of the updates since the last record (or the epoch's start), the LR, the last
+    update's gradient norm (before clipping) and the samples per second since the last record.
+
+    On a GPU reading those values is a host sync; so each record's values are snapshotted on the
+    device at its update and read only right after the divergence guard's own read (every
+    ``CHECK_EVERY`` updates, and at the epoch's end), when the device has caught up: no
+    synchronisation of its own. On the CPU the guard reads every update and records go out at once.
+
+    Args:
+        every: N (updates). emit: receives each record: ``{"kind": "step", "epoch", "update",
+            "lr", "batch_size", "train_loss", "grad_norm", "samples_per_s"}`` (plus ``model`` when
+            several); samples/s counts the global batch. models: n.
+    """
+
+    def __init__(self, every: int, emit: Callable[[dict], None], models: int):
+        self.every, self.emit, self.models = every, emit, models
+        self.pending: list[tuple] = []
+        self.mark = None
+        self.t = time.perf_counter()
+        self.samples = 0
+
+    def start_epoch(self, totals: torch.Tensor) -> None:
+        self.mark, self.t, self.samples = totals.clone(), time.perf_counter(), 0
+
+    def after_update(self, epoch: int, update: int, lr: float, batch_size: int, totals: torch.Tensor,
+                     norms: torch.Tensor, synced: bool) -> None:
+        """After update ``update`` (1-based, global); ``synced``: the guard has just read the device."""
+        self.samples += batch_size
+        if update % self.every == 0:
+            window = totals - self.mark
+            # loss sum and count of the window, and the last norm, per model: stays on the device
+            snap = torch.stack([window[:, 0], window[:, 2], norms.reshape(-1).double().expand(self.models)], 1)
+            self.pending.append((epoch, update, lr, batch_size, snap, self.samples, time.perf_counter() - self.t))
+            self.mark, self.t, self.samples = totals.clone(), time.perf_counter(), 0
+        if synced:
+            self.flush()
+
+    def flush(self) -> None:
+        """Emit the records taken so far (their values read from the device)."""
+        for epoch, update, lr, batch_size, snap, samples, seconds in self.pending:
+            for k, (loss, count, norm) in enumerate(snap.tolist()):
+                self.emit({"kind": "step", **({"model": k} if self.models > 1 else {}), "epoch": epoch,
+                           "update": update, "lr": lr, "batch_size": batch_size,
+                           "train_loss": loss / count if count else None, "grad_norm": norm,
+                           "samples_per_s": samples / seconds if seconds > 0 else 0.0})
+        self.pending = []
+
+
 def gradient_norm(model: nn.Module) -> torch.Tensor:
     """L2 norm (float scalar tensor, on the device: no host sync) of all of ``model``'s gradients."""
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
@@ -311,7 +361,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
           progress=None, divergence_grad_norm: float = float("inf"), label: str | list[str] = "training",
           on_interrupt: Callable[[dict], None] | None = None, micro_batch_size: int = 0,
-          amp_dtype: torch.dtype | None = None) -> dict:
+          amp_dtype: torch.dtype | None = None, log_every: int = 0,
+          on_log: Callable[[dict], None] | None = None) -> dict:
     """Train with ``step`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
@@ -358,6 +409,9 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             ``totals`` (this rank's partial loss sum, correct, samples; one such list per model
             when there are several) and ``updates`` (this call), so the caller can write a
             checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
+        log_every, on_log: every ``log_every`` updates (of the epoch's global update index, as
+            ``on_step``'s), ``on_log`` receives a record between epochs (:class:`StepLog`, one per
+            model with ``model``: its index when the step trains several).
     Returns:
         The last epoch's record (of the first model; all of them under ``records`` when there are
         several), plus ``stopped_early`` (bool) and ``updates`` (int, this call).
@@ -375,6 +429,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
     updates = 0
     device = next(models[0].parameters()).device
     guard = DivergenceGuard(divergence_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
+    log = StepLog(log_every, on_log, n) if log_every and on_log is not None else None
     for epoch in range(start_epoch, epochs):
         for m in models:
             m.train()
@@ -387,12 +442,16 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         carried_samples = carried[:, 2].sum().item()
         lr = 0.0
         offset, steps, batch_size = epoch_shape(loader, epoch)    # fixed, or a piecewise schedule's segment
+        if log is not None:
+            log.start_epoch(totals)
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
             lr = lr_at(offset + i)
             batch_totals, norms = step.gradients(x, y, lr)
             totals += batch_totals
             guard.observe_norms(norms, epoch + 1, i + 1)
             step.apply()
+            if log is not None:
+                log.after_update(epoch + 1, offset + i + 1, lr, batch_size, totals, norms, guard.seen % guard.every == 0)
             updates += 1
             if on_step is not None:
                 on_step(offset + i + 1)
@@ -408,6 +467,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
                 where = label if isinstance(label, str) else ", ".join(label)
                 raise Interrupted(signum, f"in {where} at epoch {epoch + 1}, step {i + 1} of {steps}")
         guard.check()
+        if log is not None:
+            log.flush()                                            # after the guard's read: no sync of its own
         samples = totals[:, 2].sum().item() - carried_samples      # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
         if group_wide:
@@ -430,6 +491,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             records.append({
                 **({"model": k} if n > 1 else {}),
                 "epoch": epoch + 1, "lr": lr, "batch_size": batch_size,
+                "update": offset + steps,
                 "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
                 **{f"test_{m}": v for m, v in test.items() if m != "top1"},
                 "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,

@@ -81,6 +81,7 @@ def test_micro_batches_weight_a_mean_over_counted_tokens_by_their_count():
     assert totals_parts[0] == pytest.approx(totals_whole[0].item(), rel=1e-6)     # the same loss sum
 
 
+LOGGED = ["--logger", "tensorboard", "--logger", "mlflow", "--set", "logging.log_every=8"]
 CLI = ["--config", "fashion_mnist_quick", "--workers", "2", "--procs", "1",
        "--set", "model.name=user_parts:Classifier", "--set", "data.name=user_parts:load",
        "--set", "task.metrics=[top1, loss, user_parts:errors]", "--set", "phase1.batch_size=128",
@@ -98,21 +99,32 @@ def test_a_model_and_data_of_your_own_in_the_cli_resume_compare_and_landscape(tm
 
     from swap.cli import main
     from test_resume import _kill_when
-    here = ["--data-dir", str(tmp_path)]                  # user_parts:load takes data.dir (and ignores it)
+    data = ["--data-dir", str(tmp_path)]                  # user_parts:load takes data.dir (and ignores it)
+    here = data + LOGGED                                   # and both loggers, records every 8 updates (issue #27)
     assert main(["train", *CLI, *here, "--out", str(tmp_path / "ref")]) == 0
     summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
     averaged = summary["test_metrics"]["averaged"]
     assert averaged["top1"] > 90.0 and averaged["errors"] == pytest.approx(1 - averaged["top1"] / 100, abs=1e-6)
     assert averaged["loss"] >= 10.0                                       # the model's own loss
     out = tmp_path / "run"
-    _kill_when(out, "checkpoints/worker0_last.json", tmp_path, 0.1, CLI)
+    _kill_when(out, "checkpoints/worker0_last.json", tmp_path, 0.1, CLI + LOGGED)
     assert not (out / "summary.json").exists()
     assert main(["train", *CLI, *here, "--out", str(out), "--auto-resume"]) == 0
     ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # the resumed run continued its TensorBoard and MLflow runs: every step once, as the uninterrupted run's
+    from test_tracking import logged_mlflow, logged_tensorboard
+    for logged in (logged_mlflow, logged_tensorboard):
+        a, b = logged(tmp_path / "ref"), logged(out)
+        assert a.keys() == b.keys() and "phase2/worker1/step/train_loss" in a and "average/test_loss" in a
+        for tag in a:
+            steps = [step for step, _ in b[tag]]
+            assert steps == sorted(set(steps)), (logged.__name__, tag, steps)        # no step twice
+            if not tag.endswith(("wall_s", "samples_per_s")) and not tag.startswith("summary/wall_s"):
+                assert b[tag] == a[tag], (logged.__name__, tag)
     # swap compare runs the same model and data: its SWAP run of seed 0 is this run, bit for bit
     compare_args = [a for a in CLI if a not in ("--workers", "2")] + ["--set", "workers=2"]
-    assert main(["compare", *compare_args, *here, "--methods", "swap", "--seeds", "1",
+    assert main(["compare", *compare_args, *data, "--methods", "swap", "--seeds", "1",
                  "--out", str(tmp_path / "compare")]) == 0
     compared = load_file(str(tmp_path / "compare" / "swap" / "seed0" / "checkpoints" / "swap.safetensors"))
     assert all(torch.equal(ref[k], compared[k]) for k in ref)

@@ -166,8 +166,8 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
         def on_epoch(rec: dict) -> None:
             state["history"].append({"epoch": rec["epoch"], "batch_size": rec["batch_size"], "lr": rec["lr"],
                                      "train_acc": rec["train_acc"], "test_acc": rec["test_acc"], **extra})
-            if sink is not None:
-                sink({**rec, **extra})
+            if sink is not None:               # the pool's updates so far (its batch changes between epochs)
+                sink({**rec, **extra, "update": state["updates"] + steps - first})
 
         def on_interrupt(stop: dict) -> None:                         # SIGINT/SIGTERM mid-epoch
             state["updates"] += stop["updates"]

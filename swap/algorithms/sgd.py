@@ -92,7 +92,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
                 start_totals=start.totals, stop_metric=stop[0] if stop else "train_acc",
                 stop_acc=stop[1] if stop else None, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
                 eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
-                divergence_grad_norm=cfg.divergence_grad_norm, label=phase)
+                divergence_grad_norm=cfg.divergence_grad_norm, label=phase, log_every=ctx.log_every,
+                on_log=sink.step if sink is not None else None)
     if bar is not None:
         bar.close()
     p = unit.progress(out["updates"])

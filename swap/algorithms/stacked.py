@@ -62,10 +62,14 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
         if k == len(workers) - 1:
             phase.end_epoch(record["epoch"])
 
+    def on_log(record: dict) -> None:
+        sinks[record.pop("model")].step(record)
+
     out = train(step, loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule),
                 epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=phase.interrupted,
-                divergence_grad_norm=cfg.divergence_grad_norm, label=[f"phase2 worker {w}" for w in workers])
+                divergence_grad_norm=cfg.divergence_grad_norm, label=[f"phase2 worker {w}" for w in workers],
+                log_every=ctx.log_every, on_log=on_log)
     p = phase.progress(out["updates"])
     metas = phase.finish([{"epoch": p2.epochs, "updates": p["updates"], "train_acc": rec["train_acc"],
                            "test_acc": rec["test_acc"], "wall_s": p["wall_s"]} for rec in out["records"]])

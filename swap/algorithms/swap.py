@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .. import distributed, interrupt
+from .. import distributed, interrupt, tracking
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_, greedy_soup
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SwapError, section_batch, section_epochs
@@ -37,6 +37,7 @@ from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
+from ..tracking import active
 from ..train import train
 from .sgd import train_data_parallel
 from .local_sgd import OuterSync
@@ -195,7 +196,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set, ctx.val_set)
                      if x is not None)
         why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
-                                                          ctx.task, ctx.collate_fn, ctx.optimizer_fns),
+                                                          ctx.task, ctx.collate_fn, ctx.optimizer_fns, ctx.callbacks),
                                        error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
         return WorkerResult(w, error=why) if why is not None else \
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
@@ -209,15 +210,19 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
 
 
 def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data,
-                     task=None, collate_fn=None, optimizer_fns=None) -> None:
+                     task=None, collate_fn=None, optimizer_fns=None, callbacks=()) -> None:
     """Body of an isolated phase-2 worker process: rebuild the rank's context (with its data,
-    task, collate function and optimizer functions) without joining the process group, start from the phase-1 state
-    ``start`` and train (checkpoints go to disk)."""
+    task, collate function, optimizer functions and the run's tracking) without joining the
+    process group, start from the phase-1 state ``start`` and train (checkpoints go to disk)."""
     ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task, collate_fn=collate_fn,
                          optimizer_fns=optimizer_fns)
+    ctx.track(callbacks, resume)
     worker = ctx.build_model()
     worker.load_state_dict(start)
-    train_worker(ctx, worker, w, resume)
+    try:
+        train_worker(ctx, worker, w, resume)
+    finally:
+        tracking.stop(run_path)                       # this process's event files closed
 
 
 def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict:
@@ -266,7 +271,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
                 start_step=start.step, start_totals=start.totals,
                 evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
                 on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, divergence_grad_norm=cfg.divergence_grad_norm,
-                label=f"phase2 worker {w}")
+                label=f"phase2 worker {w}", log_every=ctx.log_every, on_log=sink.step if sink is not None else None)
     bar.close()
     p = unit.progress(out["updates"])
     return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
@@ -359,11 +364,16 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     track_s = _average_curve(ctx, averaged, averaged_acc, [r.worker for r in finished]) if p2.track_average else 0.0
     save_checkpoint(run.checkpoint("swap"), averaged, {"config_hash": cfg.hash(), "phase": "phase3",
                                                        "workers": [r.worker for r in finished], "test_acc": averaged_acc})
-    run.log({"phase": "phase3", "worker": None, "epoch": None, "test_acc": averaged_acc,
+    p2_updates = [r.meta["updates"] for r in finished]
+    # the averaged model sits at the end of the critical path: phase 2's updates (tracking adds phase 1's)
+    run.log({"phase": "phase3", "worker": None, "epoch": None, "update": max(p2_updates), "test_acc": averaged_acc,
+             **{f"test_{m}": v for m, v in (metrics or {}).items() if m != "top1"},
              "phase_wall_s": walls["phase3"], "wall_s": time.time() - ctx.t0})
+    if active(run.path) is not None:
+        active(run.path).phase_end("phase3", {"workers": [r.worker for r in finished], "test_acc": averaged_acc,
+                                              **({"test_metrics": metrics} if metrics else {})})
     walls = {**walls, "total": sum(walls.values())}
     worker_accs = [r.meta["test_acc"] for r in finished]
-    p2_updates = [r.meta["updates"] for r in finished]
     trials = phase1.get("switch", {}).get("trial_updates", 0)
     summary = {
         "method": "swap", "phase1_optimizer": phase1.get("optimizer", p1.optimizer),
@@ -426,6 +436,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
     for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         wall = max(r["wall_s"] for r in records if r["epoch"] == epoch)
+        update = max((r.get("update", 0) for r in records if r["epoch"] == epoch), default=0)
         if epoch == epochs:                                # the final SWAP model, already evaluated
             acc = final_acc
         else:
@@ -440,5 +451,6 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
             acc = ctx.evaluate(averaged)
         cost = time.perf_counter() - t
         total += cost
-        run.log({"phase": "average", "worker": None, "epoch": epoch, "test_acc": acc, "wall_s": wall, "cost_s": cost})
+        run.log({"phase": "average", "worker": None, "epoch": epoch, "update": update, "test_acc": acc, "wall_s": wall,
+                 "cost_s": cost})
     return total

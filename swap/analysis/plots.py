@@ -57,15 +57,20 @@ def _save(fig, path: Path, svg: bool) -> list[Path]:
 
 
 def plot_run(records: list[dict], path: str | Path, svg: bool = False) -> list[Path]:
-    """SWAP paper Fig. 1 for one run: LR and test accuracy of phase 1 (shared) and of every
-    phase-2 worker (diverging), against epochs and against wall time; plus, when the run tracked it
-    (``phase2.track_average``), the test accuracy of the average of the workers at each phase-2
-    epoch, and the final averaged model.
+    """SWAP paper Fig. 1 for one run (:func:`run_figure`), written to ``path`` (.png, and .svg
+    with ``svg``); returns the files."""
+    return _save(run_figure(records), Path(path), svg)
+
+
+def run_figure(records: list[dict]):
+    """SWAP paper Fig. 1 for one run, a matplotlib figure: LR and test accuracy of phase 1 (shared)
+    and of every phase-2 worker (diverging), against epochs and against wall time; plus, when the
+    run tracked it (``phase2.track_average``), the test accuracy of the average of the workers at
+    each phase-2 epoch, and the final averaged model. The caller closes it (``plt.close``).
 
     Args:
-        records: metrics.jsonl records. Epochs on the x axis count phase 1 then phase 2.
+        records: metrics.jsonl records (per epoch). Epochs on the x axis count phase 1 then phase 2.
     """
-    path = Path(path)
     p1 = [r for r in records if r["phase"] in ("phase1", "sgd")]
     p1_epochs = max((r["epoch"] for r in p1), default=0)
     workers = sorted({r["worker"] for r in records if r["phase"] == "phase2"})
@@ -114,7 +119,8 @@ def plot_run(records: list[dict], path: str | Path, svg: bool = False) -> list[P
     axes[1].set_title("Test accuracy against epochs")
     axes[2].set_title("Test accuracy against wall time")
     axes[2].legend(fontsize=7, loc="lower right")
-    return _save(fig, path, svg)
+    fig.tight_layout()
+    return fig
 
 
 LABELS = {"phase1": "LB", "swap": "SWAP", "sgd": "SGD"}

@@ -1,0 +1,164 @@
+"""Issue #27: TensorBoard and MLflow, records every N updates, and the library's callbacks
+(:mod:`swap.tracking`). The CLI with both loggers, killed in phase 2 and resumed, is in
+tests/test_output_contract.py (its logged runs equal the uninterrupted run's, every step once)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import swap
+from swap import tracking
+from swap.rundir import RunDir
+from swap.config import SwapError
+
+
+def logged_mlflow(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} of the run's MLflow run (its own store, RUN/mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run.resolve() / "mlruns").as_uri())
+    run_id = (run / "mlflow_run_id").read_text()
+    return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+            for k in client.get_run(run_id).data.metrics}
+
+
+def logged_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the run's TensorBoard event files, as TensorBoard reads them
+    (a resumed stream's purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for stream in sorted((run / "tensorboard").iterdir()):
+        events = EventAccumulator(str(stream), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out[tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    return out
+
+
+class Recorder:
+    """A callback that keeps what it is given (a module-level class: it could be pickled)."""
+
+    def __init__(self):
+        self.records, self.phases, self.summary = [], [], None
+
+    def on_record(self, record):
+        self.records.append(record)
+
+    def on_phase_end(self, phase, result):
+        self.phases.append((phase, result.get("worker"), result["updates"] if "updates" in result else None))
+
+    def on_run_end(self, summary):
+        self.summary = summary
+
+
+def _quadrants(n, seed):
+    from test_api import _quadrant_data
+    return _quadrant_data(n, seed)
+
+
+def _tiny():
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 4))
+
+
+CONFIG = {"workers": 2, "data": {"crop_padding": 0, "flip": False, "cutout": 0},
+          "phase1": {"batch_size": 128, "max_epochs": 2, "warmup_epochs": 1},
+          "phase2": {"batch_size": 32, "epochs": 1, "layout": "sequential"}, "phase3": {"bn_batch_size": 64},
+          "logging": {"log_every": 4}}
+
+
+def test_callbacks_get_every_record_on_the_critical_path_axis_and_each_phase_and_the_summary(tmp_path):
+    rec = Recorder()
+    _, summary = swap.train_swap(_tiny, _quadrants(512, 0), _quadrants(128, 1), CONFIG, out=tmp_path / "run",
+                                 callbacks=[rec])
+    written = RunDir(tmp_path / "run").read_metrics(steps=True)
+    assert [{k: v for k, v in r.items() if k != "step"} for r in rec.records] == written     # each, as written
+    steps = [r for r in written if r.get("kind") == "step"]
+    assert steps and all(r["update"] % 4 == 0 and r["grad_norm"] >= 0 and r["train_loss"] >= 0 for r in steps)
+    assert {r["phase"] for r in steps} == {"phase1", "phase2"}
+    assert not any(r.get("kind") for r in RunDir(tmp_path / "run").read_metrics())   # epoch records only
+    p1 = summary["updates"]["phase1"]                                  # 2 epochs of 512 // 128
+    assert p1 == 8
+    by = {(r["phase"], r.get("worker"), r.get("kind"), r.get("epoch")): r["step"] for r in rec.records}
+    assert by[("phase1", None, None, 2)] == 8
+    assert by[("phase2", 0, None, 1)] == by[("phase2", 1, None, 1)] == p1 + 512 // 32   # one axis, continued
+    assert by[("phase3", None, None, None)] == summary["updates"]["critical_path"] == 8 + 16
+    assert rec.phases == [("phase1", None, 8), ("phase2", 0, 16), ("phase2", 1, 16), ("phase3", None, None)]
+    assert rec.summary == summary
+    # step records: the mean loss of the updates since the last one, equal to the epoch's where they tile it
+    epoch2 = next(r for r in written if r["phase"] == "phase1" and r["epoch"] == 2 and not r.get("kind"))
+    window = next(r for r in steps if r["phase"] == "phase1" and r["update"] == 8)
+    assert window["train_loss"] == pytest.approx(epoch2["train_loss"], rel=1e-12)
+
+
+def test_a_logger_that_fails_mid_run_warns_once_and_training_goes_on(tmp_path, capsys):
+    class Broken:
+        name = "tensorboard"
+
+        def log(self, *a):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    rec = Recorder()
+    t = tracking.Tracking(tmp_path, [Broken()], [rec], resumed=False)
+    for epoch in (1, 2):
+        t.record({"phase": "phase1", "worker": None, "epoch": epoch, "update": epoch, "train_loss": 1.0})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("swap: warning: logger tensorboard stopped (record: OSError")
+    assert "training goes on" in err[0] and t.loggers == [] and len(rec.records) == 2
+
+
+def test_the_tag_scheme():
+    assert tracking.values_of({"phase": "phase2", "worker": 3, "epoch": 1, "update": 16, "test_acc": 90.0,
+                               "train_acc": None, "stopped": False, "optimizer": "sgd"}) == \
+        {"phase2/worker3/test_acc": 90.0}
+    assert tracking.values_of({"phase": "phase1", "worker": None, "kind": "step", "lr": 0.1}) == {"phase1/step/lr": 0.1}
+    assert tracking.values_of({"phase": "phase3", "worker": None, "test_acc": 91.0}) == {"average/test_acc": 91.0}
+    assert tracking.stream_of({"phase": "sgd", "worker": None}) == ("sgd", "sgd/")
+
+
+def test_a_missing_logger_package_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from swap.cli import main
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "mlflow" else real(name, *a))
+    with pytest.raises(SwapError, match=r"^logger mlflow needs the mlflow package: pip install 'swap\[mlflow\]'$"):
+        tracking.check_loggers(["tensorboard", "mlflow"])
+    assert main(["train", "--config", "fashion_mnist_quick", "--logger", "mlflow", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == "swap: error: logger mlflow needs the mlflow package: " \
+                                              "pip install 'swap[mlflow]'"
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SwapError, match="unknown logger 'wandb'"):
+        tracking.check_loggers(["wandb"])
+
+
+def test_mlflow_logs_to_the_tracking_uri_when_it_is_set(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    store = (tmp_path / "server").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = swap.load_config(None, {"name": "uri", "logging": {"loggers": ["mlflow"]}})
+    (tmp_path / "run").mkdir()
+    tracking.prepare(tmp_path / "run", cfg)
+    t = tracking.start(tmp_path / "run", ["mlflow"])
+    t.record({"phase": "phase1", "worker": None, "epoch": 1, "update": 5, "train_loss": 0.5})
+    tracking.stop(tmp_path / "run")
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
+    client = MlflowClient(tracking_uri=store)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase1/train_loss")] == [(5, 0.5)]
+    assert client.get_run(run_id).data.params["phase1.batch_size"] == str(cfg.phase1.batch_size)
+    assert not (tmp_path / "run" / "mlruns").exists()

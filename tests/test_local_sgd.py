@@ -192,16 +192,17 @@ def test_trial_copies_leave_phase1_untouched_and_the_barrier_rule_switches_at_a_
     phase 1 with no rule at all; with ``barrier`` and a 100-point threshold the switch comes at the
     first trial after the warm-up (epoch 4), and the barrier recorded is the copies' mean
     validation accuracy minus their midpoint's."""
-    common = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+    common = ["data.train_subset=3072", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
               "phase1.max_epochs=6", "phase1.warmup_epochs=2", "phase2.epochs=1", "phase2.batch_size=128",
-              "phase1.stop.every=2", "phase1.stop.trial_updates=8"]
-    train_quick(tmp_path / "plain", real_fashion, 2, *common, "phase1.stop_acc=100")
-    trials, records = train_quick(tmp_path / "trials", real_fashion, 2, *common, "phase1.stop.metric=auto",
+              "phase1.stop.every=2", "phase1.stop.trial_updates=8", "phase2.layout=sequential"]
+    # one process (the test above runs trials on 2 ranks)
+    train_quick(tmp_path / "plain", real_fashion, 1, *common, "phase1.stop_acc=100")
+    trials, records = train_quick(tmp_path / "trials", real_fashion, 1, *common, "phase1.stop.metric=auto",
                                   "phase1.stop.signal=trials", "phase1.stop.window=100")
     assert trials["epochs"]["phase1"] == 6 and trials["switch"]["trials"] == 1     # epoch 4 (6 is phase 1's last)
     a, b = (load_file(str(tmp_path / d / "checkpoints" / "phase1.safetensors")) for d in ("plain", "trials"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    barrier, records = train_quick(tmp_path / "barrier", real_fashion, 2, *common, "phase1.stop.metric=auto",
+    barrier, records = train_quick(tmp_path / "barrier", real_fashion, 1, *common, "phase1.stop.metric=auto",
                                    "phase1.stop.signal=barrier", "phase1.stop.max_barrier=100")
     assert barrier["epochs"]["phase1"] == 4 and barrier["switch"]["trials"] == 1
     r = [r for r in records if r["phase"] == "phase1" and "trial_barrier" in r]

@@ -2,6 +2,7 @@
 the documented SWAP_SET overrides; a library call without the `__main__` guard is refused at once."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -26,7 +27,7 @@ def _run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
     script = tmp_path / "example.py"
     script.write_text(source)
     env = {**os.environ, "SWAP_SET": HF_SHORT if "transformers" in source else SHORT, "TMPDIR": str(tmp_path),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "stubs"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -49,6 +50,13 @@ def test_readme_example_runs_as_a_script(tmp_path, real_fashion, index):
             assert result["swap"]["top1"] > 31.0, result   # 5 categories: naming the largest is right for 26%
     elif "train_swap" in EXAMPLES[index]:                             # the printed test_acc dict
         assert len(result["workers"]) == 2 and result["averaged"] > 60.0  # 2 + 1 short epochs; chance is 10%
+    if "import wandb" in EXAMPLES[index]:                             # what the callback sent (tests/stubs/wandb.py)
+        logged = [json.loads(line) for line in (tmp_path / "wandb_log.jsonl").read_text().splitlines()]
+        assert logged[-1] == {"summary": {"test_acc": result}}
+        curves = [r for r in logged if "summary" not in r]
+        assert {"phase1/test_acc", "phase2/worker1/test_acc", "average/test_acc"} <= set().union(*curves)
+        assert max(r["critical_path_updates"] for r in curves if "average/test_acc" in r) == \
+            max(r["critical_path_updates"] for r in curves)                # the averaged model ends the path
 
 
 def _unguarded(source: str) -> str:

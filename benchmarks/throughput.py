@@ -37,32 +37,40 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def lockstep(step, loader, bare_batches, bare_update, reps: int) -> dict[str, list[float]]:
-    """Seconds per epoch of our loop (``swap.train.train`` with ``step`` over ``loader``) and of a
-    bare loop (``bare_update(batch)`` over ``bare_batches(epoch)``), run in lockstep: after each of
-    our updates (the loop's ``on_step``) the bare loop takes one. Each side's time is summed
+def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwargs) -> tuple[float, float]:
+    """One epoch of our loop (``swap.train.train`` with ``step`` over ``loader``, and
+    ``train_kwargs``) in lockstep with a bare loop (``bare_update(batch)`` over ``batches``): after
+    each of our updates (the loop's ``on_step``) the bare loop takes one. Each side's time is summed
     separately: ours is everything between two of its updates but the bare update, so its epoch end
-    counts too. Epoch 0 is an untimed warm-up, then ``reps`` epochs. Returns {"ours", "bare"}: lists."""
+    counts too. Returns (our seconds, bare seconds)."""
     from swap.train import train
 
+    spent = {"ours": 0.0, "bare": 0.0}
+    batches = iter(batches)
+    mark = [time.perf_counter()]
+
+    def bare(_: int) -> None:
+        now = time.perf_counter()
+        spent["ours"] += now - mark[0]
+        bare_update(next(batches))
+        mark[0] = time.perf_counter()
+        spent["bare"] += mark[0] - now
+
+    train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare, **train_kwargs)
+    spent["ours"] += time.perf_counter() - mark[0]
+    return spent["ours"], spent["bare"]
+
+
+def lockstep(step, loader, bare_batches, bare_update, reps: int) -> dict[str, list[float]]:
+    """Seconds per epoch of our loop and of a bare loop in lockstep (:func:`lockstep_epoch`; the
+    bare loop's batches of epoch e are ``bare_batches(e)``). Epoch 0 is an untimed warm-up, then
+    ``reps`` epochs. Returns {"ours", "bare"}: lists."""
     times = {"ours": [], "bare": []}
     for epoch in range(reps + 1):
-        spent = {"ours": 0.0, "bare": 0.0}
-        batches = iter(bare_batches(epoch))
-        mark = [time.perf_counter()]
-
-        def bare(_: int) -> None:
-            now = time.perf_counter()
-            spent["ours"] += now - mark[0]
-            bare_update(next(batches))
-            mark[0] = time.perf_counter()
-            spent["bare"] += mark[0] - now
-
-        train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare)
-        spent["ours"] += time.perf_counter() - mark[0]
+        ours, bare = lockstep_epoch(step, loader, epoch, bare_batches(epoch), bare_update)
         if epoch > 0:
-            for k in times:
-                times[k].append(spent[k])
+            times["ours"].append(ours)
+            times["bare"].append(bare)
     return times
 
 
@@ -114,59 +122,72 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
             "ours_all": rate["ours"], "bare_all": rate["bare"]}
 
 
-def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, every: int = 10) -> dict:
-    """Our loop with TensorBoard and MLflow on and a record every ``every`` updates
-    (``logging.log_every``), against the same loop without them (both writing metrics.jsonl per
-    epoch, as every run does), same batches, same model, same initial weights. Epochs alternate
-    between the two sides (which goes first alternates too), so the drift of a shared machine's
-    speed falls on both; one untimed warm-up epoch each, then ``reps`` timed epochs of ``steps``
-    updates. Returns samples/s per side and the ratio logged / plain per epoch, with medians."""
+def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, every: int = 10,
+                    loggers: tuple = ("tensorboard", "mlflow")) -> dict:
+    """The cost of the loggers: our loop with TensorBoard and MLflow on and a record every ``every``
+    updates (``logging.log_every``), and our loop without them (both writing metrics.jsonl per
+    epoch, as every run does). A 1% difference is below the drift of a shared machine's speed
+    between two runs, so each is timed against a bare PyTorch loop in lockstep
+    (:func:`lockstep_epoch`, the bare update after each of ours), epochs alternating between the two
+    configurations; the cost is the ratio of their median (ours / bare) ratios. Same batches, model
+    and initial weights everywhere; one untimed warm-up epoch each, then ``reps`` timed epochs of
+    ``steps`` updates."""
     from swap import tracking
     from swap.config import load_config
     from swap.data import Augment, Loader
     from swap.models import build_model
     from swap.rundir import RunDir
-    from swap.train import SGDStep, train
+    from swap.train import SGDStep
 
     def model():
         torch.manual_seed(0)
         return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
 
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def loader():
+        return Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
+
     data = train_set.subset(steps * batch)
+    bare, bare_loader = model(), loader()
+    bare_opt = sgd(bare)
+
+    def bare_update(batch_xy) -> None:
+        x, y = batch_xy
+        bare_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(bare(x), y).backward()
+        bare_opt.step()
+
+    ratios = {"plain": [], "logged": []}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {"plain": RunDir(Path(tmp) / "plain"), "logged": RunDir(Path(tmp) / "logged")}
         for r in runs.values():
             r.path.mkdir()
-        cfg = load_config(None, {"logging": {"loggers": ["tensorboard", "mlflow"], "log_every": every}})
+        cfg = load_config(None, {"logging": {"loggers": list(loggers), "log_every": every}})
         tracking.prepare(runs["logged"].path, cfg)
         tracking.start(runs["logged"].path, cfg.logging.loggers)
         sides = {}
         for side in runs:
             m = model()
-            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-            loader = Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
-            sides[side] = (SGDStep(m, opt, batch), loader)
-        times = {"plain": [], "logged": []}
+            sides[side] = (SGDStep(m, sgd(m), batch), loader())
         for epoch in range(reps + 1):
             for side in (("plain", "logged") if epoch % 2 else ("logged", "plain")):
-                step, loader = sides[side]
-                run = runs[side]
+                step, ours_loader = sides[side]
 
-                def sink(rec, run=run):
+                def sink(rec, run=runs[side]):
                     run.log({"phase": "phase1", "worker": None, **rec})
-                t = time.perf_counter()
-                train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_epoch=sink,
-                      log_every=every if side == "logged" else 0, on_log=sink if side == "logged" else None)
+                extra = {"log_every": every, "on_log": sink} if side == "logged" else {}
+                ours, bare_s = lockstep_epoch(step, ours_loader, epoch, bare_loader.epoch(2 * epoch + (side == "logged")),
+                                              bare_update, on_epoch=sink, **extra)
                 if epoch > 0:
-                    times[side].append(time.perf_counter() - t)
+                    ratios[side].append(bare_s / ours)          # our samples/s over the bare loop's
         logged_records = len(runs["logged"].read_metrics(steps=True))
         tracking.stop(runs["logged"].path)
-    rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
-    ratios = [a / b for a, b in zip(rate["logged"], rate["plain"])]
-    return {"batch": batch, "steps": steps, "reps": reps, "log_every": every, "loggers": ["tensorboard", "mlflow"],
-            "records_logged": logged_records, "plain_samples_per_s": statistics.median(rate["plain"]),
-            "logged_samples_per_s": statistics.median(rate["logged"]), "ratio": statistics.median(ratios),
-            "ratios": ratios}
+    plain, logged = statistics.median(ratios["plain"]), statistics.median(ratios["logged"])
+    return {"batch": batch, "steps": steps, "reps": reps, "log_every": every, "loggers": list(loggers),
+            "records_logged": logged_records, "plain_over_bare": plain, "logged_over_bare": logged,
+            "ratio": logged / plain, "plain_ratios": ratios["plain"], "logged_ratios": ratios["logged"]}
 
 
 def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> dict:
@@ -267,7 +288,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
     # 1b. the loggers' cost: TensorBoard + MLflow, a record every 10 updates, against none
     results["logging"] = compare_logging(train_set, mean, std, 128, 256, args.reps)
-    print(json.dumps({k: v for k, v in results["logging"].items() if k != "ratios"}), flush=True)
+    print(json.dumps({k: v for k, v in results["logging"].items() if not k.endswith("ratios")}), flush=True)
     if args.logging_only:
         _write(results, "throughput-logging.json")
         return

@@ -35,7 +35,7 @@ from ..config import Config, SwapError
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
 from ..rundir import RunDir
-from ..schedules import warmup_decay
+from ..schedules import epoch_shape, warmup_decay
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
@@ -174,9 +174,14 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
             unit.interrupted(stop, extra=saved_state())
 
         first, totals = (start.step, start.totals) if epoch == start.epoch else (0, None)
+
+        def on_log(rec: dict, offset: int = epoch_shape(loader, epoch)[0], first: int = first) -> None:
+            # the pool's updates so far: its batch, so its updates per epoch, change between epochs
+            sink.step({**rec, **extra, "update": state["updates"] + rec["update"] - offset - first})
         out = train(step, loader, lr_at, epochs=epoch + 1, start_epoch=epoch, start_step=first, start_totals=totals,
                     evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                    divergence_grad_norm=cfg.divergence_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt)
+                    divergence_grad_norm=cfg.divergence_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt,
+                    log_every=ctx.log_every, on_log=on_log if sink is not None else None)
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
                      samples=state["samples"] + (steps - first) * rule.batch)
         unit.end_epoch(epoch + 1, updates=state["updates"] - start.updates, extra=saved_state())

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,7 +43,7 @@ def main() -> None:
     from swap.models import build_model
     from swap.rundir import machine_info
     from swap.train import SGDStep
-    from throughput import lockstep            # benchmarks/: the lockstep timing, one copy
+    from throughput import bare_sgd, lockstep  # benchmarks/: the lockstep timing and bare update, one copy
 
     train_set, _ = load_dataset("fashion-mnist", train_subset=args.samples)
     mean, std = train_set.channel_stats()
@@ -59,16 +58,11 @@ def main() -> None:
         return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     ours, bare = model(), model()
-    step, bare_opt = SGDStep(ours, sgd(ours)), sgd(bare)
+    step, bare_update = SGDStep(ours, sgd(ours)), bare_sgd(bare, sgd(bare))
     loader = DatasetLoader(data, args.batch, (0, "bench", 0))
     bare_loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True,
                              generator=torch.Generator().manual_seed(0))
     steps = len(loader)
-    def bare_update(batch) -> None:
-        xb, yb = batch
-        bare_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(bare(xb), yb).backward()
-        bare_opt.step()
 
     times = lockstep(step, loader, lambda epoch: bare_loader, bare_update, args.reps)
     rate = {k: [steps * args.batch / t for t in v] for k, v in times.items()}

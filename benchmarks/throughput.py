@@ -61,6 +61,22 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
     return spent["ours"], spent["bare"]
 
 
+def bare_sgd(model, opt, micro: int = 0):
+    """The minimal PyTorch update that our loop is timed against: ``update((x, y))`` = zero_grad,
+    forward + backward of the cross-entropy (per micro-batch of ``micro`` samples, weighted by its
+    share, when 0 < ``micro`` < the batch), optimizer step; nothing else."""
+    def update(batch_xy) -> None:
+        x, y = batch_xy
+        opt.zero_grad(set_to_none=True)
+        if 0 < micro < len(y):
+            for xc, yc in zip(x.split(micro), y.split(micro)):
+                (F.cross_entropy(model(xc), yc) * (len(yc) / len(y))).backward()
+        else:
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return update
+
+
 def lockstep(step, loader, bare_batches, bare_update, reps: int) -> dict[str, list[float]]:
     """Seconds per epoch of our loop and of a bare loop in lockstep (:func:`lockstep_epoch`; the
     bare loop's batches of epoch e are ``bare_batches(e)``). Epoch 0 is an untimed warm-up, then
@@ -103,13 +119,7 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
     data = train_set.subset(steps * batch)
     loaders = [Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True) for _ in range(2)]
     ours, bare = model(), model()
-    step, bare_opt = SGDStep(ours, sgd(ours), micro), sgd(bare)
-    def bare_update(batch_xy) -> None:
-        x, y = batch_xy
-        bare_opt.zero_grad(set_to_none=True)
-        for xc, yc in zip(x.split(micro), y.split(micro)):
-            (F.cross_entropy(bare(xc), yc) * (len(yc) / len(y))).backward()
-        bare_opt.step()
+    step, bare_update = SGDStep(ours, sgd(ours), micro), bare_sgd(bare, sgd(bare), micro)
 
     times = lockstep(step, loaders[0], lambda epoch: loaders[1].epoch(epoch), bare_update, reps)
     rate = {k: [steps * batch / t for t in v] for k, v in times.items()}
@@ -151,13 +161,7 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
 
     data = train_set.subset(steps * batch)
     bare, bare_loader = model(), loader()
-    bare_opt = sgd(bare)
-
-    def bare_update(batch_xy) -> None:
-        x, y = batch_xy
-        bare_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(bare(x), y).backward()
-        bare_opt.step()
+    bare_update = bare_sgd(bare, sgd(bare))
 
     ratios = {"plain": [], "logged": []}
     with tempfile.TemporaryDirectory() as tmp:

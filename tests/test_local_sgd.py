@@ -140,7 +140,7 @@ def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_
     assert [resumed(7, 74.0), resumed(8, 75.08)] == [False, True]
 
 
-AUTO = ["data.train_subset=5120", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+AUTO = ["data.train_subset=3072", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
         "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
         "phase1.stop.every=2", "phase2.epochs=1", "phase2.batch_size=128", "phase2.layout=sequential"]
 
@@ -154,7 +154,7 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     the critical path; a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
     from test_resume import _stop_run
     from swap.task import HeldOutPeak
-    trial = 8                                                   # updates of each trial copy (a phase-2 epoch is 32)
+    trial = 8                                                   # updates of each trial copy (a phase-2 epoch is 16)
     sets = [*AUTO, f"phase1.stop.signal={signal_name}", f"phase1.stop.trial_updates={trial}"]
     summary, records = train_quick(tmp_path / "ref", real_fashion, 2, *sets)
     phase1 = [r for r in records if r["phase"] == "phase1"]
@@ -168,10 +168,10 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     decisions = [rule(r["epoch"], r[key]) for r in read]
     assert decisions == [False] * (len(read) - 1) + [stop < 14], decisions
     assert [r[key] for r in read] != [r["test_acc"] for r in read]
-    assert summary["updates"]["phase1"] == stop * 4096 // 512            # 5,120 less the 1,024 held out
+    assert summary["updates"]["phase1"] == stop * 2048 // 512            # 3,072 less the 1,024 held out
     trial_updates = len(read) * trial if signal_name == "trials" else 0
     assert summary["updates"].get("switch_trials", 0) == summary["switch"].get("trial_updates", 0) == trial_updates
-    assert summary["updates"]["critical_path"] == stop * 8 + trial_updates + 4096 // 128
+    assert summary["updates"]["critical_path"] == stop * 4 + trial_updates + 2048 // 128
     if signal_name == "trials":
         assert all(r["trial_barrier"] == pytest.approx(sum(r["trial_copies_val_acc"]) / 2 - r[key]) for r in read)
     out = tmp_path / "run"

@@ -57,6 +57,9 @@ def test_readme_example_runs_as_a_script(tmp_path, real_fashion, index):
         assert {"phase1/test_acc", "phase2/worker1/test_acc", "average/test_acc"} <= set().union(*curves)
         assert max(r["critical_path_updates"] for r in curves if "average/test_acc" in r) == \
             max(r["critical_path_updates"] for r in curves)                # the averaged model ends the path
+        # each record reached the callback once, from the one process that wrote it (2 ranks in phase 1)
+        points = [(tag, r["critical_path_updates"]) for r in curves for tag in r if tag != "critical_path_updates"]
+        assert len(points) == len(set(points))
 
 
 def _unguarded(source: str) -> str:

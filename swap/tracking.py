@@ -139,8 +139,14 @@ class TensorBoardLogger:
             writer.add_scalar(tag, value, step)
 
     def params(self, config: dict) -> None:
+        """The config as text, and SWAP's own views as TensorBoard's custom-scalar charts: the W
+        workers' curves in one chart per metric, beside the averaged model's."""
         import yaml
-        self._writer("run", 0).add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "\n```", 0)
+        writer = self._writer("run", 0)
+        writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "\n```", 0)
+        writer.add_custom_scalars({"SWAP phase 2: the workers and their average": {
+            metric: ["Multiline", [rf"phase2/worker\d+/{metric}", f"average/{metric}"]]
+            for metric in ("test_acc", "test_loss", "train_loss", "train_acc", "lr")}})
 
     def finish(self, summary: dict, step: int, files: list[Path], figures: list) -> None:
         writer = self._writer("run", 0)

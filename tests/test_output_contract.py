@@ -113,7 +113,12 @@ def test_a_model_and_data_of_your_own_in_the_cli_resume_compare_and_landscape(tm
     ref, got = (load_file(str(d / "checkpoints" / "swap.safetensors")) for d in (tmp_path / "ref", out))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     # the resumed run continued its TensorBoard and MLflow runs: every step once, as the uninterrupted run's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from test_tracking import logged_mlflow, logged_tensorboard
+    layout = EventAccumulator(str(out / "tensorboard" / "run"))
+    layout.Reload()                                          # the workers side by side: custom-scalar charts
+    assert "custom_scalars__config__" in layout.Tags()["tensors"]
     for logged in (logged_mlflow, logged_tensorboard):
         a, b = logged(tmp_path / "ref"), logged(out)
         assert a.keys() == b.keys() and "phase2/worker1/step/train_loss" in a and "average/test_loss" in a

@@ -77,7 +77,6 @@ class Context:
     val_set: object = None                # the validation split (last data.holdout samples), when cfg.uses_validation()
     optimizer_fns: dict | None = None     # the user's optimizer per config section ({"phase1": fn, ...}; library use)
     callbacks: tuple = ()                 # the library's callbacks (swap.tracking), passed on to worker processes
-    resumed: bool = False                 # this process continues a run (its loggers append)
 
     @property
     def generic(self) -> bool:
@@ -96,8 +95,9 @@ class Context:
 
     def track(self, callbacks=(), resumed: bool = False) -> None:
         """Start this process's tracking of the run: records it logs go to the loggers of
-        ``logging.loggers`` and to ``callbacks`` (:mod:`swap.tracking`)."""
-        self.callbacks, self.resumed = tuple(callbacks), resumed
+        ``logging.loggers`` and to ``callbacks`` (:mod:`swap.tracking`); ``resumed``: the loggers
+        continue the run's earlier records."""
+        self.callbacks = tuple(callbacks)
         tracking.start(self.run.path, self.cfg.logging.loggers, self.callbacks, resumed)
 
     @classmethod

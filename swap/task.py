@@ -118,9 +118,11 @@ def top_k_correct(output, target: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 def _next_token_loss(output, target) -> bool | None:
     """Whether the output's own loss scores position t against target t + 1 (a causal language
-    model's shift): True or False when exactly one alignment's cross-entropy equals it (relative
-    1e-4), None when the output cannot tell (no own loss, not (B, T, V) logits for (B, T) integer
-    targets with T >= 2, or both alignments match). One host sync."""
+    model's shift): True when that alignment's cross-entropy equals it (relative 1e-4) and the
+    unshifted one does not, else False (a loss of another kind, label smoothing say, keeps the
+    targets as given); None when the output cannot tell (no own loss, or not (B, T, V) logits for
+    (B, T) integer targets with T >= 2), so that the decision waits for an output that can. Two
+    cross-entropies and a host sync, once per :class:`Task`."""
     own, pred = own_loss(output), prediction(output)
     if (own is None or not class_targets(output, target) or pred.dim() < 3 or pred.shape[-2] < 2
             or not (target[..., 1:] != IGNORE_INDEX).any()):
@@ -130,7 +132,7 @@ def _next_token_loss(output, target) -> bool | None:
         same = cross_entropy(pred, target).item()
     own = own.detach().float().item()
     match = [math.isclose(own, v, rel_tol=1e-4, abs_tol=1e-6) for v in (shifted, same)]
-    return match[0] if match[0] != match[1] else None
+    return match[0] and not match[1]
 
 
 @dataclass(frozen=True)

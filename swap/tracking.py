@@ -255,8 +255,8 @@ class Tracking:
     callbacks (objects with any of ``on_record(record)``, ``on_phase_end(phase, result)``,
     ``on_run_end(summary)``). Build with :func:`start`."""
 
-    def __init__(self, run_path: Path, loggers: list, callbacks: list, resumed: bool):
-        self.run_path, self.loggers, self.callbacks, self.resumed = Path(run_path), loggers, list(callbacks), resumed
+    def __init__(self, run_path: Path, loggers: list, callbacks: list):
+        self.run_path, self.loggers, self.callbacks = Path(run_path), loggers, list(callbacks)
         self.base: int | None = None                 # phase 1's critical-path updates, read once
         self.last_step = 0
 
@@ -378,7 +378,7 @@ _ACTIVE: dict[Path, Tracking] = {}
 def start(run_path, loggers=(), callbacks=(), resumed: bool = False) -> Tracking | None:
     """Set up this process's tracking of the run in ``run_path`` (None when there is nothing to
     track); :func:`active` finds it from then on. Loggers that cannot start are dropped with one
-    warning (:meth:`Tracking._each`)."""
+    warning (:meth:`Tracking._each`). ``resumed``: the loggers continue the run's earlier records."""
     key = Path(run_path).resolve()
     old = _ACTIVE.pop(key, None)
     if old is not None:
@@ -392,7 +392,7 @@ def start(run_path, loggers=(), callbacks=(), resumed: bool = False) -> Tracking
         except Exception as exc:
             print(f"swap: warning: logger {name} could not start ({type(exc).__name__}: {exc}); training goes on",
                   file=sys.stderr, flush=True)
-    tracking = _ACTIVE[key] = Tracking(Path(run_path), built, callbacks, resumed)
+    tracking = _ACTIVE[key] = Tracking(Path(run_path), built, callbacks)
     return tracking
 
 

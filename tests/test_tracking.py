@@ -112,7 +112,7 @@ def test_a_logger_that_fails_mid_run_warns_once_and_training_goes_on(tmp_path, c
             pass
 
     rec = Recorder()
-    t = tracking.Tracking(tmp_path, [Broken()], [rec], resumed=False)
+    t = tracking.Tracking(tmp_path, [Broken()], [rec])
     for epoch in (1, 2):
         t.record({"phase": "phase1", "worker": None, "epoch": epoch, "update": epoch, "train_loss": 1.0})
     err = capsys.readouterr().err.strip().splitlines()

@@ -238,18 +238,13 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     # as --auto-resume: every rank runs as a resume; one that finds no checkpoint starts from scratch
     spec = methods.RunSpec(cfg, out, time.time(), bool(resume), model_fn, (train_set, test_set), task=task,
                            collate_fn=collate_fn, optimizer=fns, callbacks=callbacks)
-    if ranked:                               # as `torchrun -m swap.cli train`: the first process of each
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:            # machine prepares its run directory
-            with RunDir.prepare(out, cfg, overwrite, resume is True, resume == "auto").locked():
-                tracking.prepare(out, cfg)
-                summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
-        else:
-            summary = methods.run_rank(method, dataclasses.replace(spec, t0=None))
+    if ranked:                               # as `torchrun -m swap.cli train`
+        summary = methods.run_ranked(method, dataclasses.replace(spec, t0=None), overwrite, resume is True,
+                                     resume == "auto")
         if int(os.environ["RANK"]) != 0:
             return None, None                # the run's model and summary are rank 0's
     else:
         RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
-        tracking.prepare(out, cfg)
         summary = methods.launch(method, spec, procs)
     return methods.final_model(method, out, model_fn), summary
 

@@ -150,14 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = methods.RunSpec(cfg, out, None, resume)
 
     if distributed.under_launcher():
-        # torchrun started this process: it is one rank; the first process on each machine prepares
-        # that machine's run directory.
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            with RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume).locked():
-                tracking.prepare(out, cfg)
-                summary = methods.run_rank(args.method, spec)
-        else:
-            summary = methods.run_rank(args.method, spec)
+        # torchrun started this process: it is one rank
+        summary = methods.run_ranked(args.method, spec, args.overwrite, args.resume, args.auto_resume)
     else:
         procs = local_procs(cfg)
         method.check(cfg, procs)
@@ -172,7 +166,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
         del train_set, val
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
-        tracking.prepare(out, cfg)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
                 if method.driver and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
@@ -353,11 +346,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         train_set, test_set = load_configured(cfg.data)
         n_train, n_test, classes = len(train_set), len(test_set), getattr(train_set, "num_classes", 0)
+        own = configured_parts(cfg)                  # (model_fn, task, collate_fn) of your own, else Nones
         if isinstance(train_set, ImageDataset):
             shape, augment = tuple(train_set.images.shape[1:]), augment_for(cfg.data, train_set)
         elif hasattr(train_set, "channels"):          # an image folder: its channels at its side
             shape, augment = (train_set.channels, train_set.size, train_set.size), None
-        elif configured_parts(cfg)[0] is None:
+        elif own[0] is None:
             raise SwapError(f"swap plan calibrates image models and models of your own (model.name: "
                             f"package.module:function); data.name={cfg.data.name} with model.name={cfg.model.name} "
                             f"is neither")
@@ -377,7 +371,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t = time.time()
     sizes, amp = chunk_sizes(cfg, args.devices, args.calibration_batch), amp_dtype_for(cfg.precision, device)
     if shape is None:
-        model_fn, _, collate_fn = configured_parts(cfg)
+        model_fn, _, collate_fn = own
         thr = calibrate_dataset(model_fn, train_set, _checked_task(cfg, methods.get_method("swap"), train_set),
                                 collate_fn or getattr(train_set, "collate_fn", None), sizes, device,
                                 samples=args.calibration_samples, amp_dtype=amp,

@@ -357,6 +357,22 @@ def _save_pretrained(model, path: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
+def run_ranked(name: str, spec: RunSpec, overwrite: bool = False, resume: bool = False,
+               auto_resume: bool = False) -> Any:
+    """This process is one rank under ``torchrun`` (the CLI's ``swap train``, or a library call in a
+    script torchrun started): the first process of each machine prepares that machine's run
+    directory (:meth:`swap.rundir.RunDir.prepare` with the flags) and holds its lock while it trains;
+    then :func:`run_rank`. Returns rank 0's summary (None on the other ranks)."""
+    import os
+
+    from .rundir import RunDir
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        with RunDir.prepare(spec.run_path, spec.cfg, overwrite, resume, auto_resume).locked():
+            return run_rank(name, spec)
+    return run_rank(name, spec)
+
+
 def run_rank(name: str, spec: RunSpec) -> Any:
     """This process is one rank (under ``torchrun``): train method ``name`` here."""
     from . import distributed

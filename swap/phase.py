@@ -28,11 +28,10 @@ from typing import Callable
 
 from torch import nn
 
-from . import distributed
+from . import distributed, tracking
 from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from .rundir import RunDir
 from .schedules import updates_between
-from .tracking import active
 
 
 @dataclass
@@ -212,7 +211,7 @@ class Phase:
         if self.final and self.rank == 0:
             for u, meta in zip(self.units, metas):
                 save_checkpoint(self.run.checkpoint(u.name), u.model, meta)
-        tracking = active(self.run.path) if self.rank == 0 else None
-        for u, meta in zip(self.units, metas) if tracking is not None else ():
-            tracking.phase_end(u.meta.get("phase", u.name), meta)      # callbacks' on_phase_end; loggers flush
+        tracked = tracking.active(self.run.path) if self.rank == 0 else None
+        for u, meta in zip(self.units, metas) if tracked is not None else ():
+            tracked.phase_end(u.meta.get("phase", u.name), meta)      # callbacks' on_phase_end; loggers flush
         return metas

@@ -233,10 +233,8 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
         SwapError: the dataset holds fewer samples than the largest batch.
     """
     from .config import SwapError
-    from .data.generic import DatasetLoader, eval_loader, to_device
+    from .data.generic import DatasetLoader, eval_loader, split_batch, to_device
     from .train import evaluate_metrics
-
-    from .data.generic import split_batch
 
     torch.manual_seed(0)
     # the train loop counts predictions (a language model's tokens): per sample, on two samples

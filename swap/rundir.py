@@ -26,7 +26,7 @@ import yaml
 
 from .checkpoint import atomic_write_bytes, recover
 from .config import Config, SwapError, config_from_dict
-from .tracking import active
+from . import tracking
 
 
 class RunDir:
@@ -89,7 +89,8 @@ class RunDir:
     @classmethod
     def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,
                 auto_resume: bool = False) -> "RunDir":
-        """Create the run directory and save the resolved config, before any training.
+        """Create the run directory and save the resolved config, before any training; start the
+        run's logged runs (:func:`swap.tracking.prepare`, for ``logging.loggers``).
 
         ``auto_resume`` (``--auto-resume``, for restarts under ``torchrun --max-restarts`` or a
         scheduler that requeues): continue when the directory holds a run of the same config
@@ -123,6 +124,7 @@ class RunDir:
                 rolled = recover(run.path / "checkpoints")
                 if rolled:
                     print(f"swap: finished the interrupted write of checkpoint(s) {', '.join(rolled)}", file=sys.stderr)
+            tracking.prepare(run.path, cfg)
             return run
         if exists and not overwrite:
             raise SwapError(f"run directory {run.path} already exists; pass --overwrite to replace it, "
@@ -131,6 +133,7 @@ class RunDir:
             shutil.rmtree(run.path)
         (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        tracking.prepare(run.path, cfg)
         return run
 
     @property
@@ -201,9 +204,9 @@ class RunDir:
             os.write(fd, line)
         finally:
             os.close(fd)
-        tracking = active(self.path)
-        if tracking is not None:
-            tracking.record(record)
+        tracked = tracking.active(self.path)
+        if tracked is not None:
+            tracked.record(record)
 
     def rewrite_metrics(self, keep) -> None:
         """Keep only the records (of every kind) for which ``keep(record)`` is true (atomic rewrite)."""
@@ -229,9 +232,9 @@ class RunDir:
         if self.bad_images_log.is_file():
             summary = {**summary, "skipped_images": len(set(self.bad_images_log.read_text().splitlines()))}
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
-        tracking = active(self.path)
-        if tracking is not None:                  # the run's end: callbacks, final metrics, artifacts
-            tracking.run_end(summary)
+        tracked = tracking.active(self.path)
+        if tracked is not None:                   # the run's end: callbacks, final metrics, artifacts
+            tracked.run_end(summary)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())

@@ -43,9 +43,10 @@ import sys
 from pathlib import Path
 
 from .config import SwapError
+from .imports import EXTRAS
 
-# logger -> (module to import, extra that installs it)
-LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
+# logger -> the package it needs (its extra: swap.imports.EXTRAS)
+LOGGERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 # record fields that are not values to plot
 NOT_VALUES = {"phase", "worker", "epoch", "update", "step", "model", "kind", "optimizer", "stopped",
               "phase_wall_s", "eval_s", "cost_s"}
@@ -62,11 +63,11 @@ def check_loggers(names) -> list[str]:
     for name in names:
         if name not in LOGGERS:
             raise SwapError(f"unknown logger {name!r} (known: {', '.join(LOGGERS)})")
-        module, extra = LOGGERS[name]
+        module = LOGGERS[name]
         try:
             importlib.import_module(module)
         except ImportError:
-            raise SwapError(f"logger {name} needs the {module} package: pip install 'swap[{extra}]'") from None
+            raise SwapError(f"logger {name} needs the {module} package: pip install 'swap[{EXTRAS[module]}]'") from None
     return names
 
 

@@ -37,7 +37,6 @@ from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
-from ..tracking import active
 from ..train import train
 from .sgd import train_data_parallel
 from .local_sgd import OuterSync
@@ -369,9 +368,10 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     run.log({"phase": "phase3", "worker": None, "epoch": None, "update": max(p2_updates), "test_acc": averaged_acc,
              **{f"test_{m}": v for m, v in (metrics or {}).items() if m != "top1"},
              "phase_wall_s": walls["phase3"], "wall_s": time.time() - ctx.t0})
-    if active(run.path) is not None:
-        active(run.path).phase_end("phase3", {"workers": [r.worker for r in finished], "test_acc": averaged_acc,
-                                              **({"test_metrics": metrics} if metrics else {})})
+    tracked = tracking.active(run.path)
+    if tracked is not None:
+        tracked.phase_end("phase3", {"workers": [r.worker for r in finished], "test_acc": averaged_acc,
+                                     **({"test_metrics": metrics} if metrics else {})})
     walls = {**walls, "total": sum(walls.values())}
     worker_accs = [r.meta["test_acc"] for r in finished]
     trials = phase1.get("switch", {}).get("trial_updates", 0)

@@ -18,13 +18,15 @@ Schedule = Callable[[int], float]
 
 def record_lr_scales(optimizer) -> None:
     """Give each parameter group of ``optimizer`` (any ``torch.optim.Optimizer``) its ``lr_scale``:
-    its LR over the optimizer's default LR (``defaults["lr"]``) at construction, unless the group
-    already carries one (timm's convention for layer-wise LR decay). Groups at the default LR get
-    none (scale 1). Call once, before any :func:`apply_lr`."""
+    its LR at construction (``initial_lr``, which torch's LR schedulers record, else its LR now) over
+    the optimizer's default LR (``defaults["lr"]``), unless the group already carries one (timm's
+    convention for layer-wise LR decay). Groups at the default LR get none (scale 1). Call once,
+    before any :func:`apply_lr`."""
     base = float(optimizer.defaults.get("lr", 0.0) or 0.0)
     for group in optimizer.param_groups:
-        if "lr_scale" not in group and base > 0 and float(group["lr"]) != base:
-            group["lr_scale"] = float(group["lr"]) / base
+        lr = float(group.get("initial_lr", group["lr"]))
+        if "lr_scale" not in group and base > 0 and lr != base:
+            group["lr_scale"] = lr / base
 
 
 def apply_lr(optimizer, lr: float) -> None:

@@ -1,0 +1,132 @@
+"""The ranks of tests/test_lightning.py: ``torchrun --nproc-per-node 2 tests/lightning_ranks.py OUT``.
+
+One launch, several ``trainer.fit`` in the same two processes (torchrun starts them, so an
+interrupted fit leaves them alive for its resume). Each fit is the README's example module and data
+on a Fashion-MNIST subset with the :class:`swap.lightning.SWAP` callback (phase 2 from epoch 2 of 4).
+Rank 0 writes what the test asserts on to ``OUT/results.pt``:
+
+- ``full``: the uninterrupted fit: averaged weights, the callback's metrics, and the BN statistics of
+  one process's own pass over all the training data (forward hooks, float64), which the callback's
+  sharded recompute must equal;
+- ``interrupted``: a KeyboardInterrupt on both ranks in phase 2 (epoch 3, batch 5), caught by
+  Lightning, whose ``OnExceptionCheckpoint`` writes a checkpoint; then ``fit(ckpt_path=...)``;
+- ``killed``: ``fit(ckpt_path=...)`` from the uninterrupted fit's checkpoint of step 44 (mid-epoch in
+  phase 2), the last file a run killed after it leaves;
+- ``dicts_adamw``: dict batches and AdamW, averaged and worker metrics.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+from examples.lightning_fashion import Classifier, FashionMNIST
+from swap.lightning import SWAP
+
+OUT = Path(sys.argv[1])
+SUBSET, HOLDOUT, BATCH = 3072, 1024, 64          # 2,048 training images: 16 steps per rank per phase-1 epoch
+
+
+class DictBatches(FashionMNIST):
+    """The same data as ``{"pixels": (N, 1, 28, 28), "label": (N,)}`` batches."""
+
+    def train_dataloader(self):
+        return self._dicts(super().train_dataloader())
+
+    def val_dataloader(self):
+        return self._dicts(super().val_dataloader())
+
+    @staticmethod
+    def _dicts(dl):
+        def collate(samples):
+            x, y = torch.utils.data.default_collate(samples)
+            return {"pixels": x, "label": y}
+        return torch.utils.data.DataLoader(dl.dataset, batch_size=dl.batch_size, shuffle=dl.batch_size == BATCH,
+                                           collate_fn=collate)
+
+
+class AdamWOnDicts(Classifier):
+    """The example's module on dict batches, with AdamW and no LR scheduler."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["pixels"], batch["label"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch["pixels"], batch["label"]), batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=5e-4)
+
+
+class Interrupt(L.Callback):
+    """Ctrl-C on every rank at the start of (epoch, batch)."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.at = (epoch, batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == self.at:
+            raise KeyboardInterrupt
+
+
+def fit(name: str, *, callbacks=(), ckpt_path=None, adamw_dicts=False):
+    L.seed_everything(0, verbose=False)
+    swap_cb = SWAP(switch_epoch=2, phase2_lr=2e-3 if adamw_dicts else 0.1, phase2_schedule="constant")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=4, logger=False,
+                        callbacks=[swap_cb, *callbacks], enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=OUT / name)
+    model = AdamWOnDicts(lr=3e-3) if adamw_dicts else Classifier()
+    data = (DictBatches if adamw_dicts else FashionMNIST)(batch_size=BATCH, train_subset=SUBSET, holdout=HOLDOUT)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except SystemExit:                               # Lightning's answer to a KeyboardInterrupt
+        return None, None, trainer
+    return model, swap_cb, trainer
+
+
+def bn_reference(model: Classifier, data: FashionMNIST) -> dict:
+    """Each BN layer's mean and unbiased variance of its inputs over all the training data, one process."""
+    inputs: dict[str, list] = {}
+    bns = {n: m for n, m in model.net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].double()))
+             for n, m in bns.items()]
+    model.train()
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(data.train, batch_size=BATCH):
+            model(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, xs in inputs.items():
+        x = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in xs], 1)
+        out[n] = (x.mean(1), x.var(1))
+    return out
+
+
+def main() -> None:
+    results = {}
+    every = ModelCheckpoint(dirpath=OUT / "steps", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    model, cb, trainer = fit("full", callbacks=[every])
+    data = trainer.datamodule
+    results["full"] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "metrics": cb.metrics,
+                       "phase": cb.phase,
+                       "bn": {n: (m.running_mean.double(), m.running_var.double()) for n, m in model.net.named_modules()
+                              if isinstance(m, torch.nn.BatchNorm2d)}}
+    results["full"]["bn_reference"] = bn_reference(model, data)       # (its train-mode pass moves the running stats)
+    on_exception = OnExceptionCheckpoint(dirpath=OUT / "interrupt", filename="interrupted")
+    fit("interrupted", callbacks=[Interrupt(3, 5), on_exception])
+    model, cb, _ = fit("resumed", ckpt_path=OUT / "interrupt" / "interrupted.ckpt")
+    results["interrupted"] = {"weights": model.state_dict(), "metrics": cb.metrics}
+    model, cb, _ = fit("killed", ckpt_path=OUT / "steps" / "step=44.ckpt")
+    results["killed"] = {"weights": model.state_dict(), "metrics": cb.metrics}
+    model, cb, _ = fit("dicts_adamw", adamw_dicts=True)
+    results["dicts_adamw"] = {"metrics": cb.metrics, "phase": cb.phase}
+    if trainer.is_global_zero:
+        torch.save(results, OUT / "results.pt")
+
+
+if __name__ == "__main__":
+    main()

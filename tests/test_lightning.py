@@ -1,0 +1,161 @@
+"""SWAP as a Lightning callback (swap.lightning.SWAP): two ranks on CPU (gloo) on Fashion-MNIST
+subsets, in one torchrun launch shared by the tests (tests/lightning_ranks.py); the README's example
+runs through Lightning's own launcher in tests/test_readme.py."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from swap.errors import SwapError
+from swap.lightning import SWAP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, real_fashion):
+    """What rank 0 of tests/lightning_ranks.py wrote: five fits of the example module on 2 ranks."""
+    out = tmp_path_factory.mktemp("lightning")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(ROOT / "tests" / "lightning_ranks.py"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+def _gain(metrics: dict) -> tuple[float, float]:
+    """(averaged - mean worker) in validation accuracy points, (mean worker - averaged) in loss."""
+    workers = metrics["workers"]
+    acc = sum(w["val_acc"] for w in workers) / len(workers)
+    loss = sum(w["val_loss"] for w in workers) / len(workers)
+    return metrics["average"]["val_acc"] - acc, loss - metrics["average"]["val_loss"]
+
+
+def test_the_averaged_model_is_better_than_its_workers(ranks):
+    full = ranks["full"]
+    assert full["phase"] == 3 and len(full["metrics"]["workers"]) == 2
+    acc_gain, loss_gain = _gain(full["metrics"])
+    assert acc_gain > 0 and loss_gain > 0, full["metrics"]
+    assert full["metrics"]["average"]["val_loss"] < min(w["val_loss"] for w in full["metrics"]["workers"])
+    assert full["metrics"]["average"]["val_acc"] > 70.0          # 2,048 images, 4 epochs; chance is 10%
+
+
+def test_bn_statistics_are_one_process_pass_over_all_the_training_data(ranks):
+    """The callback's sharded recompute (2 ranks, all-reduced sums) equals the mean and unbiased
+    variance of each BN layer's inputs, collected by hooks in one process over every batch."""
+    full = ranks["full"]
+    assert len(full["bn"]) == 5
+    for name, (mean, var) in full["bn"].items():
+        ref_mean, ref_var = full["bn_reference"][name]
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(var, ref_var, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("how", ["interrupted", "killed"])
+def test_a_phase_2_checkpoint_resumes_to_the_uninterrupted_weights_bit_for_bit(ranks, how):
+    """KeyboardInterrupt mid-epoch in phase 2 (Lightning's OnExceptionCheckpoint), or the last
+    ModelCheckpoint file a killed run leaves (step 44, mid-epoch in phase 2), then fit(ckpt_path=...)."""
+    full, resumed = ranks["full"]["weights"], ranks[how]["weights"]
+    assert full.keys() == resumed.keys()
+    for name, value in full.items():
+        assert torch.equal(value, resumed[name]), name
+    assert ranks[how]["metrics"] == ranks["full"]["metrics"]
+
+
+def test_dict_batches_and_adamw(ranks):
+    run = ranks["dicts_adamw"]
+    assert run["phase"] == 3
+    acc_gain, loss_gain = _gain(run["metrics"])
+    assert acc_gain > 0 and loss_gain > 0, run["metrics"]
+    assert run["metrics"]["average"]["val_acc"] > 75.0
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self, manual: bool = False):
+        super().__init__()
+        self.automatic_optimization = not manual
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("trainer_kwargs, callback_kwargs, module, message", [
+    ({"devices": 1}, {"switch_epoch": 1}, _Tiny(), "strategy='ddp'"),
+    ({"devices": 1, "strategy": "ddp"}, {"switch_epoch": 1}, _Tiny(), "at least 2 ranks"),
+    ({"devices": 2, "strategy": "ddp", "max_epochs": 3}, {"switch_epoch": 3}, _Tiny(), "leaves no room"),
+    ({"devices": 2, "strategy": "ddp", "max_epochs": 3}, {"monitor": "val_acc", "stop_value": 90.0,
+                                                         "phase2_epochs": 3}, _Tiny(), "leaves no room"),
+    ({"devices": 2, "strategy": "ddp", "max_epochs": 3, "max_steps": 100}, {"switch_epoch": 1}, _Tiny(), "max_steps"),
+    ({"devices": 2, "strategy": "ddp", "max_epochs": 3}, {"switch_epoch": 1}, _Tiny(manual=True), "automatic optim"),
+])
+def test_misuse_is_one_clear_error_before_any_work(trainer_kwargs, callback_kwargs, module, message):
+    """What ``setup`` (the first hook of fit, before any step) refuses, checked on the Trainer."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, **trainer_kwargs)
+    with pytest.raises(SwapError, match=re.escape(message)) as err:
+        SWAP(phase2_lr=0.1, **callback_kwargs).setup(trainer, module, "fit")
+    assert "\n" not in str(err.value)
+
+
+def test_a_sharded_strategy_is_refused():
+    """FSDP (Lightning runs it on GPUs only, so its strategy object is handed over directly)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    with pytest.raises(SwapError, match="sharded strategies such as FSDP"):
+        SWAP(switch_epoch=1, phase2_lr=0.1).setup(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), _Tiny(), "fit")
+
+
+def test_a_one_device_fit_is_refused_before_its_first_step():
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[SWAP(switch_epoch=1, phase2_lr=0.1)])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    with pytest.raises(SwapError, match="strategy='ddp'"):
+        trainer.fit(_Tiny(), data)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"switch_epoch": 0}, "switch_epoch must be an integer >= 1"),
+    ({}, "either switch_epoch or monitor"),
+    ({"switch_epoch": 2, "monitor": "val_acc"}, "either switch_epoch or monitor"),
+    ({"monitor": "val_acc", "stop_value": 90.0}, "needs stop_value and phase2_epochs"),
+    ({"switch_epoch": 2, "phase2_schedule": "step"}, "phase2_schedule must be one of"),
+    ({"switch_epoch": 2, "phase2_min_lr": 1.0}, "phase2_min_lr"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(SwapError, match=re.escape(message)):
+        SWAP(phase2_lr=0.1, **kwargs)
+
+
+def test_the_readme_shows_the_example_file_as_it_is():
+    """README's Lightning example is examples/lightning_fashion.py, line for line (test_readme runs it)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = (ROOT / "examples" / "lightning_fashion.py").read_text()
+    assert example in blocks
+
+
+def test_the_extras_stay_out_of_import_swap_and_a_missing_one_is_one_line(monkeypatch):
+    done = subprocess.run([sys.executable, "-c", "import sys, swap, swap.cli; "
+                           "print(sorted(m for m in ('lightning', 'transformers', 'tensorboard', 'mlflow', 'ray') "
+                           "if m in sys.modules))"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    monkeypatch.delitem(sys.modules, "swap.lightning")
+    monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    with pytest.raises(ModuleNotFoundError) as err:
+        import swap.lightning  # noqa: F401
+    assert str(err.value) == "swap.lightning needs Lightning; pip install 'swap[lightning]'"

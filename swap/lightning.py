@@ -129,6 +129,9 @@ class SWAP(Callback):
         phase2_schedule: ``linear`` (from ``phase2_lr`` to ``phase2_min_lr`` at the last update, the
             paper's), ``cosine`` (half cosine to ``phase2_min_lr``) or ``constant``.
         phase2_min_lr: the LR the decay ends at (default 0).
+        phase2_batch_size: each worker's batch in phase 2, in samples (default: the training
+            DataLoader's ``batch_size``, phase 1's per-rank batch). The paper's phase 2 uses a small
+            batch: with phase 1 at W x 512, ``phase2_batch_size=128`` gives each worker 4x the updates.
         bn_batches: recompute the BN statistics over at most this many training batches (None: all).
         bn_forward: ``bn_forward(module, batch)`` runs a batch through the model for the BN pass
             (default: the module's ``training_step(batch, i)``, with its ``self.log`` calls kept out
@@ -152,7 +155,8 @@ class SWAP(Callback):
 
     def __init__(self, *, phase2_lr: float, switch_epoch: int | None = None, monitor: str | None = None,
                  stop_value: float | None = None, mode: str = "max", phase2_epochs: int | None = None,
-                 phase2_schedule: str = "linear", phase2_min_lr: float = 0.0, bn_batches: int | None = None,
+                 phase2_schedule: str = "linear", phase2_min_lr: float = 0.0, phase2_batch_size: int | None = None,
+                 bn_batches: int | None = None,
                  bn_forward: Callable[[Any, Any], Any] | None = None, seed: int | None = None):
         if not (isinstance(phase2_lr, (int, float)) and phase2_lr > 0):
             raise SwapError(f"SWAP: phase2_lr must be a number > 0, got {phase2_lr!r}")
@@ -170,11 +174,14 @@ class SWAP(Callback):
             raise SwapError(f"SWAP: phase2_schedule must be one of {', '.join(SCHEDULES)}, got {phase2_schedule!r}")
         if not 0 <= phase2_min_lr <= phase2_lr:
             raise SwapError(f"SWAP: need 0 <= phase2_min_lr ({phase2_min_lr}) <= phase2_lr ({phase2_lr})")
+        if phase2_batch_size is not None and not (isinstance(phase2_batch_size, int) and phase2_batch_size >= 1):
+            raise SwapError(f"SWAP: phase2_batch_size must be an integer >= 1 or None, got {phase2_batch_size!r}")
         if bn_batches is not None and not (isinstance(bn_batches, int) and bn_batches >= 1):
             raise SwapError(f"SWAP: bn_batches must be an integer >= 1 or None, got {bn_batches!r}")
         self.phase2_lr, self.switch_epoch, self.monitor, self.stop_value = float(phase2_lr), switch_epoch, monitor, stop_value
         self.mode, self.phase2_epochs, self.phase2_schedule = mode, phase2_epochs, phase2_schedule
-        self.phase2_min_lr, self.bn_batches, self.bn_forward, self.seed = float(phase2_min_lr), bn_batches, bn_forward, seed
+        self.phase2_min_lr, self.phase2_batch_size = float(phase2_min_lr), phase2_batch_size
+        self.bn_batches, self.bn_forward, self.seed = bn_batches, bn_forward, seed
         self.phase = 1
         self.metrics: dict = {}
         self._switch_next = False       # phase 1 ended at the last epoch's end (monitor reached)
@@ -266,10 +273,12 @@ class SWAP(Callback):
         self._order = WorkerOrder(len(dl.dataset), self.seed, self._rank)
         self._order.epoch = trainer.current_epoch
         dl.batch_sampler.sampler = self._order
+        if self.phase2_batch_size is not None:
+            dl.batch_sampler.batch_size = self.phase2_batch_size
         batches = self._set_epoch_length(trainer, dl)
         if resumed:
             # the batches of this epoch the checkpoint had done (Lightning's count once it restarts)
-            self._order.skip = loop.epoch_loop.batch_progress.current.processed * dl.batch_size
+            self._order.skip = loop.epoch_loop.batch_progress.current.processed * dl.batch_sampler.batch_size
             self._apply_pending(trainer, pl_module)
         else:
             self.phase, self._switch_next = 2, False
@@ -345,8 +354,9 @@ class SWAP(Callback):
     @staticmethod
     def _batches(dl: DataLoader, rank: int, world: int, limit: int | None = None):
         """``(i, batch)`` of rank ``rank``'s share (every ``world``-th batch from ``rank`` on) of the first
-        ``limit`` batches (None: all) of ``dl``'s dataset in order, batched and collated as ``dl`` does."""
-        order = list(BatchSampler(range(len(dl.dataset)), dl.batch_size, drop_last=False))[:limit]
+        ``limit`` batches (None: all) of ``dl``'s dataset in order, batched (at its batch sampler's
+        batch size: phase 2's for the training loader) and collated as ``dl`` does."""
+        order = list(BatchSampler(range(len(dl.dataset)), dl.batch_sampler.batch_size, drop_last=False))[:limit]
         mine = list(range(rank, len(order), world))
         loader = DataLoader(dl.dataset, batch_sampler=[order[i] for i in mine], collate_fn=dl.collate_fn,
                             num_workers=dl.num_workers)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, real_fashion):
-    """What rank 0 of tests/lightning_ranks.py wrote: five fits of the example module on 2 ranks."""
+    """What rank 0 of tests/lightning_ranks.py wrote: four fits of the example module on 2 ranks."""
     out = tmp_path_factory.mktemp("lightning")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -41,12 +41,14 @@ def _gain(metrics: dict) -> tuple[float, float]:
 
 
 def test_the_averaged_model_is_better_than_its_workers(ranks):
+    """Dict batches and AdamW: the average of the 2 workers (BN recomputed) beats their mean in
+    validation accuracy and each of them in validation loss."""
     full = ranks["full"]
     assert full["phase"] == 3 and len(full["metrics"]["workers"]) == 2
     acc_gain, loss_gain = _gain(full["metrics"])
     assert acc_gain > 0 and loss_gain > 0, full["metrics"]
     assert full["metrics"]["average"]["val_loss"] < min(w["val_loss"] for w in full["metrics"]["workers"])
-    assert full["metrics"]["average"]["val_acc"] > 70.0          # 2,048 images, 4 epochs; chance is 10%
+    assert full["metrics"]["average"]["val_acc"] > 75.0          # 2,048 images, 4 epochs; chance is 10%
 
 
 def test_bn_statistics_are_one_process_pass_over_all_the_training_data(ranks):
@@ -69,14 +71,6 @@ def test_a_phase_2_checkpoint_resumes_to_the_uninterrupted_weights_bit_for_bit(r
     for name, value in full.items():
         assert torch.equal(value, resumed[name]), name
     assert ranks[how]["metrics"] == ranks["full"]["metrics"]
-
-
-def test_dict_batches_and_adamw(ranks):
-    run = ranks["dicts_adamw"]
-    assert run["phase"] == 3
-    acc_gain, loss_gain = _gain(run["metrics"])
-    assert acc_gain > 0 and loss_gain > 0, run["metrics"]
-    assert run["metrics"]["average"]["val_acc"] > 75.0
 
 
 class _Tiny(L.LightningModule):

@@ -6,12 +6,14 @@
 - ``large+swa``: ``large`` with Lightning's ``StochasticWeightAveraging`` from epoch SWITCH
   (``swa_lrs=PHASE2_LR``; its BN update is one more epoch);
 - ``swap``: ``large`` with our ``SWAP`` callback: phase 2 from epoch SWITCH, each worker at batch 128,
-  constant LR PHASE2_LR, average and exact BN at the end.
+  constant LR PHASE2_LR, average and exact BN at the end;
+- ``swap-linear``: the same with phase 2's LR decaying linearly from PHASE2_LR to 0 (the paper's shape).
 
 For each, over seeds 0..S-1: test accuracy of the final (averaged) model on the 10,000 test images,
 optimizer steps on the critical path (``trainer.global_step`` of one rank: phase 1's plus one worker's),
-wall seconds of ``fit``, and seconds per step in phase-1 epochs 1..SWITCH-1 (the callback's cost in
-phase 1: ``swap`` against ``large``, same steps). Each run is its own launch (Lightning's launcher
+wall seconds of ``fit``, and the callback's cost in phase 1: seconds per step in phase-1 epochs
+1..SWITCH-1 of ``swap`` against ``large`` (separate runs: the machine's drift shows too), and the share
+of phase 1's time spent inside the callback's hooks (timed around each hook call). Each run is its own launch (Lightning's launcher
 starts the second rank)::
 
     .venv/bin/python benchmarks/lightning_swap.py [--seeds 3] [--train-subset 16384] [--epochs 10]
@@ -31,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-VARIANTS = ("small", "large", "large+swa", "swap")
+VARIANTS = ("small", "large", "large+swa", "swap", "swap-linear")
 SWITCH, PHASE2_LR = 7, 0.1
 
 
@@ -62,14 +64,27 @@ def run_one(variant: str, seed: int, train_subset: int, epochs: int) -> None:
             self.times.append(time.perf_counter() - self._t)
             self.steps.append(trainer.global_step - self._s)
 
+    def timed(name):
+        def hook(self, *args, **kwargs):
+            start, phase = time.perf_counter(), self.phase
+            getattr(SWAP, name)(self, *args, **kwargs)
+            if phase == 1:
+                self.phase1_hook_s += time.perf_counter() - start
+        return hook
+
+    hooks = ("on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
+             "on_validation_end", "on_train_epoch_end")
+    TimedSWAP = type("TimedSWAP", (SWAP,), {"phase1_hook_s": 0.0, **{h: timed(h) for h in hooks}})
+
     L.seed_everything(seed, verbose=False)
     per_rank, lr = (64, 0.2) if variant == "small" else (512, 0.8)
     timer = EpochTimes()
     callbacks = [timer]
     if variant == "large+swa":
         callbacks.append(StochasticWeightAveraging(swa_lrs=PHASE2_LR, swa_epoch_start=SWITCH))
-    if variant == "swap":
-        callbacks.append(SWAP(switch_epoch=SWITCH, phase2_lr=PHASE2_LR, phase2_schedule="constant",
+    if variant.startswith("swap"):
+        callbacks.append(TimedSWAP(switch_epoch=SWITCH, phase2_lr=PHASE2_LR,
+                                   phase2_schedule="linear" if variant == "swap-linear" else "constant",
                               phase2_batch_size=128))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, callbacks=callbacks,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -83,9 +98,13 @@ def run_one(variant: str, seed: int, train_subset: int, epochs: int) -> None:
     if trainer.is_global_zero:
         phase1 = range(1, SWITCH)                   # epoch 0 is the cold one
         per_step = sum(timer.times[e] for e in phase1) / sum(timer.steps[e] for e in phase1)
+        hook_share = callbacks[-1].phase1_hook_s / sum(timer.times[:SWITCH]) if variant.startswith("swap") else None
         print("RESULT " + json.dumps({"variant": variant, "seed": seed, "test_acc": test["test_acc"],
                                       "critical_path_steps": steps, "fit_s": fit_s,
-                                      "phase1_s_per_step": per_step}), flush=True)
+                                      "phase1_s_per_step": per_step, "phase1_hook_share": hook_share}), flush=True)
+    import torch.distributed as dist
+    if dist.is_initialized():        # every variant ends its process group (a plain Lightning rank sometimes aborts)
+        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -93,13 +112,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-subset", type=int, default=16384)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; others keep their saved runs")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return run_one(args.one[0], int(args.one[1]), args.train_subset, args.epochs)
-    rows = []
+    chosen = args.variants.split(",")
+    saved = RESULTS / "lightning_swap.json"
+    rows = [r for r in json.loads(saved.read_text())["runs"] if r["variant"] not in chosen] if saved.exists() else []
     for seed in range(args.seeds):
-        for variant in VARIANTS:
+        for variant in chosen:
             done = subprocess.run([sys.executable, __file__, "--one", variant, str(seed), "--train-subset",
                                    str(args.train_subset), "--epochs", str(args.epochs)],
                                   capture_output=True, text=True, cwd=ROOT)
@@ -111,6 +133,8 @@ def main() -> None:
     table = {}
     for variant in VARIANTS:
         mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
         acc = [r["test_acc"] for r in mine]
         table[variant] = {"test_acc_mean": statistics.mean(acc), "test_acc_std": statistics.pstdev(acc),
                           "critical_path_steps": mine[0]["critical_path_steps"],
@@ -128,6 +152,9 @@ def main() -> None:
         print(f"| {variant} | {t['test_acc_mean']:.2f} +- {t['test_acc_std']:.2f} | {t['critical_path_steps']} | "
               f"{t['fit_s_mean']:.1f} |")
     print("phase-1 time per step, swap / large:", ", ".join(f"{r:.3f}" for r in ratios))
+    shares = [r["phase1_hook_share"] for r in rows if r["variant"].startswith("swap")]
+    print("share of phase 1's time spent in the SWAP callback's hooks:", ", ".join(f"{x:.2e}" for x in shares))
+    out["phase1_hook_share"] = shares
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lightning_swap.json").write_text(json.dumps(out, indent=1))
 

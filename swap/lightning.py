@@ -38,6 +38,7 @@ those of Lightning 2.5-2.6; :meth:`SWAP.setup` checks them and names the version
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from typing import Any, Callable
@@ -219,6 +220,7 @@ class SWAP(Callback):
                 raise SwapError(f"SWAP was written for Lightning 2.5-2.6; this Lightning ({pl.__version__}) "
                                 f"has no fit_loop.{attr}")
         self._world, self._rank = trainer.world_size, trainer.global_rank
+        atexit.register(_destroy_process_group)
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
@@ -394,8 +396,8 @@ class SWAP(Callback):
             trainer = self._trainer
             mine = {"model": {k: v.detach().cpu().clone() for k, v in trainer.lightning_module.state_dict().items()},
                     "optimizers": [opt.state_dict() for opt in trainer.optimizers]}
-            workers = [None] * self._world
-            dist.all_gather_object(workers, mine)
+            workers = [None] * self._world if self._rank == 0 else None
+            dist.gather_object(mine, workers, dst=0)             # only rank 0 writes the checkpoint
             state["workers"] = workers
         return state
 
@@ -418,6 +420,14 @@ class SWAP(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
+
+
+def _destroy_process_group() -> None:
+    """At interpreter exit: end the process group Lightning leaves open. Without it a CPU (gloo) rank
+    sometimes aborts after ``fit`` and ``test`` return ("terminate called without an active
+    exception": a thread of the group destroyed unjoined at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _recording:

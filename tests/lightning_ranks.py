@@ -3,17 +3,18 @@
 One launch, four ``trainer.fit`` in the same two processes (torchrun starts them, so an interrupted
 fit leaves them alive for its resume). Each fit is the README's example module on dict batches with
 AdamW instead of SGD + one-cycle (the README's own example runs in tests/test_readme.py), on a
-Fashion-MNIST subset, with the :class:`swap.lightning.SWAP` callback: phase 1 epochs 0-1 on 2 ranks
-x 64, phase 2 epochs 2-3 with each worker at batch 64. Rank 0 writes what the test asserts on to
+Fashion-MNIST subset, with the :class:`swap.lightning.SWAP` callback switching on a stopping accuracy
+(60% validation accuracy, reached after epoch 0): phase 1 on 2 ranks x 64, then 2 phase-2 epochs
+(each worker at batch 64), and the fit ends there (epoch 3 of max_epochs=5). Rank 0 writes what the test asserts on to
 ``OUT/results.pt``:
 
 - ``full``: the uninterrupted fit: averaged weights, the callback's metrics, and the BN statistics of
   one process's own pass over all the training data (forward hooks, float64), which the callback's
   sharded recompute must equal;
-- ``interrupted``: a KeyboardInterrupt on both ranks in phase 2 (epoch 3, batch 5), caught by
+- ``interrupted``: a KeyboardInterrupt on both ranks in phase 2 (epoch 2, batch 5), caught by
   Lightning, whose ``OnExceptionCheckpoint`` writes a checkpoint; then ``fit(ckpt_path=...)``;
-- ``killed``: ``fit(ckpt_path=...)`` from the uninterrupted fit's checkpoint of step 44 (mid-epoch in
-  phase 2), the last file a run killed after it leaves.
+- ``killed``: ``fit(ckpt_path=...)`` from the uninterrupted fit's checkpoint of step 44 (mid-epoch 1,
+  in phase 2), the last file a run killed after it leaves.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from swap.lightning import SWAP
 
 OUT = Path(sys.argv[1])
 SUBSET, HOLDOUT, BATCH = 3072, 1024, 64          # 2,048 training images: 16 steps per phase-1 epoch, 32 in phase 2
+STOP_ACC = 60.0                                  # the stopping accuracy: validation reaches it after epoch 0
 
 
 class DictBatches(FashionMNIST):
@@ -62,6 +64,17 @@ class AdamWOnDicts(Classifier):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=5e-4)
 
 
+class ValAcc(L.Callback):
+    """Each epoch's logged val_acc, as the SWAP callback reads it."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.history.append(float(trainer.callback_metrics["val_acc"]))
+
+
 class Interrupt(L.Callback):
     """Ctrl-C on every rank at the start of (epoch, batch)."""
 
@@ -75,8 +88,8 @@ class Interrupt(L.Callback):
 
 def fit(name: str, *, callbacks=(), ckpt_path=None):
     L.seed_everything(0, verbose=False)
-    swap_cb = SWAP(switch_epoch=2, phase2_lr=2e-3, phase2_schedule="constant")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=4, logger=False,
+    swap_cb = SWAP(monitor="val_acc", stop_value=STOP_ACC, phase2_epochs=2, phase2_lr=2e-3, phase2_schedule="constant")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=5, logger=False,
                         callbacks=[swap_cb, *callbacks], enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=OUT / name)
     model = AdamWOnDicts(lr=3e-3)
@@ -110,15 +123,17 @@ def bn_reference(model: Classifier, data: FashionMNIST) -> dict:
 def main() -> None:
     results = {}
     every = ModelCheckpoint(dirpath=OUT / "steps", every_n_train_steps=4, save_top_k=-1, filename="{step}")
-    model, cb, trainer = fit("full", callbacks=[every])
+    val_acc = ValAcc()
+    model, cb, trainer = fit("full", callbacks=[every, val_acc])
     data = trainer.datamodule
     results["full"] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "metrics": cb.metrics,
-                       "phase": cb.phase,
+                       "phase": cb.phase, "switch_epoch": cb._start_epoch, "val_acc": val_acc.history,
+                       "epochs": trainer.current_epoch, "steps": trainer.global_step,
                        "bn": {n: (m.running_mean.double(), m.running_var.double()) for n, m in model.net.named_modules()
                               if isinstance(m, torch.nn.BatchNorm2d)}}
     results["full"]["bn_reference"] = bn_reference(model, data)       # (its train-mode pass moves the running stats)
     on_exception = OnExceptionCheckpoint(dirpath=OUT / "interrupt", filename="interrupted")
-    fit("interrupted", callbacks=[Interrupt(3, 5), on_exception])
+    fit("interrupted", callbacks=[Interrupt(2, 5), on_exception])
     model, cb, _ = fit("resumed", ckpt_path=OUT / "interrupt" / "interrupted.ckpt")
     results["interrupted"] = {"weights": model.state_dict(), "metrics": cb.metrics}
     model, cb, _ = fit("killed", ckpt_path=OUT / "steps" / "step=44.ckpt")

@@ -48,7 +48,15 @@ def test_the_averaged_model_is_better_than_its_workers(ranks):
     acc_gain, loss_gain = _gain(full["metrics"])
     assert acc_gain > 0 and loss_gain > 0, full["metrics"]
     assert full["metrics"]["average"]["val_loss"] < min(w["val_loss"] for w in full["metrics"]["workers"])
-    assert full["metrics"]["average"]["val_acc"] > 75.0          # 2,048 images, 4 epochs; chance is 10%
+    assert full["metrics"]["average"]["val_acc"] > 75.0          # 2,048 images, 3 epochs; chance is 10%
+
+
+def test_the_switch_comes_after_the_first_epoch_at_the_stopping_accuracy_and_the_fit_ends_with_phase_2(ranks):
+    full = ranks["full"]
+    first = next(e for e, acc in enumerate(full["val_acc"]) if acc >= 60.0)
+    assert full["switch_epoch"] == first + 1 == 1, full["val_acc"]
+    assert full["epochs"] == 3 and len(full["val_acc"]) == 3             # max_epochs=5; 2 phase-2 epochs
+    assert full["steps"] == 2048 // 128 + 2 * 2048 // 64                 # phase 1 on 2 ranks x 64, workers at 64
 
 
 def test_bn_statistics_are_one_process_pass_over_all_the_training_data(ranks):

@@ -25,7 +25,7 @@ HF_SHORT = ("workers=2;phase1.max_epochs=1;phase1.warmup_epochs=1;phase2.epochs=
 
 # The Lightning example (examples/lightning_fashion.py) is shortened by its own constants line.
 LIGHTNING_FULL = "EPOCHS, SWITCH_EPOCH, TRAIN_SUBSET = 8, 5, 8192"
-LIGHTNING_SHORT = "EPOCHS, SWITCH_EPOCH, TRAIN_SUBSET = 4, 2, 4096"
+LIGHTNING_SHORT = "EPOCHS, SWITCH_EPOCH, TRAIN_SUBSET = 3, 2, 4096"
 
 
 def _run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_readme_example_runs_as_a_script(tmp_path, real_fashion, index):
             assert swap_loss < 3.5, result           # nats per byte; uniform over 256 bytes is 5.55
         else:
             assert result["swap"]["top1"] > 31.0, result   # 5 categories: naming the largest is right for 26%
-    elif "swap.lightning" in EXAMPLES[index]:         # Lightning's own launcher: 2 ranks, 2 + 2 epochs on 2,048 images
+    elif "swap.lightning" in EXAMPLES[index]:         # Lightning's own launcher: 2 ranks, 2 + 1 epochs on 2,048 images
         assert "terminate called" not in done.stderr                  # every process exits cleanly
         # too short for the average to beat its workers (tests/test_lightning.py measures that on a
         # longer run); a broken average or BN pass would fall far outside them

@@ -340,7 +340,7 @@ def test_an_image_folder_of_small_images_trains_at_their_size_as_the_in_memory_p
     from swap.cli import main
     root, n_train, n_test = fashion_png
     common = ["train", "--config", "fashion_mnist_quick", "--method", "sgd", "--procs", "1", "--set", "threads=2",
-              "--set", "sgd.epochs=4", "--set", "data.crop_padding=0", "--set", "data.flip=false",
+              "--set", "sgd.epochs=3", "--set", "data.crop_padding=0", "--set", "data.flip=false",
               "--set", "data.cutout=0"]
     assert main(common + ["--set", "data.name=imagefolder", "--data-dir", str(root), "--out", str(tmp_path / "f")]) == 0
     assert main(common + ["--data-dir", str(real_fashion), "--set", f"data.train_subset={n_train}",

@@ -151,7 +151,8 @@ class SWAP(Callback):
             than DDP, sharded strategies (FSDP, DeepSpeed), fewer than 2 ranks, no ``max_epochs``
             or a ``max_steps`` budget, a switch at or after the last epoch, manual optimization;
             (``on_train_start``) a training loader that is not one map-style DataLoader batching by
-            ``batch_size``; a phase-2 checkpoint resumed on another number of ranks.
+            ``batch_size``; a phase-2 checkpoint resumed on another number of ranks; (at the end of
+            the first epoch with a validation) a ``monitor`` that the module does not log.
     """
 
     def __init__(self, *, phase2_lr: float, switch_epoch: int | None = None, monitor: str | None = None,
@@ -186,6 +187,7 @@ class SWAP(Callback):
         self.phase = 1
         self.metrics: dict = {}
         self._switch_next = False       # phase 1 ended at the last epoch's end (monitor reached)
+        self._validated = False         # a validation ran in this epoch (a missing monitor is an error then)
         self._start_epoch = self._end_epoch = self._start_step = self._total_steps = None
         self._pending: dict | None = None    # this rank's worker state, read from a checkpoint
         self._order: WorkerOrder | None = None
@@ -246,10 +248,16 @@ class SWAP(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
+            self._validated = True
             self._decide(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._decide(trainer)
+        if self.phase == 1 and self.monitor is not None and self._validated \
+                and self.monitor not in trainer.callback_metrics:
+            raise SwapError(f"SWAP: monitor '{self.monitor}' is not a logged metric; logged after this epoch: "
+                            f"{', '.join(sorted(trainer.callback_metrics)) or 'none'}")
+        self._validated = False
 
     def _decide(self, trainer) -> None:
         """Phase 1 ends after this epoch: its ``monitor`` reached ``stop_value`` (rank 0 decides for

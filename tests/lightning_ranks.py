@@ -1,6 +1,6 @@
 """The ranks of tests/test_lightning.py: ``torchrun --nproc-per-node 2 tests/lightning_ranks.py OUT``.
 
-One launch, four ``trainer.fit`` in the same two processes (torchrun starts them, so an interrupted
+One launch, five ``trainer.fit`` in the same two processes (torchrun starts them, so an interrupted
 fit leaves them alive for its resume). Each fit is the README's example module on dict batches with
 AdamW instead of SGD + one-cycle (the README's own example runs in tests/test_readme.py), on a
 Fashion-MNIST subset, with the :class:`swap.lightning.SWAP` callback switching on a stopping accuracy
@@ -11,10 +11,12 @@ Fashion-MNIST subset, with the :class:`swap.lightning.SWAP` callback switching o
 - ``full``: the uninterrupted fit: averaged weights, the callback's metrics, and the BN statistics of
   one process's own pass over all the training data (forward hooks, float64), which the callback's
   sharded recompute must equal;
-- ``interrupted``: a KeyboardInterrupt on both ranks in phase 2 (epoch 2, batch 5), caught by
-  Lightning, whose ``OnExceptionCheckpoint`` writes a checkpoint; then ``fit(ckpt_path=...)``;
+- ``interrupted``: a fit resumed from the uninterrupted fit's checkpoint of step 36 (phase 2),
+  stopped by a KeyboardInterrupt on both ranks (epoch 2, batch 5), caught by Lightning, whose
+  ``OnExceptionCheckpoint`` writes a checkpoint; then ``fit(ckpt_path=...)`` again;
 - ``killed``: ``fit(ckpt_path=...)`` from the uninterrupted fit's checkpoint of step 44 (mid-epoch 1,
-  in phase 2), the last file a run killed after it leaves.
+  in phase 2), the last file a run killed after it leaves;
+- ``phase2_batch``: a short fit whose workers train at ``phase2_batch_size=32``.
 """
 from __future__ import annotations
 
@@ -133,11 +135,19 @@ def main() -> None:
                               if isinstance(m, torch.nn.BatchNorm2d)}}
     results["full"]["bn_reference"] = bn_reference(model, data)       # (its train-mode pass moves the running stats)
     on_exception = OnExceptionCheckpoint(dirpath=OUT / "interrupt", filename="interrupted")
-    fit("interrupted", callbacks=[Interrupt(2, 5), on_exception])
+    fit("interrupted", callbacks=[Interrupt(2, 5), on_exception], ckpt_path=OUT / "steps" / "step=36.ckpt")
     model, cb, _ = fit("resumed", ckpt_path=OUT / "interrupt" / "interrupted.ckpt")
     results["interrupted"] = {"weights": model.state_dict(), "metrics": cb.metrics}
     model, cb, _ = fit("killed", ckpt_path=OUT / "steps" / "step=44.ckpt")
     results["killed"] = {"weights": model.state_dict(), "metrics": cb.metrics}
+    # workers at a batch of their own: phase 1 (epoch 0) at 2 x 64, phase 2 (epoch 1) at 32 per worker
+    L.seed_everything(0, verbose=False)
+    small = SWAP(switch_epoch=1, phase2_lr=1e-3, phase2_batch_size=32)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[small],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        enable_checkpointing=False)
+    trainer.fit(AdamWOnDicts(lr=3e-3), datamodule=DictBatches(batch_size=BATCH, train_subset=SUBSET, holdout=HOLDOUT))
+    results["phase2_batch"] = {"steps": trainer.global_step, "metrics": small.metrics}
     if trainer.is_global_zero:
         torch.save(results, OUT / "results.pt")
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, real_fashion):
-    """What rank 0 of tests/lightning_ranks.py wrote: four fits of the example module on 2 ranks."""
+    """What rank 0 of tests/lightning_ranks.py wrote: five fits of the example module on 2 ranks."""
     out = tmp_path_factory.mktemp("lightning")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -57,6 +57,25 @@ def test_the_switch_comes_after_the_first_epoch_at_the_stopping_accuracy_and_the
     assert full["switch_epoch"] == first + 1 == 1, full["val_acc"]
     assert full["epochs"] == 3 and len(full["val_acc"]) == 3             # max_epochs=5; 2 phase-2 epochs
     assert full["steps"] == 2048 // 128 + 2 * 2048 // 64                 # phase 1 on 2 ranks x 64, workers at 64
+
+
+def test_workers_train_at_their_own_batch_size(ranks):
+    run = ranks["phase2_batch"]
+    assert run["steps"] == 2048 // 128 + 2048 // 32                     # 1 phase-1 epoch at 2 x 64, 1 at 32
+    assert run["metrics"]["average"]["val_loss"] < min(w["val_loss"] for w in run["metrics"]["workers"])
+
+
+def test_a_monitor_the_module_does_not_log_is_one_error_at_the_first_validated_epoch_end():
+    from types import SimpleNamespace
+    callback = SWAP(monitor="val_accuracy", stop_value=90.0, phase2_epochs=2, phase2_lr=0.1)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val_acc": 80.0, "train_loss": 0.5},
+                              current_epoch=0, fit_loop=SimpleNamespace(max_epochs=5),
+                              strategy=SimpleNamespace(broadcast=lambda value, src: value))
+    callback.on_train_epoch_end(trainer, None)                          # no validation yet: not refused
+    callback.on_validation_end(trainer, None)
+    with pytest.raises(SwapError, match=re.escape("monitor 'val_accuracy' is not a logged metric; "
+                                                  "logged after this epoch: train_loss, val_acc")):
+        callback.on_train_epoch_end(trainer, None)
 
 
 def test_bn_statistics_are_one_process_pass_over_all_the_training_data(ranks):

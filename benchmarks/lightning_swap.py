@@ -13,8 +13,8 @@ For each, over seeds 0..S-1: test accuracy of the final (averaged) model on the 
 optimizer steps on the critical path (``trainer.global_step`` of one rank: phase 1's plus one worker's),
 wall seconds of ``fit``, and the callback's cost in phase 1: seconds per step in phase-1 epochs
 1..SWITCH-1 of ``swap`` against ``large`` (separate runs: the machine's drift shows too), and the share
-of phase 1's time spent inside the callback's hooks (timed around each hook call). Each run is its own launch (Lightning's launcher
-starts the second rank)::
+of phase 1's time spent inside the callback's hooks (timed around each hook call). Each run is its own
+launch (Lightning's launcher starts the second rank)::
 
     .venv/bin/python benchmarks/lightning_swap.py [--seeds 3] [--train-subset 16384] [--epochs 10]
 

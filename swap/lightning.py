@@ -388,15 +388,18 @@ class SWAP(Callback):
                 rec.batch_size = extract_batch_size(batch)
                 pl_module.validation_step(batch, i)
         pl_module.train(was_training)
-        names = sorted(rec.sums)
-        totals = torch.tensor([[rec.sums[k], rec.counts[k]] for k in names], dtype=torch.float64).reshape(-1, 2)
-        if sharded:
-            dist.all_reduce(totals)
-        return {k: float(s / c) for k, (s, c) in zip(names, totals.tolist())}
+        shares = [(rec.sums, rec.counts)]
+        if sharded:                                  # (a rank may hold no batch of a small validation set)
+            shares = [None] * self._world
+            dist.all_gather_object(shares, (rec.sums, rec.counts))
+        names = sorted(set().union(*(sums for sums, _ in shares)))
+        return {k: sum(sums.get(k, 0.0) for sums, _ in shares) / sum(counts.get(k, 0) for _, counts in shares)
+                for k in names}
 
     # ---- checkpoints: every worker ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The callback's state; in phase 2 with every worker's weights and optimizer state gathered from the ranks (collective: Lightning calls it on every rank when it saves)."""
+        """The callback's state; in phase 2 with every worker's weights and optimizer state, gathered
+        to rank 0 (collective: Lightning calls it on every rank when it saves a checkpoint)."""
         state = {"phase": self.phase, "switch_next": self._switch_next, "start_epoch": self._start_epoch,
                  "end_epoch": self._end_epoch, "start_step": self._start_step, "total_steps": self._total_steps,
                  "world_size": self._world, "seed": self.seed}

@@ -29,6 +29,7 @@ SETTINGS = ["--config", "fashion_mnist_compare", "--seeds", "1", "--procs", "2",
             "--set", "workers=2", "--set", "data.train_subset=4096", "--set", "data.test_subset=1000",
             "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=3", "--set", "phase1.warmup_epochs=1",
             "--set", "phase1.stop_acc=70", "--set", "phase2.epochs=1",
+            "--set", "phase2.schedule=linear", "--set", "phase2.min_lr=0",   # the preset's phase 2 before issue #29
             "--set", "sgd_small.epochs=2", "--set", "sgd_large.batch_size=512", "--set", "sgd_large.epochs=2",
             "--set", "sgd_large.warmup_epochs=1", "--set", "abs.epochs=2", "--set", "abs.fallback_epochs=1",
             "--set", "abs.eig_samples=64", "--set", "abs.elastic=false"]

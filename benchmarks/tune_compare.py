@@ -29,7 +29,9 @@ def main() -> None:
     for lr in [float(v) for v in args.grid.split(",")]:
         out = ROOT / "runs" / "tune" / f"lr{lr}-seed{args.seed}"
         cmd = [sys.executable, "-m", "swap.cli", "train", "--config", args.config, "--out", str(out), "--overwrite",
-               "--set", "data.holdout=5000", "--set", f"phase2.peak_lr={lr}", "--set", f"seed={args.seed}"]
+               "--set", "data.holdout=5000", "--set", f"phase2.peak_lr={lr}",
+               "--set", "phase2.schedule=linear", "--set", "phase2.min_lr=0",   # the preset's phase 2 before #29
+               "--set", f"seed={args.seed}"]
         t = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s = json.loads((out / "summary.json").read_text())

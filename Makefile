@@ -9,7 +9,7 @@ DEMO_OUT ?= runs/demo
 
 $(BIN)/swap: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,hf,tensorboard,mlflow,lightning]'    # every optional extra: the tests cover each
+	$(BIN)/pip install -q -e '.[test,hf,tensorboard,mlflow,lightning,ray]'    # every optional extra: the tests cover each
 	@touch $@
 
 install: $(BIN)/swap

@@ -316,6 +316,11 @@ class ABSConfig:
     elastic: bool = True                 # data-parallel processes follow the batch (resize = checkpoint,
     per_worker_batch: int = 128          # new process group, restore): batch / per_worker_batch of them,
     max_workers: int = 0                 # at most max_workers (0 = procs, else CPU cores)
+    launcher: str = "torch"              # the pool's processes: torch (torch.distributed's elastic launcher, this
+                                         # machine) | ray (Ray actors: swap[ray], swap.ray_pool)
+    ray_address: str = ""                # ray: the cluster to join (host:port, ray://host:port, auto); '' = RAY_ADDRESS,
+                                         # else a local Ray with the pool's CPUs
+    max_restarts: int = 3                # ray: new pools from the last checkpoint after an actor died, at most
 
 
 @dataclass
@@ -398,7 +403,8 @@ class Config:
 
 # Keys that change how a run is laid out or copes with failures, not what it computes (up to float
 # rounding); `--resume` accepts new values.
-NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers", "logging.loggers", "logging.log_every")
+NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers", "logging.loggers", "logging.log_every",
+              "abs.launcher", "abs.ray_address", "abs.max_restarts")
 
 
 # --------------------------------------------------------------------------- loading and merging
@@ -712,6 +718,8 @@ def validate(cfg: Config) -> None:
     need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
+    need(a.launcher in ("torch", "ray"), f"abs.launcher must be torch or ray, got {printable(a.launcher)!r}")
+    need(a.max_restarts >= 0, f"abs.max_restarts must be >= 0, got {a.max_restarts}")
 
 
 def _check_optim(o: OptimConfig, where: str) -> None:

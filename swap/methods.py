@@ -209,6 +209,9 @@ class Method:
             if ":" in getattr(run, section).optimizer and (section == "sgd") == (self.summary == "sgd"):
                 from .imports import import_object
                 import_object(getattr(run, section).optimizer, f"{section}.optimizer")
+        if self.summary == "abs" and cfg.abs.launcher == "ray":       # Ray installed, its cluster answering
+            from .ray_pool import preflight
+            preflight(cfg.abs.ray_address)
         piecewise = [f"{s}.segments" for s in ("phase1", "phase2") if getattr(cfg, s).segments]
         if self.summary in ("swa", "abs") and piecewise:
             raise SwapError(f"method {self.name} does not follow piecewise schedules ({', '.join(piecewise)}); "
@@ -367,6 +370,8 @@ def run_ranked(name: str, spec: RunSpec, overwrite: bool = False, resume: bool =
 
     from .rundir import RunDir
 
+    if get_method(name).summary == "abs" and spec.cfg.abs.launcher == "ray":
+        raise SwapError("abs.launcher=ray starts its own ranks as Ray actors; run it without torchrun")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         with RunDir.prepare(spec.run_path, spec.cfg, overwrite, resume, auto_resume).locked():
             return run_rank(name, spec)

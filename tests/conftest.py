@@ -155,3 +155,23 @@ def train_quick(out: Path, data_dir: Path, procs: int, *overrides: str) -> tuple
     assert main(args + [a for kv in overrides for a in ("--set", kv)]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return json.loads((out / "summary.json").read_text()), records
+
+
+ABS_RESIZE = ["--config", "fashion_mnist_quick", "--method", "abs", "--set", "data.train_subset=1024",
+              "--set", "data.test_subset=200", "--set", "abs.epochs=3", "--set", "abs.batch_size=64",
+              "--set", "abs.micro_batch_size=64", "--set", "abs.per_worker_batch=64", "--set", "abs.fallback_epochs=1",
+              "--set", "abs.eig_samples=64", "--set", "abs.peak_lr=0.02", "--set", "threads=1"]
+
+
+@pytest.fixture(scope="session")
+def abs_resize_runs(tmp_path_factory, real_fashion):
+    """Run directories of one ABS schedule (batch 64, 128, 256: fallback doubling every epoch) in
+    1 process (``fixed``) and in the elastic pool of the torch launcher, 1 -> 2 processes
+    (``elastic``); shared with tests/test_ray.py."""
+    base = tmp_path_factory.mktemp("abs-resize")
+    from swap.cli import main
+
+    common = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion)]
+    assert main(common + ["--procs", "1", "--set", "abs.elastic=false", "--out", str(base / "fixed")]) == 0
+    assert main(common + ["--procs", "2", "--set", "abs.max_workers=2", "--out", str(base / "elastic")]) == 0
+    return {"fixed": base / "fixed", "elastic": base / "elastic"}

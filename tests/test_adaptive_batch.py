@@ -13,7 +13,6 @@ from torch import nn
 
 from swap.adversarial import AdversarialBatches, adversarial_mask, fgsm
 from swap.algorithms.adaptive_batch import BatchSizeRule, adversarial_fraction, pool_size
-from swap.cli import main
 from swap.data import Augment, ImageDataset, Loader
 from swap.hessian import hutchinson_trace, model_top_eigenvalue, top_eigenvalues
 
@@ -112,24 +111,18 @@ def test_fraction_of_replaced_samples(fraction):
 
 
 @pytest.mark.slow
-def test_elastic_resize_equals_a_run_without_resize(tmp_path, real_fashion):
+def test_elastic_resize_equals_a_run_without_resize(abs_resize_runs):
     """1 -> 2 processes (checkpoint, new group, restore) against 1 process with the same batch
     schedule 64, 128, 256 (fallback doubling every epoch): same parameters to 1e-6 (measured: 1.5e-8).
     One thread per process in both runs: with channels_last, oneDNN's convolutions round differently
     at 1 and 2 threads (1.5e-5 after two updates), which would hide what this test checks."""
-    common = ["train", "--config", "fashion_mnist_quick", "--method", "abs", "--data-dir", str(real_fashion),
-              "--set", "data.train_subset=1024", "--set", "data.test_subset=200", "--set", "abs.epochs=3",
-              "--set", "abs.batch_size=64", "--set", "abs.micro_batch_size=64", "--set", "abs.per_worker_batch=64",
-              "--set", "abs.fallback_epochs=1", "--set", "abs.eig_samples=64", "--set", "abs.peak_lr=0.02",
-              "--set", "threads=1"]
-    fixed, elastic = tmp_path / "fixed", tmp_path / "elastic"
-    assert main(common + ["--procs", "1", "--set", "abs.elastic=false", "--out", str(fixed)]) == 0
-    assert main(common + ["--procs", "2", "--set", "abs.max_workers=2", "--out", str(elastic)]) == 0
+    fixed, elastic = abs_resize_runs["fixed"], abs_resize_runs["elastic"]
     s_fixed, s_el = (json.loads((d / "summary.json").read_text()) for d in (fixed, elastic))
     assert s_fixed["batch_size"]["per_epoch"] == s_el["batch_size"]["per_epoch"] == [64, 128, 256]
     assert [h["world_size"] for h in s_el["history"]] == [1, 2, 2] and len(s_el["resizes"]) == 1
     assert [h["world_size"] for h in s_fixed["history"]] == [1, 1, 1] and s_fixed["resizes"] == []
     assert s_el["updates"] == s_fixed["updates"]
+    assert s_el["launcher"] == s_fixed["launcher"] == {"name": "torch"}
     a, b = (load_file(str(d / "checkpoints" / "abs.safetensors")) for d in (fixed, elastic))
     for k in a:       # BN running statistics differ by design: per-rank EMAs averaged vs one EMA over chunks
         if "running" not in k and "num_batches" not in k:

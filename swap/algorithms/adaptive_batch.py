@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from ..schedules import epoch_shape, warmup_decay
 from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
+from ..ray_pool import RankDied
 from ..train import train
 
 _RESOLUTION = 1000          # LR-schedule steps per epoch: the shape is over epochs, whatever the batch
@@ -98,7 +100,7 @@ def max_pool(cfg: Config) -> int:
     return cfg.abs.max_workers or cfg.procs or (os.cpu_count() or 1)
 
 
-def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> dict | None:
+def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, launcher: dict | None = None) -> dict | None:
     """ABS (or ABSA with ``adversarial``) on every rank of the current group.
 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
@@ -106,7 +108,8 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
     (with the rule's state: a resumable :class:`swap.phase.Phase`), and at the end
     ``checkpoints/METHOD`` (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the
     rule's batch calls for another number of processes the group checkpoints and every rank
-    returns ``{"resize": n}``; :func:`train_abs` starts the new group.
+    returns ``{"resize": n}``; :func:`train_abs` starts the new group. ``launcher`` (the driver's
+    :meth:`swap.ray_pool.RayPool.info` and restarts) goes into the summary as it is.
 
     Returns:
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
@@ -153,8 +156,9 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
                 distributed.teardown()
                 return {"resize": want}
         if state["resize_from"] is not None:                          # first update after a resize
-            r = state["resize_from"]
-            state["resizes"].append({**r, "seconds": time.time() - r["time"]})
+            r = state["resize_from"]                                  # (a pool restarted meanwhile: not timed)
+            seconds = None if (launcher or {}).get("restarted") else time.time() - r["time"]
+            state["resizes"].append({**r, "seconds": seconds})
             state["resize_from"] = None
         fraction = adversarial_fraction(a.adv_fraction, rule.doublings, epoch, a.epochs) if adversarial else 0.0
         loader, lr_at = _epoch_batches(ctx, model, rule.batch, fraction, shape)
@@ -190,15 +194,16 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False) -> 
                "train_acc": state["history"][-1].get("train_acc")}
     if start.result is None:
         unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": state["updates"], **saved_state()})
-    return _summarize(ctx, method, state, rule, out) if d.is_main else None
+    return _summarize(ctx, method, state, rule, out, launcher) if d.is_main else None
 
 
-def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out: dict) -> dict:
+def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out: dict,
+               launcher: dict | None = None) -> dict:
     """Rank 0: ``summary.json`` of a finished ABS/ABSA run (accuracies in percent, seconds, the
     batch per epoch and the resizes of the elastic pool). Returns it."""
     cfg, a = ctx.cfg, ctx.cfg.abs
     total = time.time() - ctx.t0
-    resize_s = sum(r["seconds"] for r in state["resizes"])
+    resize_s = sum(r["seconds"] for r in state["resizes"] if r["seconds"] is not None)
     summary = {
         "method": method, "config": cfg.name, "seed": cfg.seed,
         "test_acc": {"final": out["test_acc"]}, "train_acc": {"final": out["train_acc"]},
@@ -209,6 +214,7 @@ def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out:
         "batch_size": {"base": a.batch_size, "final": rule.batch,
                        "per_epoch": [h["batch_size"] for h in state["history"]]},
         "doublings": rule.doublings, "history": state["history"], "resizes": state["resizes"],
+        "launcher": {k: v for k, v in (launcher or {"name": "torch"}).items() if k != "restarted"},
         "machine": ctx.machine(),
     }
     ctx.run.write_summary(summary)
@@ -217,25 +223,73 @@ def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out:
 
 def train_abs(spec: RunSpec, procs: int | None = None, adversarial: bool = False) -> dict | None:
     """The driver: launch ABS/ABSA groups until the run finishes. With ``abs.elastic`` the first
-    group has the base batch's pool size and each resize starts a new group (torch.distributed's
-    elastic launcher) that resumes from the checkpoint; otherwise ``procs`` processes throughout.
+    group has the base batch's pool size and each resize starts a new group that resumes from the
+    checkpoint; otherwise ``procs`` processes throughout. The groups' processes come from
+    ``abs.launcher``: torch.distributed's elastic launcher (``torch``) or Ray actors (``ray``,
+    :mod:`swap.ray_pool`), where a dead actor makes a new pool continue from the last checkpoint
+    (``abs.max_restarts`` times at most).
 
     Returns:
-        rank 0's summary, or ``{"interrupted": ...}`` after a stop signal.
+        rank 0's summary (its ``launcher`` entry says which, with Ray's start-up seconds and the
+        restarts), or ``{"interrupted": ...}`` after a stop signal.
+
+    Raises:
+        SwapError: a rank failed; Ray is missing or its cluster does not answer (before any work);
+            more actor deaths than ``abs.max_restarts``.
     """
     cfg, run = spec.cfg, RunDir(spec.run_path)
     a = cfg.abs
-    if not a.elastic:
-        return distributed.launch(run_abs, procs or 1, spec, adversarial, False, log_dir=run.logs_dir)
-    world = pool_size(a.batch_size, a.per_worker_batch, max_pool(cfg))
-    last = run.last_checkpoint("absa" if adversarial else "abs")
-    if spec.resume and checkpoint_exists(last):             # the pool the checkpoint's batch calls for
-        world = pool_size(read_meta(last)["rule"]["batch"], a.per_worker_batch, max_pool(cfg))
-    while True:
-        out = distributed.launch(run_abs, world, spec, adversarial, True, log_dir=run.logs_dir)
-        if not (isinstance(out, dict) and "resize" in out):
-            return out
-        world, spec = out["resize"], dataclasses.replace(spec, resume=True)
+    method = "absa" if adversarial else "abs"
+    if a.launcher == "ray":
+        from ..ray_pool import RayPool, pool_resources
+        cpus, gpus = pool_resources(cfg)
+        pool = RayPool(a.ray_address, cpus, gpus, local_cpus=max_pool(cfg) * cpus)
+    else:
+        pool = _TorchPool()
+
+    def pool_for(resume: bool) -> int:
+        """The processes of the next group: the batch's pool (the checkpoint's batch on a resume)."""
+        if not a.elastic:
+            return procs or 1
+        last = run.last_checkpoint(method)
+        batch = read_meta(last)["rule"]["batch"] if resume and checkpoint_exists(last) else a.batch_size
+        return pool_size(batch, a.per_worker_batch, max_pool(cfg))
+
+    restarts, restarted = 0, False
+    with pool:
+        world = pool_for(spec.resume)
+        while True:
+            try:
+                info = {**pool.info(), "restarts": restarts, "restarted": restarted}
+                out = pool.launch(run_abs, world, spec, adversarial, a.elastic, info, log_dir=run.logs_dir)
+            except RankDied as exc:
+                restarts += 1
+                if restarts > a.max_restarts:
+                    raise SwapError(f"{exc}; no restart left (abs.max_restarts={a.max_restarts})") from None
+                print(f"swap: {exc}; restart {restarts} of {a.max_restarts} from the last checkpoint", file=sys.stderr,
+                      flush=True)
+                spec, world, restarted = dataclasses.replace(spec, resume=True), pool_for(True), True
+                continue
+            if not (isinstance(out, dict) and "resize" in out):
+                return out
+            world, spec, restarted = out["resize"], dataclasses.replace(spec, resume=True), False
+
+
+class _TorchPool:
+    """torch.distributed's elastic launcher (:func:`swap.distributed.launch`) behind the interface
+    of :class:`swap.ray_pool.RayPool`."""
+
+    def __enter__(self) -> "_TorchPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def info(self) -> dict:
+        return {"name": "torch"}
+
+    def launch(self, fn, nprocs: int, *args, log_dir=None):
+        return distributed.launch(fn, nprocs, *args, log_dir=log_dir)
 
 
 def _epoch_batches(ctx: Context, model, batch: int, fraction: float, shape):

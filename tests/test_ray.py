@@ -1,7 +1,6 @@
 """The ABS elastic pool on Ray actors (``abs.launcher: ray``, issue #28): the same weights as the torch
 launcher's pool bit for bit, a killed actor costing only time, bad input refused in one line, and
-no Ray process left behind. Each run starts its own local Ray (2 CPUs, dashboard and usage
-reporting off) through the CLI, as a user's would."""
+no Ray process left behind."""
 from __future__ import annotations
 
 import json
@@ -28,70 +27,54 @@ def ray_processes() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ray_runs(tmp_path_factory, real_fashion):
-    """(uninterrupted, killed) run directories of ABS_RESIZE's 1 -> 2 process pool on Ray actors,
-    the model being the small CNN of ``tests/ray_fault.py``; in the second run rank 1's process
-    SIGKILLs itself at its 5th training update (epoch 2 of 3), and the pool restarts. Ray processes
-    left after each run are listed (and killed, so a failure does not leak them)."""
+def ray_run(tmp_path_factory, real_fashion):
+    """ABS_RESIZE's 1 -> 2 process pool on Ray actors (a local Ray started by the run, as a user's
+    CLI run starts it), the model being the small CNN of ``tests/ray_fault.py``, whose rank 1
+    SIGKILLs its own process at its 5th training update (the middle of epoch 2 of 3) so that the
+    pool restarts from the last checkpoint. Returns (run directory, marker file, the Ray processes
+    left after the run: listed, then killed, so that a failure does not leak them)."""
     base = tmp_path_factory.mktemp("ray")
     marker = base / "die"
+    marker.write_text("")
     saved = {k: os.environ.get(k) for k in ("SWAP_TEST_DIE", "PYTHONPATH")}
     os.environ["SWAP_TEST_DIE"] = str(marker)          # read by the actors, which inherit the driver's environment
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved["PYTHONPATH"]]))
-    runs, leftovers = {}, {}
     try:
-        for name in ("uninterrupted", "killed"):
-            if name == "killed":
-                marker.write_text("")
-            args = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion), "--procs", "2",
-                    "--set", "abs.max_workers=2", "--set", "abs.launcher=ray", "--set", "model.name=ray_fault:cnn",
-                    "--out", str(base / name)]
-            assert main(args) == 0, name
-            runs[name] = base / name
-            leftovers[name] = ray_processes()
+        args = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion), "--procs", "2", "--set", "abs.max_workers=2",
+                "--set", "abs.launcher=ray", "--set", "model.name=ray_fault:cnn", "--out", str(base / "run")]
+        assert main(args) == 0
+        leftovers = ray_processes()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         for p in ray_processes():
             os.kill(p["pid"], 9)
-    return runs, leftovers, marker
+    return base / "run", marker, leftovers
 
 
-def _weights(run: Path) -> dict:
-    return load_file(str(run / "checkpoints" / "abs.safetensors"))
-
-
-def test_the_ray_pool_ends_with_the_torch_pools_weights_bit_for_bit(ray_runs, abs_resize_runs):
-    runs, _, _ = ray_runs
+def test_a_killed_actor_costs_only_time_and_the_ray_pool_ends_with_the_torch_pools_weights(ray_run, abs_resize_runs):
+    """The Ray pool, one of its actors killed mid-epoch and the pool restarted from its last
+    checkpoint, ends with the weights (BN statistics included) of the torch launcher's pool that
+    was never interrupted, bit for bit; the same batches, pool sizes, updates and accuracies."""
+    run, marker, _ = ray_run
+    assert not marker.exists()                              # rank 1 did kill itself
     ray_summary, torch_summary = (json.loads((d / "summary.json").read_text())
-                                  for d in (runs["uninterrupted"], abs_resize_runs["elastic"]))
+                                  for d in (run, abs_resize_runs["elastic"]))
+    launcher = ray_summary["launcher"]
+    assert launcher["name"] == "ray" and launcher["restarts"] == 1 and launcher["address"] == "local"
+    assert launcher["ray_start_s"] > 0 and launcher["actor_start_s"] > 0
     assert [h["world_size"] for h in ray_summary["history"]] == [1, 2, 2] and len(ray_summary["resizes"]) == 1
     assert ray_summary["batch_size"]["per_epoch"] == torch_summary["batch_size"]["per_epoch"] == [64, 128, 256]
     assert ray_summary["updates"] == torch_summary["updates"]
-    launcher = ray_summary["launcher"]
-    assert launcher["name"] == "ray" and launcher["restarts"] == 0 and launcher["address"] == "local"
-    assert launcher["ray_start_s"] > 0 and launcher["actor_start_s"] > 0
     assert [h["test_acc"] for h in ray_summary["history"]] == [h["test_acc"] for h in torch_summary["history"]]
-    a, b = _weights(runs["uninterrupted"]), _weights(abs_resize_runs["elastic"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)     # BN statistics included
-
-
-def test_a_killed_actor_costs_only_time(ray_runs):
-    runs, _, marker = ray_runs
-    assert not marker.exists()                              # rank 1 did kill itself
-    killed, clean = (json.loads((runs[d] / "summary.json").read_text()) for d in ("killed", "uninterrupted"))
-    assert killed["launcher"]["restarts"] == 1
-    assert killed["updates"] == clean["updates"] and killed["batch_size"] == clean["batch_size"]
-    assert [h["test_acc"] for h in killed["history"]] == [h["test_acc"] for h in clean["history"]]
-    records = [json.loads(line) for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "test_acc" in r and r.get("phase") == "abs"] == [1, 2, 3]
-    a, b = _weights(runs["killed"]), _weights(runs["uninterrupted"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(d / "checkpoints" / "abs.safetensors")) for d in (run, abs_resize_runs["elastic"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_no_ray_process_is_left_behind(ray_runs):
-    _, leftovers, _ = ray_runs
-    assert leftovers == {"uninterrupted": [], "killed": []}
+def test_no_ray_process_is_left_behind(ray_run):
+    assert ray_run[2] == []
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from . import distributed, interrupt
 from .errors import SwapError, printable
 
 GRACE_S = 10.0          # after a rank fails, how long the others get to report (a death) before they are killed
+PLACE_WARN_S = 30.0     # new actors not placed after this long: say that the pool waits for resources
 EXIT_WAIT_S = 10.0      # how long the actors' processes on this node get to exit after being killed
 STOP_WAIT_S = 30.0      # after a stop signal, how long the ranks get to write their checkpoints
 
@@ -185,8 +187,13 @@ class RayPool:
             cls = ray.remote(num_cpus=self.cpus_per_rank, num_gpus=self.gpus_per_rank)(PoolRank)
             t = time.perf_counter()
             new = [cls.remote() for _ in range(n - len(self.actors))]
+            refs = [a.where.remote() for a in new]
+            if len(ray.wait(refs, num_returns=len(refs), timeout=PLACE_WARN_S)[0]) < len(refs):
+                print(f"swap: waiting for Ray to place {n} ranks of {self.cpus_per_rank} CPU(s)"
+                      f"{f' and {self.gpus_per_rank} GPU' if self.gpus_per_rank else ''} each (the cluster has "
+                      f"less free; an autoscaler adds nodes)", file=sys.stderr, flush=True)
             here = ray.util.get_node_ip_address()
-            self.pids |= {pid for node, pid in ray.get([a.where.remote() for a in new]) if node == here}  # placed
+            self.pids |= {pid for node, pid in ray.get(refs) if node == here}       # started and placed
             self.actor_start_s += time.perf_counter() - t
             self.actors += new
         return self.actors

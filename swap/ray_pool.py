@@ -34,7 +34,7 @@ from typing import Any, Callable
 from . import distributed, interrupt
 from .errors import SwapError, printable
 
-GRACE_S = 10.0          # after a rank fails, how long the others get to report (a death) before they are killed
+GRACE_S = 30.0          # after a rank fails, how long the others get to report (a death) before they are killed
 PLACE_WARN_S = 30.0     # new actors not placed after this long: say that the pool waits for resources
 EXIT_WAIT_S = 10.0      # how long the actors' processes on this node get to exit after being killed
 STOP_WAIT_S = 30.0      # after a stop signal, how long the ranks get to write their checkpoints

@@ -6,9 +6,9 @@ One ABSA run of ``configs/fashion_mnist_compare.yaml`` (full Fashion-MNIST, 10 e
 2048; the pool is 1 process at batch 128, 2 from 256 on: one resize) per launcher and seed:
 ``abs.launcher=torch`` (torch.distributed's elastic launcher) and ``abs.launcher=ray`` (Ray actors,
 a local Ray started by the run). A resize is timed from the checkpoint the old group writes to the
-first update of the new group (the run's ``resizes``); Ray's own start-up (``ray.init``) and the
-actors' first start are reported on their own, outside the resizes. The two launchers' final
-weights are compared bit for bit.
+first update of the new group (the run's ``resizes``); Ray's own start-up (``ray.init``) is
+reported on its own line, outside the resizes, with the seconds all the run's actor starts took
+(the resize's new actor included). The two launchers' final weights are compared bit for bit.
 
     .venv/bin/python benchmarks/abs_launchers.py [--seeds 2] [--out runs/abs-launchers]
 
@@ -71,7 +71,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "abs_launchers.json").write_text(json.dumps(result, indent=1))
     print(f"\n| launcher | runs | test acc (%) | training (s) | resizes | s per resize | share of training | "
-          f"Ray start (s) | actors' first start (s) |")
+          f"Ray start (s) | actor starts, all (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for launcher in LAUNCHERS:
         mine = [r for r in rows if r["launcher"] == launcher]

@@ -122,7 +122,8 @@ class RayPool:
 
     Attributes:
         start_s: seconds ``ray.init`` took (0.0 when Ray was already running).
-        actor_start_s: seconds spent waiting for new actors to start, over the whole run.
+        actor_start_s: seconds spent waiting for new actors to start, over the whole run (a
+            resize's new actors included: their start is also inside that resize's seconds).
 
     Raises:
         SwapError: Ray is missing, or the cluster address does not answer (on entering).

@@ -39,8 +39,8 @@ def results_table(summary: dict) -> str:
                      f"{len(summary['resizes'])}, {wall['resize']:.1f} s ({100 * summary['resize_share']:.2f}% of the run).")
         ray = summary.get("launcher", {})
         if ray.get("name") == "ray":
-            lines.append(f"Ray: started in {ray['ray_start_s']:.1f} s, actors in {ray['actor_start_s']:.1f} s "
-                         f"(not in the resizes), {ray['restarts']} restart(s) after a dead actor.")
+            lines.append(f"Ray: started in {ray['ray_start_s']:.1f} s; its actors started in {ray['actor_start_s']:.1f} s "
+                         f"(those of a resize inside the resize's time); {ray['restarts']} restart(s) after a dead actor.")
     if summary.get("failed_workers"):
         lines.append("Failed workers, not averaged (phase3.allow_missing_workers): " +
                      "; ".join(f"{w}: {why}" for w, why in summary["failed_workers"].items()) + ".")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -719,6 +720,8 @@ def validate(cfg: Config) -> None:
     need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
     need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
     need(a.launcher in ("torch", "ray"), f"abs.launcher must be torch or ray, got {printable(a.launcher)!r}")
+    need(a.ray_address in ("", "auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", a.ray_address, re.ASCII),
+         f"abs.ray_address must be host:port, ray://host:port or auto, got {printable(a.ray_address)!r}")
     need(a.max_restarts >= 0, f"abs.max_restarts must be >= 0, got {a.max_restarts}")
 
 

@@ -64,18 +64,18 @@ def cluster_address(configured: str) -> str:
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse a cluster address (``host:port`` or ``ray://host:port``) where nothing answers within
-    ``timeout_s`` seconds; ``auto`` and ``local`` are left to Ray.
+    """Refuse a cluster address (``host:port`` or ``ray://host:port``, the form
+    :func:`swap.config.check` accepts; ``RAY_ADDRESS`` is checked here) where nothing answers
+    within ``timeout_s`` seconds; ``auto`` and ``local`` are left to Ray.
 
     Raises:
-        SwapError: the address is malformed or no server accepts a connection there.
+        SwapError: the address is not host:port, or no server accepts a connection there.
     """
     if address in ("", "auto", "local"):
         return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
-        raise SwapError(f"abs.ray_address={printable(address)}: give host:port or ray://host:port")
+        raise SwapError(f"RAY_ADDRESS={printable(address)}: give host:port or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:

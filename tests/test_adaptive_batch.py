@@ -122,7 +122,7 @@ def test_elastic_resize_equals_a_run_without_resize(abs_resize_runs):
     assert [h["world_size"] for h in s_el["history"]] == [1, 2, 2] and len(s_el["resizes"]) == 1
     assert [h["world_size"] for h in s_fixed["history"]] == [1, 1, 1] and s_fixed["resizes"] == []
     assert s_el["updates"] == s_fixed["updates"]
-    assert s_el["launcher"] == s_fixed["launcher"] == {"name": "torch"}
+    assert s_el["launcher"] == s_fixed["launcher"] == {"name": "torch", "restarts": 0}
     a, b = (load_file(str(d / "checkpoints" / "abs.safetensors")) for d in (fixed, elastic))
     for k in a:       # BN running statistics differ by design: per-rank EMAs averaged vs one EMA over chunks
         if "running" not in k and "num_batches" not in k:

@@ -79,7 +79,7 @@ def test_no_ray_process_is_left_behind(ray_run):
 
 @pytest.mark.parametrize("extra, message", [
     (["--set", "abs.ray_address=127.0.0.1:9"], "abs.ray_address=127.0.0.1:9: no Ray cluster answers there"),
-    (["--set", "abs.ray_address=nowhere"], "abs.ray_address=nowhere: give host:port or ray://host:port"),
+    (["--set", "abs.ray_address=nowhere"], "abs.ray_address must be host:port, ray://host:port or auto, got 'nowhere'"),
     (["--set", "abs.launcher=slurm"], "abs.launcher must be torch or ray, got 'slurm'"),
 ])
 def test_bad_ray_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, extra, message):

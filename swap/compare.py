@@ -182,7 +182,8 @@ def build_report(out: str | Path, methods: list[str], seeds: int, target: float 
             row["updates_ratio"] = row["critical_path_updates"]["mean"] / base["critical_path_updates"]["mean"]
     first = runs[methods[0]][0][1]
     return {"target_acc": target, "seeds": seeds, "methods": methods, "rows": rows, "machine": first["machine"],
-            "config": first["config"], "eval_set": "validation" if _holdout(runs[methods[0]][0][0]) else "test"}
+            "config": first["config"], "eval_set": "validation" if _holdout(runs[methods[0]][0][0]) else "test",
+            "predictions": first.get("predictions", "samples")}
 
 
 def summary_method(entries: list) -> str:

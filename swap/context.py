@@ -298,16 +298,27 @@ class Context:
                                   getattr(sec, "min_lr", 0.0), getattr(sec, "warmup_updates", 0))
         return loader, lr_at, epochs
 
+    def prediction_unit(self, record: dict) -> str:
+        """What the run's accuracies count, from a training record of it: ``samples`` (a
+        classifier), ``next tokens`` (a causal language model's shifted targets, or a dataset whose
+        ``predictions`` attribute says so) or ``tokens``."""
+        if "tokens_per_s" not in record:
+            return "samples"
+        if self.task.shift.get("next_token") or getattr(self.train_set, "predictions", None) == "next tokens":
+            return "next tokens"
+        return "tokens"
+
     def bn_batches(self, rank: int = 0, world_size: int = 1):
         """Inputs of the one pass over the training data that recomputes BN statistics (phase 3,
         SWA): ``phase3.bn_batch_size`` samples each, augmented if ``phase3.bn_augment``; of the
         pass's batches, rank ``rank`` of ``world_size`` takes every ``world_size``-th (whole
-        batches, so each is normalised as in a 1-process pass)."""
+        batches, so each is normalised as in a 1-process pass). The pass holds every training sample
+        once (``full_pass``: a one-sample remainder joins the last batch)."""
         p3 = self.cfg.phase3
         loader = self.loader(p3.bn_batch_size, ("phase3", 0), data_parallel=False, augment=p3.bn_augment)
         if self.generic:                        # a DataLoader: only this rank's batches are loaded
-            return (x for x, _ in loader.load(0, loader.indices(0)[rank::world_size]))
-        return (x for j, (x, _) in enumerate(loader.epoch(0)) if j % world_size == rank)
+            return (x for x, _ in loader.load(0, loader.full_pass(0)[rank::world_size]))
+        return (x for j, (x, _) in enumerate(loader.full_pass(0)) if j % world_size == rank)
 
     @staticmethod
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str,
@@ -354,6 +365,11 @@ class Context:
         label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
         optimizer = self.optimizer_label(optimizer) if optimizer is not None else "sgd"
 
+        def rate(rec: dict) -> str:
+            if "tokens_per_s" in rec:
+                return f"{rec['tokens_per_s']:.0f} tokens/s"
+            return f"{rec['samples_per_s']:.0f} samples/s"
+
         def on_epoch(rec: dict) -> None:
             rec = {"phase": phase, "worker": worker, "optimizer": optimizer, **rec, "phase_wall_s": rec["wall_s"],
                    "wall_s": time.time() - self.t0}
@@ -361,7 +377,7 @@ class Context:
             test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
             train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
             tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f}"
-                       f"{train}{test} ({rec['samples_per_s']:.0f} samples/s)", file=sys.stderr)
+                       f"{train}{test} ({rate(rec)})", file=sys.stderr)
 
         def on_step(rec: dict) -> None:          # logging.log_every: a record between epochs, no progress line
             self.run.log({"phase": phase, "worker": worker, **rec, "wall_s": time.time() - self.t0})

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .averaging import distributed_average_, recompute_bn
-from .data.loader import stream_seed
+from .data.loader import pass_slices, stream_seed
 from .errors import SwapError
 from .schedules import apply_lr, record_lr_scales, warmup_decay
 
@@ -365,8 +365,9 @@ class SWAP(Callback):
     def _batches(dl: DataLoader, rank: int, world: int, limit: int | None = None):
         """``(i, batch)`` of rank ``rank``'s share (every ``world``-th batch from ``rank`` on) of the first
         ``limit`` batches (None: all) of ``dl``'s dataset in order, batched (at its batch sampler's
-        batch size: phase 2's for the training loader) and collated as ``dl`` does."""
-        order = list(BatchSampler(range(len(dl.dataset)), dl.batch_sampler.batch_size, drop_last=False))[:limit]
+        batch size: phase 2's for the training loader; a one-sample remainder joins the last batch:
+        :func:`swap.data.loader.pass_slices`) and collated as ``dl`` does."""
+        order = [range(p.start, p.stop) for p in pass_slices(len(dl.dataset), dl.batch_sampler.batch_size)][:limit]
         mine = list(range(rank, len(order), world))
         loader = DataLoader(dl.dataset, batch_sampler=[order[i] for i in mine], collate_fn=dl.collate_fn,
                             num_workers=dl.num_workers)

@@ -237,10 +237,6 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
     from .train import evaluate_metrics
 
     torch.manual_seed(0)
-    # the train loop counts predictions (a language model's tokens): per sample, on two samples
-    x, y = split_batch(to_device((collate_fn or torch.utils.data.default_collate)([dataset[0], dataset[1]]), device))
-    with torch.no_grad():
-        per_sample = float(task.predictions(task.forward(model_fn().to(device).eval(), x), y, 2)) / 2
     train_rates = {}
     for b in sorted(set(batches)):
         if len(dataset) < b:
@@ -249,7 +245,7 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
         model = model_fn().to(device)
         loader = DatasetLoader(torch.utils.data.Subset(dataset, range(n)), b, (0, "calibrate", b), device=device,
                                collate_fn=collate_fn)
-        train_rates[b] = _warm_rate(SGDStep(model, _sgd(model), 0, amp_dtype, task), loader) / per_sample
+        train_rates[b] = _warm_rate(SGDStep(model, _sgd(model), 0, amp_dtype, task), loader)
     data = torch.utils.data.Subset(dataset, range(min(len(dataset), 3 * eval_batch)))
     batches_ = list(eval_loader(data, eval_batch, device=device, collate_fn=collate_fn))
     evaluate_metrics(model, batches_, task, amp_dtype=amp_dtype)                       # warm-up

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+# the accuracy column's name by what the predictions are (``summary["predictions"]``)
+METRIC_NAMES = {"samples": "Test accuracy (%)", "tokens": "Test top-1 per token (%)",
+                "next tokens": "Test next-token top-1 (%)"}
+
+
 def results_table(summary: dict) -> str:
     """A Markdown table for one run's ``summary.json`` (SWAP or SGD).
 
@@ -22,8 +27,14 @@ def results_table(summary: dict) -> str:
         rows.append((f"{summary['method'].upper()} (batch {b['base']} -> {b['final']})", acc["final"], wall["total"]))
     else:
         rows.append((f"SGD (batch {summary['batch_size']['sgd']})", acc["final"], wall["total"]))
-    lines = ["| Method | Test accuracy (%) | Training time (s) |", "|---|---:|---:|"]
+    unit = summary.get("predictions", "samples")
+    lines = [f"| Method | {METRIC_NAMES[unit]} | Training time (s) |", "|---|---:|---:|"]
     lines += [f"| {name} | {'n/a' if a is None else f'{a:.2f}'} | {t:.1f} |" for name, a, t in rows]   # None: no accuracy
+    if unit != "samples":
+        final = next(iter(summary.get("test_metrics", {}).values()), {})
+        loss = f"; the final model's test loss {final['loss']:.4f} nats/token" if "loss" in final else ""
+        lines.append("")
+        lines.append(f"Accuracy: top-1 of every counted {unit[:-1]} prediction of the test set, in %{loss}.")
     if summary["method"] == "swap":
         u = summary["updates"]
         lines.append("")
@@ -60,9 +71,11 @@ def compare_table(report: dict) -> str:
     """The compare report as Markdown: the paper's Table 1/2/4 layout plus time to target,
     ratios to sgd-small, critical-path updates, samples processed, and the machine."""
     target = report["target_acc"]                      # None without sgd-small (nor --target)
-    acc_name = "Validation" if report["eval_set"] == "validation" else "Test"
+    acc_name = METRIC_NAMES[report.get("predictions", "samples")]
+    if report["eval_set"] == "validation":
+        acc_name = acc_name.replace("Test", "Validation")
     to = f"{target:.2f}%" if target is not None else "target"
-    lines = [f"| Method | {acc_name} accuracy (%) | Training time (s) | Time to {to} (s, median) | "
+    lines = [f"| Method | {acc_name} | Training time (s) | Time to {to} (s, median) | "
              "Time ratio vs sgd-small (total / to target) | Critical-path updates | Samples processed |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:

@@ -82,6 +82,12 @@ def target_count(target, samples: int):
     return (target != IGNORE_INDEX).sum()
 
 
+def token_targets(target) -> bool:
+    """Whether a batch's targets are class indices per position (an integer tensor (B, T, ...): a
+    language model's tokens), so its counted predictions are tokens rather than samples."""
+    return isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dim() >= 2
+
+
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits ``output`` (..., K) against class indices ``target`` (...),
     computed in float32 (under autocast the logits may be bfloat16)."""

@@ -23,9 +23,10 @@ end of the path.
 TensorBoard (``torch.utils.tensorboard``): one event-file directory per stream under
 ``RUN/tensorboard/`` (``phase1``, ``worker3``, ``average``), shown by TensorBoard as runs of one
 experiment. MLflow: one run, in ``MLFLOW_TRACKING_URI`` when it is set, else in the run
-directory's own file store ``RUN/mlruns`` (MLflow 3 keeps its file store in maintenance mode; it
-is the one store ``mlflow-skinny`` writes without a database, so we opt in with
-``MLFLOW_ALLOW_FILE_STORE``); its id is kept in ``RUN/mlflow_run_id``. A resumed run continues both:
+directory's own SQLite store ``RUN/mlflow.db`` (the local store MLflow opens without settings:
+``mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db``) with its artifacts in
+``RUN/mlflow-artifacts``; its id is kept in
+``RUN/mlflow_run_id``. A resumed run continues both:
 TensorBoard purges the steps the resume writes again (``purge_step``), and MLflow skips steps it
 already holds, so no step is recorded twice.
 
@@ -36,7 +37,9 @@ user's error, as any of their code: it propagates.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -68,6 +71,11 @@ def check_loggers(names) -> list[str]:
             importlib.import_module(module)
         except ImportError:
             raise SwapError(f"logger {name} needs the {module} package: pip install 'swap[{EXTRAS[module]}]'") from None
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            for package in ("sqlalchemy", "alembic"):        # the run directory's SQLite store
+                if importlib.util.find_spec(package) is None:
+                    raise SwapError(f"logger mlflow keeps its runs in RUN/mlflow.db, which needs the {package} "
+                                    f"package: pip install 'swap[mlflow]'")
     return names
 
 
@@ -177,32 +185,40 @@ class MLflowLogger:
     name = "mlflow"
 
     def __init__(self, run_path: Path, resumed: bool):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.uri(run_path))
+        self.client = self.connect(run_path)
         self.run_id = (Path(run_path) / "mlflow_run_id").read_text().strip()
         self.resumed, self.last = resumed, {}
 
     @staticmethod
     def uri(run_path: Path) -> str:
-        """``MLFLOW_TRACKING_URI``, else the run directory's own file store."""
+        """``MLFLOW_TRACKING_URI``, else the run directory's own SQLite store ``RUN/mlflow.db``
+        (an absolute ``sqlite:////...`` URI)."""
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        return (Path(run_path).resolve() / "mlruns").as_uri()
+        return "sqlite:///" + str(Path(run_path).resolve() / "mlflow.db")
+
+    @classmethod
+    def connect(cls, run_path: Path):
+        """An ``MlflowClient`` of the run's store, MLflow's own INFO lines (the database's creation
+        and migrations) kept off the terminal."""
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return MlflowClient(tracking_uri=cls.uri(run_path))
 
     @classmethod
     def create(cls, run_path: Path, name: str) -> bool:
         """Start the run's MLflow run (experiment ``swap``) unless ``RUN/mlflow_run_id`` names one;
         whether it started one."""
-        from mlflow.tracking import MlflowClient
-
         path = Path(run_path) / "mlflow_run_id"
         if path.is_file():
             return False
-        client = MlflowClient(tracking_uri=cls.uri(run_path))
+        client = cls.connect(run_path)
         experiment = client.get_experiment_by_name("swap")
-        eid = experiment.experiment_id if experiment is not None else client.create_experiment("swap")
+        own = not os.environ.get("MLFLOW_TRACKING_URI")         # the run's own store keeps artifacts beside it
+        where = (Path(run_path).resolve() / "mlflow-artifacts").as_uri() if own else None
+        eid = experiment.experiment_id if experiment is not None else client.create_experiment("swap", where)
         path.write_text(client.create_run(eid, run_name=name).info.run_id)
         return True
 

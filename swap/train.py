@@ -29,7 +29,7 @@ from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 from .schedules import apply_lr, epoch_shape
-from .task import Task, stop_reached
+from .task import Task, stop_reached, token_targets
 
 DEFAULT_TASK = Task()
 TOP1_TASK = Task(metrics=("top1",))
@@ -354,6 +354,16 @@ class SGDStep(UpdateStep):
 
 
 # ---------------------------------------------------------------------- the loop
+def _rates(predictions: float, rows: int, seconds: float, tokens: bool) -> dict[str, float]:
+    """An epoch's training rates: ``samples_per_s`` (rows of data per second, all ranks and models)
+    and, where the predictions are tokens, ``tokens_per_s`` (counted target tokens per second)."""
+    if seconds <= 0:
+        return {"samples_per_s": 0.0, **({"tokens_per_s": 0.0} if tokens else {})}
+    if not tokens:
+        return {"samples_per_s": predictions / seconds}
+    return {"samples_per_s": rows / seconds, "tokens_per_s": predictions / seconds}
+
+
 def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epochs: int | None = None,
           start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
           stop_metric: str = "train_acc", stop_fn: Callable[[int, float], bool] | None = None,
@@ -393,8 +403,9 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         on_epoch: receives one record per epoch (per model, with ``model``: its index, when the
             step trains several): epoch (1-based), lr (last update's), batch_size (global),
             train_loss, train_acc, test_acc (None when not evaluated), samples_per_s (training
-            predictions per second of that epoch, all ranks and models: samples for a classifier,
-            tokens for a language model), wall_s (since start), eval_s,
+            samples per second of that epoch, all ranks and models), tokens_per_s (counted target
+            tokens per second, where the targets are tokens: :func:`swap.task.token_targets`),
+            wall_s (since start), eval_s,
             stopped (the stopping accuracy was reached: this is the last epoch).
         on_step: called with the global update index (1-based, as ``lr_at``'s plus 1) after each update.
         progress: an optional tqdm-like bar; ``update(1)`` per update.
@@ -430,6 +441,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
     device = next(models[0].parameters()).device
     guard = DivergenceGuard(divergence_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
     log = StepLog(log_every, on_log, n) if log_every and on_log is not None else None
+    tokens = None
     for epoch in range(start_epoch, epochs):
         for m in models:
             m.train()
@@ -445,6 +457,8 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         if log is not None:
             log.start_epoch(totals)
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
+            if tokens is None:                         # once: a language model's predictions are tokens
+                tokens = hasattr(step, "task") and token_targets(y)
             lr = lr_at(offset + i)
             batch_totals, norms = step.gradients(x, y, lr)
             totals += batch_totals
@@ -494,7 +508,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
                 "update": offset + steps,
                 "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
                 **{f"test_{m}": v for m, v in test.items() if m != "top1"},
-                "samples_per_s": samples / train_s * world if train_s > 0 else 0.0,
+                **_rates(samples * world, (steps - first) * batch_size * n, train_s, tokens),
                 "wall_s": time.perf_counter() - t_start, "eval_s": time.perf_counter() - t_eval, "stopped": stopping,
             })
         if on_epoch is not None:

@@ -16,7 +16,10 @@ Fashion-MNIST subset, with the :class:`swap.lightning.SWAP` callback switching o
   ``OnExceptionCheckpoint`` writes a checkpoint; then ``fit(ckpt_path=...)`` again;
 - ``killed``: ``fit(ckpt_path=...)`` from the uninterrupted fit's checkpoint of step 44 (mid-epoch 1,
   in phase 2), the last file a run killed after it leaves;
-- ``phase2_batch``: a short fit whose workers train at ``phase2_batch_size=32``.
+- ``phase2_batch``: a short fit whose workers train at ``phase2_batch_size=32``;
+- ``bn1d``: a module with a BatchNorm1d layer on 449 training images (batch 32, the user's loader with
+  ``drop_last=True``): the BN pass's batches leave one sample over, which joins the last batch; the
+  recomputed statistics and a float64 pass over all 449 samples.
 """
 from __future__ import annotations
 
@@ -122,6 +125,40 @@ def bn_reference(model: Classifier, data: FashionMNIST) -> dict:
     return out
 
 
+class MLP(Classifier):
+    """Flatten -> Linear -> BatchNorm1d -> ReLU -> Linear, SGD; the BN layer's input does not depend on
+    how the samples are batched, so its exact statistics are those of one float64 pass."""
+
+    def __init__(self):
+        super().__init__(lr=0.05)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.BatchNorm1d(64),
+                                       torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class DropLast(FashionMNIST):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+
+def bn1d() -> dict:
+    """A fit whose BN pass leaves one sample over: 449 images, 14 batches of 32 and one of 1."""
+    L.seed_everything(0, verbose=False)
+    data = DropLast(batch_size=32, train_subset=449 + 512, holdout=512)
+    model = MLP()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                        callbacks=[SWAP(switch_epoch=1, phase2_lr=0.01)], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(model, datamodule=data)
+    bn = model.net[2]
+    with torch.no_grad():
+        x = model.net[1](model.net[0](data.train.tensors[0])).double()
+    return {"n": len(data.train), "running": (bn.running_mean.double(), bn.running_var.double()),
+            "reference": (x.mean(0), x.var(0))}
+
+
 def main() -> None:
     results = {}
     every = ModelCheckpoint(dirpath=OUT / "steps", every_n_train_steps=4, save_top_k=-1, filename="{step}")
@@ -148,6 +185,7 @@ def main() -> None:
                         enable_checkpointing=False)
     trainer.fit(AdamWOnDicts(lr=3e-3), datamodule=DictBatches(batch_size=BATCH, train_subset=SUBSET, holdout=HOLDOUT))
     results["phase2_batch"] = {"steps": trainer.global_step, "metrics": small.metrics}
+    results["bn1d"] = bn1d()
     if trainer.is_global_zero:
         torch.save(results, OUT / "results.pt")
 

@@ -65,6 +65,16 @@ def test_workers_train_at_their_own_batch_size(ranks):
     assert run["metrics"]["average"]["val_loss"] < min(w["val_loss"] for w in run["metrics"]["workers"])
 
 
+def test_the_bn_pass_takes_a_set_that_leaves_one_sample_over(ranks):
+    """449 images at batch 32 on 2 ranks (the user's loader drops its last batch): the BN pass's
+    one-sample remainder joins the last batch, no train-mode BN sees one value per channel, and the
+    statistics are those of every sample (a float64 pass over all 449)."""
+    run = ranks["bn1d"]
+    assert run["n"] == 449 and 449 % 32 == 1
+    (mean, var), (ref_mean, ref_var) = run["running"], run["reference"]
+    assert torch.allclose(mean, ref_mean, rtol=0, atol=1e-5) and torch.allclose(var, ref_var, rtol=1e-5, atol=1e-5)
+
+
 def test_a_monitor_the_module_does_not_log_is_one_error_at_the_first_validated_epoch_end():
     from types import SimpleNamespace
     callback = SWAP(monitor="val_accuracy", stop_value=90.0, phase2_epochs=2, phase2_lr=0.1)

@@ -125,8 +125,17 @@ def test_a_model_and_data_of_your_own_in_the_cli_resume_compare_and_landscape(tm
         for tag in a:
             steps = [step for step, _ in b[tag]]
             assert steps == sorted(set(steps)), (logged.__name__, tag, steps)        # no step twice
-            if not tag.endswith(("wall_s", "samples_per_s")) and not tag.startswith("summary/wall_s"):
+            if not tag.endswith(("wall_s", "samples_per_s", "tokens_per_s")) and not tag.startswith("summary/wall_s"):
                 assert b[tag] == a[tag], (logged.__name__, tag)
+    # the README's command opens the resumed run's store: MLflow's UI server, read with MLflow's client
+    from test_tracking import mlflow_ui
+    with mlflow_ui("sqlite:///run/mlflow.db", cwd=tmp_path) as url:
+        assert logged_mlflow(out, url) == logged_mlflow(out)
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=url)
+        artifacts = {a.path for a in client.list_artifacts((out / "mlflow_run_id").read_text())}
+        assert {"summary.json", "config.yaml", "figures"} <= artifacts       # kept in the run directory
+        assert (out / "mlflow-artifacts").is_dir()
     # swap compare runs the same model and data: its SWAP run of seed 0 is this run, bit for bit
     compare_args = [a for a in CLI if a not in ("--workers", "2")] + ["--set", "workers=2"]
     assert main(["compare", *compare_args, *data, "--methods", "swap", "--seeds", "1",
@@ -174,9 +183,13 @@ def test_swap_plan_calibrates_a_model_and_data_of_your_own_on_their_batches(tmp_
     assert int(rows["swap"][4]) == 2 * 1024 // 128 + 4 * 1024 // 32
 
 
-def test_plan_rates_a_language_model_in_samples_not_tokens(monkeypatch):
-    """The train loop counts predictions (tokens); the plan's rates are samples (rows) per second."""
+def test_a_language_models_records_rate_samples_and_tokens_and_the_plan_takes_samples(monkeypatch):
+    """The train loop's epoch record of a causal LM: samples_per_s counts rows and tokens_per_s the
+    counted predictions (8 next-token targets per row of 9); a classifier's record has no
+    tokens_per_s. The plan's rates are the loop's samples per second."""
     import swap.plan as plan
+    from swap.data.generic import DatasetLoader
+    from swap.train import SGDStep, train
     from test_hf import _Causal
 
     class Seqs(torch.utils.data.Dataset):
@@ -187,7 +200,15 @@ def test_plan_rates_a_language_model_in_samples_not_tokens(monkeypatch):
             ids = torch.arange(9) % 7
             return {"input_ids": ids, "labels": ids}
 
-    monkeypatch.setattr(plan, "_warm_rate", lambda step, loader: 8000.0)      # predictions/s, as the loop counts
+    model = _Causal(shift=True)
+    step = SGDStep(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, None, Task())
+    record = train(step, DatasetLoader(Seqs(), 16, (0, "lm", 0)), lambda s: 0.1, epochs=1)
+    assert record["tokens_per_s"] == pytest.approx(8 * record["samples_per_s"], rel=1e-9)
+    classifier = torch.nn.Linear(6, 3)
+    rows = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    step = SGDStep(classifier, torch.optim.SGD(classifier.parameters(), lr=0.1), 0, None, Task())
+    assert "tokens_per_s" not in train(step, DatasetLoader(rows, 8, (0, "c", 0)), lambda s: 0.1, epochs=1)
+    monkeypatch.setattr(plan, "_warm_rate", lambda step, loader: 1000.0)      # samples/s, as the loop reports
     thr = plan.calibrate_dataset(lambda: _Causal(shift=True), Seqs(), Task(), None, [16], torch.device("cpu"),
                                  samples=32, eval_batch=16)
-    assert thr.train == {16: 1000.0}                      # 8 predicted tokens per row of 9
+    assert thr.train == {16: 1000.0}

@@ -51,10 +51,11 @@ def _kill_when(out: Path, trigger: str, data_dir: Path, delay_s: float, settings
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "swap.cli", "train", *settings, "--data-dir", str(data_dir),
                              "--out", str(out)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(out.parent / f"{out.name}.stderr", "w"))
     deadline = time.time() + 120
     while not (out / trigger).exists():
-        assert proc.poll() is None, "the run ended before the kill point"
+        assert proc.poll() is None, "the run ended before the kill point: " + \
+            (out.parent / f"{out.name}.stderr").read_text()[-2000:]
         assert time.time() < deadline, f"{trigger} never appeared"
         time.sleep(0.05)
     time.sleep(delay_s)

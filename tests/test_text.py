@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from swap.cli import main
 from swap.config import SwapError
@@ -70,7 +71,7 @@ def test_the_transformer_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_text_preset_runs_end_to_end_from_the_cli(tmp_path):
+def test_text_preset_runs_end_to_end_from_the_cli(tmp_path, capsys):
     pytest.importorskip("swap.data.text")
     out = tmp_path / "run"
     code = main(["train", "--config", "text_char_quick", "--out", str(out), "--set", "data.train_subset=2048",
@@ -83,3 +84,11 @@ def test_text_preset_runs_end_to_end_from_the_cli(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("test_loss" in r for r in records if r["phase"] == "phase2" and r["test_acc"] is not None)
     assert summary["epochs"]["phase1"] == 2
+    # the records rate samples and tokens; the table names its metric and the loss's unit
+    phase1 = [r for r in records if r["phase"] == "phase1"]
+    seq_len = yaml.safe_load((out / "config.yaml").read_text())["data"]["seq_len"]
+    assert all(r["tokens_per_s"] == pytest.approx(seq_len * r["samples_per_s"], rel=1e-6) for r in phase1)
+    assert summary["predictions"] == "next tokens"
+    table = capsys.readouterr().out
+    assert "| Method | Test next-token top-1 (%) | Training time (s) |" in table
+    assert f"the final model's test loss {loss:.4f} nats/token" in table

@@ -3,8 +3,15 @@
 tests/test_output_contract.py (its logged runs equal the uninterrupted run's, every step once)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,15 +23,52 @@ from swap.rundir import RunDir
 from swap.config import SwapError
 
 
-def logged_mlflow(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """{key: [(step, value), ...]} of the run's MLflow run (its own store, RUN/mlruns)."""
+def logged_mlflow(run: Path, uri: str | None = None) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} of the run's MLflow run, read as a user reads it: MLflow's own
+    client on the run's store ``sqlite:///RUN/mlflow.db`` (or on ``uri``, e.g. an ``mlflow ui``
+    server), with no MLflow environment variable set."""
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(run.resolve() / "mlruns").as_uri())
+    assert not [k for k in os.environ if k.startswith("MLFLOW_")]
+    client = MlflowClient(tracking_uri=uri or "sqlite:///" + str(run.resolve() / "mlflow.db"))
     run_id = (run / "mlflow_run_id").read_text()
+    experiment = client.get_experiment_by_name("swap")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]   # one run
     return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
             for k in client.get_run(run_id).data.metrics}
+
+
+@contextlib.contextmanager
+def mlflow_ui(store: str, cwd: Path):
+    """``mlflow ui --backend-store-uri STORE`` as the README gives it, run from ``cwd`` on a free
+    loopback port with no MLflow environment variable; yields the server's URL once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store,
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, "mlflow ui exited"
+                time.sleep(0.25)
+        else:
+            raise AssertionError("mlflow ui did not answer within 60 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def logged_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -148,9 +192,8 @@ def test_a_missing_logger_package_is_one_line_before_any_work(tmp_path, monkeypa
 
 def test_mlflow_logs_to_the_tracking_uri_when_it_is_set(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
-    store = (tmp_path / "server").as_uri()
+    store = "sqlite:///" + str(tmp_path / "server.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     cfg = swap.load_config(None, {"name": "uri", "logging": {"loggers": ["mlflow"]}})
     (tmp_path / "run").mkdir()
     tracking.prepare(tmp_path / "run", cfg)
@@ -161,4 +204,4 @@ def test_mlflow_logs_to_the_tracking_uri_when_it_is_set(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=store)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase1/train_loss")] == [(5, 0.5)]
     assert client.get_run(run_id).data.params["phase1.batch_size"] == str(cfg.phase1.batch_size)
-    assert not (tmp_path / "run" / "mlruns").exists()
+    assert not (tmp_path / "run" / "mlflow.db").exists()

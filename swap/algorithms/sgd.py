@@ -141,6 +141,7 @@ def run_sgd(spec: RunSpec) -> dict | None:
         summary = {
             "method": "sgd", "optimizer": out["optimizer"], "config": cfg.name, "seed": cfg.seed,
             "test_acc": {"final": out["test_acc"]},
+            "predictions": ctx.prediction_unit(out),
             **({"test_metrics": {"final": {"top1": out["test_acc"], **{k[5:]: v for k, v in out.items()
                                                                         if k.startswith("test_") and k != "test_acc"}}}}
                if any(k.startswith("test_") and k != "test_acc" for k in out) else {}),

@@ -409,6 +409,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
                                            for r in finished),                  # all workers' samples
         "batch_size": {"phase1": section_batch(cfg, "phase1"), "phase2": section_batch(cfg, "phase2")},
         "machine": ctx.machine(),
+        "predictions": ctx.prediction_unit(phase1),
         **({"test_metrics": {"averaged": metrics}} if metrics else {}),
     }
     run.write_summary(summary)

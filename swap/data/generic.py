@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import SwapError
-from .loader import stream_seed, subset_indices
+from .loader import pass_slices, stream_seed, subset_indices
 
 
 def to_device(x, device: torch.device, non_blocking: bool = False):
@@ -236,9 +236,18 @@ class DatasetLoader:
         batches, with the same random transforms, as a full pass yields from there."""
         return self.load(epoch, self.indices(epoch, start))
 
+    def full_pass(self, epoch: int) -> list[torch.Tensor]:
+        """Every sample's index once, in ``epoch``'s order, batched by
+        :func:`swap.data.loader.pass_slices` (the epoch's batches, then the remainder an epoch of
+        updates drops; a one-sample remainder joins the last batch): int64 (b,) per batch, for
+        :meth:`load`. The pass of a BN-statistics recomputation."""
+        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
+        perm = torch.randperm(len(self.dataset), generator=gen)
+        return [perm[part] for part in pass_slices(len(perm), self.batch_size)]
+
     def load(self, epoch: int, rows: torch.Tensor) -> Iterator[tuple]:
-        """Batches (input, target) of the sample indices ``rows`` (int64 (S, b): one batch per row,
-        e.g. some rows of :meth:`indices`) of ``epoch``, on the device, each sample with the random
+        """Batches (input, target) of the sample indices ``rows`` (int64 (S, b) or a list of int64
+        (b,): one batch per row, e.g. some rows of :meth:`indices` or of :meth:`full_pass`) of ``epoch``, on the device, each sample with the random
         transforms it gets in that epoch."""
         stream = (*self.seed_parts, epoch)
         self._batches.keys = [[(stream, int(i)) for i in row] for row in rows]
@@ -286,12 +295,13 @@ class Subset(torch.utils.data.Subset):
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                 collate_fn: Callable | None = None, num_workers: int = 0) -> Iterator[tuple]:
     """Ordered batches (input, target) of rank ``rank``'s contiguous shard of ``dataset`` (all
-    samples kept; b <= batch_size), on ``device``."""
+    samples kept, batched by :func:`swap.data.loader.pass_slices`: b <= batch_size + 1), on ``device``."""
     n = len(dataset)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     shard = torch.utils.data.Subset(dataset, range(lo, hi))
     device = torch.device(device)
     cuda = device.type == "cuda"
-    for batch in _unwrapped(DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+    order = [range(part.start, part.stop) for part in pass_slices(hi - lo, batch_size)]
+    for batch in _unwrapped(DataLoader(shard, batch_sampler=order, collate_fn=collate_fn, num_workers=num_workers,
                                        pin_memory=cuda)):
         yield split_batch(to_device(batch, device, cuda))

@@ -24,6 +24,25 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def pass_slices(n: int, batch_size: int) -> list[slice]:
+    """Batches of one ordered pass over ``n`` samples that keeps every sample: consecutive runs of
+    ``batch_size``, the last one the remainder; a remainder of a single sample joins the batch before
+    it (a BatchNorm layer in train mode cannot normalise one value per channel), so no batch holds one
+    sample unless ``n`` is 1. Used by every BN-statistics pass and evaluation.
+
+    Returns:
+        slices into the pass's order, e.g. ``n=449, batch_size=32``: 13 of 32 samples, then one of 33.
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def subset_indices(size: int, n: int) -> torch.Tensor | None:
     """Indices int64 (n,) of the first ``n`` of ``size`` samples in a fixed shuffle (seed 0,
     independent of the run seed), so every run and method sees the same subset; None (keep all)
@@ -209,19 +228,36 @@ class Loader:
         for j in range(len(perm)):
             yield self.batch(perm[j], {k: v[j] for k, v in params.items()})
 
+    def full_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every training sample once, in ``epoch``'s order and with its augmentation: the batches
+        of :meth:`epoch` (all ranks' shares), then the remainder that an epoch of updates drops,
+        batched by :func:`pass_slices` (a one-sample remainder joins the last batch). The pass of
+        a BN-statistics recomputation; the remainder's augmentation is drawn after the epoch's."""
+        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
+        perm = torch.randperm(len(self.data), generator=gen)
+        _, _, h, w = self.data.images.shape
+        n, b, dev = len(self.data), self.batch_size, self.data.images.device
+        params = {}
+        if self.augment:
+            sizes = [b] * len(self) + ([n - len(self) * b] if n % b else [])
+            drawn = [self.augment.draw(size, h, w, gen) for size in sizes]
+            params = {k: torch.cat([d[k] for d in drawn]) for k in drawn[0]}
+        for part in pass_slices(n, b):
+            yield self.batch(perm[part].to(dev), {k: v[part].to(dev) for k, v in params.items()})
+
 
 def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Clean, ordered batches of rank ``rank``'s contiguous shard of ``data`` (all samples kept).
+    """Clean, ordered batches of rank ``rank``'s contiguous shard of ``data`` (all samples kept,
+    batched by :func:`pass_slices`).
 
-    Yields (x float32 (b, C, H, W) normalised, y int64 (b,)), b <= batch_size.
+    Yields (x float32 (b, C, H, W) normalised, y int64 (b,)), b <= batch_size + 1.
     """
     n = len(data)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     mean, std = mean.to(data.images.device), std.to(data.images.device)
-    for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        x = _normalise(data.images[start:stop], mean, std)
+    for part in pass_slices(hi - lo, batch_size):
+        x = _normalise(data.images[lo + part.start:lo + part.stop], mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, data.labels[start:stop]
+        yield x, data.labels[lo + part.start:lo + part.stop]

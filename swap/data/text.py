@@ -53,7 +53,10 @@ class TextChars(Dataset):
 
     Attributes:
         num_classes: 256 (byte values). model_kwargs: ``{"seq_len": T}`` for the model factory.
+        predictions: ``"next tokens"``: the targets are the inputs shifted by one (the run's tables
+            name their accuracy next-token top-1).
     """
+    predictions = "next tokens"
 
     def __init__(self, data: torch.Tensor, seq_len: int):
         if seq_len < 1 or len(data) < seq_len + 1:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import multiprocessing.context
 import os
 from typing import Any, Callable
 
@@ -110,6 +111,12 @@ class _Recorder:
     def log_dict(self, values, *args, **kwargs) -> None:
         for name, value in values.items():
             self.log(name, value, *args, **kwargs)
+
+
+# ddp_spawn / ddp_fork / ddp_notebook run the fit in processes the launching one only hears rank 0's
+# weights back from: the callback's metrics, phase and worker checkpoints would stay there.
+_LAUNCHED = ("SWAP needs Trainer(strategy='ddp'), whose ranks are the script's own processes; strategy "
+             "ddp_{} trains in processes that return only rank 0's weights to this one")
 
 
 class SWAP(Callback):
@@ -194,6 +201,13 @@ class SWAP(Callback):
         self._world = self._rank = self._saved_world = self._trainer = None
 
     # ---- checks before any work -------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # Lightning's ddp_spawn pickles the Trainer, callbacks included, into each new process: refused
+        # there, in the launching process before any rank starts (see _LAUNCHED).
+        if multiprocessing.context.get_spawning_popen() is not None:
+            raise SwapError(_LAUNCHED.format("spawn"))
+        return self.__dict__.copy()
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -202,6 +216,9 @@ class SWAP(Callback):
         if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in name:
             raise SwapError(f"SWAP needs Trainer(strategy='ddp'), got {name} (sharded strategies such as FSDP "
                             "and DeepSpeed are not supported)")
+        start = getattr(strategy, "_start_method", "popen")
+        if start != "popen":
+            raise SwapError(_LAUNCHED.format(start))
         if trainer.world_size < 2:
             raise SwapError(f"SWAP needs at least 2 ranks (one phase-2 worker each): Trainer(devices=W, "
                             f"strategy='ddp') with W >= 2, got world size {trainer.world_size}")

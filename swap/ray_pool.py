@@ -108,10 +108,66 @@ class PoolRank:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def run(self, env: dict, fn: Callable[..., Any], args: tuple, log_dir: str | None) -> Any:
-        """``fn(*args)`` as rank ``env["RANK"]`` of a group (:func:`swap.distributed.run_rank`)."""
+    def run(self, env: dict, fn: Callable[..., Any], args: tuple, log_dir: str | None, relay: str | None = None) -> Any:
+        """``fn(*args)`` as rank ``env["RANK"]`` of a group (:func:`swap.distributed.run_rank`).
+        ``relay``: a file that also receives this rank's standard error, which the driver prints
+        (:class:`Relay`) instead of Ray's log forwarding."""
         os.environ.update(env)
-        return distributed.run_rank(fn, *args, log_dir=log_dir)
+        if relay is None:
+            return distributed.run_rank(fn, *args, log_dir=log_dir)
+        saved = sys.stderr
+        with open(relay, "w", buffering=1) as copy:
+            sys.stderr = _Tee(saved, copy)
+            try:
+                return distributed.run_rank(fn, *args, log_dir=log_dir)
+            finally:
+                sys.stderr = saved
+
+
+class _Tee:
+    """A text stream that writes to two (an actor's standard error and its relay file)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def write(self, text: str) -> int:
+        self.first.write(text)
+        self.second.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.first.flush()
+        self.second.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.first, name)
+
+
+class Relay:
+    """Prints the complete lines the ranks' relay files (``PoolRank.run``'s ``relay``) have gained
+    since the last :meth:`pump`, on this process's standard error, without Ray's ``(PoolRank
+    pid=N)`` prefix: the pool's ranks print as the torch launcher's do. The files sit in the run's
+    log folder, which every node of a multi-node pool shares (its checkpoints are there too)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.done = paths, [0] * len(paths)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+
+    def pump(self) -> None:
+        for k, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.done[k])
+                    text = f.read()
+            except FileNotFoundError:
+                continue
+            complete = text[:text.rfind(b"\n") + 1]
+            if complete:
+                self.done[k] += len(complete)
+                sys.stderr.write(complete.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 class RayPool:
@@ -143,7 +199,9 @@ class RayPool:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             t = time.perf_counter()
-            options = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+            # the ranks' lines reach the terminal through Relay; Ray's forwarding (its "(PoolRank pid=N)"
+            # prefixes, the raylet's notices) only with --verbose
+            options = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=distributed.verbose())
             try:
                 if self.address:
                     ray.init(address=self.address, **options)
@@ -153,11 +211,26 @@ class RayPool:
                 raise SwapError(f"Ray did not start{' at ' + self.address if self.address else ''}: "
                                 f"{printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
             self.started, self.start_s = True, time.perf_counter() - t
+        self._quiet(not distributed.verbose())
         return self
+
+    def _quiet(self, quiet: bool) -> None:
+        """Keep the driver's printing of Ray's own notices (the raylet's multi-line report of a killed
+        actor, which the restart's one line replaces) off the terminal while the pool runs. Ray has
+        no option for it: its error listener prints unless ``_worker_logs_enabled`` (the flag its
+        debugger clears while it holds the terminal) is False; a Ray without the flag prints."""
+        worker = getattr(getattr(self.ray, "_private", None), "worker", None)
+        if worker is not None and hasattr(worker, "_worker_logs_enabled"):
+            if quiet:
+                self._logs_were = worker._worker_logs_enabled
+                worker._worker_logs_enabled = False
+            elif hasattr(self, "_logs_were"):
+                worker._worker_logs_enabled = self._logs_were
 
     def __exit__(self, *exc) -> None:
         self._kill(self.actors)
         self.actors = []
+        self._quiet(False)
         if self.started:
             self.ray.shutdown()
         deadline = time.monotonic() + EXIT_WAIT_S       # ray.kill returns before the process has gone
@@ -216,15 +289,21 @@ class RayPool:
         master = places[0][0]
         port = ray.get(actors[0].free_port.remote())
         refs = {}
+        relay = None
+        if log_dir is not None and not distributed.verbose():
+            relay = Relay([Path(log_dir) / f"ray_rank{rank}.out" for rank in range(nprocs)])
         for rank, actor in enumerate(actors):
             env = {"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
                    "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master, "MASTER_PORT": str(port)}
-            refs[actor.run.remote(env, fn, args, None if log_dir is None else str(log_dir))] = rank
+            refs[actor.run.remote(env, fn, args, None if log_dir is None else str(log_dir),
+                                  None if relay is None else str(relay.paths[rank]))] = rank
         results, died, failed = {}, [], []
         pending, deadline = list(refs), None
         with interrupt.handle_signals():
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+                if relay is not None:
+                    relay.pump()
                 for ref in done:
                     try:
                         results[refs[ref]] = ray.get(ref)
@@ -240,6 +319,8 @@ class RayPool:
                     break
                 if interrupt.requested():
                     self._stop(places, pending, interrupt.requested())
+        if relay is not None:
+            relay.pump()
         if died or failed:
             self._kill(self.actors)
             self.actors = []

@@ -75,6 +75,33 @@ def test_the_bn_pass_takes_a_set_that_leaves_one_sample_over(ranks):
     assert torch.allclose(mean, ref_mean, rtol=0, atol=1e-5) and torch.allclose(var, ref_var, rtol=1e-5, atol=1e-5)
 
 
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_ddp_spawn_is_refused_in_one_line_before_any_rank_starts(tmp_path):
+    """ddp_spawn would train in processes that send only rank 0's weights back: the callback's
+    metrics and workers would stay there. Refused in the launching process, before a rank starts."""
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+                        callbacks=[SWAP(switch_epoch=1, phase2_lr=0.1)], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(SwapError, match=r"^SWAP needs Trainer\(strategy='ddp'\), whose ranks are the script's own "
+                                        r"processes; strategy ddp_spawn trains in processes that return only "
+                                        r"rank 0's weights to this one$"):
+        trainer.fit(_Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 0
+
+
 def test_a_monitor_the_module_does_not_log_is_one_error_at_the_first_validated_epoch_end():
     from types import SimpleNamespace
     callback = SWAP(monitor="val_accuracy", stop_value=90.0, phase2_epochs=2, phase2_lr=0.1)

@@ -3,6 +3,8 @@ launcher's pool bit for bit, a killed actor costing only time, bad input refused
 no Ray process left behind."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -32,7 +34,8 @@ def ray_run(tmp_path_factory, real_fashion):
     CLI run starts it), the model being the small CNN of ``tests/ray_fault.py``, whose rank 1
     SIGKILLs its own process at its 5th training update (the middle of epoch 2 of 3) so that the
     pool restarts from the last checkpoint. Returns (run directory, marker file, the Ray processes
-    left after the run: listed, then killed, so that a failure does not leak them)."""
+    left after the run: listed, then killed, so that a failure does not leak them, what the run
+    printed on standard output and error)."""
     base = tmp_path_factory.mktemp("ray")
     marker = base / "die"
     marker.write_text("")
@@ -42,21 +45,22 @@ def ray_run(tmp_path_factory, real_fashion):
     try:
         args = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion), "--procs", "2", "--set", "abs.max_workers=2",
                 "--set", "abs.launcher=ray", "--set", "model.name=ray_fault:cnn", "--out", str(base / "run")]
-        assert main(args) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+            assert main(args) == 0
         leftovers = ray_processes()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         for p in ray_processes():
             os.kill(p["pid"], 9)
-    return base / "run", marker, leftovers
+    return base / "run", marker, leftovers, out.getvalue() + err.getvalue()
 
 
 def test_a_killed_actor_costs_only_time_and_the_ray_pool_ends_with_the_torch_pools_weights(ray_run, abs_resize_runs):
     """The Ray pool, one of its actors killed mid-epoch and the pool restarted from its last
     checkpoint, ends with the weights (BN statistics included) of the torch launcher's pool that
     was never interrupted, bit for bit; the same batches, pool sizes, updates and accuracies."""
-    run, marker, _ = ray_run
+    run, marker, _, _ = ray_run
     assert not marker.exists()                              # rank 1 did kill itself
     ray_summary, torch_summary = (json.loads((d / "summary.json").read_text())
                                   for d in (run, abs_resize_runs["elastic"]))
@@ -75,6 +79,18 @@ def test_a_killed_actor_costs_only_time_and_the_ray_pool_ends_with_the_torch_poo
 
 def test_no_ray_process_is_left_behind(ray_run):
     assert ray_run[2] == []
+
+
+def test_the_ray_pool_prints_as_the_torch_pool_does(ray_run):
+    """Rank 0's progress lines without Ray's "(PoolRank pid=N)" prefix, no raylet notice of the
+    killed actor: the restart is one swap line."""
+    printed = ray_run[3]
+    assert "PoolRank" not in printed and "(raylet)" not in printed and "A worker died" not in printed, printed
+    lines = printed.splitlines()
+    assert [line.split(" lr ")[0] for line in lines if line.startswith("[abs]")] == \
+        ["[abs] epoch 1/3", "[abs] epoch 2/3", "[abs] epoch 3/3"], printed
+    assert [line for line in lines if "died" in line] == \
+        ["swap: rank 1 of 2 died (its Ray actor's process ended); restart 1 of 3 from the last checkpoint"]
 
 
 @pytest.mark.parametrize("extra, message", [

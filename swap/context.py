@@ -25,7 +25,7 @@ from .schedules import PiecewiseLoader, warmup_decay
 from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
-from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics
+from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics, shard_of
 from .imports import import_object, is_import_path
 from .optim.build import build_optimizer, label, user_optimizer
 from .optim.extrap import ExtrapSGD, ExtrapStep
@@ -329,12 +329,13 @@ class Context:
         warmup = min(warmup_updates, total) if warmup_updates else round(warmup_epochs * steps_per_epoch)
         return warmup_decay(peak_lr, warmup, total, shape, min_lr)
 
-    def evaluate(self, model: nn.Module, distributed_eval: bool = False, validation: bool = False) -> float | dict[str, float]:
-        """Test accuracy (%) with running BN statistics; sharded over ranks if ``distributed_eval``.
+    def evaluate(self, model: nn.Module, distributed_eval=False, validation: bool = False) -> float | dict[str, float]:
+        """Test accuracy (%) with running BN statistics; sharded over the run's ranks if
+        ``distributed_eval`` is True, over a process group's if it is one (a phase-2 worker group).
         For a generic dataset, or a task given by the library (loss, metrics), every metric of the
         task: ``{metric: value}`` (:func:`swap.train.evaluate_metrics`). With ``validation``, on
         the validation split (:attr:`val_set`) instead of the test set."""
-        rank, world = (self.dist.rank, self.dist.world_size) if distributed_eval else (0, 1)
+        rank, world, _ = shard_of(distributed_eval)
         data = self.val_set if validation else self.test_set
         if self.generic:
             batches = eval_loader(data, self.cfg.phase3.bn_batch_size, rank, world, self.dist.device,

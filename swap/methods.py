@@ -193,7 +193,30 @@ class Method:
                 section, name = key.split(".")
                 setattr(getattr(cfg, section), name, n - n % ranks)
                 notes.append(f"{key}={n - n % ranks} (the default {value} exceeds the {n} training samples)")
+        if self.summary == "abs":
+            a = cfg.abs
+            if a.elastic and a.batch_size > n and not cfg.is_set("abs.batch_size"):
+                notes.append(f"abs.batch_size={n} (the default {a.batch_size} exceeds the {n} training samples)")
+                a.batch_size = n
+            if a.eig_samples > n and not cfg.is_set("abs.eig_samples"):
+                notes.append(f"abs.eig_samples={n} (the default {a.eig_samples} exceeds the {n} training samples)")
+                a.eig_samples = n
+            largest = a.batch_size * a.max_batch_factor
+            if largest > n >= a.batch_size and not cfg.is_set("abs.max_batch_factor"):
+                a.max_batch_factor = n // a.batch_size
+                notes.append(f"abs.max_batch_factor={a.max_batch_factor} (the default lets the batch grow to "
+                             f"{largest}, beyond the {n} training samples)")
         return notes
+
+    @staticmethod
+    def _abs_sized(cfg: Config) -> list[tuple[str, int, str]]:
+        """(config key, samples, what they are) of ABS's sizes that must fit in the training set: its
+        base batch (that of an elastic pool is not a split batch), the eigenvalue's sample and the
+        largest batch its rule may double to."""
+        a = cfg.abs
+        return [("abs.batch_size", a.batch_size, ""), ("abs.eig_samples", a.eig_samples, ""),
+                ("abs.max_batch_factor", a.batch_size * a.max_batch_factor,
+                 f" lets the batch grow to {a.batch_size} x {a.max_batch_factor} = {a.batch_size * a.max_batch_factor}, which")]
 
     def check(self, cfg: Config, procs: int, train_samples: int | None = None) -> None:
         """Refuse, before any work, batches that do not split over ``procs`` processes or that
@@ -226,6 +249,9 @@ class Method:
                             f"but the run has {procs}; set procs={cfg.workers * k} or lower one of them")
         if train_samples is not None:
             n = self.trainable(cfg, train_samples)
+            for key, value, what in self._abs_sized(cfg) if self.summary == "abs" else []:
+                if value > n:
+                    raise SwapError(f"{key}={getattr(cfg.abs, key[4:])}{what} exceeds the {n} training samples")
             for key, value, _ in self._sized(cfg, procs):
                 if value > n:
                     raise SwapError(f"{key}={value} exceeds the {n} training samples" +

@@ -74,28 +74,42 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def shard_of(distributed) -> tuple[int, int, object]:
+    """(rank, ranks, process group) of a sharded evaluation: ``distributed`` False (this process
+    alone: ``(0, 1, None)``), True (every rank of the run) or a process group (its ranks: a phase-2
+    worker group)."""
+    if distributed is False or distributed is None:
+        return 0, 1, None
+    group = None if distributed is True else distributed
+    if _world(group) == 1:
+        return 0, 1, None
+    return dist.get_rank(group), dist.get_world_size(group), group
+
+
 def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 1024,
-             distributed: bool = False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
+             distributed=False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on the images of
     ``data`` (an :class:`swap.data.ImageDataset`, normalised with ``mean``/``std``):
     :func:`evaluate_metrics` over :func:`swap.data.eval_batches` with the ``top1`` metric.
 
-    With ``distributed=True`` every rank evaluates its shard and the counts are summed with
-    all_reduce, so all ranks return the same number. Returns a float in [0, 100] (0 for no data).
+    With ``distributed=True`` (or a process group: its ranks) every rank evaluates its shard and
+    the counts are summed with all_reduce, so all ranks return the same number. Returns a float in
+    [0, 100] (0 for no data).
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and _world() > 1 else (0, 1)
+    rank, world, _ = shard_of(distributed)
     batches = eval_batches(data, batch_size, mean, std, rank, world, channels_last)
     acc = evaluate_metrics(model, batches, TOP1_TASK, distributed, amp_dtype)["top1"]
     return 0.0 if acc is None else acc                    # None: no samples
 
 
 @torch.no_grad()
-def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distributed: bool = False,
+def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distributed=False,
                      amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """The metrics of ``task`` (:class:`swap.task.Task`: ``loss``, ``top1`` and ``top5`` in
     percent, per prediction, or the user's) of ``model`` in eval mode over ``batches`` of
-    ``(input, target)`` (any input of the data contract). With ``distributed=True`` each rank passes
-    its own shard and the sums are all-reduced, so every rank returns the same numbers. Returns
+    ``(input, target)`` (any input of the data contract). With ``distributed=True`` (or a process
+    group: its ranks) each rank passes its own shard and the sums are all-reduced, so every rank
+    returns the same numbers. Returns
     ``{metric: value}``; None for a metric with no value on this data (no samples, or ``top1`` of an
     output without class-index targets)."""
     model = unwrap(model)
@@ -109,9 +123,10 @@ def evaluate_metrics(model: nn.Module, batches, task: Task = DEFAULT_TASK, distr
             loss = task.loss(out, y) if "loss" in task.metrics else None
         for m, (s, count) in task.batch_metrics(out, y, loss, batch_samples(x, y)).items():
             sums[m] += torch.stack([s, count])
-    if distributed and _world() > 1:
+    _, world, group = shard_of(distributed)
+    if world > 1:
         for t in sums.values():
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=group)
     model.train(was_training)
     return {m: (t[0] / t[1]).item() if t[1] > 0 else None for m, t in sums.items()}
 

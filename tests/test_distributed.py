@@ -67,3 +67,35 @@ def test_two_process_ddp_equals_one_process_accumulation(monkeypatch):
     torch.manual_seed(0)
     init = dict(build_model("smallcnn", 10, 1).named_parameters())
     assert max((single["weights"][k] - init[k]).abs().max().item() for k in init) > 1e-3
+
+
+def sharded_evaluation() -> dict:
+    """Each rank: the model's metrics on the test images alone, and sharded over a process group of
+    both ranks (a phase-2 worker group's) and over the run's ranks."""
+    import torch.distributed as dist
+
+    from swap.task import Task
+    from swap.train import evaluate, evaluate_metrics
+    from swap.data.loader import eval_batches
+
+    d, data, mean, std, model, _ = ddp_rank_setup(data_seed=2)
+    group = dist.new_group([0, 1]) if d.world_size > 1 else None
+    task = Task(metrics=("top1", "loss"))
+    out = {"alone": evaluate(model, data, mean, std, batch_size=20),
+           "metrics": evaluate_metrics(model, eval_batches(data, 20, mean, std), task)}
+    if group is not None:
+        out["group"] = evaluate(model, data, mean, std, batch_size=20, distributed=group)
+        out["run"] = evaluate(model, data, mean, std, batch_size=20, distributed=True)
+        out["group_metrics"] = evaluate_metrics(model, eval_batches(data, 20, mean, std, d.rank, 2), task, group)
+    gathered = distributed.all_gather_objects(out)
+    distributed.teardown()
+    return gathered
+
+
+def test_evaluation_sharded_over_a_worker_groups_ranks_gives_one_ranks_numbers(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranks = distributed.launch(sharded_evaluation, 2)
+    for r in ranks:
+        assert r["group"] == r["run"] == r["alone"] == ranks[0]["alone"] > 0
+        assert r["group_metrics"]["top1"] == r["metrics"]["top1"]
+        assert r["group_metrics"]["loss"] == pytest.approx(r["metrics"]["loss"], rel=1e-6)   # float32 batch means

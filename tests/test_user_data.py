@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,25 @@ def test_defaults_are_fitted_only_where_the_user_did_not_set_them():
                                        "phase3.bn_batch_size=300 (the default 512 exceeds the 300 training samples)"]
     with pytest.raises(SwapError, match="phase1.batch_size=512 exceeds the 300 training samples"):
         method.check(cfg, 2, 300)
+    # ABS: the eigenvalue's sample and the largest batch the rule may double to (the elastic pool's too)
+    absm = swap.methods.METHODS["abs"]
+    cfg = load_config(None, {"abs": {"batch_size": 64}})
+    assert absm.fit(cfg, 2, 100) == [
+        "abs.eig_samples=100 (the default 128 exceeds the 100 training samples)",
+        "abs.max_batch_factor=1 (the default lets the batch grow to 8192, beyond the 100 training samples)"]
+    absm.check(cfg, 2, 100)
+    cfg = load_config(None, {})
+    assert absm.fit(cfg, 2, 1000)[-1] == \
+        "abs.max_batch_factor=7 (the default lets the batch grow to 16384, beyond the 1000 training samples)"
+    assert cfg.abs.batch_size * cfg.abs.max_batch_factor <= 1000 and cfg.abs.eig_samples == 128
+    for key, value, message in [
+            ("eig_samples", 200, "abs.eig_samples=200 exceeds the 100 training samples"),
+            ("max_batch_factor", 4, "abs.max_batch_factor=4 lets the batch grow to 64 x 4 = 256, which exceeds "
+                                    "the 100 training samples")]:
+        cfg = load_config(None, {"abs": {"batch_size": 64, key: value}})
+        absm.fit(cfg, 2, 100)                                              # set by the user: kept, then refused
+        with pytest.raises(SwapError, match=f"^{re.escape(message)}$"):
+            absm.check(cfg, 2, 100)
     big = load_config(None, {"phase1": {"stop": "auto"}})
     method.fit(big, 1, 60000)
     assert big.data.holdout == 5000                                        # at most 5,000

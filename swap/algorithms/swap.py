@@ -264,11 +264,14 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
                                 {"config_hash": cfg.hash(), "phase": "phase2", "worker": w, "epoch": record["epoch"]})
         unit.end_epoch(record["epoch"])
 
+    def evaluate(model):                       # a worker group's ranks each evaluate a shard of the test set
+        return ctx.evaluate(model, distributed_eval=group.group if group is not None and group.group else False)
+
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
                        position=ctx.dist.local_rank)
     out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch,
                 start_step=start.step, start_totals=start.totals,
-                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
+                evaluate_fn=evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
                 on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, divergence_grad_norm=cfg.divergence_grad_norm,
                 label=f"phase2 worker {w}", log_every=ctx.log_every, on_log=sink.step if sink is not None else None)
     bar.close()

@@ -5,7 +5,8 @@ written as 28x28 greyscale PNG class folders, trained with ``swap train --method
 augmentation (padded crop 2, flip, cutout 8: the folder path's ``data.crop: auto`` takes the padded
 crop at 28 px) and without it, for several seeds.
 
-    .venv/bin/python benchmarks/imagefolder_native.py [--seeds 3] [--tree /tmp/swap-fmnist-png-10k]
+    .venv/bin/python benchmarks/imagefolder_native.py [--seeds 3] [--first-seed 0] [--augment-only]
+        [--tree /tmp/swap-fmnist-png-10k]
 
 Prints test accuracy per run and the folder / in-memory ratio of training samples/s (median over
 epochs); writes ``benchmarks/results/imagefolder_native.json``. Target (issue #23): the folder path
@@ -59,20 +60,23 @@ def run(path: str, seed: int, augment: bool, tree: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--augment-only", action="store_true", help="only the runs with the preset's augmentation")
     ap.add_argument("--tree", default="/tmp/swap-fmnist-png-10k")
     args = ap.parse_args()
     tree, out = Path(args.tree), Path(tempfile.mkdtemp(prefix="swap-native-"))
     write_tree(tree)
     rows = []
-    for augment in (True, False):
-        for seed in range(args.seeds):
+    variants = (True,) if args.augment_only else (True, False)
+    for augment in variants:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for path in ("folder", "in-memory"):              # interleaved: the same machine state for both
                 rows.append(run(path, seed, augment, tree, out / f"{path}-{seed}-{augment}"))
                 r = rows[-1]
                 print(f"{path:10} seed {seed} augment {str(augment):5} test {r['test_acc']:6.2f}% "
                       f"{r['samples_per_s']:7.0f} samples/s", flush=True)
     summary = {}
-    for augment in (True, False):
+    for augment in variants:
         pick = {p: [r for r in rows if r["path"] == p and r["augment"] == augment] for p in ("folder", "in-memory")}
         gaps = [f["test_acc"] - m["test_acc"] for f, m in zip(pick["folder"], pick["in-memory"])]
         ratio = statistics.median(r["samples_per_s"] for r in pick["folder"]) / \
@@ -82,7 +86,9 @@ def main() -> None:
         print(f"augment {augment}: folder - in-memory accuracy {', '.join(f'{g:+.2f}' for g in gaps)} points "
               f"(mean {statistics.mean(gaps):+.2f}); samples/s ratio {ratio:.2f} (target >= 0.33)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "imagefolder_native.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    name = "imagefolder_native" + (f"_seeds{args.first_seed}-{args.first_seed + args.seeds - 1}"
+                                   if args.first_seed or args.augment_only else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbose", action="store_true", help="show torch's own log lines and full tracebacks "
                    "(same as SWAP_LOG=debug); by default a failure is one line naming RUN/logs/rankR.log")
     t.add_argument("--logger", dest="loggers", action="append", choices=["tensorboard", "mlflow"],
-                   help="also log to TensorBoard (RUN/tensorboard) or MLflow (MLFLOW_TRACKING_URI, else RUN/mlruns); "
+                   help="also log to TensorBoard (RUN/tensorboard) or MLflow (MLFLOW_TRACKING_URI, else RUN/mlflow.db); "
                         "repeatable; config key 'logging.loggers' (metrics.jsonl is always written)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -20,7 +20,9 @@ from swap.train import SGDStep, train
 
 from conftest import ddp_rank_setup, train_quick
 
-TOL = 1e-6      # float32; measured 6e-8 (DDP averages gradients, local SGD weights, in float64)
+TOL = 1e-5      # float32: DDP averages gradients, local SGD weights (in float64); the rounding differs by
+                # CPU model (measured 6e-8 on one AMD EPYC, 1.3e-6 on another); a meeting that did not
+                # average would differ by the 1e-3 the weights move
 LR = 0.01       # at 0.05 the two orders of rounding drift apart to 1e-5 in 4 updates (BN on 32 samples)
 
 
@@ -221,10 +223,13 @@ def test_swap_with_the_automatic_switch_stops_where_its_rule_says_and_logs_the_n
     losses = [r["train_loss"] for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
     assert summary["switch"]["rule"] == "plateau" and summary["switch"]["epoch"] == stop == len(losses)
-    gains = {e: (losses[e - 4] - losses[e - 1]) / losses[e - 4] for e in range(4, len(losses) + 1)}
-    assert all(g >= 0.05 for e, g in gains.items() if 2 < e < stop)        # no earlier epoch met the rule
+    import yaml
+    stop_cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["phase1"]["stop"]
+    k, min_gain = stop_cfg["window"], stop_cfg["min_gain"]                  # the gain over k epochs
+    gains = {e: (losses[e - 1 - k] - losses[e - 1]) / losses[e - 1 - k] for e in range(k + 1, len(losses) + 1)}
+    assert all(g >= min_gain for e, g in gains.items() if 2 < e < stop)     # no earlier epoch met the rule
     if stop < 15:
-        assert gains[stop] < 0.05 and summary["phase1_stopped_early"]
+        assert gains[stop] < min_gain and summary["phase1_stopped_early"]
     scales = [r.get("noise_scale") for r in records if r["phase"] == "phase1"]
     assert len(scales) == stop and all(s is not None and 1 < s < 1e6 for s in scales), scales
 

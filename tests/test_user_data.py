@@ -337,6 +337,51 @@ def test_the_padded_crop_of_a_sample_is_the_in_memory_paths_batched_one():
         assert torch.equal(torch.from_numpy(one).permute(2, 0, 1), batched[k]), k
 
 
+def _chi2_same(a: torch.Tensor, b: torch.Tensor, cells: int) -> float:
+    """Pearson's chi-square statistic of homogeneity of two samples of integers in [0, cells)."""
+    counts = torch.stack([torch.bincount(a, minlength=cells), torch.bincount(b, minlength=cells)]).double()
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    keep = expected.sum(0) > 0
+    return (((counts - expected) ** 2)[:, keep] / expected[:, keep]).sum().item()
+
+
+def test_the_folder_path_and_the_in_memory_path_draw_the_same_augmentation_distribution(tmp_path, monkeypatch):
+    """The padded crop's parameters as each path draws them: the folder path per sample (from the
+    sample's seeded torch RNG, through the DataLoader), the in-memory path per batch
+    (:meth:`Augment.draw`). 3,000 draws each (600 images x 5 epochs); shift offsets, flips and
+    cutout centres pass a chi-square test of homogeneity at p = 0.001 (fixed seeds: deterministic)."""
+    from conftest import write_image_tree
+    from swap.data import Augment
+    from swap.data.folder import ImageFolder
+    from swap.data.generic import DatasetLoader
+    root = write_image_tree(tmp_path / "tree", classes=2, per_class=300, val_per_class=1, size=(28, 28), mode="L")
+    folder = ImageFolder(root / "train", True, None, crop="padded", crop_padding=2, cutout=8, flip=True)
+    seen = []
+    original = Augment.apply_one
+
+    def record(self, x, shift, flip, centre):
+        seen.append((*shift, int(flip), *centre))
+        return original(self, x, shift, flip, centre)
+    monkeypatch.setattr(Augment, "apply_one", record)
+    loader = DatasetLoader(folder, 100, (0, "phase1", 0), collate_fn=folder.collate_fn)
+    for epoch in range(5):
+        for _ in loader.epoch(epoch):
+            pass
+    drawn = torch.tensor(seen)
+    assert drawn.shape == (3000, 5)
+    params = folder.augment.draw(3000, 28, 28, torch.Generator().manual_seed(0))
+    memory = torch.cat([params["shift"], params["flip"].long()[:, None], params["centre"]], dim=1)
+    critical = {5: 18.47, 2: 10.83, 28: 55.48, 25: 51.18}          # chi-square, p = 0.001, df = cells - 1
+    for col, cells in ((0, 5), (1, 5), (2, 2), (3, 28), (4, 28)):
+        assert _chi2_same(drawn[:, col], memory[:, col], cells) < critical[cells], col
+    joint = lambda d: d[:, 0] * 5 + d[:, 1]                           # the crop's offset pair
+    assert _chi2_same(joint(drawn), joint(memory), 25) < critical[25]
+    # and a test that can fail: a flip rate of 0.6 instead of 0.5 is told apart
+    biased = memory[:, 2].clone()
+    biased[:600] = 1                                                # about 0.6
+    assert _chi2_same(drawn[:, 2], biased, 2) > critical[2]
+
+
 @pytest.fixture(scope="module")
 def fashion_png(tmp_path_factory, real_fashion):
     """10,000 training and 2,000 test images of Fashion-MNIST (a fixed subset), written as 28x28

@@ -59,7 +59,7 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--window-size={args.size}", "--virtual-time-budget=20000",
-                        f"--screenshot={args.out.resolve()}", f"{url}/#custom_scalars"],
+                        f"--screenshot={args.out.resolve()}", f"{url}/#custom_scalars&_smoothingWeight=0"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     finally:
         os.killpg(board.pid, signal.SIGTERM)

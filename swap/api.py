@@ -210,6 +210,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     spawns = not ranked and (procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"))
     if spawns:
         check_main_guard(f"train_{method}")
+        distributed.start_server()                        # processes will start: their fork server, meanwhile
     fns = optimizer_fns(optimizer, method, cfg, spawns)
     callbacks = check_callbacks(callbacks, spawns)
     tracking.check_loggers(cfg.logging.loggers)

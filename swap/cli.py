@@ -155,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         procs = local_procs(cfg)
         method.check(cfg, procs)
+        if procs > 1 or (method.summary == "swap" and cfg.phase2.layout == "processes" and cfg.workers > 1):
+            distributed.start_server()                    # processes will start: their fork server, meanwhile
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _, *val = load_configured(cfg.data, verify=True, validation=cfg.uses_validation())
         samples = len(train_set) + sum(map(len, val))            # the training set, a validation split included

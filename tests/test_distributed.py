@@ -70,32 +70,38 @@ def test_two_process_ddp_equals_one_process_accumulation(monkeypatch):
 
 
 def sharded_evaluation() -> dict:
-    """Each rank: the model's metrics on the test images alone, and sharded over a process group of
-    both ranks (a phase-2 worker group's) and over the run's ranks."""
+    """Three ranks as phase 2's worker groups would be: ranks 0 and 1 one worker's group, rank 2 a
+    worker alone. Each evaluates the test images with its group (ranks 0 and 1 a shard each), and
+    counts the images its model saw; also one rank's evaluation of all images, for comparison."""
     import torch.distributed as dist
 
+    from swap.data.loader import eval_batches
     from swap.task import Task
     from swap.train import evaluate, evaluate_metrics
-    from swap.data.loader import eval_batches
 
     d, data, mean, std, model, _ = ddp_rank_setup(data_seed=2)
-    group = dist.new_group([0, 1]) if d.world_size > 1 else None
+    group = dist.new_group([0, 1])                              # every rank creates it, as new_group requires
+    mine = group if d.rank < 2 else False
     task = Task(metrics=("top1", "loss"))
-    out = {"alone": evaluate(model, data, mean, std, batch_size=20),
-           "metrics": evaluate_metrics(model, eval_batches(data, 20, mean, std), task)}
-    if group is not None:
-        out["group"] = evaluate(model, data, mean, std, batch_size=20, distributed=group)
-        out["run"] = evaluate(model, data, mean, std, batch_size=20, distributed=True)
-        out["group_metrics"] = evaluate_metrics(model, eval_batches(data, 20, mean, std, d.rank, 2), task, group)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    out = {"group": evaluate(model, data, mean, std, batch_size=20, distributed=mine)}
+    rank, world = (d.rank, 2) if d.rank < 2 else (0, 1)
+    out["group_metrics"] = evaluate_metrics(model, eval_batches(data, 20, mean, std, rank, world), task, mine)
+    out["seen"] = sum(seen)
+    hook.remove()
+    out["alone"] = evaluate(model, data, mean, std, batch_size=20)
+    out["metrics"] = evaluate_metrics(model, eval_batches(data, 20, mean, std), task)
     gathered = distributed.all_gather_objects(out)
     distributed.teardown()
     return gathered
 
 
-def test_evaluation_sharded_over_a_worker_groups_ranks_gives_one_ranks_numbers(monkeypatch):
+def test_a_worker_groups_ranks_each_evaluate_a_shard_and_get_one_ranks_numbers(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ranks = distributed.launch(sharded_evaluation, 2)
+    ranks = distributed.launch(sharded_evaluation, 3)
+    assert [r["seen"] for r in ranks] == [64 + 64, 64 + 64, 128 + 128]      # accuracy pass + metrics pass
     for r in ranks:
-        assert r["group"] == r["run"] == r["alone"] == ranks[0]["alone"] > 0
+        assert r["group"] == r["alone"] == ranks[0]["alone"] > 0
         assert r["group_metrics"]["top1"] == r["metrics"]["top1"]
         assert r["group_metrics"]["loss"] == pytest.approx(r["metrics"]["loss"], rel=1e-6)   # float32 batch means

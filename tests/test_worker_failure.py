@@ -27,8 +27,11 @@ SETTINGS = ["--config", "fashion_mnist_quick", "--workers", "3", "--procs", "1",
 
 
 def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` that are spawned Python workers (not the resource tracker)."""
-    return [p["pid"] for p in live_processes() if p["ppid"] == pid and b"spawn_main" in p["cmdline"]]
+    """Live worker processes of ``pid``: children of its fork server (not the server itself, nor the
+    resource tracker)."""
+    live = live_processes()
+    servers = {p["pid"] for p in live if p["ppid"] == pid and b"forkserver" in p["cmdline"]}
+    return [p["pid"] for p in live if p["ppid"] in servers]
 
 
 def _files(run: Path, w: int) -> dict:

@@ -240,14 +240,22 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    _context()                                           # the ranks start from the fork server
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="forkserver")
-    try:
+    def start(method: str):
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                              start_method=method)
         with quiet_torch_logs():
-            results = elastic_launch(config, _launched_rank)(dict(os.environ), None if log_dir is None else str(log_dir),
-                                                             fn, *args)
+            return elastic_launch(config, _launched_rank)(dict(os.environ), None if log_dir is None else str(log_dir),
+                                                          fn, *args)
+
+    _context()                                           # the ranks start from the fork server
+    try:
+        try:
+            results = start("forkserver")
+        except ValueError as exc:
+            if not _too_many_fds(exc):
+                raise
+            results = start("spawn")
     except SignalException as exc:
         raise interrupt.Interrupted(int(exc.sigval), "while the ranks were running") from None
     except ChildFailedError as exc:
@@ -290,6 +298,13 @@ def _context():
     ctx = torch.multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "swap"])
     return ctx
+
+
+def _too_many_fds(exc: ValueError) -> bool:
+    """Whether starting a process from the fork server failed because its arguments share more
+    tensors than one message to the server carries (each shared tensor is a file descriptor; the
+    limit is 256): such a process is spawned instead, which passes them one by one."""
+    return "too many fds" in str(exc)
 
 
 def start_server() -> None:
@@ -349,10 +364,15 @@ def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path,
     """
     error_path = Path(error_path)
     error_path.unlink(missing_ok=True)
-    child = _context().Process(target=_isolated_main,
-                               args=(fn, args, str(error_path), None if log_path is None else str(log_path),
-                                     dict(os.environ)))
-    child.start()
+    child_args = (fn, args, str(error_path), None if log_path is None else str(log_path), dict(os.environ))
+    child = _context().Process(target=_isolated_main, args=child_args)
+    try:
+        child.start()
+    except ValueError as exc:
+        if not _too_many_fds(exc):
+            raise
+        child = torch.multiprocessing.get_context("spawn").Process(target=_isolated_main, args=child_args)
+        child.start()
     forwarded = 0
     while child.exitcode is None:
         child.join(0.2)

@@ -105,3 +105,15 @@ def test_a_worker_groups_ranks_each_evaluate_a_shard_and_get_one_ranks_numbers(m
         assert r["group"] == r["alone"] == ranks[0]["alone"] > 0
         assert r["group_metrics"]["top1"] == r["metrics"]["top1"]
         assert r["group_metrics"]["loss"] == pytest.approx(r["metrics"]["loss"], rel=1e-6)   # float32 batch means
+
+
+def count_tensors(tensors: list) -> int:
+    distributed.teardown()
+    return sum(int(t.numel()) for t in tensors)
+
+
+def test_ranks_whose_arguments_share_many_tensors_still_start(monkeypatch):
+    """300 shared tensors exceed what one message to the fork server carries (256 descriptors): the
+    ranks are spawned instead and get every tensor."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    assert distributed.launch(count_tensors, 2, [torch.ones(1) for _ in range(300)]) == 300

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing
 import os
 import signal
 import sys
@@ -251,7 +252,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
     _context()                                           # the ranks start from the fork server
     try:
         try:
-            results = start("forkserver")
+            results = start(START_METHOD)
         except ValueError as exc:
             if not _too_many_fds(exc):
                 raise
@@ -285,6 +286,7 @@ def _die_with_parent() -> None:
 # The environment of the process that imported this module: in a child of the fork server
 # (:func:`_context`), the server's, which tells the variables a launcher set in the child apart.
 _BOOT_ENV, _BOOT_PID = dict(os.environ), os.getpid()
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _context():
@@ -294,9 +296,10 @@ def _context():
     child starts in a fraction of a second instead of importing them anew (about 3 s each on 2
     cores). The server only imports and runs nothing, so a forked child starts from a clean torch;
     it inherits the server's environment, which :func:`_adopt` replaces with the parent's of the
-    moment."""
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "swap"])
+    moment. Where the platform has no fork server (Windows), spawn."""
+    ctx = torch.multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "swap"])
     return ctx
 
 
@@ -310,10 +313,11 @@ def _too_many_fds(exc: ValueError) -> bool:
 def start_server() -> None:
     """Start the fork server now (it imports torch and swap in the background), so that its imports
     overlap the caller's own preparation (reading the data) before the first process is started."""
-    import multiprocessing.forkserver
+    if START_METHOD == "forkserver":
+        import multiprocessing.forkserver
 
-    _context()
-    multiprocessing.forkserver.ensure_running()
+        _context()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _adopt(env: dict) -> None:

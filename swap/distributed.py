@@ -205,6 +205,9 @@ def run_rank(fn: Callable[..., Any], *args: Any, log_dir: str | Path | None = No
         return {"interrupted": {"signal": int(exc.signum), "where": exc.where}}
     except Exception as exc:
         error = log_failure(exc, rank_log(log_dir), f"rank {os.environ.get('RANK', '0')}")
+        if log_dir is not None and under_launcher():      # for the launcher's report, before our peers see us go
+            with contextlib.suppress(OSError):
+                Path(log_dir, f"rank{os.environ.get('RANK', '0')}.error").write_text(str(error))
         if verbose() or error is exc:
             raise
         raise error from None
@@ -250,6 +253,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
                                                           fn, *args)
 
     _context()                                           # the ranks start from the fork server
+    started = time.time()
     try:
         try:
             results = start(START_METHOD)
@@ -263,13 +267,40 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
         stops = {f.exitcode - 128 for f in exc.failures.values()}
         if stops <= {int(signal.SIGINT), int(signal.SIGTERM)}:      # the ranks were stopped by a signal
             raise interrupt.Interrupted(stops.pop(), "while the ranks were running") from None
-        rank, failure = exc.get_first_failure()
-        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        last = [line for line in str(message).strip().splitlines() if line.strip()]
-        if last and last[-1].startswith("SwapError: "):    # raised alike on every rank: the message says it all
-            raise SwapError(last[-1][len("SwapError: "):]) from None
-        raise SwapError(f"rank {rank} failed: {last[-1] if last else 'exit code ' + str(failure.exitcode)}") from None
+        raise SwapError(_reported_failure(exc.failures, log_dir, started)) from None
     return results[0]
+
+
+def _reported_failure(failures: dict, log_dir: str | Path | None, since: float) -> str:
+    """The one line a failed launch reports. Each failed rank wrote its own line (``rankR.error``
+    in ``log_dir``) before its exit could break the others' collectives, so a rank killed by the
+    launcher before it exited still has its say; torch elastic's record of each exited rank fills in.
+    A rank's own error comes before the errors its exit caused in its peers (a collective that lost
+    its peer: they can come within the same second), then the earliest, then the lowest rank."""
+    lines = {}
+    for rank, failure in failures.items():
+        last = [line for line in _failure_text(failure).strip().splitlines() if line.strip()]
+        if last and last[-1].startswith("SwapError: "):      # our rank's own line
+            lines[rank] = (last[-1][len("SwapError: "):], failure.timestamp)
+        else:
+            lines[rank] = (f"rank {rank} failed: {last[-1] if last else 'exit code ' + str(failure.exitcode)}",
+                           failure.timestamp)
+    for path in Path(log_dir).glob("rank*.error") if log_dir is not None else []:
+        with contextlib.suppress(OSError, ValueError):
+            if path.stat().st_mtime >= since:
+                lines[int(path.stem[4:])] = (path.read_text(), path.stat().st_mtime)
+    rank = min(lines, key=lambda r: (any(m in lines[r][0] for m in PEER_LOST), lines[r][1], r))
+    return lines[rank][0]
+
+
+# what a rank's error says when it is a consequence of another rank's exit (its collective lost its peer)
+PEER_LOST = ("closed by peer", "reset by peer", "remote worker", "Broken pipe", "DistBackendError")
+
+
+def _failure_text(failure) -> str:
+    """A failed rank's error message, as torch elastic recorded it."""
+    message = failure.message
+    return message if isinstance(message, str) else str(message.get("message", "")) if isinstance(message, dict) else ""
 
 
 def _die_with_parent() -> None:

@@ -207,7 +207,7 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     ranked = distributed.under_launcher()                   # torchrun started this script: join its ranks
     if ranked:
         procs = int(os.environ["WORLD_SIZE"])
-    spawns = not ranked and (procs > 1 or (method == "swap" and cfg.phase2.layout == "processes"))
+    spawns = not ranked and methods.METHODS[method].starts_processes(cfg, procs)
     if spawns:
         check_main_guard(f"train_{method}")
         distributed.start_server()                        # processes will start: their fork server, meanwhile

@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         procs = local_procs(cfg)
         method.check(cfg, procs)
-        if procs > 1 or (method.summary == "swap" and cfg.phase2.layout == "processes" and cfg.workers > 1):
+        if method.starts_processes(cfg, procs):
             distributed.start_server()                    # processes will start: their fork server, meanwhile
         # Validate the data before creating anything: missing or corrupt files fail here.
         train_set, _, *val = load_configured(cfg.data, verify=True, validation=cfg.uses_validation())

@@ -287,8 +287,9 @@ def _reported_failure(failures: dict, log_dir: str | Path | None, since: float) 
                            failure.timestamp)
     for path in Path(log_dir).glob("rank*.error") if log_dir is not None else []:
         with contextlib.suppress(OSError, ValueError):
-            if path.stat().st_mtime >= since:
-                lines[int(path.stem[4:])] = (path.read_text(), path.stat().st_mtime)
+            written = path.stat().st_mtime
+            if written >= since:
+                lines[int(path.stem[4:])] = (path.read_text(), written)
     rank = min(lines, key=lambda r: (any(m in lines[r][0] for m in PEER_LOST), lines[r][1], r))
     return lines[rank][0]
 

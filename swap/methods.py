@@ -162,6 +162,9 @@ class Method:
             ranks = cfg.phase2.ranks_per_worker if key == "phase2.batch_size" else 1
             pairs = section_batches(cfg, section) if name == "batch_size" else [(key, getattr(getattr(cfg, section), name))]
             out += [(k, value, ranks) for k, value in pairs]
+        if self.summary == "abs":       # the eigenvalue's sample; an elastic pool's base batch is not a split one
+            out += [("abs.eig_samples", cfg.abs.eig_samples, 1)] + \
+                   ([("abs.batch_size", cfg.abs.batch_size, 1)] if cfg.abs.elastic else [])
         return out
 
     @staticmethod
@@ -193,30 +196,18 @@ class Method:
                 section, name = key.split(".")
                 setattr(getattr(cfg, section), name, n - n % ranks)
                 notes.append(f"{key}={n - n % ranks} (the default {value} exceeds the {n} training samples)")
-        if self.summary == "abs":
-            a = cfg.abs
-            if a.elastic and a.batch_size > n and not cfg.is_set("abs.batch_size"):
-                notes.append(f"abs.batch_size={n} (the default {a.batch_size} exceeds the {n} training samples)")
-                a.batch_size = n
-            if a.eig_samples > n and not cfg.is_set("abs.eig_samples"):
-                notes.append(f"abs.eig_samples={n} (the default {a.eig_samples} exceeds the {n} training samples)")
-                a.eig_samples = n
-            largest = a.batch_size * a.max_batch_factor
-            if largest > n >= a.batch_size and not cfg.is_set("abs.max_batch_factor"):
-                a.max_batch_factor = n // a.batch_size
-                notes.append(f"abs.max_batch_factor={a.max_batch_factor} (the default lets the batch grow to "
-                             f"{largest}, beyond the {n} training samples)")
+        a = cfg.abs                     # ABS doubles its batch up to max_batch_factor x the base batch
+        largest = a.batch_size * a.max_batch_factor
+        if self.summary == "abs" and largest > n >= a.batch_size and not cfg.is_set("abs.max_batch_factor"):
+            a.max_batch_factor = n // a.batch_size
+            notes.append(f"abs.max_batch_factor={a.max_batch_factor} (the default lets the batch grow to "
+                         f"{largest}, beyond the {n} training samples)")
         return notes
 
-    @staticmethod
-    def _abs_sized(cfg: Config) -> list[tuple[str, int, str]]:
-        """(config key, samples, what they are) of ABS's sizes that must fit in the training set: its
-        base batch (that of an elastic pool is not a split batch), the eigenvalue's sample and the
-        largest batch its rule may double to."""
-        a = cfg.abs
-        return [("abs.batch_size", a.batch_size, ""), ("abs.eig_samples", a.eig_samples, ""),
-                ("abs.max_batch_factor", a.batch_size * a.max_batch_factor,
-                 f" lets the batch grow to {a.batch_size} x {a.max_batch_factor} = {a.batch_size * a.max_batch_factor}, which")]
+    def starts_processes(self, cfg: Config, procs: int) -> bool:
+        """Whether a local run of this method on ``procs`` processes starts processes of its own:
+        its ranks, or SWAP's isolated phase-2 workers (``phase2.layout: processes``)."""
+        return procs > 1 or (self.summary == "swap" and cfg.phase2.layout == "processes")
 
     def check(self, cfg: Config, procs: int, train_samples: int | None = None) -> None:
         """Refuse, before any work, batches that do not split over ``procs`` processes or that
@@ -249,9 +240,11 @@ class Method:
                             f"but the run has {procs}; set procs={cfg.workers * k} or lower one of them")
         if train_samples is not None:
             n = self.trainable(cfg, train_samples)
-            for key, value, what in self._abs_sized(cfg) if self.summary == "abs" else []:
-                if value > n:
-                    raise SwapError(f"{key}={getattr(cfg.abs, key[4:])}{what} exceeds the {n} training samples")
+            a = cfg.abs
+            if self.summary == "abs" and a.batch_size * a.max_batch_factor > n:
+                raise SwapError(f"abs.max_batch_factor={a.max_batch_factor} lets the batch grow to {a.batch_size} x "
+                                f"{a.max_batch_factor} = {a.batch_size * a.max_batch_factor}, which exceeds the {n} "
+                                f"training samples")
             for key, value, _ in self._sized(cfg, procs):
                 if value > n:
                     raise SwapError(f"{key}={value} exceeds the {n} training samples" +

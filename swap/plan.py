@@ -233,7 +233,7 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
         SwapError: the dataset holds fewer samples than the largest batch.
     """
     from .config import SwapError
-    from .data.generic import DatasetLoader, eval_loader, split_batch, to_device
+    from .data.generic import DatasetLoader, eval_loader
     from .train import evaluate_metrics
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import SwapError
-from .loader import pass_slices, stream_seed, subset_indices
+from .loader import epoch_order, pass_slices, stream_seed, subset_indices
 
 
 def to_device(x, device: torch.device, non_blocking: bool = False):
@@ -225,8 +225,7 @@ class DatasetLoader:
 
     def indices(self, epoch: int, start: int = 0) -> torch.Tensor:
         """This rank's sample indices of updates ``start ..`` of ``epoch``: int64 (S, B/W)."""
-        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
-        perm = torch.randperm(len(self.dataset), generator=gen)
+        _, perm = epoch_order(self.seed_parts, epoch, len(self.dataset))
         steps, b = len(self), self.batch_size
         lo, hi = self.rank * self.share, (self.rank + 1) * self.share
         return perm[:steps * b].view(steps, b)[start:, lo:hi]
@@ -241,8 +240,7 @@ class DatasetLoader:
         :func:`swap.data.loader.pass_slices` (the epoch's batches, then the remainder an epoch of
         updates drops; a one-sample remainder joins the last batch): int64 (b,) per batch, for
         :meth:`load`. The pass of a BN-statistics recomputation."""
-        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
-        perm = torch.randperm(len(self.dataset), generator=gen)
+        _, perm = epoch_order(self.seed_parts, epoch, len(self.dataset))
         return [perm[part] for part in pass_slices(len(perm), self.batch_size)]
 
     def load(self, epoch: int, rows: torch.Tensor) -> Iterator[tuple]:

@@ -24,6 +24,13 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def epoch_order(seed_parts: tuple, epoch: int, n: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The generator of stream ``(*seed_parts, epoch)`` and the epoch's permutation of ``n`` samples
+    drawn from it first (int64 (n,)); the generator goes on to draw the epoch's augmentation."""
+    gen = torch.Generator().manual_seed(stream_seed(*seed_parts, epoch))
+    return gen, torch.randperm(n, generator=gen)
+
+
 def pass_slices(n: int, batch_size: int) -> list[slice]:
     """Batches of one ordered pass over ``n`` samples that keeps every sample: consecutive runs of
     ``batch_size``, the last one the remainder; a remainder of a single sample joins the batch before
@@ -192,8 +199,7 @@ class Loader:
         ``len(self) - start``. The epoch's permutation and parameters (drawn batch by batch in the
         stream's order, the skipped updates' too) go to the device in one copy each: a CPU->GPU
         copy per update would make the host wait for the device at every update."""
-        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
-        perm = torch.randperm(len(self.data), generator=gen)
+        gen, perm = epoch_order(self.seed_parts, epoch, len(self.data))
         _, _, h, w = self.data.images.shape
         steps, b = len(self), self.batch_size
         lo, hi, dev = self.rank * self.share, (self.rank + 1) * self.share, self.data.images.device
@@ -233,8 +239,7 @@ class Loader:
         of :meth:`epoch` (all ranks' shares), then the remainder that an epoch of updates drops,
         batched by :func:`pass_slices` (a one-sample remainder joins the last batch). The pass of
         a BN-statistics recomputation; the remainder's augmentation is drawn after the epoch's."""
-        gen = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
-        perm = torch.randperm(len(self.data), generator=gen)
+        gen, perm = epoch_order(self.seed_parts, epoch, len(self.data))
         _, _, h, w = self.data.images.shape
         n, b, dev = len(self.data), self.batch_size, self.data.images.device
         params = {}

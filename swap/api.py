@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import Config, SwapError, load_config
+from .config import Config, SwapError, code_line, load_config
 from .data import ImageDataset, augment_for
 from .data.generic import check_sample, split_batch, subset
 from .imports import install_hint
@@ -204,6 +204,9 @@ def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwri
     if resume and not out:
         raise SwapError("resume needs out=DIR, the run directory to continue")
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
+    line = code_line(cfg)
+    if line and os.environ.get("RANK", "0") == "0":         # before any of it is imported; once per job
+        print(line, file=sys.stderr, flush=True)
     ranked = distributed.under_launcher()                   # torchrun started this script: join its ranks
     if ranked:
         procs = int(os.environ["WORLD_SIZE"])

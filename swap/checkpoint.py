@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SwapError
+from .errors import printable
 
 
 def _tmp(path: Path) -> Path:
@@ -167,6 +170,51 @@ def recover(folder: str | Path) -> list[str]:
     return done
 
 
+# fields of a checkpoint's metadata that the code reads back, and the type each must have
+_COUNTS = ("epoch", "updates")
+_HEX = ("sha256", "optim_sha256")
+
+
+def _meta_of(meta_path: Path) -> dict:
+    """The metadata JSON at ``meta_path``, checked: an object whose counts are integers >= 0, whose
+    hashes are SHA-256 hex digests and whose ``tied`` maps names to names (a state dict's keys:
+    dotted identifiers, never paths), its position (``partial.step``, ``progress.updates``)
+    integers >= 0.
+
+    Raises:
+        SwapError: unreadable, not JSON (or nested too deeply to parse), or a field of another
+            type; one line naming the file and the field.
+    """
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SwapError(f"checkpoint {meta_path}: cannot read ({type(exc).__name__}: "
+                        f"{printable(str(exc).splitlines()[0] if str(exc) else '')})") from None
+
+    def bad(field: str, value) -> SwapError:
+        return SwapError(f"checkpoint {meta_path}: {field}={printable(repr(value))[:80]} is not what swap writes "
+                         f"there; the file was not written by swap, or was altered")
+
+    if not isinstance(meta, dict):
+        raise bad("the file", type(meta).__name__)
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0       # noqa: E731
+    for key in _COUNTS:
+        if key in meta and not count(meta[key]):
+            raise bad(key, meta[key])
+    for key in _HEX:
+        if key in meta and not (isinstance(meta[key], str) and re.fullmatch(r"[0-9a-f]{64}", meta[key])):
+            raise bad(key, meta[key])
+    tied = meta.get("tied", {})
+    if not (isinstance(tied, dict) and all(isinstance(n, str) and re.fullmatch(r"[\w.\-]+", n)
+                                           for pair in tied.items() for n in pair)):
+        raise bad("tied", tied)
+    for section, key in (("partial", "step"), ("progress", "updates")):
+        part = meta.get(section) or {}
+        if not isinstance(part, dict) or key in part and not count(part[key]):
+            raise bad(f"{section}.{key}", part.get(key) if isinstance(part, dict) else part)
+    return meta
+
+
 def checkpoint_exists(path: str | Path) -> bool:
     path = Path(path)
     return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
@@ -177,13 +225,10 @@ def read_meta(path: str | Path) -> dict:
     decisions such as where a resume continues.
 
     Raises:
-        SwapError: the metadata file is missing or not valid JSON.
+        SwapError: the metadata file is missing, not valid JSON, or not what swap writes
+            (:func:`_meta_of`).
     """
-    meta_path = Path(path).with_suffix(".json")
-    try:
-        return json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SwapError(f"checkpoint {meta_path}: cannot read ({exc})") from None
+    return _meta_of(Path(path).with_suffix(".json"))
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None = None, optimizer=None) -> dict:
@@ -196,10 +241,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     """
     path = Path(path)
     weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    meta = _meta_of(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
         blob = weights.read_bytes()
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise SwapError(f"checkpoint {path}: cannot read ({exc})") from None
     if meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise SwapError(f"checkpoint {weights}: contents do not match the hash in {meta_path.name} (corrupt)")
@@ -221,6 +266,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     except (SafetensorError, OSError) as exc:
         raise SwapError(f"checkpoint {weights}: not a readable safetensors file ({exc})") from None
     expected = model.state_dict()
+    unknown = sorted(n for pair in meta.get("tied", {}).items() for n in pair if n not in expected)
+    if unknown:
+        raise SwapError(f"checkpoint {meta_path} does not match the model: it ties {printable(unknown[0])[:80]}, "
+                        f"which the model does not have")
     for name, first in tied_names(expected).items():      # tied weights are stored once
         if name not in state and first in state:
             state[name] = state[first]
@@ -237,8 +286,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     with torch.no_grad():
         model.load_state_dict(state)
     if optimizer is not None:
+        try:         # weights_only: tensors, numbers, strings and containers; no other object is built
+            state = torch.load(io.BytesIO(optim_blob), weights_only=True)
+        except pickle.UnpicklingError as exc:
+            asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise SwapError(f"checkpoint {optim_path}: not an optimizer state (it asks to load "
+                            f"{printable(asked.group(1)) if asked else 'objects other than tensors'}); nothing in it was "
+                            f"run") from None
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+            raise SwapError(f"checkpoint {optim_path}: not a readable optimizer state ({type(exc).__name__})") from None
         try:
-            optimizer.load_state_dict(torch.load(io.BytesIO(optim_blob), weights_only=True))
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            optimizer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
     return meta

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SwapError, load_config
+from .config import SwapError, code_line, load_config
 from .interrupt import Interrupted
 from .methods import METHODS
 
@@ -123,7 +123,11 @@ def config_from_args(args: argparse.Namespace):
             overrides.append(f"{key}={getattr(args, option)}")
     if getattr(args, "loggers", None):
         overrides.append(f"logging.loggers=[{', '.join(args.loggers)}]")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    line = code_line(cfg)
+    if line and os.environ.get("RANK", "0") == "0":      # first, before any of it is imported; once per job
+        print(line, file=sys.stderr, flush=True)
+    return cfg
 
 
 def local_procs(cfg) -> int:

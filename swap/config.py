@@ -65,6 +65,8 @@ class DataConfig:
                                          # RUN/logs/bad_images.txt)
     verify_images: bool = True           # imagefolder: decode every image once before training (`swap train`,
                                          # `swap compare`), so a bad one stops the run before any work
+    follow_links: bool = False           # imagefolder: follow symbolic links that lead out of data.dir (a tree
+                                         # of links to images kept elsewhere); off, such a link stops the run
 
 
 @dataclass
@@ -405,7 +407,31 @@ class Config:
 # Keys that change how a run is laid out or copes with failures, not what it computes (up to float
 # rounding); `--resume` accepts new values.
 NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers", "logging.loggers", "logging.log_every",
-              "abs.launcher", "abs.ray_address", "abs.max_restarts")
+              "abs.launcher", "abs.ray_address", "abs.max_restarts", "data.follow_links")
+
+
+# Keys whose value may name code of yours (package.module:function); every section's optimizer too
+CODE_KEYS = ("model.name", "data.name", "data.collate", "task.loss", "task.metrics")
+
+
+def code_paths(cfg: "Config") -> list[str]:
+    """``KEY=package.module:function`` for every import path that ``cfg`` names (:data:`CODE_KEYS`
+    and each section's ``optimizer``): the code of yours that a run with it imports and runs."""
+    found = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items() if isinstance(values, dict) else ():
+            if f"{section}.{key}" in CODE_KEYS or key == "optimizer":
+                found += [f"{section}.{key}={v}" for v in (value if isinstance(value, list) else [value])
+                          if is_import_path(v)]
+    return found
+
+
+def code_line(cfg: "Config") -> str | None:
+    """The line a run prints first when its config names code (:func:`code_paths`), else None:
+    a config that names code is code, to be trusted as much as that code."""
+    paths = code_paths(cfg)
+    return (f"swap: this config runs code: {', '.join(printable(p) for p in paths)} (imported from the working "
+            f"directory or PYTHONPATH)") if paths else None
 
 
 # --------------------------------------------------------------------------- loading and merging

@@ -3,6 +3,10 @@ set-up (gloo on CPU, NCCL on CUDA), threads per process, and small collective he
 
 The same rank function runs under ``torchrun`` across machines: :func:`setup` reads the standard
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) that both launchers set.
+
+A launch on this machine listens on the loopback interface only: its rendezvous and its process
+group meet in a file store (:func:`local_group`) instead of a TCP store server, which would listen
+on every interface, and gloo's connections bind to ``lo`` (unless ``GLOO_SOCKET_IFNAME`` is set).
 """
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -81,11 +87,33 @@ def setup(device_name: str = "cpu", threads: int = 0, join: bool = True) -> Dist
     torch.set_num_threads(threads)
     if join and world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if os.environ.get(GROUP_STORE):             # a launch on this machine (local_group)
+            dist.init_process_group(backend, store=dist.FileStore(os.environ[GROUP_STORE], world), rank=rank,
+                                    world_size=world)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             dist.init_process_group(backend, store=_attempt_store(world), rank=rank, world_size=world)
         else:
             dist.init_process_group(backend)
     return Dist(rank, world, local_rank, device, threads)
+
+
+# the file store of a launch on this machine (local_group), read by setup
+GROUP_STORE = "SWAP_GROUP_STORE"
+
+
+@contextlib.contextmanager
+def local_group():
+    """A launch whose ranks all run on this machine: yields ``(folder, env)``, a fresh private
+    folder (removed after the block) and the variables its ranks need: :data:`GROUP_STORE`, the
+    file in it where their process group meets (:func:`setup`), and ``GLOO_SOCKET_IFNAME=lo``
+    (unless set), so that gloo's connections listen on 127.0.0.1 only. A TCP store server, what
+    ``torchrun`` and ``init_process_group`` start, listens on every interface of the machine."""
+    folder = tempfile.mkdtemp(prefix="swap-group-")
+    try:
+        yield folder, {GROUP_STORE: os.path.join(folder, "group"),
+                       "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _attempt_store(world: int) -> "dist.Store":
@@ -229,7 +257,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
     given); torch's own launcher log lines are not shown unless :func:`verbose`.
 
     One process runs in this process (no launcher, no process group). More use
-    ``torch.distributed.launcher.api.elastic_launch`` with a c10d rendezvous on localhost,
+    ``torch.distributed.launcher.api.elastic_launch`` with a c10d rendezvous in a file (:func:`local_group`),
     which sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for :func:`setup`. When this process gets
     SIGINT/SIGTERM, the elastic agent forwards it to the ranks and waits (up to 30 s) while they
     write their checkpoints; then no rank process is left.
@@ -245,12 +273,16 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     def start(method: str):
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                              start_method=method)
-        with quiet_torch_logs():
-            return elastic_launch(config, _launched_rank)(dict(os.environ), None if log_dir is None else str(log_dir),
-                                                          fn, *args)
+        # the rendezvous meets in a file of the launch's folder, and the agent starts no store
+        # server of its own for the ranks (they meet in local_group's file): nothing listens
+        with local_group() as (folder, env), environment(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"):
+            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"swap-{uuid.uuid4().hex[:8]}",
+                                  rdzv_backend="c10d", rdzv_endpoint=os.path.join(folder, "rendezvous"),
+                                  rdzv_configs={"store_type": "file"}, max_restarts=0, monitor_interval=0.2,
+                                  start_method=method)
+            with quiet_torch_logs():
+                return elastic_launch(config, _launched_rank)({**os.environ, **env},
+                                                              None if log_dir is None else str(log_dir), fn, *args)
 
     _context()                                           # the ranks start from the fork server
     started = time.time()
@@ -269,6 +301,21 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, log_dir: str | Path 
             raise interrupt.Interrupted(stops.pop(), "while the ranks were running") from None
         raise SwapError(_reported_failure(exc.failures, log_dir, started)) from None
     return results[0]
+
+
+@contextlib.contextmanager
+def environment(**variables: str):
+    """Within the block, this process's environment holds ``variables`` (restored after)."""
+    old = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _reported_failure(failures: dict, log_dir: str | Path | None, since: float) -> str:

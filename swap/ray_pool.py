@@ -38,6 +38,7 @@ GRACE_S = 30.0          # after a rank fails, how long the others get to report 
 PLACE_WARN_S = 30.0     # new actors not placed after this long: say that the pool waits for resources
 EXIT_WAIT_S = 10.0      # how long the actors' processes on this node get to exit after being killed
 STOP_WAIT_S = 30.0      # after a stop signal, how long the ranks get to write their checkpoints
+LOOPBACK = "127.0.0.1"  # where a local Ray instance listens (its GCS, raylet, workers, agents)
 
 
 class RankDied(SwapError):
@@ -206,7 +207,7 @@ class RayPool:
                 if self.address:
                     ray.init(address=self.address, **options)
                 else:
-                    ray.init(num_cpus=self.local_cpus, **options)
+                    self._start_local(num_cpus=self.local_cpus, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise SwapError(f"Ray did not start{' at ' + self.address if self.address else ''}: "
                                 f"{printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
@@ -252,6 +253,21 @@ class RayPool:
         for a in actors:
             self.ray.kill(a)
 
+    def _start_local(self, **options) -> None:
+        """``ray.init(**options)`` of an instance on this machine whose servers (GCS, raylet, the
+        workers', the agents') listen on the loopback interface only. Ray binds them to the node's
+        address, which is the loopback one where Ray does not form clusters (its macOS and Windows
+        default): that switch (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) is set while Ray starts, in
+        the environment its processes inherit and in this process's copy of the constant."""
+        from ray._private import ray_constants
+        kept = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            with distributed.environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+                self.ray.init(_node_ip_address=LOOPBACK, **options)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = kept
+
     def _group(self, n: int) -> list:
         """``n`` live actors: the pool's first ``n``, new ones for the rest; extra ones are released."""
         ray = self.ray
@@ -282,6 +298,14 @@ class RayPool:
             swap.interrupt.Interrupted: this process got SIGINT/SIGTERM; the ranks on this node got
                 it too and wrote their checkpoints (up to 30 s), the rest were killed.
         """
+        if self.address:                                      # a cluster: the group's store on rank 0's node
+            return self._launch(fn, nprocs, args, log_dir, {})
+        with distributed.local_group() as (_, group_env):     # this machine: a file store, nothing listens
+            return self._launch(fn, nprocs, args, log_dir, group_env)
+
+    def _launch(self, fn: Callable[..., Any], nprocs: int, args: tuple, log_dir: str | Path | None,
+                group_env: dict) -> Any:
+        """:meth:`launch` with ``group_env`` added to every rank's environment."""
         ray = self.ray
         actors = self._group(nprocs)
         places = ray.get([a.where.remote() for a in actors])
@@ -294,7 +318,7 @@ class RayPool:
             relay = Relay([Path(log_dir) / f"ray_rank{rank}.out" for rank in range(nprocs)])
         for rank, actor in enumerate(actors):
             env = {"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
-                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master, "MASTER_PORT": str(port), **group_env}
             refs[actor.run.remote(env, fn, args, None if log_dir is None else str(log_dir),
                                   None if relay is None else str(relay.paths[rank]))] = rank
         results, died, failed = {}, [], []

@@ -26,6 +26,7 @@ import yaml
 
 from .checkpoint import atomic_write_bytes, recover
 from .config import Config, SwapError, config_from_dict
+from .errors import printable
 from . import tracking
 
 
@@ -113,6 +114,7 @@ class RunDir:
         if resume:
             if not run.config_path.is_file():
                 raise SwapError(f"cannot resume: {run.config_path} not found (start the run without --resume)")
+            run.check_links()
             saved = run.load_config()
             if saved.hash() != cfg.hash():
                 diff = _first_difference(saved.to_dict(), cfg.to_dict())
@@ -135,6 +137,24 @@ class RunDir:
         atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         tracking.prepare(run.path, cfg)
         return run
+
+    def check_links(self) -> None:
+        """Refuse a run directory that holds a symbolic link to a place outside it. A run writes,
+        renames and deletes only inside its run directory; a link in one copied from elsewhere
+        (``checkpoints/`` or ``metrics.jsonl`` pointing at another folder or file) would take its
+        resume's writes there. Links that stay inside are followed as usual.
+
+        Raises:
+            SwapError: the first link whose target lies outside, and where it points.
+        """
+        root = self.path.resolve()
+        for folder, dirs, files in os.walk(self.path):          # does not descend into linked folders
+            for name in sorted(dirs + files):
+                link = Path(folder) / name
+                if link.is_symlink() and not link.resolve().is_relative_to(root):
+                    raise SwapError(f"cannot resume {self.path}: {printable(str(link))} links to "
+                                    f"{printable(str(link.resolve()))}, outside the run directory; a run writes only "
+                                    f"inside its own: replace the link by what it points to")
 
     @property
     def lock_path(self) -> Path:
@@ -218,7 +238,17 @@ class RunDir:
         between epochs (``kind: step``, ``logging.log_every``)."""
         if not self.metrics_path.is_file():
             return []
-        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (ValueError, RecursionError):
+                record = []
+            if record is not None and not isinstance(record, dict):
+                raise SwapError(f"{self.metrics_path}: line {number} is not a record that swap writes (one JSON "
+                                f"object per line); the file was altered")
+            if record is not None:
+                records.append(record)
         return records if steps else [r for r in records if r.get("kind") != "step"]
 
     @property

@@ -42,10 +42,12 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from .config import SwapError
+from .errors import printable
 from .imports import EXTRAS
 
 # logger -> the package it needs (its extra: swap.imports.EXTRAS)
@@ -185,8 +187,11 @@ class MLflowLogger:
     name = "mlflow"
 
     def __init__(self, run_path: Path, resumed: bool):
-        self.client = self.connect(run_path)
         self.run_id = (Path(run_path) / "mlflow_run_id").read_text().strip()
+        if not re.fullmatch(r"[0-9a-f]{32}", self.run_id):          # MLflow's run ids: 32 hex digits
+            raise SwapError(f"{Path(run_path) / 'mlflow_run_id'}: {printable(self.run_id)[:80]!r} is not an MLflow "
+                            f"run id; the file was altered")
+        self.client = self.connect(run_path)
         self.resumed, self.last = resumed, {}
 
     @staticmethod

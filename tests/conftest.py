@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -102,6 +103,72 @@ def live_processes() -> list[dict]:
     return out
 
 
+def listening_sockets(root: int) -> set[tuple[str, int, str]]:
+    """(address, port, command) of every TCP socket listening in process ``root`` or any process
+    under it, read from /proc (the sockets each process holds, matched with /proc/net/tcp{,6})."""
+    import socket
+
+    children: dict[int, list[int]] = {}
+    for p in live_processes():
+        children.setdefault(p["ppid"], []).append(p["pid"])
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    owner = {}
+    for pid in tree:
+        for fd in Path(f"/proc/{pid}/fd").glob("*") if Path(f"/proc/{pid}/fd").is_dir() else ():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[8:-1]] = pid
+    found = set()
+    for family, table in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owner:          # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)                             # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            try:
+                command = (Path(f"/proc/{owner[fields[9]]}/cmdline").read_bytes().split(b"\0")[0]).decode(errors="replace")
+            except OSError:
+                command = "?"
+            found.add((socket.inet_ntop(family, raw), int(port, 16), command))
+    return found
+
+
+class Listening:
+    """Within the block, every TCP socket that this process or one under it listens on, sampled
+    every 20 ms by a thread (``.seen``: (address, port, command)); a server that lives for more
+    than a few sampling periods (a rendezvous, a process group, Ray's servers) is seen."""
+
+    def __enter__(self) -> "Listening":
+        import threading
+
+        self.seen: set[tuple[str, int, str]] = set()
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.02):
+                self.seen |= listening_sockets(os.getpid())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
 def ddp_rank_setup(data_seed: int):
     """Inside a launched rank (or a single process): join the group, make 128 random 28x28
     images, and a seeded smallcnn wrapped in DDP when there are several ranks.
@@ -167,11 +234,13 @@ ABS_RESIZE = ["--config", "fashion_mnist_quick", "--method", "abs", "--set", "da
 def abs_resize_runs(tmp_path_factory, real_fashion):
     """Run directories of one ABS schedule (batch 64, 128, 256: fallback doubling every epoch) in
     1 process (``fixed``) and in the elastic pool of the torch launcher, 1 -> 2 processes
-    (``elastic``); shared with tests/test_ray.py."""
+    (``elastic``); shared with tests/test_ray.py. ``listening``: the TCP sockets that the elastic
+    run's processes listened on (:class:`Listening`)."""
     base = tmp_path_factory.mktemp("abs-resize")
     from swap.cli import main
 
     common = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion)]
     assert main(common + ["--procs", "1", "--set", "abs.elastic=false", "--out", str(base / "fixed")]) == 0
-    assert main(common + ["--procs", "2", "--set", "abs.max_workers=2", "--out", str(base / "elastic")]) == 0
-    return {"fixed": base / "fixed", "elastic": base / "elastic"}
+    with Listening() as listening:
+        assert main(common + ["--procs", "2", "--set", "abs.max_workers=2", "--out", str(base / "elastic")]) == 0
+    return {"fixed": base / "fixed", "elastic": base / "elastic", "listening": listening.seen}

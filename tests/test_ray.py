@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from swap.cli import main
 
-from conftest import ABS_RESIZE, live_processes
+from conftest import ABS_RESIZE, LOOPBACK, Listening, live_processes
 
 pytest.importorskip("ray", reason="swap[ray] is not installed")     # `make test` installs it
 
@@ -35,7 +35,7 @@ def ray_run(tmp_path_factory, real_fashion):
     SIGKILLs its own process at its 5th training update (the middle of epoch 2 of 3) so that the
     pool restarts from the last checkpoint. Returns (run directory, marker file, the Ray processes
     left after the run: listed, then killed, so that a failure does not leak them, what the run
-    printed on standard output and error)."""
+    printed on standard output and error, the TCP sockets its processes listened on)."""
     base = tmp_path_factory.mktemp("ray")
     marker = base / "die"
     marker.write_text("")
@@ -45,7 +45,8 @@ def ray_run(tmp_path_factory, real_fashion):
     try:
         args = ["train", *ABS_RESIZE, "--data-dir", str(real_fashion), "--procs", "2", "--set", "abs.max_workers=2",
                 "--set", "abs.launcher=ray", "--set", "model.name=ray_fault:cnn", "--out", str(base / "run")]
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err, \
+                Listening() as listening:
             assert main(args) == 0
         leftovers = ray_processes()
     finally:
@@ -53,14 +54,14 @@ def ray_run(tmp_path_factory, real_fashion):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         for p in ray_processes():
             os.kill(p["pid"], 9)
-    return base / "run", marker, leftovers, out.getvalue() + err.getvalue()
+    return base / "run", marker, leftovers, out.getvalue() + err.getvalue(), listening.seen
 
 
 def test_a_killed_actor_costs_only_time_and_the_ray_pool_ends_with_the_torch_pools_weights(ray_run, abs_resize_runs):
     """The Ray pool, one of its actors killed mid-epoch and the pool restarted from its last
     checkpoint, ends with the weights (BN statistics included) of the torch launcher's pool that
     was never interrupted, bit for bit; the same batches, pool sizes, updates and accuracies."""
-    run, marker, _, _ = ray_run
+    run, marker, *_ = ray_run
     assert not marker.exists()                              # rank 1 did kill itself
     ray_summary, torch_summary = (json.loads((d / "summary.json").read_text())
                                   for d in (run, abs_resize_runs["elastic"]))
@@ -79,6 +80,18 @@ def test_a_killed_actor_costs_only_time_and_the_ray_pool_ends_with_the_torch_poo
 
 def test_no_ray_process_is_left_behind(ray_run):
     assert ray_run[2] == []
+
+
+def test_servers_of_a_local_ray_run_and_a_two_process_run_listen_on_loopback_only(ray_run, abs_resize_runs):
+    """Ray's local instance (GCS, raylet, workers, agents) and the torch launcher's rendezvous and
+    process group: every listening socket is on 127.0.0.1, none on all interfaces or the machine's
+    address (before, Ray's servers listened on ``::`` and the node's address, and the launcher's
+    TCP store on ``::``)."""
+    for name, seen in (("ray", ray_run[4]), ("torch", abs_resize_runs["listening"])):
+        assert seen, f"{name}: no listening socket seen: the sampling missed the run"
+        exposed = sorted({(address, command) for address, _, command in seen if address not in LOOPBACK})
+        assert not exposed, f"{name}: listening beyond loopback: {exposed}"
+    assert any("raylet" in command or "gcs_server" in command for _, _, command in ray_run[4]), ray_run[4]
 
 
 def test_the_ray_pool_prints_as_the_torch_pool_does(ray_run):

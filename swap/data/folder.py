@@ -49,17 +49,42 @@ PADDED_MAX_SIDE = 64        # data.crop: auto trains images of at most this side
 MEAN_RGB, STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet, in [0, 1] pixel units
 
 
-def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot or will not decode: not an image, truncated or
+    corrupt (``OSError``, ``SyntaxError``, ``ValueError``), or a decompression bomb (a header
+    announcing more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, refused before decoding)."""
+    from PIL import Image
+    return OSError, SyntaxError, ValueError, Image.DecompressionBombError
+
+
+def _outside(entry: os.DirEntry, inside: Path | None) -> bool:
+    """``entry`` is a symbolic link whose target lies outside the folder ``inside`` (None: any place is fine)."""
+    return inside is not None and entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(inside)
+
+
+def scan_tree(root: Path, classes: list[str] | None = None,
+              inside: Path | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """The class names (sorted folder names) and ``(path, label)`` of every image under ``root``.
-    With ``classes`` (the training split's), ``root`` must hold exactly those folders.
+    With ``classes`` (the training split's), ``root`` must hold exactly those folders. With
+    ``inside`` (a resolved folder), a class folder or image that is a symbolic link to a place
+    outside it is refused (``data.follow_links`` off): a tree copied from elsewhere cannot make a
+    run read other files of the machine.
 
     Raises:
         SwapError: ``root`` missing, no class folders, an empty class folder, other classes than
-            ``classes``.
+            ``classes``, a link out of ``inside``.
     """
+    def refuse_link(entry: os.DirEntry):
+        raise SwapError(f"image folder: {entry.path} links to {Path(entry.path).resolve()}, outside {inside}; "
+                        f"set data.follow_links=true if you made that link (a tree of links to images kept elsewhere)")
+
     if not root.is_dir():
         raise SwapError(f"image folder {root} does not exist (expected ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg)")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entries = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:
+        if _outside(entry, inside):
+            refuse_link(entry)
+    found = [e.name for e in entries]
     if not found:
         raise SwapError(f"image folder {root} has no class folders (expected {root}/CLASS/*.jpg)")
     if classes is not None and found != classes:
@@ -68,7 +93,11 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
                         f"{len(missing)} missing ({', '.join(missing[:3])}), {len(extra)} extra ({', '.join(extra[:3])})")
     samples = []
     for label, name in enumerate(found):
-        files = sorted(e.name for e in os.scandir(root / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+        images = [e for e in os.scandir(root / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS)]
+        for entry in images:
+            if _outside(entry, inside):
+                refuse_link(entry)
+        files = sorted(e.name for e in images)
         if not files:
             raise SwapError(f"class folder {root / name} holds no images ({', '.join(EXTENSIONS)}); remove it or add images")
         samples += [(str(root / name / f), label) for f in files]
@@ -92,6 +121,7 @@ class ImageFolder(Dataset):
         classes: the training split's class names (for ``val``).
         crop: the training crop, ``resized``, ``padded`` or ``auto`` (module docstring).
         crop_padding, cutout: a ``padded`` crop's padding and cutout side, pixels (0 = off).
+        inside: links out of this folder are refused (:func:`scan_tree`); None follows every link.
     Raises:
         SwapError: see :func:`scan_tree`; a ``padded`` crop's padding or cutout impossible for ``size``.
     """
@@ -99,9 +129,10 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, train: bool, size: int | None, min_scale: float = 0.08,
                  crop_ratio: float = 0.875, flip: bool = True, bad_images: str = "stop",
                  bad_log: str | Path | None = None, classes: list[str] | None = None, crop: str = "resized",
-                 crop_padding: int = 0, cutout: int = 0, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 crop_padding: int = 0, cutout: int = 0, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 inside: str | Path | None = None):
         self.root = Path(root)
-        self.classes, self.samples = scan_tree(self.root, classes)
+        self.classes, self.samples = scan_tree(self.root, classes, None if inside is None else Path(inside).resolve())
         self.num_classes = len(self.classes)
         self.train, self.min_scale, self.crop_ratio, self.flip = train, min_scale, crop_ratio, flip
         side, self.channels = self._probe()
@@ -132,7 +163,7 @@ class ImageFolder(Dataset):
         for k in picks:
             try:
                 pixels = self._decode(self.samples[k][0], lambda w, h: self._centre_box(w, h, 1.0))
-            except (OSError, SyntaxError, ValueError):
+            except unreadable_errors():
                 continue
             x = torch.from_numpy(pixels.astype(np.float64)).reshape(-1, self.channels)
             total += torch.stack([torch.full((self.channels,), float(len(x)), dtype=torch.float64),
@@ -149,7 +180,7 @@ class ImageFolder(Dataset):
             try:
                 with Image.open(path) as im:
                     return min(im.size), 1 if im.mode in ("L", "1", "I;16", "I") else 3
-            except OSError:
+            except unreadable_errors():
                 continue
         return None, 3
 
@@ -167,7 +198,7 @@ class ImageFolder(Dataset):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
                 return self._load(path), label
-            except (OSError, SyntaxError, ValueError) as exc:      # PIL's errors for unreadable/truncated files
+            except unreadable_errors() as exc:      # Pillow's errors for unreadable/truncated files, bombs
                 self._bad(path, exc)
         raise SwapError(f"no readable image in {self.root}")
 
@@ -251,7 +282,7 @@ def unreadable(dataset: ImageFolder, threads: int | None = None) -> list[tuple[s
             with Image.open(path) as im:
                 im.load()
             return None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except unreadable_errors() as exc:
             return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
     paths = [p for p, _ in dataset.samples]
@@ -278,7 +309,8 @@ def check_images(splits: list[ImageFolder], bad_images: str) -> int:
 
 def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = None) -> tuple[ImageFolder, ImageFolder]:
     """The (train, val) splits of ``root`` with config section ``data``'s settings (``image_size``,
-    ``crop``, ``min_scale``, ``crop_ratio``, ``flip``, ``crop_padding``, ``cutout``, ``bad_images``):
+    ``crop``, ``min_scale``, ``crop_ratio``, ``flip``, ``crop_padding``, ``cutout``, ``bad_images``,
+    ``follow_links``):
     both at the training split's side (``image_size``, else the images' own), the training crop
     ``padded`` or ``resized`` (``crop: auto``: padded up to :data:`PADDED_MAX_SIDE` pixels).
 
@@ -287,10 +319,11 @@ def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = N
     """
     root = Path(root)
     d = data_cfg
+    inside = None if d.follow_links else root
     train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log,
-                        crop=d.crop, crop_padding=d.crop_padding, cutout=d.cutout)
+                        crop=d.crop, crop_padding=d.crop_padding, cutout=d.cutout, inside=inside)
     val = ImageFolder(root / "val", False, train.size, d.min_scale, 1.0 if train.crop == "padded" else d.crop_ratio,
-                      False, d.bad_images, bad_log, classes=train.classes, stats=(train.mean, train.std))
+                      False, d.bad_images, bad_log, classes=train.classes, stats=(train.mean, train.std), inside=inside)
     return train, val
 
 

@@ -7,7 +7,10 @@ files ndim 1 (N). Files may be gzip-compressed (``.gz``) or raw.
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +19,16 @@ import torch
 from ..config import SwapError
 
 _UBYTE = 0x08
+CHUNK = 1 << 24          # bytes read at a time (16 MiB)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file of unsigned bytes.
+
+    The header is read first and the data only up to the size it declares: a header announcing
+    more than the file holds is refused from the file's size (raw) or when the stream ends
+    (gzip), before any buffer of the announced size exists, and a gzip stream that inflates beyond
+    the declared size (a decompression bomb) is refused after one byte more.
 
     Returns:
         uint8 array of the shape the header declares.
@@ -29,23 +38,35 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise SwapError(f"{path}: not an IDX file (bad magic number)")
+            if head[2] != _UBYTE:
+                raise SwapError(f"{path}: IDX type code 0x{head[2]:02x} is not unsigned byte (0x08)")
+            ndim = head[3]
+            sizes = fh.read(4 * ndim)
+            if ndim == 0 or len(sizes) < 4 * ndim:
+                raise SwapError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", sizes)
+            expected = math.prod(shape)
+            if path.suffix != ".gz" and os.fstat(fh.fileno()).st_size - 4 - 4 * ndim < expected:
+                held = os.fstat(fh.fileno()).st_size - 4 - 4 * ndim
+                raise SwapError(f"{path}: IDX header declares {shape} = {expected} bytes but the file holds "
+                                f"{held}; the file is truncated or corrupt")
+            data = bytearray()
+            while len(data) <= expected:                  # one byte past the declared size is enough to refuse
+                chunk = fh.read(min(CHUNK, expected + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise SwapError(f"{path}: cannot read ({exc}); the file is corrupt or truncated, fetch it again") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise SwapError(f"{path}: not an IDX file (bad magic number)")
-    if raw[2] != _UBYTE:
-        raise SwapError(f"{path}: IDX type code 0x{raw[2]:02x} is not unsigned byte (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise SwapError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
+    if len(data) != expected:
+        more = "more than" if len(data) > expected else f"{len(data)}, not"
         raise SwapError(f"{path}: IDX header declares {shape} = {expected} bytes but the file holds "
-                        f"{len(raw) - header}; the file is truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+                        f"{more} that; the file is truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def load_idx_pair(images_path: Path, labels_path: Path, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

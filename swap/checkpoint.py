@@ -12,7 +12,8 @@ import hashlib
 import io
 import json
 import os
-import pickle
+# bandit B403 (pickle): for pickle.UnpicklingError; the state is read by torch.load(weights_only=True)
+import pickle  # nosec B403
 import re
 from pathlib import Path
 

@@ -299,6 +299,17 @@ def test_a_link_out_of_the_run_directory_is_refused_before_any_write(stopped_run
     assert files_under(outside) == before
 
 
+def test_a_run_directorys_config_with_python_tags_is_refused_on_resume(stopped_run, tmp_path, capsys):
+    run, args = _resume_copy(stopped_run, tmp_path)
+    marker = tmp_path / "pwned"
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", f"seed: !!python/object/apply:os.system ['touch {marker}']"))
+    assert "!!python" in config.read_text()
+    assert main(args) == 2
+    refused(capsys.readouterr().err, "config.yaml")
+    assert not marker.exists()
+
+
 def test_an_altered_mlflow_run_id_is_refused(tmp_path):
     pytest.importorskip("mlflow", reason="swap[mlflow] is not installed")     # `make test` installs it
     from swap.tracking import MLflowLogger

@@ -162,3 +162,11 @@ def test_fetch_verifies_checksums(tmp_path, real_fashion):
 def test_fetch_without_network_explains(tmp_path):
     with pytest.raises(SwapError, match="cannot download.*--data-dir"):
         fetch("fashion-mnist", tmp_path, base_url="http://127.0.0.1:9/", timeout_s=2)
+
+
+@pytest.mark.parametrize("url", ["file:///usr/share/datasets/fashion-mnist/", "ftp://127.0.0.1/"])
+def test_fetch_takes_only_http_addresses(tmp_path, url):
+    """urllib would open file:// (any file of the machine) or ftp://; a mirror is an http(s) server."""
+    with pytest.raises(SwapError, match=r"give an http:// or https:// address"):
+        fetch("fashion-mnist", tmp_path / "cache", base_url=url)
+    assert not (tmp_path / "cache").exists()

@@ -13,7 +13,8 @@ calling anything.
 from __future__ import annotations
 
 import codecs
-import pickle
+# bandit B403 (pickle): batches are read by BatchUnpickler, which builds only the format's types
+import pickle  # nosec B403
 from pathlib import Path
 
 import numpy as np

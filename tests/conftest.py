@@ -103,6 +103,16 @@ def live_processes() -> list[dict]:
     return out
 
 
+def error_line(err: str) -> str:
+    """The one line of a refused run's standard error: ``swap: error: ...``, after (only when the
+    config names code) the run's first line that lists that code."""
+    lines = err.strip().splitlines()
+    if lines and lines[0].startswith("swap: this config runs code: "):
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].startswith("swap: error:"), err
+    return lines[0]
+
+
 def listening_sockets(root: int) -> set[tuple[str, int, str]]:
     """(address, port, command) of every TCP socket listening in process ``root`` or any process
     under it, read from /proc (the sockets each process holds, matched with /proc/net/tcp{,6})."""

@@ -11,7 +11,7 @@ from swap.cli import main
 from swap.config import SwapError
 from swap.models import build_model
 
-from conftest import write_fashion_files
+from conftest import error_line, write_fashion_files
 
 
 def _train(tmp_path, *extra):
@@ -68,8 +68,8 @@ def _train(tmp_path, *extra):
 ])
 def test_impossible_runs_exit_2_before_creating_anything(tmp_path, capsys, extra, message):
     assert _train(tmp_path, *extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and err.startswith("swap: error:")
+    err = error_line(capsys.readouterr().err)
+    assert message in err
     assert not (tmp_path / "run").exists()
 
 

@@ -15,6 +15,7 @@ from swap.config import SwapError
 from swap.task import Task, class_targets, own_loss, prediction
 from swap.train import _pass
 
+from conftest import error_line
 from user_parts import Classifier, Output, Rows
 
 
@@ -166,8 +167,9 @@ def test_an_import_path_that_fails_is_one_line_and_exit_2(tmp_path, capsys, key,
     if f"{key}={value}" not in args:
         args += ["--set", f"{key}={value}"]
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("swap: error:"), err
+    err = capsys.readouterr().err
+    assert err.startswith("swap: this config runs code: ") and f"{key}={value}" in err.splitlines()[0], err
+    err = error_line(err)
     assert any(m in err for m in message.split("|")), err
     assert not (tmp_path / "run").exists()
 

@@ -161,7 +161,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         method.check(cfg, procs)
         if method.starts_processes(cfg, procs):
             distributed.start_server()                    # processes will start: their fork server, meanwhile
-        # Validate the data before creating anything: missing or corrupt files fail here.
+        # Validate the data and the code the config names before creating anything: missing or
+        # corrupt files, and import paths that fail, stop here.
+        configured_parts(cfg)
         train_set, _, *val = load_configured(cfg.data, verify=True, validation=cfg.uses_validation())
         samples = len(train_set) + sum(map(len, val))            # the training set, a validation split included
         fitted = method.fit(cfg, procs, samples)                 # defaults the user did not set, fitted to the data

@@ -22,7 +22,7 @@ from swap.cli import main
 from swap.config import SwapError
 from swap.data.cifar import read_cifar_batch
 
-from conftest import write_cifar10, write_fashion_files, write_idx, write_image_tree
+from conftest import error_line, write_cifar10, write_fashion_files, write_idx, write_image_tree
 
 
 class Payload:
@@ -152,10 +152,13 @@ def test_a_yaml_config_with_python_tags_is_refused_and_runs_nothing(tmp_path, ca
 def test_a_config_that_names_code_says_so_in_the_runs_first_line(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     assert train(tmp_path / "run", "--set", "model.name=user_parts:no_such_factory",
-                 "--set", "task.metrics=[top1, user_parts:no_such_metric]", "--set", "phase2.optimizer=user_parts:sgd") == 2
-    first = capsys.readouterr().err.splitlines()[0]
+                 "--set", "task.metrics=[top1, user_parts:no_such_metric]", "--set", "phase2.optimizer=user_optim:two_group_adamw") == 2
+    err = capsys.readouterr().err
+    assert "model.name=user_parts:no_such_factory: cannot import it" in error_line(err)
+    assert not (tmp_path / "run").exists()             # the import is tried before anything is created
+    first = err.splitlines()[0]
     assert first == ("swap: this config runs code: model.name=user_parts:no_such_factory, "
-                     "task.metrics=user_parts:no_such_metric, phase2.optimizer=user_parts:sgd "
+                     "task.metrics=user_parts:no_such_metric, phase2.optimizer=user_optim:two_group_adamw "
                      "(imported from the working directory or PYTHONPATH)")
 
 

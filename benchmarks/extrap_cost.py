@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2048)
     args = ap.parse_args()
-    from swap.optim.extrap import ExtrapSGD
+    from swap.optim.extrap import ExtrapSGD, ExtrapStep
     from swap.data import Augment, Loader, load_dataset
     from swap.models import build_model
     from swap.rundir import machine_info
@@ -49,7 +49,7 @@ def main() -> None:
                 opt = ExtrapSGD(opt, kind, 1.0, 0.01, torch.Generator().manual_seed(0))
             loader = Loader(subset, args.batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
             t = time.perf_counter()
-            step = SGDStep(model, opt, 256) if kind == "sgd" else opt.update_step(model, 256)
+            step = SGDStep(model, opt, 256) if kind == "sgd" else ExtrapStep(model, opt, 256)
             train(step, loader, lambda s: 0.1, epochs=1)
             times[kind].append((time.perf_counter() - t) / args.steps)
     rows = [{"optimizer": k, "s_per_update": statistics.median(v), "all": v,

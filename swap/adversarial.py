@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import SwapError
 from .task import cross_entropy
 
 
@@ -55,7 +56,7 @@ class AdversarialBatches:
     def __init__(self, loader, model: nn.Module, fraction: float, eps: float, lo: torch.Tensor, hi: torch.Tensor,
                  loss_fn: Callable | None = None):
         if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"adversarial fraction must be in [0, 1], got {fraction}")
+            raise SwapError(f"adversarial fraction must be in [0, 1], got {fraction}")
         self.loader, self.model, self.fraction, self.eps, self.lo, self.hi = loader, model, fraction, eps, lo, hi
         self.loss_fn = loss_fn
         self.batch_size = loader.batch_size
@@ -74,3 +75,6 @@ class AdversarialBatches:
                 x = x.clone()
                 x[picked] = fgsm(self.model, x[picked], y[picked], self.eps, self.lo, self.hi, self.loss_fn).to(x.dtype)
             yield x, y
+
+
+__all__ = ["fgsm", "adversarial_mask", "AdversarialBatches"]

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from .errors import SwapError
+
 
 def average_models(models: Iterable[nn.Module]) -> nn.Module:
     """Uniform average of the parameters of models of one architecture.
@@ -29,11 +31,11 @@ def average_models(models: Iterable[nn.Module]) -> nn.Module:
     Buffers (BN running statistics) are the first model's: recompute them with :func:`recompute_bn`.
 
     Raises:
-        ValueError: no models given.
+        SwapError: no models given.
     """
     models = list(models)
     if not models:
-        raise ValueError("average_models needs at least one model")
+        raise SwapError("average_models needs at least one model")
     averaged = AveragedModel(models[0])          # a deep copy, so the inputs stay untouched
     for m in models:                             # n_averaged starts at 0: the first call copies models[0]
         averaged.update_parameters(m)
@@ -49,11 +51,11 @@ def average_state_dicts(state_dicts: Iterable[Mapping[str, torch.Tensor]],
     averaged: they are to be recomputed, not averaged.
 
     Raises:
-        ValueError: no dicts, or keys/shapes differ.
+        SwapError: no dicts, or keys/shapes differ.
     """
     dicts = list(state_dicts)
     if not dicts:
-        raise ValueError("average_state_dicts needs at least one state dict")
+        raise SwapError("average_state_dicts needs at least one state dict")
     keys = list(dicts[0])
     buffer_names = buffer_names or set()
     out = {}
@@ -61,7 +63,7 @@ def average_state_dicts(state_dicts: Iterable[Mapping[str, torch.Tensor]],
         first = dicts[0][k]
         for d in dicts[1:]:
             if k not in d or d[k].shape != first.shape:
-                raise ValueError(f"state dicts differ at '{k}'")
+                raise SwapError(f"state dicts differ at '{k}'")
         if first.is_floating_point() and k not in buffer_names:
             out[k] = torch.stack([d[k].to(torch.float64) for d in dicts]).mean(0).to(first.dtype)
         else:
@@ -81,10 +83,10 @@ def distributed_average_(model: nn.Module, states: list[Mapping[str, torch.Tenso
     Returns ``model`` (modified in place).
 
     Raises:
-        ValueError: ``count`` < 1, or the states' keys or shapes differ.
+        SwapError: ``count`` < 1, or the states' keys or shapes differ.
     """
     if count < 1:
-        raise ValueError(f"distributed_average_ needs count >= 1, got {count}")
+        raise SwapError(f"distributed_average_ needs count >= 1, got {count}")
     buffers = bn_buffer_names(model)
     target = model.state_dict()
     params = [k for k, v in target.items() if v.is_floating_point() and k not in buffers]
@@ -142,10 +144,10 @@ def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | Non
     Returns:
         ``model``, modified in place. A model without BatchNorm is returned unchanged, with no pass.
     Raises:
-        ValueError: ``max_batches`` < 1, or no batch reached a BN layer.
+        SwapError: ``max_batches`` < 1, or no batch reached a BN layer.
     """
     if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        raise SwapError(f"max_batches must be >= 1 or None, got {max_batches}")
     layers = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if not layers:
@@ -182,7 +184,7 @@ def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | Non
         for t in totals + [counts]:
             dist.all_reduce(t)
     if counts.item() == 0 or any(t[2, 0].item() < 2 for t in totals):
-        raise ValueError("recompute_bn: no batch (or a single value per channel) reached a BatchNorm layer")
+        raise SwapError("recompute_bn: no batch (or a single value per channel) reached a BatchNorm layer")
     with torch.no_grad():
         for m, t in zip(layers, totals):
             n = t[2]
@@ -210,10 +212,10 @@ def greedy_soup(template: nn.Module, candidates: list[Mapping[str, torch.Tensor]
         the final soup (a new module, prepared), the indices of the candidates kept (in the order
         they were added), every candidate's own score, and the soup's score.
     Raises:
-        ValueError: no candidates.
+        SwapError: no candidates.
     """
     if not candidates:
-        raise ValueError("greedy_soup needs at least one candidate")
+        raise SwapError("greedy_soup needs at least one candidate")
     buffers = bn_buffer_names(template)
 
     def soup_of(indices: list[int]) -> nn.Module:
@@ -264,3 +266,7 @@ def frozen_bn_stats(model: nn.Module):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
+
+
+__all__ = ["average_models", "average_state_dicts", "distributed_average_", "model_input", "call_model",
+           "recompute_bn", "greedy_soup", "bn_buffer_names", "frozen_bn_stats"]

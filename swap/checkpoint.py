@@ -301,3 +301,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
     return meta
+
+
+__all__ = ["atomic_paths", "atomic_write_bytes", "tied_names", "save_checkpoint", "recover",
+           "checkpoint_exists", "read_meta", "load_checkpoint"]

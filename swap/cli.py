@@ -435,3 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["EPILOG", "build_parser", "config_from_args", "local_procs", "cmd_train", "cmd_compare",
+           "cmd_plot", "cmd_landscape", "cmd_cosine", "cmd_plan", "cmd_data", "main"]

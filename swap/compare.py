@@ -210,3 +210,7 @@ def write_report(out: str | Path, report: dict) -> None:
             run = RunDir(out / method / f"seed{seed}")
             curves.setdefault(method, []).append(timeline(run, run.read_summary(), out))
     plot_compare(curves, report["target_acc"], out / "report.png", eval_set=report["eval_set"])
+
+
+__all__ = ["COMPARED", "STARTS", "plan", "run_compare", "timeline", "time_to_target", "build_report",
+           "summary_method", "write_report"]

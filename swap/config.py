@@ -140,13 +140,13 @@ class StopConfig:
     at: float | None = None              # threshold in the metric's unit (null = phase1.stop_acc)
     signal: str = "trials"               # auto: trials (two short small-batch trial copies of the phase-1 weights,
                                          # averaged every `every` epochs; their validation accuracy, data.holdout,
-                                         # beats its best by <= min_delta for `window` trials in a row; the signal
-                                         # that met its target in BENCHMARKS.md) | holdout (the same for the
+                                         # beats its best by <= min_delta for `window` trials in a row) | holdout
+                                         # (the same for the
                                          # phase-1 model itself, every epoch) | barrier (the trial copies' error
                                          # barrier <= max_barrier) | plateau (the training loss gains < min_gain
                                          # over `window` epochs; needs no validation split)
     window: int = 2                      # auto: patience, in trials (trials) or epochs (holdout) | epochs the gain
-                                         # is measured over (plateau; BENCHMARKS.md measured plateau and holdout at 3)
+                                         # is measured over (plateau)
     min_gain: float = 0.05               # auto, plateau: relative training-loss gain below which phase 1 stops
     min_delta: float = 0.0               # auto, holdout | trials: accuracy points a reading must beat the best by
     every: int = 3                       # auto, trials | barrier: epochs between two trials
@@ -272,8 +272,7 @@ class SGDConfig:
 @dataclass
 class ExtrapConfig:
     """Extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML 2020), used where an ``optimizer`` is ``extrap``.
-    gamma_t = gamma_ratio * eta_t, sigma_t = sigma_ratio * eta_t (same warm-up and decay as the LR).
-    Measured: with Nesterov SGD at peak LR 0.8 (batch 2048), gamma_ratio 1.0 diverged and 0.25 trained."""
+    gamma_t = gamma_ratio * eta_t, sigma_t = sigma_ratio * eta_t (same warm-up and decay as the LR)."""
     variant: str = "extragradient"       # extragradient | past-gradient | gaussian
     gamma_ratio: float = 1.0
     sigma_ratio: float = 0.01
@@ -836,3 +835,11 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
     if batch_size % world_size:
         raise SwapError(f"{section}.batch_size={batch_size} is not divisible by the number of processes "
                         f"({world_size}); pick a multiple of {world_size} or set procs")
+
+
+__all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
+           "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config",
+           "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
+           "NOT_HASHED", "CODE_KEYS", "code_paths", "code_line", "RENAMED", "resolve_preset",
+           "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "optim_for",
+           "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

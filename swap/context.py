@@ -410,3 +410,6 @@ class Context:
 
     def machine(self) -> dict:
         return machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
+
+
+__all__ = ["IMAGENET_TASK", "configured_parts", "Context"]

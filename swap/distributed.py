@@ -120,12 +120,10 @@ def _attempt_store(world: int) -> "dist.Store":
     """The key-value store of this launch attempt: a client of the elastic agent's store
     (MASTER_ADDR:MASTER_PORT) under the prefix ``swap/attempt{TORCHELASTIC_RESTART_COUNT}/``.
 
-    torch's elastic agent keeps one store for all restarts of a job (measured: the same port, and
-    keys of attempt 0 still there in attempt 1), while the process group's rendezvous keys are not
-    namespaced by attempt. A restarted rank could then read a dead rank's address from the previous
-    attempt and wait on it for the whole gloo timeout (seen under ``torchrun --max-restarts 1``:
-    both restarted ranks hung in ``ProcessGroupGloo``'s constructor). The prefix gives every
-    attempt fresh keys.
+    torch's elastic agent keeps one store for all restarts of a job (the same port, and the keys of
+    attempt 0 still there in attempt 1), while the process group's rendezvous keys are not
+    namespaced by attempt: a restarted rank could read a dead rank's address from the previous
+    attempt and wait on it for the whole gloo timeout. The prefix gives every attempt fresh keys.
     """
     from datetime import timedelta
 
@@ -138,7 +136,7 @@ def teardown() -> None:
     """Leave the process group. Unreachable objects that hold it (DDP wrappers in reference cycles,
     with their gloo work) are collected first and after, while the interpreter is whole: freed
     during interpreter finalization instead, gloo's threads can abort the process at exit
-    ("terminate called without an active exception", seen once under torchrun)."""
+    ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
@@ -485,13 +483,6 @@ def all_gather_objects(obj: Any, group=None) -> list[Any]:
     return out
 
 
-def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """In-place sum over ranks of each tensor (no-op with one rank)."""
-    if dist.is_available() and dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -552,3 +543,9 @@ def worker_groups(workers: int, size: int) -> WorkerGroup:
         if me in ranks:
             mine = WorkerGroup(g, me - g * size, size, pg)
     return mine or WorkerGroup(None, 0, size)
+
+
+__all__ = ["Dist", "under_launcher", "resolve_device", "default_threads", "setup", "GROUP_STORE",
+           "local_group", "teardown", "verbose", "quiet_torch_logs", "log_failure", "rank_log", "run_rank",
+           "launch", "environment", "PEER_LOST", "START_METHOD", "start_server", "run_isolated",
+           "all_gather_objects", "barrier", "broadcast_object", "rank", "WorkerGroup", "worker_groups"]

@@ -9,8 +9,9 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-class SwapError(Exception):
-    """The one error type for bad input: its message says what was wrong and how to fix it.
+class SwapError(ValueError):
+    """The one error type for bad input: its message says what was wrong and how to fix it. Every
+    building block raises it (a ``ValueError``, so code that catches those keeps working).
 
     User values quoted in the message may hold any character; the message is stored with
     non-printable characters escaped (:func:`printable`), so it is always one printable line.

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import SwapError
 from .task import cross_entropy
 
 
@@ -51,10 +52,10 @@ def top_eigenvalues(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tens
     Returns:
         (eigenvalues, iterations used for each), lists of length ``k``.
     Raises:
-        ValueError: ``k`` or ``iters`` < 1, or ``tol`` < 0.
+        SwapError: ``k`` or ``iters`` < 1, or ``tol`` < 0.
     """
     if k < 1 or iters < 1 or tol < 0:
-        raise ValueError(f"need k >= 1, iters >= 1, tol >= 0; got k={k}, iters={iters}, tol={tol}")
+        raise SwapError(f"need k >= 1, iters >= 1, tol >= 0; got k={k}, iters={iters}, tol={tol}")
     params = list(params)
     hvp = _hvp_fn(loss_fn, params)
     values, vectors, used = [], [], []
@@ -84,10 +85,10 @@ def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: list[torch.Ten
     ``samples`` draws (Hutchinson 1990; used for the Hessian trace by Yao et al. 2020, PyHessian).
 
     Raises:
-        ValueError: ``samples`` < 1.
+        SwapError: ``samples`` < 1.
     """
     if samples < 1:
-        raise ValueError(f"need samples >= 1, got {samples}")
+        raise SwapError(f"need samples >= 1, got {samples}")
     params = list(params)
     hvp = _hvp_fn(loss_fn, params)
     total = 0.0
@@ -115,3 +116,6 @@ def model_top_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ite
     finally:
         model.train(was_training)
     return values[0], used[0]
+
+
+__all__ = ["top_eigenvalues", "hutchinson_trace", "model_top_eigenvalue"]

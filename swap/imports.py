@@ -51,3 +51,6 @@ def import_object(path: str, where: str):
     if not callable(obj):
         raise SwapError(f"{where}={printable(path)} is not a function")
     return obj
+
+
+__all__ = ["is_import_path", "EXTRAS", "install_hint", "import_object"]

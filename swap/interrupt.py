@@ -70,3 +70,6 @@ def stop_agreed(group_wide: bool, device: torch.device | str = "cpu", group=None
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         signum = int(flag.item())
     return signum
+
+
+__all__ = ["CHECK_EVERY", "Interrupted", "handle_signals", "requested", "stop_agreed"]

@@ -403,3 +403,7 @@ def run_rank(name: str, spec: RunSpec) -> Any:
     from .rundir import RunDir
 
     return distributed.run_rank(_rank, name, spec, log_dir=RunDir(spec.run_path).logs_dir)
+
+
+__all__ = ["RunSpec", "DILOCO_INNER", "Method", "SWAP_SIZED", "METHODS", "get_method", "launch",
+           "final_model", "run_ranked", "run_rank"]

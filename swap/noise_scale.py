@@ -63,3 +63,6 @@ def _hook(state: NoiseScale, bucket):          # no annotations: DDP compares th
     state.local += buffer.double().pow(2).sum()
     buffer.div_(state.world)
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+__all__ = ["NoiseScale"]

@@ -140,9 +140,6 @@ class Phase:
         if not metas:
             return self.start
         meta = metas[0]
-        if meta.get("done"):                # swap 0.1 kept a finished data-parallel phase's result here
-            self.start = Start(result=meta["result"])
-            return self.start
         partial, progress = meta.get("partial") or {}, meta.get("progress") or {}
         totals = None
         if partial:
@@ -215,3 +212,6 @@ class Phase:
         for u, meta in zip(self.units, metas) if tracked is not None else ():
             tracked.phase_end(u.meta.get("phase", u.name), meta)      # callbacks' on_phase_end; loggers flush
         return metas
+
+
+__all__ = ["Unit", "Start", "Phase"]

@@ -33,8 +33,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .methods import METHODS
 from .config import Config, section_epochs, segments
+from .errors import SwapError
+from .methods import METHODS
 from .data import Augment, ImageDataset, Loader
 from .train import SGDStep, evaluate, train
 from .algorithms.stacked import StackedLoader, StackedStep
@@ -153,7 +154,7 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
     k = math.ceil(cfg.workers * ranks / hw.devices)                  # rounds of workers per device
     if p2.layout == "vmap":
         if k not in thr.stacked:
-            raise ValueError(f"phase2.layout vmap: no throughput measured for {k} stacked workers "
+            raise SwapError(f"phase2.layout vmap: no throughput measured for {k} stacked workers "
                              f"(calibrate with stacked=({k}, {p2.batch_size}))")
         phase2 = u2 * k * p2.batch_size / thr.stacked[k] + k * evals(e2, False)
     else:
@@ -294,3 +295,7 @@ def chunk_sizes(cfg: Config, devices: int, largest: int | None = None) -> list[i
     sizes = {chunk(b, m, devices) for _, b, m, _ in parts}
     sizes |= {chunk(b, p2.micro_batch_size, p2.ranks_per_worker) for _, b, _, _ in stages(cfg, "phase2")}
     return sorted({min(s, largest) if largest else s for s in sizes})
+
+
+__all__ = ["Hardware", "Throughput", "update_s", "stages", "predict", "calibrate", "calibrate_dataset",
+           "plan_table", "stacked_shape", "chunk_sizes"]

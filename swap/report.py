@@ -99,3 +99,6 @@ def compare_table(report: dict) -> str:
                  f"Machine: {m['cpu']}, {m['cores']} cores, {m['procs']} processes x {m['threads_per_proc']} threads, "
                  f"torch {m['torch']}, device {m['device']}.")
     return "\n".join(lines)
+
+
+__all__ = ["METRIC_NAMES", "results_table", "compare_table"]

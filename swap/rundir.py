@@ -264,7 +264,7 @@ class RunDir:
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
         tracked = tracking.active(self.path)
         if tracked is not None:                   # the run's end: callbacks, final metrics, artifacts
-            tracked.run_end(summary)
+            tracked.run_end(summary, self.read_metrics())
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())
@@ -294,3 +294,6 @@ def machine_info(device: torch.device, threads: int, procs: int) -> dict:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"cpu": cpu, "cores": os.cpu_count(), "procs": procs, "threads_per_proc": threads,
             "torch": torch.__version__, "device": dev, "python": platform.python_version()}
+
+
+__all__ = ["RunDir", "machine_info"]

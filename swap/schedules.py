@@ -49,15 +49,15 @@ def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str
     ``min_lr``, as ``torch.optim.lr_scheduler.CosineAnnealingLR``'s ``eta_min``).
 
     Raises:
-        ValueError: ``total_steps < 1``, ``warmup_steps`` outside [0, total_steps], unknown shape,
+        SwapError: ``total_steps < 1``, ``warmup_steps`` outside [0, total_steps], unknown shape,
             ``min_lr`` outside [0, peak_lr].
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total >= 1")
+        raise SwapError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total >= 1")
     if not 0 <= min_lr <= peak_lr:
-        raise ValueError(f"need 0 <= min_lr ({min_lr}) <= peak_lr ({peak_lr})")
+        raise SwapError(f"need 0 <= min_lr ({min_lr}) <= peak_lr ({peak_lr})")
     if shape not in ("linear", "cosine"):
-        raise ValueError(f"unknown schedule shape '{shape}' (linear | cosine)")
+        raise SwapError(f"unknown schedule shape '{shape}' (linear | cosine)")
     decay_steps = max(1, total_steps - warmup_steps)
 
     def lr_at(step: int) -> float:
@@ -77,10 +77,10 @@ def cyclic(lr_max: float, lr_min: float, cycle_steps: int) -> Schedule:
     sampled at the end of each cycle, where the LR is ``lr_min``.
 
     Raises:
-        ValueError: ``cycle_steps < 1``.
+        SwapError: ``cycle_steps < 1``.
     """
     if cycle_steps < 1:
-        raise ValueError(f"cycle_steps must be >= 1, got {cycle_steps}")
+        raise SwapError(f"cycle_steps must be >= 1, got {cycle_steps}")
 
     def lr_at(step: int) -> float:
         t = ((step % cycle_steps) + 1) / cycle_steps                 # (0, 1], 1 at the cycle's last update
@@ -171,12 +171,12 @@ class PiecewiseLoader:
     global update index (update ``i`` of epoch ``e`` at fractional epoch ``start + e + i / n_e``).
 
     Raises:
-        ValueError: ``start`` outside the schedule.
+        SwapError: ``start`` outside the schedule.
     """
 
     def __init__(self, segments: list[Segment], make: Callable, samples: int, start: int = 0):
         if not 0 <= start < segments[-1].end:
-            raise ValueError(f"start epoch {start} is outside the schedule's epochs [0, {segments[-1].end})")
+            raise SwapError(f"start epoch {start} is outside the schedule's epochs [0, {segments[-1].end})")
         self.segments, self.make, self.samples, self.start = segments, make, samples, start
         self.epochs = segments[-1].end - start
         self._built: tuple[Segment, object] | None = None
@@ -193,7 +193,7 @@ class PiecewiseLoader:
             self._built = None                                # one inner loader alive at a time
             self._built = (seg, self.make(seg.batch_size, seg.image_size))
             if len(self._built[1]) != self.updates(epoch):
-                raise ValueError(f"the loader of {seg} has {len(self._built[1])} updates per epoch, "
+                raise SwapError(f"the loader of {seg} has {len(self._built[1])} updates per epoch, "
                                  f"expected {self.updates(epoch)}")
         return self._built[1]
 
@@ -237,3 +237,7 @@ def updates_between(loader, first_epoch: int, end_epoch: int) -> int:
 def samples_between(loader, first_epoch: int, end_epoch: int) -> int:
     """Training samples (global batches x updates) of epochs ``first_epoch .. end_epoch - 1``."""
     return sum(n * b for _, n, b in (epoch_shape(loader, e) for e in range(first_epoch, end_epoch)))
+
+
+__all__ = ["Schedule", "record_lr_scales", "apply_lr", "warmup_decay", "cyclic", "Segment", "parse_segments",
+           "PiecewiseLoader", "epoch_shape", "updates_between", "samples_between"]

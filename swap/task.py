@@ -326,3 +326,8 @@ def stop_reached(metric: str, value: float, at: float | None) -> bool:
     if at is None:
         return False
     return value >= at if STOP_METRICS[check_stop_metric(metric)] == "max" else value <= at
+
+
+__all__ = ["METRICS", "IGNORE_INDEX", "prediction", "own_loss", "target_count", "token_targets",
+           "cross_entropy", "class_targets", "top_k_correct", "Task", "check_stop_metric", "Plateau",
+           "HeldOutPeak", "stop_reached"]

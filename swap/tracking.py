@@ -340,9 +340,10 @@ class Tracking:
                 cb.on_phase_end(phase, result)
         self._each("flush", lambda lg: lg.flush())
 
-    def run_end(self, summary: dict) -> None:
+    def run_end(self, summary: dict, records: list[dict]) -> None:
         """At the end of the run (rank 0): the summary's figures as final metrics; ``summary.json``,
-        ``config.yaml`` and the run's figures as artifacts (MLflow) and images (TensorBoard)."""
+        ``config.yaml`` and the run's figures (curves drawn from ``records``, metrics.jsonl's) as
+        artifacts (MLflow) and images (TensorBoard)."""
         for cb in self.callbacks:
             if hasattr(cb, "on_run_end"):
                 cb.on_run_end(summary)
@@ -351,7 +352,7 @@ class Tracking:
         step = int(summary.get("updates", {}).get("critical_path", self.last_step)) \
             if isinstance(summary.get("updates"), dict) else self.last_step
         files = [p for p in (self.run_path / "summary.json", self.run_path / "config.yaml") if p.is_file()]
-        figures = self._figures()
+        figures = self._figures(records)
         self._each("end", lambda lg: lg.finish(summary, step, files, figures))
         if figures:
             import matplotlib.pyplot as plt
@@ -359,12 +360,11 @@ class Tracking:
                 plt.close(fig)
         self.close()
 
-    def _figures(self) -> list:
+    @staticmethod
+    def _figures(records: list[dict]) -> list:
         """The run's curves (``swap plot``'s figure) as a matplotlib figure, for the loggers."""
         from .analysis.plots import run_figure
-        from .rundir import RunDir
 
-        records = RunDir(self.run_path).read_metrics()
         return [("curves", run_figure(records))] if records else []
 
     def close(self) -> None:
@@ -428,3 +428,7 @@ def stop(run_path) -> None:
     tracking = _ACTIVE.pop(Path(run_path).resolve(), None)
     if tracking is not None:
         tracking.close()
+
+
+__all__ = ["LOGGERS", "NOT_VALUES", "check_loggers", "stream_of", "values_of", "flat", "TensorBoardLogger",
+           "MLflowLogger", "BACKENDS", "Tracking", "prepare", "start", "active", "stop"]

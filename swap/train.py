@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Callable
 
@@ -379,23 +378,18 @@ def _rates(predictions: float, rows: int, seconds: float, tokens: bool) -> dict[
     return {"samples_per_s": rows / seconds, "tokens_per_s": predictions / seconds}
 
 
-def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epochs: int | None = None,
+def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: int,
           start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
           stop_metric: str = "train_acc", stop_fn: Callable[[int, float], bool] | None = None,
           evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
           on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
           progress=None, divergence_grad_norm: float = float("inf"), label: str | list[str] = "training",
-          on_interrupt: Callable[[dict], None] | None = None, micro_batch_size: int = 0,
-          amp_dtype: torch.dtype | None = None, log_every: int = 0,
+          on_interrupt: Callable[[dict], None] | None = None, log_every: int = 0,
           on_log: Callable[[dict], None] | None = None) -> dict:
     """Train with ``step`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
 
     Args:
-        step: the update (:class:`UpdateStep`), owning the model(s) and optimizer. The form of
-            swap 0.1, ``train(model, loader, optimizer, lr_at, epochs, micro_batch_size=,
-            amp_dtype=)``, still works (a DeprecationWarning): it trains with :class:`SGDStep`, or
-            with the optimizer's own ``update_step(model, micro_batch_size, amp_dtype)`` if it has
-            one (:class:`swap.optim.extrap.ExtrapSGD`).
+        step: the update (:class:`UpdateStep`), owning the model(s) and optimizer.
         loader: this rank's batches: ``len(loader)`` updates per epoch, ``loader.epoch(epoch,
             start)`` yields the batches of ``epoch`` from update ``start``, ``loader.batch_size``
             is the global batch (samples) for the records (a :class:`swap.data.Loader`); or a
@@ -445,8 +439,6 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
         SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
         Interrupted: a stop signal, after ``on_interrupt``.
     """
-    if isinstance(step, nn.Module):
-        step, lr_at, epochs = _legacy_step(step, lr_at, legacy, epochs, micro_batch_size, amp_dtype)
     models, group_wide, group = step.models, step.group_wide, step.group
     n = len(models)
     world = _world(group) if group_wide else 1
@@ -537,16 +529,6 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *legacy, epoc
             "updates": updates}
 
 
-def _legacy_step(model: nn.Module, optimizer, legacy: tuple, epochs: int | None, micro_batch_size: int,
-                 amp_dtype: torch.dtype | None):
-    """The update step, schedule and epochs of swap 0.1's ``train(model, loader, optimizer, lr_at, epochs)``."""
-    warnings.warn("train(model, loader, optimizer, lr_at, epochs) is deprecated: use "
-                  "train(SGDStep(model, optimizer, micro_batch_size, amp_dtype), loader, lr_at, epochs=epochs)",
-                  DeprecationWarning, stacklevel=3)
-    if not legacy:
-        raise TypeError("train(model, loader, optimizer, lr_at, epochs): lr_at is missing")
-    lr_at, rest = legacy[0], legacy[1:]
-    epochs = rest[0] if rest else epochs
-    make = getattr(optimizer, "update_step", None)            # an optimizer with its own update protocol
-    step = make(model, micro_batch_size, amp_dtype) if make else SGDStep(model, optimizer, micro_batch_size, amp_dtype)
-    return step, lr_at, epochs
+__all__ = ["DEFAULT_TASK", "TOP1_TASK", "unwrap", "average_bn_buffers", "amp_dtype_for", "autocast",
+           "shard_of", "evaluate", "evaluate_metrics", "DivergenceGuard", "StepLog", "gradient_norm",
+           "slice_input", "batch_samples", "UpdateStep", "SGDStep", "train"]

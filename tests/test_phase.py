@@ -1,14 +1,13 @@
 """The resumable unit (swap.phase) and the one train loop with its pluggable update step."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from swap.averaging import average_state_dicts, bn_buffer_names, distributed_average_
-from swap.checkpoint import read_meta, save_checkpoint
+from swap.checkpoint import read_meta
 from swap.config import SwapError
 from swap.data import ImageDataset, Loader
 from swap.models import build_model
@@ -72,16 +71,6 @@ def test_finished_unit_returns_its_result_and_weights(tmp_path):
     assert Phase.epochs_kept(RunDir(tmp_path), "worker3") == float("inf")
 
 
-def test_reads_the_finished_phase_that_swap_0_1_kept_in_last(tmp_path):
-    """swap 0.1 wrote a finished data-parallel phase as NAME_last with done=True and its result."""
-    model = _model()
-    save_checkpoint(RunDir(tmp_path).last_checkpoint("sgd"), model,
-                    {"config_hash": "hash0", "phase": "sgd", "epoch": 5, "done": True, "progress": {},
-                     "result": {"test_acc": 70.0, "updates": 50}}, torch.optim.SGD(model.parameters(), lr=0.1))
-    start = _phase(tmp_path, _model(seed=3), name="sgd")[0].restore(resume=True)
-    assert start.result == {"test_acc": 70.0, "updates": 50}
-
-
 def test_restore_refuses_another_config(tmp_path):
     phase, _ = _phase(tmp_path, _model())
     phase.restore(resume=False)
@@ -109,26 +98,6 @@ def _data() -> ImageDataset:
     g = torch.Generator().manual_seed(5)
     return ImageDataset(torch.randint(0, 256, (96, 1, 28, 28), generator=g, dtype=torch.uint8),
                         torch.randint(0, 10, (96,), generator=g), 10)
-
-
-def test_the_swap_0_1_form_of_train_still_works_and_gives_the_same_weights():
-    data = _data()
-    mean, std = data.channel_stats()
-    runs = []
-    for legacy in (False, True):
-        torch.manual_seed(0)
-        model = build_model("smallcnn", 10, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        loader = Loader(data, 32, (0, "phase1", 0), mean, std)
-        if legacy:
-            with pytest.warns(DeprecationWarning, match="SGDStep"):
-                train(model, loader, opt, lambda s: 0.05, epochs=2, micro_batch_size=16)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                train(SGDStep(model, opt, micro_batch_size=16), loader, lambda s: 0.05, epochs=2)
-        runs.append(model.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
 def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():

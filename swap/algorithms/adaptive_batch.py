@@ -25,7 +25,6 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -140,7 +139,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
     eig_x, eig_y = _eigen_sample(ctx)
 
     def saved_state() -> dict:
-        """The rule's state, kept in every checkpoint of the phase (the format of swap 0.1)."""
+        """The rule's state, kept in every checkpoint of the phase."""
         return {"state": state, "rule": dataclasses.asdict(rule), "partial": state["partial"]}
 
     out = None
@@ -327,3 +326,6 @@ def _eigenvalue(ctx: Context, model, x, y, epoch: int) -> tuple[float, int]:
         gen = torch.Generator().manual_seed(stream_seed(ctx.cfg.seed, "hessian", epoch))
         result = model_top_eigenvalue(model, x, y, a.eig_iters, a.eig_tol, gen, ctx.task.loss)
     return distributed.broadcast_object(result)
+
+
+__all__ = ["BatchSizeRule", "adversarial_fraction", "pool_size", "max_pool", "run_abs", "train_abs"]

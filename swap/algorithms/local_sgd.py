@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import SwapError
+
 
 class OuterSync:
     """The sync of one worker's model every ``every`` updates (module docstring), collective over
@@ -43,13 +45,13 @@ class OuterSync:
         rounds, bytes: syncs done and bytes this rank sent into all-reduces (parameters and BN
             buffers, one all-reduce each per sync).
     Raises:
-        ValueError: ``every < 1`` or an unknown ``outer``.
+        SwapError: ``every < 1`` or an unknown ``outer``.
     """
 
     def __init__(self, model: nn.Module, inner: torch.optim.Optimizer, every: int, outer: str = "average",
                  outer_lr: float = 1.0, outer_momentum: float = 0.0):
         if every < 1 or outer not in ("average", "nesterov"):
-            raise ValueError(f"need every >= 1 and outer average | nesterov, got {every}, {outer!r}")
+            raise SwapError(f"need every >= 1 and outer average | nesterov, got {every}, {outer!r}")
         self.model, self.inner, self.every, self.outer = model, inner, every, outer
         self.params = [p for p in model.parameters()]
         self.buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -118,3 +120,6 @@ def _mean_over_ranks(tensors: list[torch.Tensor], world: int) -> list[torch.Tens
         out.append(flat[i:i + t.numel()].view_as(t).to(t.dtype))
         i += t.numel()
     return out
+
+
+__all__ = ["OuterSync"]

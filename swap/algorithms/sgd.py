@@ -156,3 +156,6 @@ def run_sgd(spec: RunSpec) -> dict | None:
         ctx.run.write_summary(summary)
     distributed.teardown()
     return summary
+
+
+__all__ = ["train_data_parallel", "run_sgd"]

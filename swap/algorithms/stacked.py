@@ -4,7 +4,7 @@
 buffers, one ``vmap`` of ``grad``, one SGD over the stacks); each worker keeps its data stream
 ("phase2", w), its BN statistics and momentum, so the result equals W sequential runs up to float
 rounding (Gupta et al., ICLR 2020, Algorithm 1, phase 2). On a GPU this turns W small batches into
-one large computation; on a CPU it is slower than stepping the workers in turn (measured 0.3-0.6x),
+one large computation; on a CPU it is slower than stepping the workers in turn (BENCHMARKS.md),
 hence not the CPU default.
 
 :class:`StackedStep` is the train loop's update step for them (:func:`swap.train.train`: one loop
@@ -14,7 +14,6 @@ per-worker SGD state, written by :class:`swap.phase.Phase`), so a run may change
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
@@ -225,3 +224,6 @@ def _unstack_momentum(stacked: torch.optim.SGD, single: torch.optim.SGD, i: int)
         buf = stacked.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             single.state[q]["momentum_buffer"] = buf[i].clone()
+
+
+__all__ = ["train_stacked", "StackedLoader", "stacked_batches", "StackedWorkers", "StackedStep"]

@@ -16,15 +16,14 @@ Variants: "swa-large" runs its cycles at phase 1's large batch and the ``swa.lar
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from torch.optim.swa_utils import AveragedModel
 
 from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config
 from ..schedules import cyclic
 from ..context import Context
+from ..errors import SwapError
 from ..methods import RunSpec
 from .sgd import train_data_parallel
 
@@ -40,12 +39,12 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
             run's, since the SWA method includes the training that produced its start model.
         variant: one of :data:`VARIANTS`.
     Raises:
-        ValueError: unknown variant or no start.
+        SwapError: unknown variant or no start.
         SwapError: the start checkpoint does not match the model.
     """
     cfg, start = spec.cfg, spec.start
     if variant not in VARIANTS or not start:
-        raise ValueError(f"run_swa needs a variant in {VARIANTS} and a start checkpoint")
+        raise SwapError(f"run_swa needs a variant in {VARIANTS} and a start checkpoint")
     ctx = Context.for_run(spec)
     d = ctx.dist
     model = ctx.build_model()
@@ -106,3 +105,6 @@ def start_cost(summary: dict) -> dict:
                 "test_acc": summary["test_acc"]["phase1"]}
     return {"wall_s": summary["wall_s"]["total"], "updates": summary["updates"]["critical_path"],
             "samples": summary["samples"], "test_acc": summary["test_acc"]["final"]}
+
+
+__all__ = ["VARIANTS", "run_swa", "start_cost"]

@@ -458,3 +458,6 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
         run.log({"phase": "average", "worker": None, "epoch": epoch, "update": update, "test_acc": acc, "wall_s": wall,
                  "cost_s": cost})
     return total
+
+
+__all__ = ["run_swap", "phase1", "WorkerResult", "phase2", "train_worker", "phase3", "summarize"]

@@ -24,9 +24,7 @@ phase-1 epoch past the warm-up it reads one signal (``phase1.stop.signal``) and 
              in points. Switch when it is at most ``max_barrier``: the copies then lie in one
              linearly connected region, the condition under which averaging SWAP's workers works.
 
-BENCHMARKS.md ("A grid of stopping accuracies against ``phase1.stop: auto``") measured all four
-against a grid search on Fashion-MNIST; ``trials`` is the one that matched the grid's best point.
-The trials' updates count on the critical path (the two copies train in parallel on ranks 0 and 1;
+BENCHMARKS.md compares the four signals with a grid search of stopping accuracies. The trials' updates count on the critical path (the two copies train in parallel on ranks 0 and 1;
 one after the other with one rank) and the rule's seconds in the phase's wall time; both are in
 ``summary.json``'s ``switch``. The trials leave phase 1 itself untouched: they train copies, on
 data streams of their own, (seed, "trial", epoch, copy).
@@ -166,3 +164,6 @@ class AutoSwitch:
             if self.signal == "barrier":
                 out["max_barrier"] = s.max_barrier
         return out
+
+
+__all__ = ["COPIES", "AutoSwitch"]

@@ -1,1 +1,4 @@
 """The paper's analysis: figures from run directories."""
+
+
+__all__ = []

@@ -15,6 +15,7 @@ import re
 import torch
 from torch import nn
 
+from ..errors import SwapError
 from ..task import cross_entropy
 
 from .landscape import flat_params
@@ -24,12 +25,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two flat vectors, in [-1, 1] (float64 arithmetic).
 
     Raises:
-        ValueError: either vector is zero.
+        SwapError: either vector is zero.
     """
     a, b = a.to(torch.float64).flatten(), b.to(torch.float64).flatten()
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
-        raise ValueError("cosine of a zero vector is undefined")
+        raise SwapError("cosine of a zero vector is undefined")
     return float(torch.dot(a, b) / (na * nb))
 
 
@@ -63,7 +64,6 @@ def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
     """
     from ..context import Context
     from ..checkpoint import load_checkpoint
-    from ..config import SwapError
     from ..rundir import RunDir
 
     run = RunDir(run_path)
@@ -89,3 +89,6 @@ def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
         rows.append({"worker": worker, "step": step, "cosine": cosine(-g, target - theta),
                      "grad_norm": float(g.norm()), "distance": float((target - theta).norm())})
     return sorted(rows, key=lambda r: (r["worker"], r["step"]))
+
+
+__all__ = ["cosine", "minibatch_gradient", "ITERATE", "cosine_rows"]

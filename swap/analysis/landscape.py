@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SwapError
+
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     """All parameters of ``model`` as one float64 vector (P,), in logical (NCHW) order whatever the
@@ -38,16 +40,16 @@ class Plane:
         """Plane with origin ``a`` and basis from Gram-Schmidt on (b - a, c - a).
 
         Raises:
-            ValueError: the three points are (nearly) collinear or two coincide.
+            SwapError: the three points are (nearly) collinear or two coincide.
         """
         a, b, c = (x.to(torch.float64) for x in (a, b, c))
         du = b - a
         if du.norm() < 1e-12:
-            raise ValueError("the first two points coincide: no plane through them")
+            raise SwapError("the first two points coincide: no plane through them")
         u = du / du.norm()
         w = (c - a) - torch.dot(c - a, u) * u
         if w.norm() < 1e-9 * max(1.0, (c - a).norm().item()):
-            raise ValueError("the three points are collinear: no unique plane")
+            raise SwapError("the three points are collinear: no unique plane")
         return cls(a, u, w / w.norm())
 
     def coords(self, x: torch.Tensor) -> tuple[float, float]:
@@ -75,11 +77,11 @@ def load_point(model: nn.Module, vector: torch.Tensor) -> nn.Module:
     """Write a vector from :func:`flat_params` back into ``model`` (in place; dtype and memory format kept).
 
     Raises:
-        ValueError: the vector's length differs from the model's parameter count.
+        SwapError: the vector's length differs from the model's parameter count.
     """
     params = list(model.parameters())
     if vector.numel() != sum(p.numel() for p in params):
-        raise ValueError(f"vector of {vector.numel()} values for a model of {sum(p.numel() for p in params)} parameters")
+        raise SwapError(f"vector of {vector.numel()} values for a model of {sum(p.numel() for p in params)} parameters")
     offset = 0
     with torch.no_grad():
         for p in params:
@@ -118,7 +120,6 @@ def generic_point(ctx, model: nn.Module, subset: int):
     import dataclasses
 
     from ..averaging import recompute_bn
-    from ..config import SwapError
     from ..data.generic import eval_loader, subset as take
     from ..train import evaluate_metrics
 
@@ -188,3 +189,7 @@ def landscape_rank(run_path: str, names: list[str], size: int, margin: float, su
             train_err[j, i], test_err[j, i] = tr, te
     return {"alphas": alphas, "betas": betas, "train_err": train_err, "test_err": test_err,
             "coords": np.array(coords), "names": np.array(names)}
+
+
+__all__ = ["flat_params", "Plane", "grid_axes", "load_point", "evaluate_point", "generic_point",
+           "landscape_rank"]

@@ -173,3 +173,6 @@ def plot_cosine(rows: list[dict], path: str | Path, svg: bool = False) -> list[P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path, svg)
+
+
+__all__ = ["plot_compare", "plot_run", "run_figure", "LABELS", "point_label", "plot_landscape", "plot_cosine"]

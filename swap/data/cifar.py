@@ -125,3 +125,6 @@ def load_cifar(root: Path, num_classes: int) -> tuple[tuple[torch.Tensor, torch.
                 torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
     return read(train_files), read(test_files)
+
+
+__all__ = ["Refused", "BatchUnpickler", "CIFAR10_TRAIN", "CIFAR10_TEST", "read_cifar_batch", "load_cifar"]

@@ -348,3 +348,7 @@ def write_image_folder(root: str | Path, images: torch.Tensor, labels: torch.Ten
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img, "L" if img.shape[-1] == 1 else "RGB").save(
             root / classes[y] / f"{i:05d}.png")
     return root
+
+
+__all__ = ["EXTENSIONS", "PADDED_MAX_SIDE", "unreadable_errors", "scan_tree", "ImageFolder", "unreadable",
+           "check_images", "load_image_folder", "write_image_folder"]

@@ -13,8 +13,8 @@
 - a mid-epoch resume starts at the same sample, and random per-sample transforms of the dataset
   draw the same numbers: each ``dataset[i]`` runs with torch's default generator (``rngs="torch"``,
   the default: torch-based transforms such as torchvision's) or also Python's ``random`` and
-  NumPy's global RNG (``rngs="all"``, for albumentations-style pipelines; about 2.5% slower at
-  batch 128, BENCHMARKS.md) seeded from (seed, phase, worker, epoch, i) (:func:`sample_seed`),
+  NumPy's global RNG (``rngs="all"``, for albumentations-style pipelines, at some cost in speed)
+  seeded from (seed, phase, worker, epoch, i) (:func:`sample_seed`),
   whatever the worker process or the position it resumed from. (torchdata's ``StatefulDataLoader`` checkpoints the workers' RNG states instead;
   seeding per sample makes that state unnecessary: the sampler's position is all there is.)
 """
@@ -102,13 +102,13 @@ RNGS = ("torch", "all")
 
 class _Seeded(Dataset):
     """``dataset[i]`` for keys ``(stream, i)``, with the global RNGs (torch's default CPU
-    generator; with ``rngs="all"`` also Python's ``random`` and NumPy's legacy global state)
+    generator; with ``rngs="all"`` also Python's ``random`` and NumPy's global random state)
     seeded from (*stream, i) for that sample, and restored after the batch: the caller's random
     streams are not disturbed."""
 
     def __init__(self, dataset, rngs: str = "torch"):
         if rngs not in RNGS:
-            raise ValueError(f"rngs must be one of {RNGS}, got {rngs!r}")
+            raise SwapError(f"rngs must be one of {RNGS}, got {rngs!r}")
         self.dataset, self.all = dataset, rngs == "all"
 
     def __len__(self) -> int:
@@ -203,14 +203,14 @@ class DatasetLoader:
         num_workers: DataLoader worker processes (0 = load in this process); persistent across epochs.
         rngs: the global RNGs seeded per sample: ``torch`` or ``all`` (module docstring).
     Raises:
-        ValueError: the dataset holds fewer samples than one global batch; unknown ``rngs``.
+        SwapError: the dataset holds fewer samples than one global batch; unknown ``rngs``.
     """
 
     def __init__(self, dataset, batch_size: int, seed_parts: tuple, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", collate_fn: Callable | None = None, num_workers: int = 0,
                  rngs: str = "torch"):
         if len(dataset) < batch_size:
-            raise ValueError(f"training set of {len(dataset)} samples is smaller than one batch of {batch_size}")
+            raise SwapError(f"training set of {len(dataset)} samples is smaller than one batch of {batch_size}")
         self.dataset, self.batch_size, self.seed_parts = dataset, batch_size, tuple(seed_parts)
         self.rank, self.world_size, self.share = rank, world_size, batch_size // world_size
         self.device = torch.device(device)
@@ -303,3 +303,7 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, de
     for batch in _unwrapped(DataLoader(shard, batch_sampler=order, collate_fn=collate_fn, num_workers=num_workers,
                                        pin_memory=cuda)):
         yield split_batch(to_device(batch, device, cuda))
+
+
+__all__ = ["to_device", "split_batch", "check_sample", "RNGS", "sample_seed", "DatasetLoader", "subset",
+           "Subset", "eval_loader"]

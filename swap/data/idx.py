@@ -91,3 +91,6 @@ def load_idx_pair(images_path: Path, labels_path: Path, num_classes: int = 10) -
         raise SwapError(f"{labels_path}: label {int(labels.max())} outside [0, {num_classes})")
     return (torch.from_numpy(images.copy()).unsqueeze(1),
             torch.from_numpy(labels.astype(np.int64)))
+
+
+__all__ = ["CHUNK", "read_idx", "load_idx_pair"]

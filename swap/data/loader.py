@@ -40,10 +40,10 @@ def pass_slices(n: int, batch_size: int) -> list[slice]:
     Returns:
         slices into the pass's order, e.g. ``n=449, batch_size=32``: 13 of 32 samples, then one of 33.
     Raises:
-        ValueError: ``batch_size`` < 1.
+        SwapError: ``batch_size`` < 1.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise SwapError(f"batch_size must be >= 1, got {batch_size}")
     bounds = list(range(0, n, batch_size)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
@@ -173,14 +173,14 @@ class Loader:
     Yields (from :meth:`epoch`):
         (x float32 (B/W, C, S, S) normalised, y int64 (B/W,)), S = image_size or the data's H, W.
     Raises:
-        ValueError: the dataset holds fewer samples than one global batch.
+        SwapError: the dataset holds fewer samples than one global batch.
     """
 
     def __init__(self, data, batch_size: int, seed_parts: tuple, mean: torch.Tensor, std: torch.Tensor,
                  augment: Augment | None = None, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, image_size: int | None = None):
         if len(data) < batch_size:
-            raise ValueError(f"training set of {len(data)} samples is smaller than one batch of {batch_size}")
+            raise SwapError(f"training set of {len(data)} samples is smaller than one batch of {batch_size}")
         self.data, self.batch_size, self.seed_parts = data, batch_size, tuple(seed_parts)
         self.mean, self.std = mean.to(data.images.device), std.to(data.images.device)
         self.augment, self.rank, self.world_size = augment, rank, world_size
@@ -266,3 +266,6 @@ def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, r
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, data.labels[lo + part.start:lo + part.stop]
+
+
+__all__ = ["stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]

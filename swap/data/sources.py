@@ -212,3 +212,7 @@ def fetch(name: str, dest: Path | None = None, base_url: str | None = None, time
             else:
                 (tmp / filename).replace(dest / filename)
     return dest
+
+
+__all__ = ["IDX_FILES", "Source", "SOURCES", "get_source", "cache_dir", "candidate_dirs", "find_data_dir",
+           "verify", "fetch"]

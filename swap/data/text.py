@@ -113,3 +113,7 @@ def read_fortune_categories(folder: str | Path, categories: tuple[str, ...] | No
                 texts.append(fortune)
                 labels.append(label)
     return texts, labels, names
+
+
+__all__ = ["VOCAB", "fortune_files", "read_fortunes", "TextChars", "load_text_char",
+           "read_fortune_categories"]

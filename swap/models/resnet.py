@@ -70,3 +70,6 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: float = 1.0, h
         conv_bn(c[1], c[2]),
         Head(c[2], num_classes, head_scale),
     )
+
+
+__all__ = ["conv_bn", "Residual", "Head", "resnet9", "small_cnn"]

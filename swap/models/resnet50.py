@@ -89,3 +89,6 @@ def torchvision_model(name: str, num_classes: int, in_channels: int = 3, **_) ->
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except (ValueError, KeyError) as exc:
         raise SwapError(f"torchvision has no model '{name}' ({exc})") from None
+
+
+__all__ = ["Bottleneck", "resnet50", "torchvision_model"]

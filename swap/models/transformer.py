@@ -55,3 +55,6 @@ def char_transformer(num_classes: int = 256, in_channels: int | None = None, wid
                      seq_len: int = 64) -> CharTransformer:
     """The factory of :data:`swap.models.MODELS` (``in_channels`` is unused: the input is tokens)."""
     return CharTransformer(num_classes, seq_len, width)
+
+
+__all__ = ["Block", "CharTransformer", "char_transformer"]

@@ -30,3 +30,6 @@ class LayerwiseOptimizer(Optimizer):
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+__all__ = ["LayerwiseOptimizer"]

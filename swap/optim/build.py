@@ -134,3 +134,7 @@ def label(optimizer) -> str:
     variant (``extrap:extragradient``)."""
     kind = kind_of(optimizer)
     return f"extrap:{optimizer.variant}" if kind == "extrap" else kind
+
+
+__all__ = ["DEFAULTS", "weight_decay_of", "param_groups", "build_optimizer", "user_optimizer", "kind_of",
+           "label"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..averaging import frozen_bn_stats
+from ..errors import SwapError
 from ..train import DEFAULT_TASK, SGDStep, _pass, unwrap
 
 VARIANTS = ("extragradient", "past-gradient", "gaussian")
@@ -50,15 +51,15 @@ class ExtrapSGD:
         generator: random stream for ``gaussian``, on the parameters' device (seeded by the caller
             for reproducibility).
     Raises:
-        ValueError: unknown variant or negative ratio.
+        SwapError: unknown variant or negative ratio.
     """
 
     def __init__(self, base: torch.optim.SGD, variant: str = "extragradient", gamma_ratio: float = 1.0,
                  sigma_ratio: float = 0.01, generator: torch.Generator | None = None):
         if variant not in VARIANTS:
-            raise ValueError(f"unknown extrapolation variant '{variant}' ({', '.join(VARIANTS)})")
+            raise SwapError(f"unknown extrapolation variant '{variant}' ({', '.join(VARIANTS)})")
         if gamma_ratio < 0 or sigma_ratio < 0:
-            raise ValueError("gamma_ratio and sigma_ratio must be >= 0")
+            raise SwapError("gamma_ratio and sigma_ratio must be >= 0")
         self.base, self.variant = base, variant
         self.gamma_ratio, self.sigma_ratio = gamma_ratio, sigma_ratio
         self.generator = generator
@@ -118,10 +119,6 @@ class ExtrapSGD:
         self._x = None
         self.base.step()
 
-    def update_step(self, model, micro_batch_size: int = 0, amp_dtype: torch.dtype | None = None) -> "ExtrapStep":
-        """The train loop's update with this optimizer (:class:`ExtrapStep`) for ``model``."""
-        return ExtrapStep(model, self, micro_batch_size, amp_dtype)
-
     def state_dict(self) -> dict:
         """Base SGD state, the past gradient and the noise stream's position (so a resumed
         ``gaussian`` run draws the noise the uninterrupted run would have drawn)."""
@@ -163,3 +160,6 @@ class ExtrapStep(SGDStep):
         with frozen_bn_stats(unwrap(self.model)):
             _pass(self.model, x, y, self.micro_batch_size, sync=True, amp_dtype=self.amp_dtype, task=self.task)
         return totals.view(1, 3), self.clipped_norm()
+
+
+__all__ = ["VARIANTS", "ExtrapSGD", "ExtrapStep"]

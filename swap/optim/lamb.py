@@ -92,3 +92,6 @@ class LAMB(LayerwiseOptimizer):
             steps = [r for _, r, _ in plain]
             torch._foreach_mul_(steps, [lr / k for _, _, k in plain])
             torch._foreach_sub_([p for p, _, _ in plain], steps)
+
+
+__all__ = ["LAMB"]

@@ -58,7 +58,7 @@ class LARS(LayerwiseOptimizer):
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
         """One LARS update of ``params`` (the group's tensors with a gradient)."""
-        lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         adapted = [p for p in params if self.adapted(group, p)]
         plain = [p for p in params if not self.adapted(group, p)]
         if adapted:
@@ -99,3 +99,6 @@ class LARS(LayerwiseOptimizer):
         else:
             torch._foreach_addcmul_(params, direction, torch._foreach_neg(local_lr))
         torch._foreach_add_(params, bufs, alpha=-m)
+
+
+__all__ = ["LARS"]

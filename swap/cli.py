@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import SwapError, code_line, load_config
 from .interrupt import Interrupted
-from .methods import METHODS
+from .methods import COMPARED, TRAINED
 
 EPILOG = """examples:
   swap train --config fashion_mnist_quick --workers 2
@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with SWAP or plain SGD; writes a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     t.add_argument("--config", required=True, help="preset name under configs/ (e.g. fashion_mnist_quick) or a YAML path")
-    t.add_argument("--method", choices=[m.name for m in METHODS.values() if m.cli], default="swap",
-                   help="SWAP (3 phases), plain SGD, or adaptive batch size (abs; absa adds FGSM adversarial training)")
+    t.add_argument("--method", choices=TRAINED, default="swap", metavar="METHOD",
+                   help=f"one of {', '.join(TRAINED)} (default swap); the SWA methods start from another method's "
+                        f"run: train them with `swap compare`")
     t.add_argument("--workers", type=int, help="W: phase-2 workers (SWAP) / data-parallel ranks (SGD); config key 'workers'")
     t.add_argument("--procs", type=int, help="local processes (default min(W, CPU cores)); config key 'procs'")
     t.add_argument("--data-dir", help="folder with the dataset files, searched first; config key 'data.dir'")
@@ -55,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="methods: sgd-small, sgd-large, swap, swa-large, swa-lb-sb, swa-small, extrap-large, swap-extrap, swap-cycles, abs, absa")
+                       epilog=f"methods: {', '.join(COMPARED)}")
     c.add_argument("--config", required=True, help="preset name or YAML path (e.g. fashion_mnist_compare)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..S-1, interleaved across methods")
     c.add_argument("--methods", default="sgd-small,sgd-large,swap,swa-large,swa-lb-sb,swa-small",
-                   help="comma-separated methods (default: the paper's six; also extrap-large, swap-extrap, swap-cycles, abs, absa)")
+                   help="comma-separated methods (default: the paper's six; every method is listed below)")
     c.add_argument("--out", help="compare directory (default runs/compare-CONFIG); finished runs are reused")
     c.add_argument("--procs", type=int, help="local processes per run (default min(workers, CPU cores))")
     c.add_argument("--data-dir", help="folder with the dataset files")
@@ -153,26 +154,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
     spec = methods.RunSpec(cfg, out, None, resume)
 
-    if distributed.under_launcher():
-        # torchrun started this process: it is one rank
+    ranked = distributed.under_launcher()                # torchrun started this process: it is one rank
+    procs = int(os.environ["WORLD_SIZE"]) if ranked else local_procs(cfg)
+    method.check(cfg, procs)
+    if not ranked and method.starts_processes(cfg, procs):
+        distributed.start_server()                        # processes will start: their fork server, meanwhile
+    # Validate the data and the code the config names before creating anything: missing or corrupt
+    # files, and import paths that fail, stop here (under torchrun, every image is decoded once per
+    # machine, by the rank that prepares its run directory).
+    configured_parts(cfg)
+    verify = not ranked or os.environ.get("LOCAL_RANK", "0") == "0"
+    train_set, _, *val = load_configured(cfg.data, verify=verify, validation=cfg.uses_validation())
+    samples = len(train_set) + sum(map(len, val))                # the training set, a validation split included
+    fitted = method.fit(cfg, procs, samples)                     # defaults the user did not set, fitted to the data
+    method.check(cfg, procs, samples)
+    if isinstance(train_set, ImageDataset):
+        augment_for(cfg.data, train_set)
+    else:
+        spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
+    del train_set, val
+    if ranked:
+        if fitted and os.environ.get("RANK", "0") == "0":
+            print(f"swap: {args.method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
         summary = methods.run_ranked(args.method, spec, args.overwrite, args.resume, args.auto_resume)
     else:
-        procs = local_procs(cfg)
-        method.check(cfg, procs)
-        if method.starts_processes(cfg, procs):
-            distributed.start_server()                    # processes will start: their fork server, meanwhile
-        # Validate the data and the code the config names before creating anything: missing or
-        # corrupt files, and import paths that fail, stop here.
-        configured_parts(cfg)
-        train_set, _, *val = load_configured(cfg.data, verify=True, validation=cfg.uses_validation())
-        samples = len(train_set) + sum(map(len, val))            # the training set, a validation split included
-        fitted = method.fit(cfg, procs, samples)                 # defaults the user did not set, fitted to the data
-        method.check(cfg, procs, samples)
-        if isinstance(train_set, ImageDataset):
-            augment_for(cfg.data, train_set)
-        else:
-            spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
-        del train_set, val
         run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
         threads = cfg.threads or distributed.default_threads(procs)
         pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"

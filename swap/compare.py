@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 from .config import Config, SwapError
-from .methods import METHODS, RunSpec, launch
+from .methods import COMPARED, METHODS, RunSpec, launch
 from .rundir import RunDir
 
 # The compare's methods, in run order (each SWA method after the run it starts from).
-COMPARED = tuple(name for name in METHODS if name != "sgd")
 STARTS = {name: m.start for name, m in METHODS.items() if m.start}
 
 

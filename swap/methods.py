@@ -125,7 +125,6 @@ class Method:
         configure: turns the user's config (a copy) into the method's run config, in place.
         start: ``(method, checkpoint)`` an SWA method starts from (trained first by a compare).
         driver: ``"module:function"`` that launches the ranks itself (ABS's elastic pool), else None.
-        cli: offered by ``swap train --method``.
     """
     name: str
     rank_fn: str
@@ -137,7 +136,6 @@ class Method:
     configure: Callable[[Config], None] | None = None
     start: tuple[str, str] | None = None
     driver: str | None = None
-    cli: bool = False
 
     def config(self, cfg: Config, seed: int | None = None) -> Config:
         """The run config of this method: a copy of ``cfg`` (with ``seed``), transformed by ``configure``."""
@@ -276,12 +274,12 @@ _DRIVER = "swap.algorithms.adaptive_batch:train_abs"
 
 # In run order: a compare trains each SWA method's start before it.
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sgd", "swap.algorithms.sgd:run_sgd", _section("sgd"), (), "sgd", "sgd", cli=True),
+    Method("sgd", "swap.algorithms.sgd:run_sgd", _section("sgd"), (), "sgd", "sgd"),
     Method("sgd-small", "swap.algorithms.sgd:run_sgd", _section("sgd_small"), (), "sgd", "sgd",
            configure=_sgd_from("sgd_small")),
     Method("sgd-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
            configure=_sgd_from("sgd_large")),
-    Method("swap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", cli=True),
+    Method("swap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap"),
     Method("swa-large", _SWA, _phase1, (), "swa", "swa", {"variant": "swa-large"}, start=("swap", "phase1")),
     Method("swa-lb-sb", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-lb-sb"}, start=("swap", "phase1")),
     Method("swa-small", _SWA, _section("phase2"), (), "swa", "swa", {"variant": "swa-small"}, start=("sgd-small", "sgd")),
@@ -299,14 +297,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            configure=_large_batch_phase1("lars_large")),
     Method("swap-lamb", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
            configure=_large_batch_phase1("lamb_large")),
-    Method("swap-cycles", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_cycles,
-           cli=True),
-    Method("local-sgd", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_local_sgd,
-           cli=True),
-    Method("diloco", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_diloco, cli=True),
-    Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER, cli=True),
-    Method("absa", _ABS, _abs, (), "absa", "abs", {"adversarial": True}, driver=_DRIVER, cli=True),
+    Method("swap-cycles", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_cycles),
+    Method("local-sgd", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_local_sgd),
+    Method("diloco", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_diloco),
+    Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER),
+    Method("absa", _ABS, _abs, (), "absa", "abs", {"adversarial": True}, driver=_DRIVER),
 )}
+
+
+# what `swap train --method` runs: every method but those that start from another method's run (SWA)
+TRAINED = tuple(name for name, m in METHODS.items() if not m.start)
+# what `swap compare --methods` takes: every method but plain `sgd` (its sgd_small/sgd_large forms instead)
+COMPARED = tuple(name for name in METHODS if name != "sgd")
 
 
 def get_method(name: str) -> Method:
@@ -405,5 +407,5 @@ def run_rank(name: str, spec: RunSpec) -> Any:
     return distributed.run_rank(_rank, name, spec, log_dir=RunDir(spec.run_path).logs_dir)
 
 
-__all__ = ["RunSpec", "DILOCO_INNER", "Method", "SWAP_SIZED", "METHODS", "get_method", "launch",
-           "final_model", "run_ranked", "run_rank"]
+__all__ = ["RunSpec", "DILOCO_INNER", "Method", "SWAP_SIZED", "METHODS", "TRAINED", "COMPARED", "get_method",
+           "launch", "final_model", "run_ranked", "run_rank"]

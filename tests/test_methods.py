@@ -1,6 +1,8 @@
 """The method registry: each method's run config, batch checks and per-rank function."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from swap.config import SwapError, load_config
@@ -48,8 +50,26 @@ def test_every_method_resolves_to_its_functions_and_checkpoint():
     from swap.cli import build_parser
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
                    if a.dest == "method").choices
-    assert sorted(choices) == sorted(n for n, m in METHODS.items() if m.cli) == [
-        "abs", "absa", "diloco", "local-sgd", "sgd", "swap", "swap-cycles"]
+    assert list(choices) == [n for n, m in METHODS.items() if not m.start] == [
+        "sgd", "sgd-small", "sgd-large", "swap", "extrap-large", "lars-large", "lamb-large", "adamw-large",
+        "swap-extrap", "swap-lars", "swap-lamb", "swap-cycles", "local-sgd", "diloco", "abs", "absa"]
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+    assert compare.epilog == "methods: " + ", ".join(n for n in METHODS if n != "sgd")
+
+
+@pytest.mark.parametrize("method, optimizer", [("lars-large", "lars"), ("swap-lamb", "lamb")])
+def test_a_method_of_the_registry_trains_from_swap_train(tmp_path, real_fashion, capsys, method, optimizer):
+    """Methods that were only reachable through `swap compare` run from `swap train --method`."""
+    from swap.cli import main
+    args = ["train", "--config", "fashion_mnist_quick", "--method", method, "--procs", "1",
+            "--data-dir", str(real_fashion), "--out", str(tmp_path / "run"), "--set", "data.train_subset=1024",
+            "--set", "data.test_subset=200", "--set", "lars_large.epochs=1", "--set", "lars_large.batch_size=256",
+            "--set", "lars_large.warmup_epochs=0", "--set", "lamb_large.batch_size=256", "--set", "phase1.max_epochs=1",
+            "--set", "phase1.warmup_epochs=0", "--set", "phase2.epochs=1", "--set", "phase1.batch_size=256"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary.get("optimizer", summary.get("phase1_optimizer")) == optimizer, summary
+    assert 10 < (summary["test_acc"].get("averaged") or summary["test_acc"]["final"]) <= 100
 
 
 def test_the_large_batch_optimizer_methods_take_their_sections():
@@ -73,3 +93,22 @@ def test_the_large_batch_optimizer_methods_take_their_sections():
     assert optim_for(diloco, "phase2").betas == [0.9, 0.95] and optim_for(diloco, "phase2").weight_decay == 0.1
     mine = METHODS["diloco"].config(load_config("fashion_mnist_compare", ["phase2.optimizer=lamb"]))
     assert (mine.phase2.optimizer, mine.phase2.peak_lr) == ("lamb", cfg.phase2.peak_lr)
+
+
+def test_under_torchrun_the_cli_fits_and_checks_as_a_local_run(tmp_path, real_fashion, monkeypatch, capsys):
+    """A rank started by torchrun fits the defaults the user did not set to the data (here ABS's
+    largest batch to the 2048 samples) and refuses impossible batches, as a local run does."""
+    from swap import methods
+    from swap.cli import main
+    seen = []
+    monkeypatch.setattr(methods, "run_ranked", lambda name, spec, *flags: seen.append(spec.cfg))
+    args = ["train", "--config", "fashion_mnist_quick", "--method", "abs", "--data-dir", str(real_fashion),
+            "--out", str(tmp_path / "run"), "--set", "data.train_subset=2048", "--set", "abs.batch_size=64"]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    assert main(args) == 0
+    assert seen[0].abs.max_batch_factor == 32
+    assert "abs fitted to the data: abs.max_batch_factor=32" in capsys.readouterr().err
+    args[args.index("abs")] = "swap"
+    assert main(args + ["--set", "phase1.batch_size=1001"]) == 2        # 1001 does not split over 2 ranks
+    assert "not divisible by the number of processes" in capsys.readouterr().err and len(seen) == 1

@@ -43,7 +43,8 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
     each of our updates (the loop's ``on_step``) the bare loop takes one. Each side's time is summed
     separately: ours is everything between two of its updates but the bare update, so its epoch end
     counts too. Returns (our seconds, bare seconds)."""
-    from swap.train import train
+    from swap.callbacks import OnUpdate
+    from swap.train import Position, train
 
     spent = {"ours": 0.0, "bare": 0.0}
     batches = iter(batches)
@@ -56,7 +57,8 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
         mark[0] = time.perf_counter()
         spent["bare"] += mark[0] - now
 
-    train(step, loader, lambda s: 0.01, epochs=epoch + 1, start_epoch=epoch, on_step=bare, **train_kwargs)
+    train(step, loader, lambda s: 0.01, epochs=epoch + 1, start=Position(epoch),
+          callbacks=[*train_kwargs.get("callbacks", ()), OnUpdate(bare)])
     spent["ours"] += time.perf_counter() - mark[0]
     return spent["ours"], spent["bare"]
 
@@ -147,7 +149,8 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
     from swap.data import Augment, Loader
     from swap.models import build_model
     from swap.rundir import RunDir
-    from swap.train import SGDStep
+    from swap.callbacks import OnEpoch
+    from swap.train import SGDStep, StepLog
 
     def model():
         torch.manual_seed(0)
@@ -181,9 +184,9 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
 
                 def sink(rec, run=runs[side]):
                     run.log({"phase": "phase1", "worker": None, **rec})
-                extra = {"log_every": every, "on_log": sink} if side == "logged" else {}
+                logs = [StepLog(every, sink, 1)] if side == "logged" else []
                 ours, bare_s = lockstep_epoch(step, ours_loader, epoch, bare_loader.epoch(2 * epoch + (side == "logged")),
-                                              bare_update, on_epoch=sink, **extra)
+                                              bare_update, callbacks=[OnEpoch(sink), *logs])
                 if epoch > 0:
                     ratios[side].append(bare_s / ours)          # our samples/s over the bare loop's
         logged_records = len(runs["logged"].read_metrics(steps=True))
@@ -203,7 +206,7 @@ def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> di
 
     from swap.data import Augment, Loader
     from swap.models import build_model
-    from swap.train import SGDStep, train
+    from swap.train import Position, SGDStep, train
 
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
@@ -213,7 +216,7 @@ def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> di
     train(SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=1)             # warm-up
     prof = cProfile.Profile()
     t = time.perf_counter()
-    prof.runcall(train, SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=2, start_epoch=1)
+    prof.runcall(train, SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=2, start=Position(1))
     total = time.perf_counter() - t
     stats = pstats.Stats(prof).stats
     cum = {}

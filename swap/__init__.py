@@ -8,7 +8,7 @@ SWAP (Gupta, Akle Serrano, DeCoste, ICLR 2020) and its baselines as a library an
 
 Building blocks: :func:`average_models`, :func:`average_state_dicts`, :func:`recompute_bn`,
 :func:`warmup_decay`, :func:`cyclic`, :func:`train` (one loop; the update is an :class:`UpdateStep`
-such as :class:`SGDStep`), :func:`evaluate`, :class:`Task` (loss and metrics), :class:`Loader`,
+such as :class:`SGDStep`, every watcher a :class:`Callback`), :func:`evaluate`, :class:`Task` (loss and metrics), :class:`Loader`,
 :class:`ExtrapSGD` (extrapolated SGD, Lin et al. 2020), :func:`top_eigenvalues` and
 :func:`hutchinson_trace` (Hessian), :class:`BatchSizeRule` and :func:`fgsm` (ABS/ABSA, Yao et al. 2018).
 """
@@ -17,6 +17,7 @@ from .algorithms.adaptive_batch import BatchSizeRule
 from .optim.extrap import ExtrapSGD
 from .api import train_sgd, train_swap
 from .averaging import average_models, average_state_dicts, bn_buffer_names, recompute_bn
+from .callbacks import Callback
 from .config import Config, SwapError, load_config
 from .hessian import hutchinson_trace, top_eigenvalues
 from .data import Augment, ImageDataset, Loader, load_dataset
@@ -30,4 +31,4 @@ __all__ = ["train_swap", "train_sgd", "ExtrapSGD", "BatchSizeRule", "fgsm", "top
            "average_models", "average_state_dicts", "bn_buffer_names", "recompute_bn",
            "Config", "SwapError", "load_config", "Augment", "ImageDataset", "Loader", "load_dataset",
            "build_model", "resnet9", "small_cnn", "cyclic", "warmup_decay", "evaluate", "train",
-           "SGDStep", "UpdateStep", "Task"]
+           "SGDStep", "UpdateStep", "Task", "Callback"]

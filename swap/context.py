@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed, tracking
+from .callbacks import Callback
 from .config import Config, SwapError, check_world, optim_for, segments, validation_size
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
@@ -25,13 +26,41 @@ from .schedules import PiecewiseLoader, warmup_decay
 from .averaging import recompute_bn
 from .phase import Phase
 from .task import Task
-from .train import DEFAULT_TASK, SGDStep, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics, shard_of
+from .train import DEFAULT_TASK, SGDStep, StepLog, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics, shard_of
 from .imports import import_object, is_import_path
 from .optim.build import build_optimizer, label, user_optimizer
 from .optim.extrap import ExtrapSGD, ExtrapStep
 
 
 IMAGENET_TASK = Task(metrics=("top1", "top5", "loss"))     # an image folder reports top-1 and top-5 (ImageNet's)
+
+
+class Sink(Callback):
+    """Per-epoch records of one phase (and worker): one metrics.jsonl record and one progress line
+    each (:meth:`on_epoch_end`, or a call), and the records between epochs (:meth:`step`,
+    ``logging.log_every``). Records name the ``optimizer`` (:meth:`Context.optimizer_label`:
+    ``sgd``, ``lars``, ``extrap:VARIANT``, ``user:AdamW``) and carry the run's wall seconds."""
+
+    def __init__(self, ctx: "Context", phase: str, worker: int | None, epochs: int, optimizer: str):
+        self.ctx, self.phase, self.worker, self.epochs, self.optimizer = ctx, phase, worker, epochs, optimizer
+        self.label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
+
+    def __call__(self, rec: dict) -> None:
+        rec = {"phase": self.phase, "worker": self.worker, "optimizer": self.optimizer, **rec,
+               "phase_wall_s": rec["wall_s"], "wall_s": time.time() - self.ctx.t0}
+        self.ctx.run.log(rec)
+        test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
+        train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
+        rate = f"{rec['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:.0f} samples/s"
+        tqdm.write(f"[{self.label}] epoch {rec['epoch']}/{self.epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f}"
+                   f"{train}{test} ({rate})", file=sys.stderr)
+
+    def on_epoch_end(self, record: dict) -> None:
+        self(record)
+
+    def step(self, rec: dict) -> None:
+        """A record between epochs (``logging.log_every``): metrics.jsonl only, no progress line."""
+        self.ctx.run.log({"phase": self.phase, "worker": self.worker, **rec, "wall_s": time.time() - self.ctx.t0})
 
 
 def configured_parts(cfg: Config, model_fn=None, task: Task | None = None, collate_fn=None) -> tuple:
@@ -359,31 +388,14 @@ class Context:
         return top1 if top1 is not None else -value["loss"]
 
     # ------------------------------------------------------------------ reporting
-    def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None):
-        """Per-epoch callback: one metrics.jsonl record and one progress line. Records name the
-        ``optimizer`` (:meth:`optimizer_label`: ``sgd``, ``lars``, ``extrap:VARIANT``, ``user:AdamW``).
-        Its ``step`` attribute takes the records between epochs (``logging.log_every``)."""
-        label = f"{phase}" + (f" worker {worker}" if worker is not None else "")
-        optimizer = self.optimizer_label(optimizer) if optimizer is not None else "sgd"
+    def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None) -> "Sink":
+        """The run's records of ``phase`` (and ``worker``): :class:`Sink`."""
+        return Sink(self, phase, worker, epochs, self.optimizer_label(optimizer) if optimizer is not None else "sgd")
 
-        def rate(rec: dict) -> str:
-            if "tokens_per_s" in rec:
-                return f"{rec['tokens_per_s']:.0f} tokens/s"
-            return f"{rec['samples_per_s']:.0f} samples/s"
-
-        def on_epoch(rec: dict) -> None:
-            rec = {"phase": phase, "worker": worker, "optimizer": optimizer, **rec, "phase_wall_s": rec["wall_s"],
-                   "wall_s": time.time() - self.t0}
-            self.run.log(rec)
-            test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
-            train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
-            tqdm.write(f"[{label}] epoch {rec['epoch']}/{epochs} lr {rec['lr']:.4f} loss {rec['train_loss']:.3f}"
-                       f"{train}{test} ({rate(rec)})", file=sys.stderr)
-
-        def on_step(rec: dict) -> None:          # logging.log_every: a record between epochs, no progress line
-            self.run.log({"phase": phase, "worker": worker, **rec, "wall_s": time.time() - self.t0})
-        on_epoch.step = on_step
-        return on_epoch
+    def step_log(self, emit, models: int = 1) -> list:
+        """``[StepLog]`` handing ``emit`` a record every ``logging.log_every`` updates (one per
+        model, of ``models``; :class:`swap.train.StepLog`), or ``[]`` when that is off."""
+        return [StepLog(self.log_every, emit, models)] if self.log_every else []
 
     @property
     def log_every(self) -> int:

@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .callbacks import Callback, LoopState
 
-class NoiseScale:
+
+class NoiseScale(Callback):
     """Per-epoch B_simple of a DDP model (module docstring). Attach it with :meth:`attach` before
     the first update, feed it each update's all-reduced gradient norm (:meth:`observe`), read
     :meth:`epoch_value` at each epoch's end (collective)."""
@@ -40,6 +42,14 @@ class NoiseScale:
         self.sums += torch.stack([self.local, norm.double().reshape(()) ** 2])
         self.local.zero_()
         self.updates += 1
+
+    def on_update_end(self, state: LoopState) -> None:
+        """The train loop's hook (:mod:`swap.callbacks`): :meth:`observe` the update's norm."""
+        self.observe(state.norms)
+
+    def on_epoch_end(self, record: dict) -> None:
+        """The train loop's hook: the epoch's estimate into its record, ``noise_scale`` (collective)."""
+        record["noise_scale"] = self.epoch_value()
 
     def epoch_value(self, group=None) -> float | None:
         """B_simple over the updates since the last call, in samples (None when not estimable);

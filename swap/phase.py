@@ -29,6 +29,7 @@ from typing import Callable
 from torch import nn
 
 from . import distributed, tracking
+from .callbacks import Callback
 from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from .rundir import RunDir
 from .schedules import updates_between
@@ -66,7 +67,7 @@ class Start:
     meta: dict | None = None
 
 
-class Phase:
+class Phase(Callback):
     """The resumable unit (module docstring): restore, end-of-epoch and mid-epoch checkpoints, the
     ``checkpoint_every`` rule and the final checkpoint.
 
@@ -178,6 +179,16 @@ class Phase:
             return False
         self.save(epoch, self.updates_at(epoch) if updates is None else updates, extra=extra)
         return True
+
+    def on_epoch_end(self, record: dict) -> None:
+        """The train loop's hook (:mod:`swap.callbacks`): after an epoch's last record (its last
+        unit's), :meth:`end_epoch` (``done`` when a stopping rule ended the loop there)."""
+        if record.get("model", len(self.units) - 1) == len(self.units) - 1:
+            self.end_epoch(record["epoch"], done=record["stopped"])
+
+    def on_interrupt(self, state: dict) -> None:
+        """The train loop's hook: a stop signal mid-epoch, :meth:`interrupted`."""
+        self.interrupted(state)
 
     def interrupted(self, state: dict, extra: dict | None = None) -> None:
         """A stop signal mid-epoch (the train loop's ``on_interrupt`` ``state``: epoch, step,

@@ -1,11 +1,11 @@
 """The one train loop (any phase, any batch, any layout) and evaluation.
 
-:func:`train` drives epochs, updates, the stopping accuracy, stop signals, the divergence guard and
-the per-epoch records. What one update does is an :class:`UpdateStep`: :class:`SGDStep` here (SGD
+:func:`train` drives epochs, updates, stop signals, the divergence guard, evaluation and the
+per-epoch records. What one update does is an :class:`UpdateStep`: :class:`SGDStep` here (SGD
 with micro-batches, with or without DistributedDataParallel), extrapolated SGD in
-:mod:`swap.optim.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Where a run
-resumes and what it checkpoints is :mod:`swap.phase`'s business, reached through the loop's
-``on_epoch`` and ``on_interrupt`` callbacks.
+:mod:`swap.optim.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Everything that
+watches the loop is a callback (:mod:`swap.callbacks`): the records' sink, the stopping rules,
+the progress bar, and the checkpoints of :mod:`swap.phase`, which decides where a run resumes.
 
 Gradient accumulation: a rank's share of the global batch is split into micro-batches; each
 micro-batch loss is weighted by its fraction of the share, and DDP averages over ranks, so the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,11 +25,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .callbacks import Callback, LoopState
 from .config import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 from .schedules import apply_lr, epoch_shape
-from .task import Task, stop_reached, token_targets
+from .task import Task, token_targets
 
 DEFAULT_TASK = Task()
 TOP1_TASK = Task(metrics=("top1",))
@@ -178,7 +180,7 @@ class DivergenceGuard:
                             f"warm-up or clip (optim.clip_grad_norm), then --resume from the last checkpoint")
 
 
-class StepLog:
+class StepLog(Callback):
     """Records between epochs (``logging.log_every`` = N): every N updates, per model, the mean
     training loss of the updates since the last record (or the epoch's start), the LR, the last
     update's gradient norm (before clipping) and the samples per second since the last record.
@@ -201,21 +203,25 @@ class StepLog:
         self.t = time.perf_counter()
         self.samples = 0
 
-    def start_epoch(self, totals: torch.Tensor) -> None:
-        self.mark, self.t, self.samples = totals.clone(), time.perf_counter(), 0
+    def on_epoch_start(self, state: LoopState) -> None:
+        self.mark, self.t, self.samples = state.totals.clone(), time.perf_counter(), 0
 
-    def after_update(self, epoch: int, update: int, lr: float, batch_size: int, totals: torch.Tensor,
-                     norms: torch.Tensor, synced: bool) -> None:
-        """After update ``update`` (1-based, global); ``synced``: the guard has just read the device."""
-        self.samples += batch_size
-        if update % self.every == 0:
-            window = totals - self.mark
+    def on_update_end(self, state: LoopState) -> None:
+        """After update ``state.update`` (1-based, global); ``state.checked``: the guard has just
+        read the device."""
+        self.samples += state.batch_size
+        if state.update % self.every == 0:
+            window = state.totals - self.mark
             # loss sum and count of the window, and the last norm, per model: stays on the device
-            snap = torch.stack([window[:, 0], window[:, 2], norms.reshape(-1).double().expand(self.models)], 1)
-            self.pending.append((epoch, update, lr, batch_size, snap, self.samples, time.perf_counter() - self.t))
-            self.mark, self.t, self.samples = totals.clone(), time.perf_counter(), 0
-        if synced:
+            snap = torch.stack([window[:, 0], window[:, 2], state.norms.reshape(-1).double().expand(self.models)], 1)
+            self.pending.append((state.epoch, state.update, state.lr, state.batch_size, snap, self.samples,
+                                 time.perf_counter() - self.t))
+            self.mark, self.t, self.samples = state.totals.clone(), time.perf_counter(), 0
+        if state.checked:
             self.flush()
+
+    def on_updates_end(self, state: LoopState) -> None:
+        self.flush()                                      # after the guard's read: no sync of its own
 
     def flush(self) -> None:
         """Emit the records taken so far (their values read from the device)."""
@@ -378,15 +384,38 @@ def _rates(predictions: float, rows: int, seconds: float, tokens: bool) -> dict[
     return {"samples_per_s": rows / seconds, "tokens_per_s": predictions / seconds}
 
 
-def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: int,
-          start_epoch: int = 0, start_step: int = 0, start_totals: list | None = None, stop_acc: float | None = None,
-          stop_metric: str = "train_acc", stop_fn: Callable[[int, float], bool] | None = None,
-          evaluate_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 1,
-          on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
-          progress=None, divergence_grad_norm: float = float("inf"), label: str | list[str] = "training",
-          on_interrupt: Callable[[dict], None] | None = None, log_every: int = 0,
-          on_log: Callable[[dict], None] | None = None) -> dict:
-    """Train with ``step`` for epochs ``start_epoch .. epochs-1`` (or until ``stop_acc``).
+@dataclass
+class Evaluation:
+    """What the loop evaluates: ``fn(model)`` returns the test accuracy in percent, or
+    ``{metric: value}`` (``top1`` is recorded as ``test_acc``, any other as ``test_METRIC``);
+    called every ``every`` epochs and after the last."""
+    fn: Callable[[nn.Module], float | dict]
+    every: int = 1
+
+
+@dataclass
+class Guard:
+    """The divergence guard's settings (:class:`DivergenceGuard`): the largest gradient norm
+    allowed (``inf``: only a non-finite one stops the run) and the run's name in its messages
+    (e.g. "phase2 worker 3"; one per model when the step trains several)."""
+    max_norm: float = float("inf")
+    label: str | list[str] = "training"
+
+
+@dataclass
+class Position:
+    """Where a loop continues: epoch ``epoch`` (0-based) from update ``step`` of it, with this
+    rank's partial sums of that epoch (``totals``: loss sum, correct, samples; one such list per
+    model when there are several), as :meth:`swap.callbacks.Callback.on_interrupt` received them.
+    (:class:`swap.phase.Start` has these fields.)"""
+    epoch: int = 0
+    step: int = 0
+    totals: list | None = None
+
+
+def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: int, start: Position | None = None,
+          evaluate: Evaluation | None = None, callbacks: Sequence[Callback] = (), guard: Guard = Guard()) -> dict:
+    """Train with ``step`` for epochs ``start.epoch .. epochs-1``, or until a callback stops it.
 
     Args:
         step: the update (:class:`UpdateStep`), owning the model(s) and optimizer.
@@ -397,48 +426,33 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
             (:func:`swap.schedules.epoch_shape`).
         lr_at: schedule over the global update index: ``epoch * len(loader) + i``, or the
             updates of the epochs before plus ``i`` (a piecewise schedule's).
-        epochs: the epoch to stop before (keyword).
-        start_step, start_totals: continue epoch ``start_epoch`` at update ``start_step`` with the
-            epoch's partial (loss sum, correct, samples) of this rank, as given to ``on_interrupt``.
-        stop_acc, stop_metric: stop after the first epoch whose ``stop_metric`` (``train_acc``:
-            training accuracy in percent, over that epoch's augmented batches, summed over ranks,
-            reaching at least ``stop_acc``; ``train_loss``: the epoch's mean loss at most
-            ``stop_acc``) meets the rule (SWAP phase 1's stopping rule, :func:`swap.task.stop_reached`).
-        stop_fn: instead, ``stop_fn(epoch, train_loss) -> bool`` decides after each epoch (1-based;
-            the worst model's loss): an automatic switch (:class:`swap.task.Plateau`).
-        evaluate_fn: ``model -> test accuracy %``, or ``model -> {metric: value}`` (``top1`` is
-            recorded as ``test_acc``, any other as ``test_METRIC``), called every ``eval_every``
-            epochs and at the end.
-        on_epoch: receives one record per epoch (per model, with ``model``: its index, when the
-            step trains several): epoch (1-based), lr (last update's), batch_size (global),
-            train_loss, train_acc, test_acc (None when not evaluated), samples_per_s (training
-            samples per second of that epoch, all ranks and models), tokens_per_s (counted target
-            tokens per second, where the targets are tokens: :func:`swap.task.token_targets`),
-            wall_s (since start), eval_s,
-            stopped (the stopping accuracy was reached: this is the last epoch).
-        on_step: called with the global update index (1-based, as ``lr_at``'s plus 1) after each update.
-        progress: an optional tqdm-like bar; ``update(1)`` per update.
-        divergence_grad_norm: divergence guard (:class:`DivergenceGuard`): the norm of each (all-reduced)
-            gradient is checked before it is applied, and a non-finite or larger norm raises;
-            ``label`` (e.g. "phase2 worker 3", one per model) names the run in that message. The
-            gradient is identical on all ranks, so all stop. Checked before every update on CPU,
-            every ``CHECK_EVERY`` updates and at each epoch end on a GPU (no host sync per update).
-        on_interrupt: after SIGINT/SIGTERM (see :mod:`swap.interrupt`; checked after every update,
-            when ``step.group_wide`` after every ``CHECK_EVERY``-th, where all ranks agree on it),
-            called with ``epoch`` (0-based, in progress), ``step`` (updates done in it),
-            ``totals`` (this rank's partial loss sum, correct, samples; one such list per model
-            when there are several) and ``updates`` (this call), so the caller can write a
-            checkpoint; then :class:`~swap.interrupt.Interrupted` is raised.
-        log_every, on_log: every ``log_every`` updates (of the epoch's global update index, as
-            ``on_step``'s), ``on_log`` receives a record between epochs (:class:`StepLog`, one per
-            model with ``model``: its index when the step trains several).
+        epochs: the epoch to stop before.
+        start: where to continue (:class:`Position`; default the start).
+        evaluate: what to evaluate and how often (:class:`Evaluation`; None: nothing).
+        callbacks: the watchers (:mod:`swap.callbacks`: the sink of records, :class:`StepLog`,
+            the progress bar, the stopping rules, checkpoints, ...), called in this order.
+            Each epoch's records (one per model, with ``model``: its index, when the step trains
+            several): epoch (1-based), lr (last update's), batch_size (global), update (global
+            index of the epoch's last update), train_loss, train_acc, test_acc (None when not
+            evaluated), samples_per_s (training samples per second of that epoch, all ranks and
+            models), tokens_per_s (counted target tokens per second, where the targets are tokens:
+            :func:`swap.task.token_targets`), wall_s (since start), eval_s, stopped (a callback
+            stopped the loop: this is the last epoch).
+        guard: the divergence guard (:class:`Guard`, :class:`DivergenceGuard`): the norm of each
+            (all-reduced) gradient is checked before it is applied, and a non-finite or larger
+            norm raises. The gradient is identical on all ranks, so all stop. Checked before every
+            update on CPU, every ``CHECK_EVERY`` updates and at each epoch end on a GPU.
+    A stop signal (SIGINT/SIGTERM, :mod:`swap.interrupt`) is checked after every update (when
+    ``step.group_wide``, after every ``CHECK_EVERY``-th, where all ranks agree on it); the
+    callbacks' ``on_interrupt`` get the position, then :class:`~swap.interrupt.Interrupted` is raised.
     Returns:
         The last epoch's record (of the first model; all of them under ``records`` when there are
         several), plus ``stopped_early`` (bool) and ``updates`` (int, this call).
     Raises:
         SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
-        Interrupted: a stop signal, after ``on_interrupt``.
+        Interrupted: a stop signal, after the callbacks' ``on_interrupt``.
     """
+    start = start or Position()
     models, group_wide, group = step.models, step.group_wide, step.group
     n = len(models)
     world = _world(group) if group_wide else 1
@@ -446,50 +460,48 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
     records: list[dict] = []
     updates = 0
     device = next(models[0].parameters()).device
-    guard = DivergenceGuard(divergence_grad_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
-    log = StepLog(log_every, on_log, n) if log_every and on_log is not None else None
+    label = guard.label
+    guard = DivergenceGuard(guard.max_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
     tokens = None
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start.epoch, epochs):
         for m in models:
             m.train()
         t_epoch = time.perf_counter()
         # loss sum, correct, samples per model (this rank), kept on the device: no host sync per update
-        first = start_step if epoch == start_epoch else 0
-        carried = torch.tensor(start_totals if first and start_totals is not None else [0.0, 0.0, 0.0] * n,
+        first = start.step if epoch == start.epoch else 0
+        carried = torch.tensor(start.totals if first and start.totals is not None else [0.0, 0.0, 0.0] * n,
                                dtype=torch.float64).view(n, 3)
         totals = carried.to(device, copy=True)
         carried_samples = carried[:, 2].sum().item()
-        lr = 0.0
         offset, steps, batch_size = epoch_shape(loader, epoch)    # fixed, or a piecewise schedule's segment
-        if log is not None:
-            log.start_epoch(totals)
+        state = LoopState(epoch + 1, offset + first, 0.0, batch_size, totals)
+        for cb in callbacks:
+            cb.on_epoch_start(state)
         for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
             if tokens is None:                         # once: a language model's predictions are tokens
                 tokens = hasattr(step, "task") and token_targets(y)
-            lr = lr_at(offset + i)
-            batch_totals, norms = step.gradients(x, y, lr)
+            state.lr = lr_at(offset + i)
+            batch_totals, state.norms = step.gradients(x, y, state.lr)
             totals += batch_totals
-            guard.observe_norms(norms, epoch + 1, i + 1)
+            guard.observe_norms(state.norms, epoch + 1, i + 1)
             step.apply()
-            if log is not None:
-                log.after_update(epoch + 1, offset + i + 1, lr, batch_size, totals, norms, guard.seen % guard.every == 0)
             updates += 1
-            if on_step is not None:
-                on_step(offset + i + 1)
-            if progress is not None:
-                progress.update(1)
+            state.update, state.checked = offset + i + 1, guard.seen % guard.every == 0
+            for cb in callbacks:
+                cb.on_update_end(state)
             check = not group_wide or (offset + i + 1) % CHECK_EVERY == 0
             signum = stop_agreed(group_wide, device, group) if check else 0
             if signum:
                 guard.check()                                # never checkpoint a diverged model
-                if on_interrupt is not None:
-                    on_interrupt({"epoch": epoch, "step": i + 1, "updates": updates,
-                                  "totals": totals.tolist() if n > 1 else totals[0].tolist()})
+                stopped = {"epoch": epoch, "step": i + 1, "updates": updates,
+                           "totals": totals.tolist() if n > 1 else totals[0].tolist()}
+                for cb in callbacks:
+                    cb.on_interrupt(stopped)
                 where = label if isinstance(label, str) else ", ".join(label)
                 raise Interrupted(signum, f"in {where} at epoch {epoch + 1}, step {i + 1} of {steps}")
         guard.check()
-        if log is not None:
-            log.flush()                                            # after the guard's read: no sync of its own
+        for cb in callbacks:
+            cb.on_updates_end(state)
         samples = totals[:, 2].sum().item() - carried_samples      # waits for the device, then time it
         train_s = time.perf_counter() - t_epoch
         if group_wide:
@@ -497,30 +509,29 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
         train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist() if getattr(step, "task", DEFAULT_TASK).class_targets \
             else [None] * n                                        # soft targets: no accuracy to report
         train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
-        worst = min(train_acc) if stop_metric == "train_acc" else max(train_loss)
-        stopping = stop_reached(stop_metric, worst, stop_acc) if stop_fn is None else stop_fn(epoch + 1, max(train_loss))
+        stopping = any([cb.should_stop(epoch + 1, train_acc, train_loss) for cb in callbacks])     # ask every one
         last = epoch == epochs - 1 or stopping
-        evaluating = evaluate_fn is not None and ((epoch + 1) % eval_every == 0 or last)
+        evaluating = evaluate is not None and ((epoch + 1) % evaluate.every == 0 or last)
         if evaluating:
             step.sync()
         records = []
         for k, model in enumerate(models):
             tested, t_eval = None, time.perf_counter()
             if evaluating:
-                tested = evaluate_fn(model)
+                tested = evaluate.fn(model)
             test = tested if isinstance(tested, dict) else {"top1": tested}
             records.append({
                 **({"model": k} if n > 1 else {}),
-                "epoch": epoch + 1, "lr": lr, "batch_size": batch_size,
+                "epoch": epoch + 1, "lr": state.lr, "batch_size": batch_size,
                 "update": offset + steps,
                 "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
                 **{f"test_{m}": v for m, v in test.items() if m != "top1"},
                 **_rates(samples * world, (steps - first) * batch_size * n, train_s, tokens),
                 "wall_s": time.perf_counter() - t_start, "eval_s": time.perf_counter() - t_eval, "stopped": stopping,
             })
-        if on_epoch is not None:
-            for record in records:
-                on_epoch(record)
+        for record in records:
+            for cb in callbacks:
+                cb.on_epoch_end(record)
         if stopping:
             break
     step.sync()
@@ -529,6 +540,6 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
             "updates": updates}
 
 
-__all__ = ["DEFAULT_TASK", "TOP1_TASK", "unwrap", "average_bn_buffers", "amp_dtype_for", "autocast",
+__all__ = ["Evaluation", "Guard", "Position", "DEFAULT_TASK", "TOP1_TASK", "unwrap", "average_bn_buffers", "amp_dtype_for", "autocast",
            "shard_of", "evaluate", "evaluate_metrics", "DivergenceGuard", "StepLog", "gradient_norm",
            "slice_input", "batch_samples", "UpdateStep", "SGDStep", "train"]

@@ -22,7 +22,8 @@ from swap.interrupt import Interrupted
 from swap.models import build_model
 from swap.models.resnet50 import Bottleneck
 from swap.schedules import PiecewiseLoader, Segment, epoch_shape, parse_segments
-from swap.train import SGDStep, train
+from swap.callbacks import OnEpoch, OnInterrupt, OnUpdate
+from swap.train import Position, SGDStep, train
 
 from conftest import write_image_tree
 
@@ -98,12 +99,12 @@ def test_resuming_mid_epoch_after_a_boundary_gives_the_uninterrupted_weights(tmp
             if update == stop_at:
                 interrupt._received.append(signal.SIGINT)
         try:
-            train(step, loader, loader.lr_at, epochs=loader.epochs, on_step=on_step, on_interrupt=saved.update,
-                  on_epoch=records.append)
+            train(step, loader, loader.lr_at, epochs=loader.epochs,
+                  callbacks=[OnUpdate(on_step), OnInterrupt(saved.update), OnEpoch(records.append)])
         except Interrupted:
             interrupt._received.clear()
-            train(step, loader, loader.lr_at, epochs=loader.epochs, start_epoch=saved["epoch"],
-                  start_step=saved["step"], start_totals=saved["totals"], on_epoch=records.append)
+            train(step, loader, loader.lr_at, epochs=loader.epochs,
+                  start=Position(saved["epoch"], saved["step"], saved["totals"]), callbacks=[OnEpoch(records.append)])
         return model.state_dict(), [(r["epoch"], r["batch_size"], r["train_loss"]) for r in records], saved
 
     ref, ref_records, _ = run(None)

@@ -37,7 +37,7 @@ def local_against_synchronous(outer: str) -> dict:
         return torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
     inner = sgd(model)
     meet = OuterSync(model, inner, 1, outer, 1.0, 0.0)
-    train(SGDStep(model, inner), loader, lambda s: LR, epochs=2, on_step=meet)          # not DDP-wrapped
+    train(SGDStep(model, inner), loader, lambda s: LR, epochs=2, callbacks=[meet])          # not DDP-wrapped
     local = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.load_state_dict(start)
     train(SGDStep(wrapped, sgd(model)), loader, lambda s: LR, epochs=2)

@@ -17,7 +17,7 @@ from swap.context import Context
 from swap.optim import LAMB, LARS, build_optimizer, param_groups
 from swap.optim.extrap import ExtrapSGD
 from swap.schedules import apply_lr, record_lr_scales, warmup_decay
-from swap.train import SGDStep
+from swap.train import Guard, SGDStep
 
 import user_optim
 from test_api import _quadrant_data, tiny_net
@@ -128,8 +128,8 @@ def test_a_clipped_run_survives_a_spike_that_the_guard_alone_would_not_see():
     x, y = torch.randn(8, 1, 8, 8) * 1e4, torch.randint(0, 3, (8,))
     loader = type("L", (), {"batch_size": 8, "__len__": lambda s: 1, "epoch": lambda s, e, start=0: iter([(x, y)])})()
     with pytest.raises(SwapError, match="limit divergence_grad_norm=1e-06.*optim.clip_grad_norm"):
-        swap.train(step, loader, lambda s: 0.1, epochs=1, divergence_grad_norm=1e-6)
-    out = swap.train(step, loader, lambda s: 0.1, epochs=1, divergence_grad_norm=1e12)
+        swap.train(step, loader, lambda s: 0.1, epochs=1, guard=Guard(1e-6))
+    out = swap.train(step, loader, lambda s: 0.1, epochs=1, guard=Guard(1e12))
     assert math.isfinite(out["train_loss"])
 
 

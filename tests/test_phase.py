@@ -13,7 +13,8 @@ from swap.data import ImageDataset, Loader
 from swap.models import build_model
 from swap.phase import Phase, Unit
 from swap.rundir import RunDir
-from swap.train import SGDStep, train
+from swap.callbacks import OnEpoch
+from swap.train import Position, SGDStep, train
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -114,7 +115,7 @@ def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():
         records = []
         if split:
             stop = {}
-            train(step, loader, lambda s: 0.05, epochs=1, on_epoch=records.append)
+            train(step, loader, lambda s: 0.05, epochs=1, callbacks=[OnEpoch(records.append)])
             loader_iter_state = list(loader.epoch(1))[:2]            # the first 2 updates of epoch 2, by hand
             totals = torch.zeros(3, dtype=torch.float64)
             for x, y in loader_iter_state:
@@ -122,10 +123,10 @@ def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():
                 step.apply()
                 totals += t[0]
             stop.update(step=2, totals=totals.tolist())
-            train(step, loader, lambda s: 0.05, epochs=3, start_epoch=1, start_step=stop["step"],
-                  start_totals=stop["totals"], on_epoch=records.append)
+            train(step, loader, lambda s: 0.05, epochs=3, start=Position(1, stop["step"], stop["totals"]),
+                  callbacks=[OnEpoch(records.append)])
         else:
-            train(step, loader, lambda s: 0.05, epochs=3, on_epoch=records.append)
+            train(step, loader, lambda s: 0.05, epochs=3, callbacks=[OnEpoch(records.append)])
         seen[split] = (model.state_dict(), [(r["epoch"], r["train_loss"], r["train_acc"]) for r in records])
     assert all(torch.equal(seen[False][0][k], seen[True][0][k]) for k in seen[False][0])
     assert seen[False][1] == seen[True][1]

@@ -31,6 +31,7 @@ import torch
 from .. import distributed
 from ..adversarial import AdversarialBatches
 from ..checkpoint import checkpoint_exists, read_meta
+from ..callbacks import OnEpoch, OnInterrupt
 from ..config import Config, SwapError
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
@@ -40,7 +41,7 @@ from ..context import Context
 from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..ray_pool import RankDied
-from ..train import train
+from ..train import Evaluation, Guard, Position, train
 
 _RESOLUTION = 1000          # LR-schedule steps per epoch: the shape is over epochs, whatever the batch
 
@@ -181,10 +182,11 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
         def on_log(rec: dict, offset: int = epoch_shape(loader, epoch)[0], first: int = first) -> None:
             # the pool's updates so far: its batch, so its updates per epoch, change between epochs
             sink.step({**rec, **extra, "update": state["updates"] + rec["update"] - offset - first})
-        out = train(step, loader, lr_at, epochs=epoch + 1, start_epoch=epoch, start_step=first, start_totals=totals,
-                    evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True), eval_every=cfg.eval_every,
-                    divergence_grad_norm=cfg.divergence_grad_norm, label=method, on_epoch=on_epoch, on_interrupt=on_interrupt,
-                    log_every=ctx.log_every, on_log=on_log if sink is not None else None)
+        out = train(step, loader, lr_at, epochs=epoch + 1, start=Position(epoch, first, totals),
+                    evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
+                    callbacks=[OnEpoch(on_epoch), *(ctx.step_log(on_log) if sink is not None else ()),
+                               OnInterrupt(on_interrupt)],
+                    guard=Guard(cfg.divergence_grad_norm, method))
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
                      samples=state["samples"] + (steps - first) * rule.batch)
         unit.end_epoch(epoch + 1, updates=state["updates"] - start.updates, extra=saved_state())

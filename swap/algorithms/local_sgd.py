@@ -23,15 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..callbacks import Callback, LoopState
 from ..errors import SwapError
 
 
-class OuterSync:
+class OuterSync(Callback):
     """The sync of one worker's model every ``every`` updates (module docstring), collective over
     all ranks of the process group (every rank holds one worker, or one rank's copy of its
     group's worker: the mean over ranks is then the mean over workers).
 
-    Use: ``hook(update)`` after each update (the train loop's ``on_step``, 1-based update index).
+    Use: a callback of the train loop (:mod:`swap.callbacks`), or ``hook(update)`` after each
+    update (1-based update index).
     It also stands in for the worker's optimizer in its checkpoints: :meth:`state_dict` holds the
     inner optimizer's state, the anchor, the outer momentum and the communication counters.
 
@@ -65,6 +67,10 @@ class OuterSync:
     def __call__(self, update: int) -> None:
         if update % self.every == 0:
             self.sync()
+
+    def on_update_end(self, state: LoopState) -> None:
+        """The train loop's hook (:mod:`swap.callbacks`): a meeting every ``every`` updates."""
+        self(state.update)
 
     @torch.no_grad()
     def sync(self) -> None:

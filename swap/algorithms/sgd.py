@@ -19,7 +19,8 @@ from ..phase import Phase, Unit
 from ..schedules import epoch_shape, samples_between, updates_between
 from ..noise_scale import NoiseScale
 from ..optim.build import kind_of
-from ..train import train
+from ..callbacks import OnEpoch, Progress, StopAt
+from ..train import Evaluation, Guard, train
 from .transition import AutoSwitch
 
 
@@ -63,63 +64,34 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
         return start.result
     wrapped = ctx.data_parallel(model) if d.world_size > 1 else model
     step = ctx.update_step(wrapped, opt, micro_batch_size, optim_section)
-    noise = None
-    if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and ctx.optimizer_label(opt) == "sgd":
-        noise = NoiseScale(epoch_shape(loader, 0)[2], d.world_size,
-                           d.device).attach(wrapped)          # the gradient noise scale, logged every epoch
-        step = _Observed(step, noise)
     unit.sync = step.sync
+    callbacks = []                                # in order: each epoch's record is completed, logged, saved
+    if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and ctx.optimizer_label(opt) == "sgd":
+        # the gradient noise scale, logged every epoch
+        callbacks.append(NoiseScale(epoch_shape(loader, 0)[2], d.world_size, d.device).attach(wrapped))
+    if stop and stop[0] == "auto":
+        callbacks.append(AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs), epochs,
+                                    start.epoch if resume else 0))
+    elif stop:
+        callbacks.append(StopAt(*stop))
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
-    sink = ctx.sink(phase, None, epochs, opt) if d.is_main else None
-
-    switch = AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs), epochs,
-                        start.epoch if resume else 0) if stop and stop[0] == "auto" else None
-
-    def on_epoch(record: dict) -> None:
-        if noise is not None:
-            record["noise_scale"] = noise.epoch_value()
-        if switch is not None:
-            record.update(switch.reading)
-        if sink is not None:
-            sink(record)
-        unit.end_epoch(record["epoch"], done=record["stopped"])
-        if after_epoch is not None:
-            after_epoch(record)
-
-    if switch is not None:
-        stop = None
-    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch, start_step=start.step, stop_fn=switch,
-                start_totals=start.totals, stop_metric=stop[0] if stop else "train_acc",
-                stop_acc=stop[1] if stop else None, evaluate_fn=lambda m: ctx.evaluate(m, distributed_eval=True),
-                eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted, progress=bar,
-                divergence_grad_norm=cfg.divergence_grad_norm, label=phase, log_every=ctx.log_every,
-                on_log=sink.step if sink is not None else None)
+    if d.is_main:
+        sink = ctx.sink(phase, None, epochs, opt)
+        callbacks += [sink, *ctx.step_log(sink.step), Progress(bar)]
+    callbacks.append(unit)
+    if after_epoch is not None:
+        callbacks.append(OnEpoch(after_epoch))
+    out = train(step, loader, lr_at, epochs=epochs, start=start,
+                evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
+                callbacks=callbacks, guard=Guard(cfg.divergence_grad_norm, phase))
     if bar is not None:
         bar.close()
     p = unit.progress(out["updates"])
+    switch = next((cb for cb in callbacks if isinstance(cb, AutoSwitch)), None)
     if switch is not None:
         out["switch"] = {**switch.summary(), "epoch": out.get("epoch")}
     return unit.finish({**out, **p, "optimizer": kind_of(opt), "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
-
-
-class _Observed:
-    """An update step whose gradient norms also feed a :class:`swap.noise_scale.NoiseScale`."""
-
-    def __init__(self, step, noise: NoiseScale):
-        self.step, self.noise = step, noise
-        self.models, self.group_wide, self.group = step.models, step.group_wide, step.group
-
-    def gradients(self, x, y, lr):
-        totals, norms = self.step.gradients(x, y, lr)
-        self.noise.observe(norms)
-        return totals, norms
-
-    def apply(self) -> None:
-        self.step.apply()
-
-    def sync(self) -> None:
-        self.step.sync()
 
 
 def run_sgd(spec: RunSpec) -> dict | None:

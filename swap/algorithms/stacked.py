@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from ..callbacks import Callback
 from ..config import optim_for
 from ..context import Context
 from ..optim.build import weight_decay_of
 from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..task import cross_entropy, top_k_correct
-from ..train import UpdateStep, autocast, train
+from ..train import Evaluation, Guard, UpdateStep, autocast, train
 
 
 def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict[int, dict]:
@@ -53,26 +54,28 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,
                        weight_decay=weight_decay_of("sgd", o), amp_dtype=ctx.amp, loss_fn=ctx.task.loss)
     phase.sync = step.sync
-    sinks = [ctx.sink("phase2", w, p2.epochs) for w in workers]
-
-    def on_epoch(record: dict) -> None:
-        k = record.pop("model")
-        sinks[k](record)
-        if k == len(workers) - 1:
-            phase.end_epoch(record["epoch"])
-
-    def on_log(record: dict) -> None:
-        sinks[record.pop("model")].step(record)
-
+    sinks = _Sinks([ctx.sink("phase2", w, p2.epochs) for w in workers])
     out = train(step, loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule),
-                epochs=p2.epochs, start_epoch=start.epoch, start_step=start.step, start_totals=start.totals,
-                evaluate_fn=ctx.evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=phase.interrupted,
-                divergence_grad_norm=cfg.divergence_grad_norm, label=[f"phase2 worker {w}" for w in workers],
-                log_every=ctx.log_every, on_log=on_log)
+                epochs=p2.epochs, start=start, evaluate=Evaluation(ctx.evaluate, cfg.eval_every),
+                callbacks=[sinks, *ctx.step_log(sinks.step, len(workers)), phase],
+                guard=Guard(cfg.divergence_grad_norm, [f"phase2 worker {w}" for w in workers]))
     p = phase.progress(out["updates"])
     metas = phase.finish([{"epoch": p2.epochs, "updates": p["updates"], "train_acc": rec["train_acc"],
                            "test_acc": rec["test_acc"], "wall_s": p["wall_s"]} for rec in out["records"]])
     return dict(zip(workers, metas))
+
+
+class _Sinks(Callback):
+    """Each worker's records to its own sink (:class:`swap.context.Sink`), by the record's ``model``."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def on_epoch_end(self, record: dict) -> None:
+        self.sinks[record["model"]]({k: v for k, v in record.items() if k != "model"})
+
+    def step(self, record: dict) -> None:
+        self.sinks[record["model"]].step({k: v for k, v in record.items() if k != "model"})
 
 
 class StackedLoader:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import distributed, interrupt, tracking
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_, greedy_soup
+from ..callbacks import Callback, Progress
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, SwapError, section_batch, section_epochs
 from ..context import Context
@@ -37,7 +38,7 @@ from ..methods import RunSpec
 from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
-from ..train import train
+from ..train import Evaluation, Guard, train
 from .sgd import train_data_parallel
 from .local_sgd import OuterSync
 from .stacked import train_stacked
@@ -252,28 +253,24 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     step = ctx.update_step(ddp, opt, p2.micro_batch_size, "phase2")
     unit.sync = step.sync
     leads = group is None or group.rank == 0
-    sink = ctx.sink("phase2", w, epochs, opt) if leads else None
-
-    def on_epoch(record: dict) -> None:
-        if sink is not None:
-            sink(record)
-        if record["epoch"] % cycle_epochs == 0 and record["epoch"] < epochs:     # the end of a cycle: a sample
-            unit.sync()
-            if leads:
-                save_checkpoint(run.cycle_checkpoint(RunDir.worker(w), record["epoch"] // cycle_epochs), worker,
-                                {"config_hash": cfg.hash(), "phase": "phase2", "worker": w, "epoch": record["epoch"]})
-        unit.end_epoch(record["epoch"])
-
-    def evaluate(model):                       # a worker group's ranks each evaluate a shard of the test set
-        return ctx.evaluate(model, distributed_eval=group.group if group is not None and group.group else False)
-
+    callbacks = []                                   # in order: the epoch's record is logged, then saved
+    if leads:
+        sink = ctx.sink("phase2", w, epochs, opt)
+        callbacks += [sink, *ctx.step_log(sink.step)]
+        if cfg.phase2.save_every:
+            callbacks.append(_Iterates(ctx, worker, w))
+    if p2.cycles > 1:
+        callbacks.append(_CycleSamples(ctx, worker, w, cycle_epochs, epochs, unit, leads))
+    if meet is not None:
+        callbacks.append(meet)
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
                        position=ctx.dist.local_rank)
-    out = train(step, loader, lr_at, epochs=epochs, start_epoch=start.epoch,
-                start_step=start.step, start_totals=start.totals,
-                evaluate_fn=evaluate, eval_every=cfg.eval_every, on_epoch=on_epoch, on_interrupt=unit.interrupted,
-                on_step=_hooks(_iterates(ctx, worker, w) if leads else None, meet), progress=bar, divergence_grad_norm=cfg.divergence_grad_norm,
-                label=f"phase2 worker {w}", log_every=ctx.log_every, on_log=sink.step if sink is not None else None)
+    callbacks += [Progress(bar), unit]
+    # a worker group's ranks each evaluate a shard of the test set
+    shards = group.group if group is not None and group.group else False
+    out = train(step, loader, lr_at, epochs=epochs, start=start,
+                evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=shards), cfg.eval_every),
+                callbacks=callbacks, guard=Guard(cfg.divergence_grad_norm, f"phase2 worker {w}"))
     bar.close()
     p = unit.progress(out["updates"])
     return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
@@ -282,29 +279,38 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
 
-def _hooks(*hooks):
-    """One ``on_step`` hook calling each of ``hooks`` that is not None (None if none is)."""
-    live = [h for h in hooks if h is not None]
-    if not live:
-        return None
+class _Iterates(Callback):
+    """``phase2.save_every = K``: worker ``w``'s iterate every K updates, and its start."""
 
-    def each(update: int) -> None:
-        for hook in live:
-            hook(update)
-    return each
+    def __init__(self, ctx: Context, worker, w: int):
+        self.ctx, self.worker, self.w, self.every = ctx, worker, w, ctx.cfg.phase2.save_every
+        self.save(0)
+
+    def save(self, update: int) -> None:
+        save_checkpoint(self.ctx.run.iterate_checkpoint(RunDir.worker(self.w), update), self.worker,
+                        {"worker": self.w, "step": update})
+
+    def on_update_end(self, state) -> None:
+        if state.update % self.every == 0:
+            self.save(state.update)
 
 
-def _iterates(ctx: Context, worker, w: int):
-    """With ``phase2.save_every = K``: save worker ``w``'s iterate every K updates (and its start)."""
-    k = ctx.cfg.phase2.save_every
-    if not k:
-        return None
+class _CycleSamples(Callback):
+    """``phase2.cycles`` C > 1: at the end of each cycle but the last, worker ``w``'s weights are a
+    sample (``checkpoints/workerW_cycleC``, written by the group's first rank)."""
 
-    def hook(step: int) -> None:
-        if step % k == 0:
-            save_checkpoint(ctx.run.iterate_checkpoint(RunDir.worker(w), step), worker, {"worker": w, "step": step})
-    hook(0)
-    return hook
+    def __init__(self, ctx: Context, worker, w: int, cycle_epochs: int, epochs: int, unit: Phase, leads: bool):
+        self.ctx, self.worker, self.w, self.leads = ctx, worker, w, leads
+        self.cycle_epochs, self.epochs, self.unit = cycle_epochs, epochs, unit
+
+    def on_epoch_end(self, record: dict) -> None:
+        epoch = record["epoch"]
+        if epoch % self.cycle_epochs == 0 and epoch < self.epochs:
+            self.unit.sync()
+            if self.leads:
+                save_checkpoint(self.ctx.run.cycle_checkpoint(RunDir.worker(self.w), epoch // self.cycle_epochs),
+                                self.worker, {"config_hash": self.ctx.cfg.hash(), "phase": "phase2", "worker": self.w,
+                                              "epoch": epoch})
 
 
 # -------------------------------------------------------------------- phase 3: average, recompute BN

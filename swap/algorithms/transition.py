@@ -1,7 +1,7 @@
 """The automatic phase-1 -> phase-2 switch of SWAP (``phase1.stop: auto``).
 
 Gupta, Akle Serrano and DeCoste (ICLR 2020, Sec. 6) choose the transition point by a grid search and
-name a principled rule as open work. :class:`AutoSwitch` is the train loop's ``stop_fn``: after each
+name a principled rule as open work. :class:`AutoSwitch` is a stopping rule of the train loop: after each
 phase-1 epoch past the warm-up it reads one signal (``phase1.stop.signal``) and decides:
 
 ``plateau``  the large-batch training loss gains less than ``min_gain`` (relative) over ``window``
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..callbacks import Callback
 from ..averaging import average_state_dicts, bn_buffer_names
 from ..config import SwapError, section_batches
 from ..context import Context
@@ -47,8 +48,9 @@ from ..task import HeldOutPeak, Plateau
 COPIES = 2
 
 
-class AutoSwitch:
-    """``phase1.stop: auto`` as the train loop's ``stop_fn(epoch, train_loss)`` (module docstring).
+class AutoSwitch(Callback):
+    """``phase1.stop: auto`` as a callback of the train loop (:mod:`swap.callbacks`): its
+    ``should_stop`` asks ``self(epoch, train_loss)``, and each epoch's readings go to its record.
 
     ``model``: phase 1's model (not DDP-wrapped), ``sync``: makes its BN statistics identical on all
     ranks (collective), ``after_epoch``: the warm-up's last epoch (no switch up to it),
@@ -81,6 +83,14 @@ class AutoSwitch:
         key = "val_acc" if s.signal == "holdout" else "trial_val_acc"
         self.rule = HeldOutPeak(s.window, s.min_delta, after_epoch, [r[key] for r in kept if key in r])
         self.barrier = None
+
+    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
+        """The train loop's hook (:mod:`swap.callbacks`): the worst model's loss decides."""
+        return self(epoch, max(train_loss))
+
+    def on_epoch_end(self, record: dict) -> None:
+        """The train loop's hook: the epoch's readings into its metrics record."""
+        record.update(self.reading)
 
     def __call__(self, epoch: int, train_loss: float) -> bool:
         """Whether phase 1 stops after ``epoch`` (1-based), whose training loss is ``train_loss``."""

@@ -1,0 +1,134 @@
+"""The train loop's callbacks: every watcher of :func:`swap.train.train` is an object with hooks.
+
+The loop knows hooks, each feature is an object (the shape of Lightning's ``Callback``): the
+metrics sink and its per-update records, the progress bar, the stopping rules, a resumable unit's
+checkpoints, local SGD's meetings, the gradient noise scale, saved iterates. Callbacks run in the
+order given; a hook not defined does nothing.
+
+Hooks, in the order the loop calls them:
+
+- ``on_epoch_start(state)``: an epoch begins (``state.totals`` are its carried partial sums).
+- ``on_update_end(state)``: after each update (``state.update``: global update index, 1-based).
+- ``on_updates_end(state)``: the epoch's updates are done, before its statistics are gathered.
+- ``should_stop(epoch, train_acc, train_loss) -> bool``: after each epoch (1-based), with each
+  model's training accuracy (percent, None for soft targets) and mean loss over the epoch, summed
+  over the ranks; the loop stops when any callback says so (every one is asked).
+- ``on_epoch_end(record)``: one record per model (``record["model"]`` when there are several),
+  after evaluation; a callback may add keys, which the later ones and the loop's result see.
+- ``on_interrupt(state)``: a stop signal mid-epoch (``state``: ``epoch``, 0-based, ``step``, the
+  updates done in it, ``totals``, ``updates``), before :class:`~swap.interrupt.Interrupted` is raised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .task import stop_reached
+
+
+@dataclass
+class LoopState:
+    """Where the loop is. ``epoch``: 1-based, in progress; ``update``: global index of the last
+    update (1-based; the epoch's offset at its start); ``lr``: the last update's; ``batch_size``:
+    global, samples; ``totals``: float64 (models, 3) on the device, this rank's loss sum, correct
+    and samples of the epoch so far; ``norms``: the last update's gradient norms (None before one);
+    ``checked``: the divergence guard read those norms (a host sync already happened)."""
+    epoch: int
+    update: int = 0
+    lr: float = 0.0
+    batch_size: int = 0
+    totals: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+    checked: bool = False
+
+
+class Callback:
+    """Base class of the loop's callbacks (module docstring): override the hooks you need."""
+
+    def on_epoch_start(self, state: LoopState) -> None:
+        pass
+
+    def on_update_end(self, state: LoopState) -> None:
+        pass
+
+    def on_updates_end(self, state: LoopState) -> None:
+        pass
+
+    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
+        return False
+
+    def on_epoch_end(self, record: dict) -> None:
+        pass
+
+    def on_interrupt(self, state: dict) -> None:
+        pass
+
+
+class OnEpoch(Callback):
+    """``fn(record)`` at every epoch's end: a plain function as a callback."""
+
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def on_epoch_end(self, record: dict) -> None:
+        self.fn(record)
+
+
+class OnUpdate(Callback):
+    """``fn(update)`` after every update (global index, 1-based): a plain function as a callback."""
+
+    def __init__(self, fn: Callable[[int], None]):
+        self.fn = fn
+
+    def on_update_end(self, state: LoopState) -> None:
+        self.fn(state.update)
+
+
+class OnInterrupt(Callback):
+    """``fn(state)`` on a stop signal, so that the caller can write a checkpoint."""
+
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def on_interrupt(self, state: dict) -> None:
+        self.fn(state)
+
+
+class Progress(Callback):
+    """A tqdm-like bar advanced by one per update."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_update_end(self, state: LoopState) -> None:
+        self.bar.update(1)
+
+
+class StopAt(Callback):
+    """SWAP phase 1's stopping rule (Gupta et al., ICLR 2020, Algorithm 1): stop after the first
+    epoch whose ``metric`` meets ``threshold`` (:func:`swap.task.stop_reached`: ``train_acc``, the
+    worst model's training accuracy in percent at least the threshold; ``train_loss``, the worst
+    model's mean loss at most it). ``threshold`` None: never."""
+
+    def __init__(self, metric: str = "train_acc", threshold: float | None = None):
+        self.metric, self.threshold = metric, threshold
+
+    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
+        worst = min(train_acc) if self.metric == "train_acc" else max(train_loss)
+        return stop_reached(self.metric, worst, self.threshold)
+
+
+class StopWhen(Callback):
+    """``rule(epoch, train_loss)`` decides after each epoch (1-based; the worst model's mean
+    loss): an automatic switch such as :class:`swap.task.Plateau`."""
+
+    def __init__(self, rule: Callable[[int, float], bool]):
+        self.rule = rule
+
+    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
+        return self.rule(epoch, max(train_loss))
+
+
+__all__ = ["LoopState", "Callback", "OnEpoch", "OnUpdate", "OnInterrupt", "Progress", "StopAt", "StopWhen"]

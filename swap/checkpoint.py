@@ -262,6 +262,25 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
     if config_hash is not None and meta.get("config_hash") != config_hash:
         raise SwapError(f"checkpoint {path} was written with config {meta.get('config_hash')}, this run's config is "
                         f"{config_hash}; resume with the saved config or start a new run directory")
+    state = _state_for(model, weights, meta, meta_path)
+    with torch.no_grad():
+        model.load_state_dict(state)
+    if optimizer is not None:
+        saved = _optimizer_state(optim_path, optim_blob)
+        try:
+            optimizer.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
+    return meta
+
+
+def _state_for(model: nn.Module, weights: Path, meta: dict, meta_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``weights``, checked against ``model``'s state dict
+    (names and shapes), tied entries (``meta["tied"]``, stored once) filled in.
+
+    Raises:
+        SwapError: not a readable safetensors file; a tie, key or shape the model does not have.
+    """
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -284,23 +303,26 @@ def load_checkpoint(path: str | Path, model: nn.Module, config_hash: str | None 
         if v.shape != expected[k].shape:
             raise SwapError(f"checkpoint {weights} does not match the model: '{k}' has shape "
                             f"{tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    with torch.no_grad():
-        model.load_state_dict(state)
-    if optimizer is not None:
-        try:         # weights_only: tensors, numbers, strings and containers; no other object is built
-            state = torch.load(io.BytesIO(optim_blob), weights_only=True)
-        except pickle.UnpicklingError as exc:
-            asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            raise SwapError(f"checkpoint {optim_path}: not an optimizer state (it asks to load "
-                            f"{printable(asked.group(1)) if asked else 'objects other than tensors'}); nothing in it was "
-                            f"run") from None
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
-            raise SwapError(f"checkpoint {optim_path}: not a readable optimizer state ({type(exc).__name__})") from None
-        try:
-            optimizer.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise SwapError(f"checkpoint {path}: optimizer state missing or does not match ({exc})") from None
-    return meta
+    return state
+
+
+def _optimizer_state(optim_path: Path, blob: bytes) -> dict:
+    """The optimizer state in ``blob`` (the bytes of ``optim_path``), read with
+    ``torch.load(weights_only=True)``: tensors, numbers, strings and containers; no other object
+    is built, nothing is run.
+
+    Raises:
+        SwapError: anything else in it (naming what it asks to load), or unreadable bytes.
+    """
+    try:
+        return torch.load(io.BytesIO(blob), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise SwapError(f"checkpoint {optim_path}: not an optimizer state (it asks to load "
+                        f"{printable(asked.group(1)) if asked else 'objects other than tensors'}); nothing in it was "
+                        f"run") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        raise SwapError(f"checkpoint {optim_path}: not a readable optimizer state ({type(exc).__name__})") from None
 
 
 __all__ = ["atomic_paths", "atomic_write_bytes", "tied_names", "save_checkpoint", "recover",

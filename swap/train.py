@@ -453,91 +453,112 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
         Interrupted: a stop signal, after the callbacks' ``on_interrupt``.
     """
     start = start or Position()
-    models, group_wide, group = step.models, step.group_wide, step.group
-    n = len(models)
-    world = _world(group) if group_wide else 1
-    t_start = time.perf_counter()
-    records: list[dict] = []
-    updates = 0
-    device = next(models[0].parameters()).device
-    label = guard.label
-    guard = DivergenceGuard(guard.max_norm, label, device, every=1 if device.type == "cpu" else CHECK_EVERY)
-    tokens = None
+    loop, records = _Loop(step, loader, lr_at, callbacks, guard), []
     for epoch in range(start.epoch, epochs):
-        for m in models:
+        first = start.step if epoch == start.epoch else 0
+        records = loop.epoch(epoch, first, start.totals if first else None, epoch == epochs - 1, evaluate)
+        if records[0]["stopped"]:
+            break
+    step.sync()
+    record = records[0] if records else {}
+    return {**record, **({"records": records} if loop.n > 1 else {}), "stopped_early": record.get("stopped", False),
+            "updates": loop.updates}
+
+
+class _Loop:
+    """One call of :func:`train`: what stays fixed over its epochs, and one epoch of it."""
+
+    def __init__(self, step: UpdateStep, loader, lr_at: Callable[[int], float], callbacks: Sequence[Callback],
+                 guard: Guard):
+        self.t_start = time.perf_counter()
+        self.step, self.loader, self.lr_at, self.callbacks, self.label = step, loader, lr_at, callbacks, guard.label
+        self.models, self.n = step.models, len(step.models)
+        self.world = _world(step.group) if step.group_wide else 1
+        self.device = next(self.models[0].parameters()).device
+        self.guard = DivergenceGuard(guard.max_norm, guard.label, self.device,
+                                     every=1 if self.device.type == "cpu" else CHECK_EVERY)
+        self.tokens = None                    # a language model's predictions are tokens: set at the first batch
+        self.updates = 0                      # this call's
+
+    def epoch(self, epoch: int, first: int, carried: list | None, last: bool,
+              evaluate: Evaluation | None) -> list[dict]:
+        """Epoch ``epoch`` (0-based) from update ``first``, with this rank's partial sums
+        ``carried`` of its earlier updates; ``last``: the call's last epoch. Returns its records."""
+        n, step = self.n, self.step
+        for m in self.models:
             m.train()
         t_epoch = time.perf_counter()
         # loss sum, correct, samples per model (this rank), kept on the device: no host sync per update
-        first = start.step if epoch == start.epoch else 0
-        carried = torch.tensor(start.totals if first and start.totals is not None else [0.0, 0.0, 0.0] * n,
-                               dtype=torch.float64).view(n, 3)
-        totals = carried.to(device, copy=True)
-        carried_samples = carried[:, 2].sum().item()
-        offset, steps, batch_size = epoch_shape(loader, epoch)    # fixed, or a piecewise schedule's segment
-        state = LoopState(epoch + 1, offset + first, 0.0, batch_size, totals)
-        for cb in callbacks:
+        carried = torch.tensor(carried if carried is not None else [0.0, 0.0, 0.0] * n, dtype=torch.float64).view(n, 3)
+        offset, steps, batch_size = epoch_shape(self.loader, epoch)    # fixed, or a piecewise schedule's segment
+        state = LoopState(epoch + 1, offset + first, 0.0, batch_size, carried.to(self.device, copy=True))
+        for cb in self.callbacks:
             cb.on_epoch_start(state)
-        for i, (x, y) in enumerate(loader.epoch(epoch, first), start=first):
-            if tokens is None:                         # once: a language model's predictions are tokens
-                tokens = hasattr(step, "task") and token_targets(y)
-            state.lr = lr_at(offset + i)
+        self._updates(epoch, first, steps, offset, state)
+        self.guard.check()
+        for cb in self.callbacks:
+            cb.on_updates_end(state)
+        totals = state.totals
+        samples = totals[:, 2].sum().item() - carried[:, 2].sum().item()    # waits for the device, then time it
+        train_s = time.perf_counter() - t_epoch
+        if step.group_wide:
+            dist.all_reduce(totals, group=step.group)
+        train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist() if getattr(step, "task", DEFAULT_TASK).class_targets \
+            else [None] * n                                        # soft targets: no accuracy to report
+        train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
+        stopping = any([cb.should_stop(epoch + 1, train_acc, train_loss) for cb in self.callbacks])  # ask every one
+        evaluating = evaluate is not None and ((epoch + 1) % evaluate.every == 0 or last or stopping)
+        if evaluating:
+            step.sync()
+        records = []
+        for k, model in enumerate(self.models):
+            t_eval = time.perf_counter()
+            tested = evaluate.fn(model) if evaluating else None
+            test = tested if isinstance(tested, dict) else {"top1": tested}
+            records.append({
+                **({"model": k} if n > 1 else {}),
+                "epoch": epoch + 1, "lr": state.lr, "batch_size": batch_size, "update": offset + steps,
+                "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
+                **{f"test_{m}": v for m, v in test.items() if m != "top1"},
+                **_rates(samples * self.world, (steps - first) * batch_size * n, train_s, self.tokens),
+                "wall_s": time.perf_counter() - self.t_start, "eval_s": time.perf_counter() - t_eval,
+                "stopped": stopping,
+            })
+        for record in records:
+            for cb in self.callbacks:
+                cb.on_epoch_end(record)
+        return records
+
+    def _updates(self, epoch: int, first: int, steps: int, offset: int, state: LoopState) -> None:
+        """The updates of ``epoch`` from ``first`` (of ``steps``; global indices from ``offset``),
+        each followed by the callbacks' ``on_update_end`` and a check for a stop signal.
+
+        Raises:
+            Interrupted: a stop signal, after the callbacks' ``on_interrupt``.
+        """
+        step, guard, totals = self.step, self.guard, state.totals
+        for i, (x, y) in enumerate(self.loader.epoch(epoch, first), start=first):
+            if self.tokens is None:
+                self.tokens = hasattr(step, "task") and token_targets(y)
+            state.lr = self.lr_at(offset + i)
             batch_totals, state.norms = step.gradients(x, y, state.lr)
             totals += batch_totals
             guard.observe_norms(state.norms, epoch + 1, i + 1)
             step.apply()
-            updates += 1
+            self.updates += 1
             state.update, state.checked = offset + i + 1, guard.seen % guard.every == 0
-            for cb in callbacks:
+            for cb in self.callbacks:
                 cb.on_update_end(state)
-            check = not group_wide or (offset + i + 1) % CHECK_EVERY == 0
-            signum = stop_agreed(group_wide, device, group) if check else 0
+            check = not step.group_wide or (offset + i + 1) % CHECK_EVERY == 0
+            signum = stop_agreed(step.group_wide, self.device, step.group) if check else 0
             if signum:
                 guard.check()                                # never checkpoint a diverged model
-                stopped = {"epoch": epoch, "step": i + 1, "updates": updates,
-                           "totals": totals.tolist() if n > 1 else totals[0].tolist()}
-                for cb in callbacks:
+                stopped = {"epoch": epoch, "step": i + 1, "updates": self.updates,
+                           "totals": totals.tolist() if self.n > 1 else totals[0].tolist()}
+                for cb in self.callbacks:
                     cb.on_interrupt(stopped)
-                where = label if isinstance(label, str) else ", ".join(label)
+                where = self.label if isinstance(self.label, str) else ", ".join(self.label)
                 raise Interrupted(signum, f"in {where} at epoch {epoch + 1}, step {i + 1} of {steps}")
-        guard.check()
-        for cb in callbacks:
-            cb.on_updates_end(state)
-        samples = totals[:, 2].sum().item() - carried_samples      # waits for the device, then time it
-        train_s = time.perf_counter() - t_epoch
-        if group_wide:
-            dist.all_reduce(totals, group=group)
-        train_acc = (100.0 * totals[:, 1] / totals[:, 2]).tolist() if getattr(step, "task", DEFAULT_TASK).class_targets \
-            else [None] * n                                        # soft targets: no accuracy to report
-        train_loss = [totals[k, 0].item() / totals[k, 2].item() for k in range(n)]
-        stopping = any([cb.should_stop(epoch + 1, train_acc, train_loss) for cb in callbacks])     # ask every one
-        last = epoch == epochs - 1 or stopping
-        evaluating = evaluate is not None and ((epoch + 1) % evaluate.every == 0 or last)
-        if evaluating:
-            step.sync()
-        records = []
-        for k, model in enumerate(models):
-            tested, t_eval = None, time.perf_counter()
-            if evaluating:
-                tested = evaluate.fn(model)
-            test = tested if isinstance(tested, dict) else {"top1": tested}
-            records.append({
-                **({"model": k} if n > 1 else {}),
-                "epoch": epoch + 1, "lr": state.lr, "batch_size": batch_size,
-                "update": offset + steps,
-                "train_loss": train_loss[k], "train_acc": train_acc[k], "test_acc": test.get("top1"),
-                **{f"test_{m}": v for m, v in test.items() if m != "top1"},
-                **_rates(samples * world, (steps - first) * batch_size * n, train_s, tokens),
-                "wall_s": time.perf_counter() - t_start, "eval_s": time.perf_counter() - t_eval, "stopped": stopping,
-            })
-        for record in records:
-            for cb in callbacks:
-                cb.on_epoch_end(record)
-        if stopping:
-            break
-    step.sync()
-    record = records[0] if records else {}
-    return {**record, **({"records": records} if n > 1 else {}), "stopped_early": record.get("stopped", False),
-            "updates": updates}
 
 
 __all__ = ["Evaluation", "Guard", "Position", "DEFAULT_TASK", "TOP1_TASK", "unwrap", "average_bn_buffers", "amp_dtype_for", "autocast",

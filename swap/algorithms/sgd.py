@@ -8,43 +8,71 @@ and, within a rank, into micro-batches with gradient accumulation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
 from .. import distributed
-from ..config import section_batch
+from ..callbacks import Callback, Progress, StopAt
+from ..config import Config, section_batch
 from ..context import Context
 from ..methods import RunSpec
-from ..phase import Phase, Unit
-from ..schedules import epoch_shape, samples_between, updates_between
 from ..noise_scale import NoiseScale
 from ..optim.build import kind_of
-from ..callbacks import OnEpoch, Progress, StopAt
+from ..phase import Phase, Unit
+from ..schedules import epoch_shape, samples_between, updates_between
 from ..train import Evaluation, Guard, train
 from .transition import AutoSwitch
 
 
-def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_size: int, micro_batch_size: int,
-                        epochs: int, peak_lr: float = 0.0, warmup_epochs: float = 0.0, schedule: str = "linear",
-                        lr_at=None, stop: tuple[str, float] | None = None, after_epoch=None,
-                        resume: bool = False, final: bool = True, section: str | None = None,
-                        optim_section: str | None = None) -> dict:
-    """Large- or small-batch SGD over all ranks, as one resumable :class:`swap.phase.Phase` named
-    ``phase`` (checkpoints ``PHASE_last`` and, if ``final``, ``PHASE``).
+@dataclass
+class DataParallel:
+    """What a data-parallel phase trains (:func:`train_data_parallel`).
+
+    ``phase``: its name (checkpoints ``PHASE_last``, ``PHASE``; records; data stream). Batches of
+    ``batch_size`` samples (global), in micro-batches of ``micro_batch_size`` (0: one pass), for
+    ``epochs``. LR: warm-up to ``peak_lr`` over ``warmup_epochs`` then ``schedule`` (linear or
+    cosine) decay to 0 at ``epochs``, or ``lr_at(update)`` if given. ``stop``: (training metric,
+    threshold) ending the phase early (:func:`swap.task.stop_reached`); (``auto``, None): the
+    automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
+    ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
+    ``segments``, replaces the batch, the LR and the epochs (:meth:`Context.batches`). The
+    optimizer is config section ``optim_section``'s (default ``section``; :meth:`Context.optimizer`:
+    its ``optimizer`` and ``optim`` settings, or the library user's own), clipped as it says."""
+    phase: str
+    batch_size: int
+    micro_batch_size: int
+    epochs: int
+    peak_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    schedule: str = "linear"
+    lr_at: Callable[[int], float] | None = None
+    stop: tuple[str, float | None] | None = None
+    section: str | None = None
+    optim_section: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Config, section: str) -> "DataParallel":
+        """The phase that config ``section`` (``phase1``, ``sgd``) describes, named after it."""
+        sec = getattr(cfg, section)
+        return cls(section, sec.batch_size, sec.micro_batch_size, sec.max_epochs if section == "phase1" else sec.epochs,
+                   sec.peak_lr, sec.warmup_epochs, sec.schedule,
+                   stop=sec.stop_rule() if hasattr(sec, "stop_rule") else None, section=section)
+
+
+def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, resume: bool = False,
+                        final: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
+    """Large- or small-batch SGD over all ranks (:class:`DataParallel`), as one resumable
+    :class:`swap.phase.Phase` named ``plan.phase`` (checkpoints ``PHASE_last`` and, if ``final``,
+    ``PHASE``).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
-    end identical on all ranks). LR: linear warm-up to ``peak_lr`` then decay to 0 at ``epochs``,
-    or ``lr_at(step)`` if given. ``stop``: (training metric, threshold) ending the phase early
-    (:func:`swap.task.stop_reached`); (``auto``, None): the automatic switch of ``phase1.stop``
-    (:class:`swap.algorithms.transition.AutoSwitch`, its history read back on a resume).
-    ``after_epoch(record)`` runs on every rank after each epoch.
-    The optimizer is config section ``optim_section``'s (default ``section``; :meth:`Context.optimizer`:
-    its ``optimizer`` and ``optim`` settings, or the library user's own), clipped as it says.
-    ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
-    ``segments``, replaces ``batch_size``, the LR and ``epochs`` (:meth:`Context.batches`).
-    With ``resume`` the phase continues from its checkpoint (or returns the result of a finished
-    one); since every data stream derives from (seed, phase, worker, epoch), the continued run is
-    the uninterrupted one, bit for bit on CPU.
+    end identical on all ranks). ``callbacks`` watch the loop after the phase's own (on every
+    rank). With ``resume`` the phase continues from its checkpoint (or returns the result of a
+    finished one); since every data stream derives from (seed, phase, worker, epoch), the
+    continued run is the uninterrupted one, bit for bit on CPU.
 
     Returns:
         the train loop's last record, plus ``updates`` and ``wall_s`` (over all sessions),
@@ -52,10 +80,11 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     Raises:
         SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
-    cfg, d = ctx.cfg, ctx.dist
-    loader, lr_at, epochs = ctx.batches(section, (phase, 0), True, batch_size=batch_size, epochs=epochs, lr_at=lr_at,
-                                        peak_lr=peak_lr, warmup_epochs=warmup_epochs, shape=schedule)
-    optim_section = optim_section or section
+    cfg, d, phase, stop = ctx.cfg, ctx.dist, plan.phase, plan.stop
+    loader, lr_at, epochs = ctx.batches(plan.section, (phase, 0), True, batch_size=plan.batch_size, epochs=plan.epochs,
+                                        lr_at=plan.lr_at, peak_lr=plan.peak_lr, warmup_epochs=plan.warmup_epochs,
+                                        shape=plan.schedule)
+    optim_section = plan.optim_section or plan.section
     opt = ctx.optimizer(model, optim_section, (phase,))
     unit = Phase(ctx.run, cfg.hash(), [Unit(phase, model, opt, {"phase": phase})], every=cfg.checkpoint_every,
                  epochs=epochs, steps=loader, group=True, final=final)
@@ -63,14 +92,14 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     if start.result is not None:
         return start.result
     wrapped = ctx.data_parallel(model) if d.world_size > 1 else model
-    step = ctx.update_step(wrapped, opt, micro_batch_size, optim_section)
+    step = ctx.update_step(wrapped, opt, plan.micro_batch_size, optim_section)
     unit.sync = step.sync
-    callbacks = []                                # in order: each epoch's record is completed, logged, saved
+    watchers, callbacks = callbacks, []           # in order: each epoch's record is completed, logged, saved
     if phase == "phase1" and cfg.phase1.stop.metric == "auto" and d.world_size > 1 and ctx.optimizer_label(opt) == "sgd":
         # the gradient noise scale, logged every epoch
         callbacks.append(NoiseScale(epoch_shape(loader, 0)[2], d.world_size, d.device).attach(wrapped))
     if stop and stop[0] == "auto":
-        callbacks.append(AutoSwitch(ctx, phase, model, step.sync, math.ceil(warmup_epochs), epochs,
+        callbacks.append(AutoSwitch(ctx, phase, model, step.sync, math.ceil(plan.warmup_epochs), epochs,
                                     start.epoch if resume else 0))
     elif stop:
         callbacks.append(StopAt(*stop))
@@ -78,9 +107,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, *, phase: str, batch_siz
     if d.is_main:
         sink = ctx.sink(phase, None, epochs, opt)
         callbacks += [sink, *ctx.step_log(sink.step), Progress(bar)]
-    callbacks.append(unit)
-    if after_epoch is not None:
-        callbacks.append(OnEpoch(after_epoch))
+    callbacks += [unit, *watchers]
     out = train(step, loader, lr_at, epochs=epochs, start=start,
                 evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
                 callbacks=callbacks, guard=Guard(cfg.divergence_grad_norm, phase))
@@ -101,13 +128,10 @@ def run_sgd(spec: RunSpec) -> dict | None:
     continues from ``checkpoints/sgd_last``. ``spec`` as in :func:`swap.algorithms.swap.run_swap`.
     """
     ctx = Context.for_run(spec)
-    cfg, s = spec.cfg, spec.cfg.sgd
+    cfg = spec.cfg
     if spec.resume:
         ctx.prune_metrics_for_resume()
-    out = train_data_parallel(ctx, ctx.build_model(), phase="sgd", batch_size=s.batch_size,
-                              micro_batch_size=s.micro_batch_size, peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs,
-                              epochs=s.epochs, schedule=s.schedule, resume=spec.resume,
-                              section="sgd")
+    out = train_data_parallel(ctx, ctx.build_model(), DataParallel.of(cfg, "sgd"), resume=spec.resume)
     summary = None
     if ctx.dist.is_main:
         summary = {
@@ -130,4 +154,4 @@ def run_sgd(spec: RunSpec) -> dict | None:
     return summary
 
 
-__all__ = ["train_data_parallel", "run_sgd"]
+__all__ = ["DataParallel", "train_data_parallel", "run_sgd"]

@@ -20,12 +20,13 @@ import time
 from torch.optim.swa_utils import AveragedModel
 
 from .. import distributed
+from ..callbacks import OnEpoch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..schedules import cyclic
 from ..context import Context
 from ..errors import SwapError
 from ..methods import RunSpec
-from .sgd import train_data_parallel
+from .sgd import DataParallel, train_data_parallel
 
 VARIANTS = ("swa-large", "swa-lb-sb", "swa-small")
 
@@ -61,9 +62,9 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
         if record["epoch"] % epochs_per_cycle == 0:        # end of a cycle: the LR is at its minimum
             averaged.update_parameters(model)
 
-    out = train_data_parallel(ctx, model, phase="swa", batch_size=batch, micro_batch_size=micro,
-                              epochs=cycles * epochs_per_cycle, lr_at=cyclic(lr_max, lr_min, epochs_per_cycle * steps),
-                              after_epoch=sample, final=False, optim_section="phase1" if variant == "swa-large" else "phase2")
+    plan = DataParallel("swa", batch, micro, cycles * epochs_per_cycle, lr_at=cyclic(lr_max, lr_min, epochs_per_cycle * steps),
+                        optim_section="phase1" if variant == "swa-large" else "phase2")
+    out = train_data_parallel(ctx, model, plan, final=False, callbacks=[OnEpoch(sample)])
     summary = None
     if d.is_main:
         t_bn = time.perf_counter()

@@ -39,7 +39,7 @@ from ..phase import Phase, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
 from ..train import Evaluation, Guard, train
-from .sgd import train_data_parallel
+from .sgd import DataParallel, train_data_parallel
 from .local_sgd import OuterSync
 from .stacked import train_stacked
 
@@ -75,11 +75,7 @@ def phase1(ctx: Context, model, resume: bool) -> dict:
     large batch, warm-up to the peak LR, until the training accuracy of an epoch reaches
     ``phase1.stop_acc``, or meets the rule ``phase1.stop`` (or ``max_epochs``). Returns its result (epoch, updates, samples,
     accuracies, wall_s, stopped_early), also kept in ``checkpoints/phase1``."""
-    p1 = ctx.cfg.phase1
-    out = train_data_parallel(ctx, model, phase="phase1", batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
-                              peak_lr=p1.peak_lr, warmup_epochs=p1.warmup_epochs, epochs=p1.max_epochs,
-                              schedule=p1.schedule, stop=p1.stop_rule(), resume=resume,
-                              section="phase1")
+    out = train_data_parallel(ctx, model, DataParallel.of(ctx.cfg, "phase1"), resume=resume)
     distributed.barrier()
     return out
 

@@ -141,7 +141,6 @@ def local_procs(cfg) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed, methods, tracking
     from .context import configured_parts
-    from .data import ImageDataset, augment_for, load_configured
     from .report import results_table
     from .rundir import RunDir
 
@@ -159,20 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     method.check(cfg, procs)
     if not ranked and method.starts_processes(cfg, procs):
         distributed.start_server()                        # processes will start: their fork server, meanwhile
-    # Validate the data and the code the config names before creating anything: missing or corrupt
-    # files, and import paths that fail, stop here (under torchrun, every image is decoded once per
-    # machine, by the rank that prepares its run directory).
-    configured_parts(cfg)
-    verify = not ranked or os.environ.get("LOCAL_RANK", "0") == "0"
-    train_set, _, *val = load_configured(cfg.data, verify=verify, validation=cfg.uses_validation())
-    samples = len(train_set) + sum(map(len, val))                # the training set, a validation split included
-    fitted = method.fit(cfg, procs, samples)                     # defaults the user did not set, fitted to the data
-    method.check(cfg, procs, samples)
-    if isinstance(train_set, ImageDataset):
-        augment_for(cfg.data, train_set)
-    else:
-        spec = dataclasses.replace(spec, task=_checked_task(cfg, method, train_set))
-    del train_set, val
+    spec, fitted = _checked(spec, method, procs, verify=not ranked or os.environ.get("LOCAL_RANK", "0") == "0")
     if ranked:
         if fitted and os.environ.get("RANK", "0") == "0":
             print(f"swap: {args.method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
@@ -205,6 +191,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nRun directory: {out} (summary.json, metrics.jsonl, checkpoints/"
               + (", pretrained/: the model for from_pretrained" if pretrained else "") + ")")
     return 0
+
+
+def _checked(spec, method, procs: int, verify: bool):
+    """Before anything is created: the code the config names is imported and the data read (with
+    ``verify``, every image decoded: under torchrun once per machine, by the rank that prepares its
+    run directory), so that import paths that fail and missing or corrupt files stop here; then the
+    defaults the user did not set are fitted to the data and the batches checked against it.
+    Returns the run spec (with its checked task) and the fitted settings (lines)."""
+    from .context import configured_parts
+    from .data import ImageDataset, augment_for, load_configured
+
+    cfg = spec.cfg
+    configured_parts(cfg)
+    train_set, _, *val = load_configured(cfg.data, verify=verify, validation=cfg.uses_validation())
+    samples = len(train_set) + sum(map(len, val))                # the training set, a validation split included
+    fitted = method.fit(cfg, procs, samples)                     # defaults the user did not set, fitted to the data
+    method.check(cfg, procs, samples)
+    if isinstance(train_set, ImageDataset):
+        augment_for(cfg.data, train_set)
+        return spec, fitted
+    return dataclasses.replace(spec, task=_checked_task(cfg, method, train_set)), fitted
 
 
 def _checked_task(cfg, method, train_set):

@@ -33,9 +33,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import Config, section_epochs, segments
+from .config import Config, OptimConfig, section_epochs, segments
 from .errors import SwapError
 from .methods import METHODS
+from .optim.build import build_optimizer, weight_decay_of
 from .data import Augment, ImageDataset, Loader
 from .train import SGDStep, evaluate, train
 from .algorithms.stacked import StackedLoader, StackedStep
@@ -202,16 +203,18 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
         loaders = [Loader(data, b, (0, "calibrate", b, w), mean, std, augment, channels_last=channels_last)
                    for w in range(k)]
         models = [model_fn().to(device).to(memory_format=fmt) for _ in range(k)]
-        sgds = [torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4) for m in models]
-        step = StackedStep(models, sgds, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=amp_dtype)
+        o = OptimConfig()
+        step = StackedStep(models, [_sgd(m) for m in models], momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=weight_decay_of("sgd", o), amp_dtype=amp_dtype)
         stacked_rates[k] = _warm_rate(step, StackedLoader(loaders))
     side = sample_shape[1] if sample_shape[1] == sample_shape[2] else None
     return Throughput(train_rates, eval_rate, param_bytes, stacked_rates, side)
 
 
 def _sgd(model: nn.Module) -> torch.optim.SGD:
-    """The calibration's optimizer (its update's cost, not its result, is measured)."""
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    """The calibration's optimizer, the default SGD of a phase (:func:`swap.optim.build.build_optimizer`;
+    its update's cost, not its result, is measured)."""
+    return build_optimizer("sgd", model, OptimConfig())
 
 
 def _warm_rate(step, loader) -> float:

@@ -33,6 +33,7 @@ from .callbacks import Callback
 from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from .rundir import RunDir
 from .schedules import updates_between
+from .train import Position
 
 
 @dataclass
@@ -47,20 +48,17 @@ class Unit:
 
 
 @dataclass
-class Start:
-    """Where a phase continues (:meth:`Phase.restore`).
+class Start(Position):
+    """Where a phase continues (:meth:`Phase.restore`): the loop's :class:`swap.train.Position`
+    (``epoch``, first epoch to train, 0-based; ``step``, updates of it already done; ``totals``,
+    this rank's partial loss sum, correct and samples of that epoch, one list per unit when
+    several are stacked, or None), and
 
     Attributes:
-        epoch: first epoch to train (0-based); step: updates of it already done.
-        totals: this rank's partial (loss sum, correct, samples) of that epoch (one list per unit
-            when several are stacked), or None.
         updates, wall_s: progress of the earlier sessions (updates, seconds).
         result: the finished unit's result (then nothing is left to train), else None.
         meta: the metadata of the checkpoint continued from (e.g. ABS's rule state), else None.
     """
-    epoch: int = 0
-    step: int = 0
-    totals: list | None = None
     updates: int = 0
     wall_s: float = 0.0
     result: dict | None = None

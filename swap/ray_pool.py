@@ -318,7 +318,8 @@ class RayPool:
             relay = Relay([Path(log_dir) / f"ray_rank{rank}.out" for rank in range(nprocs)])
         for rank, actor in enumerate(actors):
             env = {"RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(nodes[:rank].count(nodes[rank])),
-                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master, "MASTER_PORT": str(port), **group_env}
+                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master, "MASTER_PORT": str(port),
+                   **group_env}
             refs[actor.run.remote(env, fn, args, None if log_dir is None else str(log_dir),
                                   None if relay is None else str(relay.paths[rank]))] = rank
         results, died, failed = {}, [], []

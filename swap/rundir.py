@@ -151,9 +151,10 @@ class RunDir:
         for folder, dirs, files in os.walk(self.path):          # does not descend into linked folders
             for name in sorted(dirs + files):
                 link = Path(folder) / name
-                if link.is_symlink() and not link.resolve().is_relative_to(root):
+                target = link.resolve() if link.is_symlink() else None
+                if target is not None and not target.is_relative_to(root):
                     raise SwapError(f"cannot resume {self.path}: {printable(str(link))} links to "
-                                    f"{printable(str(link.resolve()))}, outside the run directory; a run writes only "
+                                    f"{printable(str(target))}, outside the run directory; a run writes only "
                                     f"inside its own: replace the link by what it points to")
 
     @property
@@ -240,15 +241,16 @@ class RunDir:
             return []
         records = []
         for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                record = json.loads(line) if line.strip() else None
+                record = json.loads(line)
             except (ValueError, RecursionError):
-                record = []
-            if record is not None and not isinstance(record, dict):
+                record = None
+            if not isinstance(record, dict):
                 raise SwapError(f"{self.metrics_path}: line {number} is not a record that swap writes (one JSON "
                                 f"object per line); the file was altered")
-            if record is not None:
-                records.append(record)
+            records.append(record)
         return records if steps else [r for r in records if r.get("kind") != "step"]
 
     @property
@@ -264,7 +266,7 @@ class RunDir:
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
         tracked = tracking.active(self.path)
         if tracked is not None:                   # the run's end: callbacks, final metrics, artifacts
-            tracked.run_end(summary, self.read_metrics())
+            tracked.run_end(summary, self.read_metrics)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())

@@ -45,6 +45,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .config import SwapError
 from .errors import printable
@@ -340,10 +341,10 @@ class Tracking:
                 cb.on_phase_end(phase, result)
         self._each("flush", lambda lg: lg.flush())
 
-    def run_end(self, summary: dict, records: list[dict]) -> None:
+    def run_end(self, summary: dict, records: Callable[[], list[dict]]) -> None:
         """At the end of the run (rank 0): the summary's figures as final metrics; ``summary.json``,
-        ``config.yaml`` and the run's figures (curves drawn from ``records``, metrics.jsonl's) as
-        artifacts (MLflow) and images (TensorBoard)."""
+        ``config.yaml`` and the run's figures (curves drawn from ``records()``, metrics.jsonl's,
+        read only when there is a logger to show them) as artifacts (MLflow) and images (TensorBoard)."""
         for cb in self.callbacks:
             if hasattr(cb, "on_run_end"):
                 cb.on_run_end(summary)
@@ -352,7 +353,7 @@ class Tracking:
         step = int(summary.get("updates", {}).get("critical_path", self.last_step)) \
             if isinstance(summary.get("updates"), dict) else self.last_step
         files = [p for p in (self.run_path / "summary.json", self.run_path / "config.yaml") if p.is_file()]
-        figures = self._figures(records)
+        figures = self._figures(records())
         self._each("end", lambda lg: lg.finish(summary, step, files, figures))
         if figures:
             import matplotlib.pyplot as plt

@@ -407,7 +407,7 @@ class Position:
     """Where a loop continues: epoch ``epoch`` (0-based) from update ``step`` of it, with this
     rank's partial sums of that epoch (``totals``: loss sum, correct, samples; one such list per
     model when there are several), as :meth:`swap.callbacks.Callback.on_interrupt` received them.
-    (:class:`swap.phase.Start` has these fields.)"""
+    (:class:`swap.phase.Start`, where a resumable phase continues, extends it.)"""
     epoch: int = 0
     step: int = 0
     totals: list | None = None

@@ -50,8 +50,8 @@ def read_idx(path: str | Path) -> np.ndarray:
                 raise SwapError(f"{path}: truncated IDX header")
             shape = struct.unpack(f">{ndim}I", sizes)
             expected = math.prod(shape)
-            if path.suffix != ".gz" and os.fstat(fh.fileno()).st_size - 4 - 4 * ndim < expected:
-                held = os.fstat(fh.fileno()).st_size - 4 - 4 * ndim
+            held = os.fstat(fh.fileno()).st_size - 4 - 4 * ndim if path.suffix != ".gz" else None
+            if held is not None and held < expected:
                 raise SwapError(f"{path}: IDX header declares {shape} = {expected} bytes but the file holds "
                                 f"{held}; the file is truncated or corrupt")
             data = bytearray()

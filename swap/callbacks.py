@@ -1,7 +1,7 @@
 """The train loop's callbacks: every watcher of :func:`swap.train.train` is an object with hooks.
 
 The loop knows hooks, each feature is an object (the shape of Lightning's ``Callback``): the
-metrics sink and its per-update records, the progress bar, the stopping rules, a resumable unit's
+metrics sink and its per-update records, the progress bar, the stopping rules (:mod:`swap.stopping`), a resumable unit's
 checkpoints, local SGD's meetings, the gradient noise scale, saved iterates. Callbacks run in the
 order given; a hook not defined does nothing.
 
@@ -25,7 +25,6 @@ from typing import Callable
 
 import torch
 
-from .task import stop_reached
 
 
 @dataclass
@@ -106,29 +105,4 @@ class Progress(Callback):
         self.bar.update(1)
 
 
-class StopAt(Callback):
-    """SWAP phase 1's stopping rule (Gupta et al., ICLR 2020, Algorithm 1): stop after the first
-    epoch whose ``metric`` meets ``threshold`` (:func:`swap.task.stop_reached`: ``train_acc``, the
-    worst model's training accuracy in percent at least the threshold; ``train_loss``, the worst
-    model's mean loss at most it). ``threshold`` None: never."""
-
-    def __init__(self, metric: str = "train_acc", threshold: float | None = None):
-        self.metric, self.threshold = metric, threshold
-
-    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
-        worst = min(train_acc) if self.metric == "train_acc" else max(train_loss)
-        return stop_reached(self.metric, worst, self.threshold)
-
-
-class StopWhen(Callback):
-    """``rule(epoch, train_loss)`` decides after each epoch (1-based; the worst model's mean
-    loss): an automatic switch such as :class:`swap.task.Plateau`."""
-
-    def __init__(self, rule: Callable[[int, float], bool]):
-        self.rule = rule
-
-    def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
-        return self.rule(epoch, max(train_loss))
-
-
-__all__ = ["LoopState", "Callback", "OnEpoch", "OnUpdate", "OnInterrupt", "Progress", "StopAt", "StopWhen"]
+__all__ = ["LoopState", "Callback", "OnEpoch", "OnUpdate", "OnInterrupt", "Progress"]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import SwapError
+from .errors import SwapError
 from .errors import printable
 
 

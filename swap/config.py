@@ -23,9 +23,17 @@ import yaml
 
 from .errors import SwapError, printable  # noqa: F401  (re-exported: `from swap.config import SwapError`)
 from .imports import is_import_path
-from .schedules import parse_segments
+from .models import MODELS
+from .schedules import SHAPES, parse_segments
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder")   # swap.data.sources
+LAYOUTS = ("processes", "sequential", "vmap")           # phase2.layout
+EXTRAP_VARIANTS = ("extragradient", "past-gradient", "gaussian")   # extrap.variant (swap.optim.extrap)
+# the sections that train a model with their own batch, LR schedule and optimizer
+TRAINING_SECTIONS = ("phase1", "phase2", "sgd", "sgd_small", "sgd_large", "lars_large", "lamb_large", "adamw_large")
 
 
 @dataclass
@@ -591,170 +599,101 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+def _need(ok: bool, msg: str) -> None:
+    """Raise :class:`SwapError` with ``msg`` unless ``ok``."""
+    if not ok:
+        raise SwapError(msg)
+
+
+def _one_of(value: str, legal, key: str) -> None:
+    """Refuse ``value`` of config ``key`` unless it is one of ``legal``."""
+    names = list(legal)
+    _need(value in names, f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got '{value}'")
+
+
 def validate(cfg: Config) -> None:
-    """Refuse impossible settings before any work starts.
+    """Refuse impossible settings before any work starts: every section checks its own keys
+    (:func:`check_section`), then :func:`check_across` checks the rules that join sections.
 
     Raises:
         SwapError: naming the key, the bad value and what would be valid.
     """
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise SwapError(msg)
+    _need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
+          f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
+    _need(cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}")
+    _need(cfg.procs >= 0, f"procs must be >= 0, got {cfg.procs}")
+    _need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
+    _one_of(cfg.device, ("cpu", "cuda", "auto"), "device")
+    _one_of(cfg.precision, ("fp32", "bf16", "auto"), "precision")
+    _need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    _need(cfg.divergence_grad_norm > 0, f"divergence_grad_norm must be > 0, got {cfg.divergence_grad_norm}")
+    _need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            check_section(getattr(cfg, f.name), f.name)
+    check_across(cfg)
 
-    need(cfg.name != "" and cfg.name.isprintable() and "/" not in cfg.name and cfg.name not in (".", ".."),
-         f"name must be a non-empty printable name without '/' (it names run directories), got {cfg.name!r}")
-    own_data, own_model = is_import_path(cfg.data.name), is_import_path(cfg.model.name)
-    need(cfg.data.name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder") or own_data,
-         f"data.name must be fashion-mnist, mnist, cifar10, cifar100, text-char, imagefolder or yours as "
-         f"package.module:function, got {printable(cfg.data.name)!r}")
-    need(cfg.model.name in ("resnet9", "smallcnn", "char-transformer", "resnet50") or own_model
-         or cfg.model.name.startswith("torchvision:") and len(cfg.model.name) > len("torchvision:"),
-         f"model.name must be resnet9, smallcnn, resnet50, char-transformer, torchvision:NAME or yours as "
-         f"package.module:function, got {printable(cfg.model.name)!r}")
-    for key, value in (("data.collate", cfg.data.collate), ("task.loss", cfg.task.loss)):
-        need(value is None or is_import_path(value), f"{key} must be package.module:function or null, got "
-                                                     f"{printable(str(value))!r}")
-    need(isinstance(cfg.logging.loggers, list) and all(isinstance(x, str) for x in cfg.logging.loggers),
-         f"logging.loggers must be a list of names (tensorboard, mlflow), got {printable(str(cfg.logging.loggers))}")
-    need(cfg.logging.log_every >= 0, f"logging.log_every must be >= 0 updates, got {cfg.logging.log_every}")
-    need(isinstance(cfg.task.metrics, list) and all(m in ("top1", "top5", "loss") or is_import_path(m)
-                                                    for m in cfg.task.metrics),
-         f"task.metrics must be a list of top1, top5, loss and package.module:function entries, got "
-         f"{printable(str(cfg.task.metrics))}")
-    need(not cfg.model.init_bn0 or cfg.model.name == "resnet50",
-         f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
-    need(cfg.data.image_size is None or cfg.data.image_size >= 1,
-         f"data.image_size must be >= 1 (pixels) or null (the images' own), got {cfg.data.image_size}")
-    need(cfg.data.crop in ("auto", "resized", "padded"), f"data.crop must be auto, resized or padded, got '{cfg.data.crop}'")
-    need(0 < cfg.data.min_scale <= 1, f"data.min_scale must be in (0, 1], got {cfg.data.min_scale}")
-    need(0 < cfg.data.crop_ratio <= 1, f"data.crop_ratio must be in (0, 1], got {cfg.data.crop_ratio}")
-    need(cfg.data.bad_images in ("stop", "skip"), f"data.bad_images must be stop or skip, got '{cfg.data.bad_images}'")
-    need(own_data or own_model or (cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
-         f"data.name={cfg.data.name} needs an image model and text-char the char-transformer "
-         f"(model.name={cfg.model.name})")
-    need(cfg.data.seq_len >= 1, f"data.seq_len must be >= 1, got {cfg.data.seq_len}")
-    need(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
-    need(cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}")
-    need(cfg.procs >= 0, f"procs must be >= 0, got {cfg.procs}")
-    need(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
-    need(cfg.device in ("cpu", "cuda", "auto"), f"device must be cpu, cuda or auto, got '{cfg.device}'")
-    need(cfg.precision in ("fp32", "bf16", "auto"), f"precision must be fp32, bf16 or auto, got '{cfg.precision}'")
-    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
-    need(cfg.divergence_grad_norm > 0, f"divergence_grad_norm must be > 0, got {cfg.divergence_grad_norm}")
-    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
-    need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
-    need(cfg.data.crop_padding >= 0 and cfg.data.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")
-    _check_optim(cfg.optim, "optim")
-    need(cfg.data.holdout >= 0, f"data.holdout must be >= 0, got {cfg.data.holdout}")
-    need(0 < cfg.swa.lr_min and 0 < cfg.swa.large_lr_min <= cfg.swa.large_lr_max,
-         "swa.lr_min and swa.large_lr_min must be > 0 and swa.large_lr_min <= swa.large_lr_max")
-    for section, epochs_key in (("phase1", "max_epochs"), ("phase2", "epochs"), ("sgd", "epochs"),
-                                ("sgd_small", "epochs"), ("sgd_large", "epochs"), ("lars_large", "epochs"),
-                                ("lamb_large", "epochs"), ("adamw_large", "epochs")):
-        sec = getattr(cfg, section)
-        need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
-        need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")
-        epochs = getattr(sec, epochs_key)
-        need(epochs >= 1, f"{section}.{epochs_key} must be >= 1, got {epochs}")
-        need(0 <= sec.warmup_epochs <= epochs,
-             f"{section}.warmup_epochs must be in [0, {section}.{epochs_key}={epochs}], got {sec.warmup_epochs}")
-        need(sec.schedule in ("linear", "cosine"), f"{section}.schedule must be linear or cosine, got '{sec.schedule}'")
-        need(sec.min_lr <= sec.peak_lr, f"{section}.min_lr={sec.min_lr} is above {section}.peak_lr={sec.peak_lr}")
-        need(sec.min_lr >= 0 and sec.warmup_updates >= 0, f"{section}.min_lr and {section}.warmup_updates must be "
-                                                           f">= 0, got {sec.min_lr}, {sec.warmup_updates}")
-        need(not (sec.warmup_updates and sec.warmup_epochs), f"{section}.warmup_updates={sec.warmup_updates} and "
-             f"{section}.warmup_epochs={sec.warmup_epochs} both set the warm-up: keep one (the other 0)")
-        need(sec.optimizer in OPTIMIZERS and (section != "phase2" or sec.optimizer != "extrap")
-             or is_import_path(sec.optimizer),
-             f"{section}.optimizer must be one of {', '.join(o for o in OPTIMIZERS if section != 'phase2' or o != 'extrap')}"
-             f" or your own as package.module:function, got {printable(sec.optimizer)!r}")
-        if not isinstance(sec.optim, dict):
-            raise SwapError(f"{section}.optim must be a mapping of optim keys, got {sec.optim!r}")
-        optim_for(cfg, section)          # overrides that name no optim key, or bad values, fail here
-        micro = getattr(sec, "micro_batch_size", 0)
-        need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
-        segments(cfg, section)           # a piecewise schedule that does not tile its epochs fails here
-    p2 = cfg.phase2
-    need(p2.cycles >= 1, f"phase2.cycles must be >= 1, got {p2.cycles}")
-    need(p2.sync_every is None or p2.sync_every >= 1, f"phase2.sync_every must be >= 1 (updates) or null, got {p2.sync_every}")
-    need(p2.outer in ("average", "nesterov"), f"phase2.outer must be average or nesterov, got '{p2.outer}'")
-    need(p2.outer_lr > 0, f"phase2.outer_lr must be > 0, got {p2.outer_lr}")
-    need(0 <= p2.outer_momentum < 1, f"phase2.outer_momentum must be in [0, 1), got {p2.outer_momentum}")
-    need(p2.sync_every is None or p2.layout != "vmap",
-         "phase2.sync_every has the workers meet while they train, each in its rank: use phase2.layout sequential "
-         "(processes is taken as sequential then)")
-    need(p2.cycles == 1 or not (p2.segments or p2.layout == "vmap"),
-         "phase2.cycles > 1 restarts the LR schedule of phase2.epochs; it needs phase2.layout processes or sequential "
-         "and no phase2.segments")
-    need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
-    need(p2.ranks_per_worker == 1 or p2.layout != "vmap",
-         f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: use "
-         f"phase2.layout sequential (processes is taken as sequential then)")
-    for key, batch in section_batches(cfg, "phase2"):
-        need(batch % p2.ranks_per_worker == 0, f"{key}={batch} is not divisible by phase2.ranks_per_worker="
-                                               f"{p2.ranks_per_worker} (each rank of a worker takes an equal share)")
-    need(p2.start_epoch >= 0, f"phase2.start_epoch must be >= 0, got {p2.start_epoch}")
-    need(not p2.start_epoch or p2.segments, "phase2.start_epoch needs phase2.segments (the schedule to revert to)")
-    need(not p2.segments or p2.start_epoch < segments(cfg, "phase2")[-1].end,
-         f"phase2.start_epoch={p2.start_epoch} is past the end of phase2.segments "
-         f"(epoch {segments(cfg, 'phase2')[-1].end if p2.segments else 0})")
-    need(0 < cfg.phase1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {cfg.phase1.stop_acc}")
-    need(cfg.phase1.stop.metric in STOP_METRICS or cfg.phase1.stop.metric == "auto",
-         f"phase1.stop.metric={cfg.phase1.stop.metric!r} is never computed during training "
-         f"(known: {', '.join(STOP_METRICS)}, or auto)")
-    need(cfg.phase1.stop.signal in AUTO_SIGNALS, f"phase1.stop.signal={cfg.phase1.stop.signal!r} is not an automatic "
-                                                 f"switch signal (known: {', '.join(AUTO_SIGNALS)})")
-    need(cfg.phase1.stop.window >= 1 and cfg.phase1.stop.min_gain > 0 and cfg.phase1.stop.min_delta >= 0,
-         f"phase1.stop.window must be >= 1, phase1.stop.min_gain > 0 and phase1.stop.min_delta >= 0, got "
-         f"{cfg.phase1.stop.window}, {cfg.phase1.stop.min_gain}, {cfg.phase1.stop.min_delta}")
-    need(cfg.phase1.stop.every >= 1 and cfg.phase1.stop.trial_updates >= 0,
-         f"phase1.stop.every must be >= 1 and phase1.stop.trial_updates >= 0, got {cfg.phase1.stop.every}, "
-         f"{cfg.phase1.stop.trial_updates}")
-    need(cfg.extrap.variant in ("extragradient", "past-gradient", "gaussian"),
-         f"extrap.variant must be extragradient, past-gradient or gaussian, got '{cfg.extrap.variant}'")
-    need(cfg.extrap.gamma_ratio >= 0 and cfg.extrap.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
-    need(cfg.phase2.save_every >= 0, f"phase2.save_every must be >= 0, got {cfg.phase2.save_every}")
-    need(cfg.phase2.layout in ("processes", "sequential", "vmap"),
-         f"phase2.layout must be processes, sequential or vmap, got '{cfg.phase2.layout}'")
-    vmap_optim = optim_for(cfg, "phase2")
-    need(not (cfg.phase2.layout == "vmap" and (p2.optimizer != "sgd" or vmap_optim.no_decay != "none"
-                                               or vmap_optim.clip_grad_norm)),
-         f"phase2.layout vmap stacks the workers into one SGD over every parameter: phase2.optimizer "
-         f"{p2.optimizer}, optim.no_decay {vmap_optim.no_decay} and optim.clip_grad_norm "
-         f"{vmap_optim.clip_grad_norm:g} need phase2.layout processes or sequential (or sgd, none and 0)")
-    need(not (cfg.phase2.layout == "vmap" and cfg.phase2.segments),
-         "phase2.segments (a piecewise schedule) needs phase2.layout processes or sequential")
-    need(not (cfg.phase2.layout == "vmap" and cfg.phase2.save_every),
-         "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
-    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    need(cfg.data.sample_rngs in ("torch", "all"), f"data.sample_rngs must be torch or all, got '{cfg.data.sample_rngs}'")
-    need(cfg.phase3.aggregate in ("uniform", "greedy"),
-         f"phase3.aggregate must be uniform or greedy, got '{cfg.phase3.aggregate}'")
-    need(cfg.phase3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {cfg.phase3.bn_batch_size}")
-    a = cfg.abs
-    need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,
-         f"abs.batch_size, abs.peak_lr and abs.epochs must be > 0, got {a.batch_size}, {a.peak_lr}, {a.epochs}")
-    need(0 <= a.warmup_epochs <= a.epochs, f"abs.warmup_epochs must be in [0, abs.epochs={a.epochs}], got {a.warmup_epochs}")
-    need(a.schedule in ("linear", "cosine"), f"abs.schedule must be linear or cosine, got '{a.schedule}'")
-    need(a.micro_batch_size >= 0, f"abs.micro_batch_size must be >= 0, got {a.micro_batch_size}")
-    need(a.max_batch_factor >= 1, f"abs.max_batch_factor must be >= 1, got {a.max_batch_factor}")
-    need(0 < a.decay_ratio < 1, f"abs.decay_ratio must be in (0, 1), got {a.decay_ratio}")
-    need(a.fallback_epochs >= 0 and a.eig_every >= 1, "abs.fallback_epochs must be >= 0 and abs.eig_every >= 1")
-    need(a.eig_samples >= 1 and a.eig_iters >= 1 and a.eig_tol >= 0, "abs.eig_samples/eig_iters must be >= 1, eig_tol >= 0")
-    need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
-    need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
-    need(a.per_worker_batch >= 1 and a.max_workers >= 0, "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
-    need(a.launcher in ("torch", "ray"), f"abs.launcher must be torch or ray, got {printable(a.launcher)!r}")
-    need(a.ray_address in ("", "auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", a.ray_address, re.ASCII),
-         f"abs.ray_address must be host:port, ray://host:port or auto, got {printable(a.ray_address)!r}")
-    need(a.max_restarts >= 0, f"abs.max_restarts must be >= 0, got {a.max_restarts}")
+
+def check_section(sec: Any, where: str) -> None:
+    """The rules of one config section that need no other section (``where``: its key, such as
+    ``phase2`` or ``phase1.optim``).
+
+    Raises:
+        SwapError: naming the key, the bad value and what would be valid.
+    """
+    if isinstance(sec, (Phase1Config, Phase2Config, SGDConfig)):
+        _check_training(sec, where)
+    {DataConfig: _check_data, ModelConfig: _check_model, TaskConfig: _check_task, LoggingConfig: _check_logging,
+     OptimConfig: _check_optim, StopConfig: _check_stop, Phase1Config: _check_phase1, Phase2Config: _check_phase2,
+     Phase3Config: _check_phase3, ExtrapConfig: _check_extrap, SWAConfig: _check_swa,
+     ABSConfig: _check_abs}.get(type(sec), lambda s, w: None)(sec, where)
+
+
+def _check_data(d: DataConfig, where: str) -> None:
+    _need(d.name in DATASETS or is_import_path(d.name),
+          f"data.name must be {', '.join(DATASETS)} or yours as package.module:function, got {printable(d.name)!r}")
+    _need(d.collate is None or is_import_path(d.collate),
+          f"data.collate must be package.module:function or null, got {printable(str(d.collate))!r}")
+    _need(d.image_size is None or d.image_size >= 1,
+          f"data.image_size must be >= 1 (pixels) or null (the images' own), got {d.image_size}")
+    _one_of(d.crop, ("auto", "resized", "padded"), "data.crop")
+    _need(0 < d.min_scale <= 1, f"data.min_scale must be in (0, 1], got {d.min_scale}")
+    _need(0 < d.crop_ratio <= 1, f"data.crop_ratio must be in (0, 1], got {d.crop_ratio}")
+    _one_of(d.bad_images, ("stop", "skip"), "data.bad_images")
+    _need(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
+    _need(d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset/test_subset must be >= 0")
+    _need(d.crop_padding >= 0 and d.cutout >= 0, "data.crop_padding and data.cutout must be >= 0")
+    _need(d.holdout >= 0, f"data.holdout must be >= 0, got {d.holdout}")
+    _need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _one_of(d.sample_rngs, ("torch", "all"), "data.sample_rngs")
+
+
+def _check_model(m: ModelConfig, where: str) -> None:
+    _need(m.name in MODELS or is_import_path(m.name)
+          or m.name.startswith("torchvision:") and len(m.name) > len("torchvision:"),
+          f"model.name must be {', '.join(MODELS)}, torchvision:NAME or yours as package.module:function, got "
+          f"{printable(m.name)!r}")
+    _need(m.width > 0, f"model.width must be > 0, got {m.width}")
+
+
+def _check_task(t: TaskConfig, where: str) -> None:
+    _need(t.loss is None or is_import_path(t.loss),
+          f"task.loss must be package.module:function or null, got {printable(str(t.loss))!r}")
+    _need(isinstance(t.metrics, list) and all(m in ("top1", "top5", "loss") or is_import_path(m) for m in t.metrics),
+          f"task.metrics must be a list of top1, top5, loss and package.module:function entries, got "
+          f"{printable(str(t.metrics))}")
+
+
+def _check_logging(g: LoggingConfig, where: str) -> None:
+    _need(isinstance(g.loggers, list) and all(isinstance(x, str) for x in g.loggers),
+          f"logging.loggers must be a list of names (tensorboard, mlflow), got {printable(str(g.loggers))}")
+    _need(g.log_every >= 0, f"logging.log_every must be >= 0 updates, got {g.log_every}")
 
 
 def _check_optim(o: OptimConfig, where: str) -> None:
     """Refuse impossible optimizer settings (``where``: ``optim`` or ``phase1.optim``, ...)."""
     def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise SwapError(f"{where}.{msg}")
+        _need(ok, f"{where}.{msg}")
 
     need(0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}")
     need(not o.nesterov or o.momentum > 0, "nesterov needs momentum > 0 (set nesterov: false for momentum 0)")
@@ -766,6 +705,143 @@ def _check_optim(o: OptimConfig, where: str) -> None:
     need(o.trust_coefficient >= 0, f"trust_coefficient must be >= 0, got {o.trust_coefficient}")
     need(o.no_decay in NO_DECAY, f"no_decay must be {', '.join(NO_DECAY)}, got '{o.no_decay}'")
     need(o.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 = off), got {o.clip_grad_norm}")
+
+
+def _check_stop(s: StopConfig, where: str) -> None:
+    _need(s.metric in STOP_METRICS or s.metric == "auto",
+          f"{where}.metric={s.metric!r} is never computed during training (known: {', '.join(STOP_METRICS)}, or auto)")
+    _need(s.signal in AUTO_SIGNALS,
+          f"{where}.signal={s.signal!r} is not an automatic switch signal (known: {', '.join(AUTO_SIGNALS)})")
+    _need(s.window >= 1 and s.min_gain > 0 and s.min_delta >= 0,
+          f"{where}.window must be >= 1, {where}.min_gain > 0 and {where}.min_delta >= 0, got "
+          f"{s.window}, {s.min_gain}, {s.min_delta}")
+    _need(s.every >= 1 and s.trial_updates >= 0,
+          f"{where}.every must be >= 1 and {where}.trial_updates >= 0, got {s.every}, {s.trial_updates}")
+
+
+def _check_training(sec: Phase1Config | Phase2Config | SGDConfig, section: str) -> None:
+    """The keys every training section has: batch, LR schedule, epochs, optimizer, segments."""
+    _need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
+    _need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")
+    epochs_key = "max_epochs" if isinstance(sec, Phase1Config) else "epochs"
+    epochs = getattr(sec, epochs_key)
+    _need(epochs >= 1, f"{section}.{epochs_key} must be >= 1, got {epochs}")
+    _need(0 <= sec.warmup_epochs <= epochs,
+          f"{section}.warmup_epochs must be in [0, {section}.{epochs_key}={epochs}], got {sec.warmup_epochs}")
+    _one_of(sec.schedule, SHAPES, f"{section}.schedule")
+    _need(sec.min_lr <= sec.peak_lr, f"{section}.min_lr={sec.min_lr} is above {section}.peak_lr={sec.peak_lr}")
+    _need(sec.min_lr >= 0 and sec.warmup_updates >= 0, f"{section}.min_lr and {section}.warmup_updates must be "
+                                                        f">= 0, got {sec.min_lr}, {sec.warmup_updates}")
+    _need(not (sec.warmup_updates and sec.warmup_epochs), f"{section}.warmup_updates={sec.warmup_updates} and "
+          f"{section}.warmup_epochs={sec.warmup_epochs} both set the warm-up: keep one (the other 0)")
+    legal = [o for o in OPTIMIZERS if section != "phase2" or o != "extrap"]     # workers step on their own
+    _need(sec.optimizer in legal or is_import_path(sec.optimizer),
+          f"{section}.optimizer must be one of {', '.join(legal)} or your own as package.module:function, got "
+          f"{printable(sec.optimizer)!r}")
+    _need(isinstance(sec.optim, dict), f"{section}.optim must be a mapping of optim keys, got {sec.optim!r}")
+    micro = getattr(sec, "micro_batch_size", 0)
+    _need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
+    parse_segments(sec.segments, f"{section}.segments")   # a schedule that does not tile its epochs fails here
+
+
+def _check_phase1(p1: Phase1Config, where: str) -> None:
+    _need(0 < p1.stop_acc <= 100, f"phase1.stop_acc must be in (0, 100], got {p1.stop_acc}")
+    check_section(p1.stop, "phase1.stop")
+
+
+def _check_phase2(p2: Phase2Config, where: str) -> None:
+    segs = parse_segments(p2.segments, "phase2.segments")
+    _need(p2.cycles >= 1, f"phase2.cycles must be >= 1, got {p2.cycles}")
+    _need(p2.sync_every is None or p2.sync_every >= 1,
+          f"phase2.sync_every must be >= 1 (updates) or null, got {p2.sync_every}")
+    _one_of(p2.outer, ("average", "nesterov"), "phase2.outer")
+    _need(p2.outer_lr > 0, f"phase2.outer_lr must be > 0, got {p2.outer_lr}")
+    _need(0 <= p2.outer_momentum < 1, f"phase2.outer_momentum must be in [0, 1), got {p2.outer_momentum}")
+    _one_of(p2.layout, LAYOUTS, "phase2.layout")
+    _need(p2.sync_every is None or p2.layout != "vmap",
+          "phase2.sync_every has the workers meet while they train, each in its rank: use phase2.layout sequential "
+          "(processes is taken as sequential then)")
+    _need(p2.cycles == 1 or not (segs or p2.layout == "vmap"),
+          "phase2.cycles > 1 restarts the LR schedule of phase2.epochs; it needs phase2.layout processes or "
+          "sequential and no phase2.segments")
+    _need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
+    _need(p2.ranks_per_worker == 1 or p2.layout != "vmap",
+          f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: use "
+          f"phase2.layout sequential (processes is taken as sequential then)")
+    for key, batch in _batches(p2, "phase2"):
+        _need(batch % p2.ranks_per_worker == 0, f"{key}={batch} is not divisible by phase2.ranks_per_worker="
+                                                f"{p2.ranks_per_worker} (each rank of a worker takes an equal share)")
+    _need(p2.start_epoch >= 0, f"phase2.start_epoch must be >= 0, got {p2.start_epoch}")
+    _need(not p2.start_epoch or segs, "phase2.start_epoch needs phase2.segments (the schedule to revert to)")
+    _need(not segs or p2.start_epoch < segs[-1].end,
+          f"phase2.start_epoch={p2.start_epoch} is past the end of phase2.segments (epoch {segs[-1].end if segs else 0})")
+    _need(p2.save_every >= 0, f"phase2.save_every must be >= 0, got {p2.save_every}")
+    _need(not (p2.layout == "vmap" and segs),
+          "phase2.segments (a piecewise schedule) needs phase2.layout processes or sequential")
+    _need(not (p2.layout == "vmap" and p2.save_every),
+          "phase2.save_every (iterates for `swap cosine`) needs phase2.layout processes or sequential")
+
+
+def _check_phase3(p3: Phase3Config, where: str) -> None:
+    _one_of(p3.aggregate, ("uniform", "greedy"), "phase3.aggregate")
+    _need(p3.bn_batch_size >= 1, f"phase3.bn_batch_size must be >= 1, got {p3.bn_batch_size}")
+
+
+def _check_extrap(e: ExtrapConfig, where: str) -> None:
+    _one_of(e.variant, EXTRAP_VARIANTS, "extrap.variant")
+    _need(e.gamma_ratio >= 0 and e.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
+
+
+def _check_swa(s: SWAConfig, where: str) -> None:
+    _need(0 < s.lr_min and 0 < s.large_lr_min <= s.large_lr_max,
+          "swa.lr_min and swa.large_lr_min must be > 0 and swa.large_lr_min <= swa.large_lr_max")
+
+
+def _check_abs(a: ABSConfig, where: str) -> None:
+    _need(a.batch_size >= 1 and a.peak_lr > 0 and a.epochs >= 1,
+          f"abs.batch_size, abs.peak_lr and abs.epochs must be > 0, got {a.batch_size}, {a.peak_lr}, {a.epochs}")
+    _need(0 <= a.warmup_epochs <= a.epochs,
+          f"abs.warmup_epochs must be in [0, abs.epochs={a.epochs}], got {a.warmup_epochs}")
+    _one_of(a.schedule, SHAPES, "abs.schedule")
+    _need(a.micro_batch_size >= 0, f"abs.micro_batch_size must be >= 0, got {a.micro_batch_size}")
+    _need(a.max_batch_factor >= 1, f"abs.max_batch_factor must be >= 1, got {a.max_batch_factor}")
+    _need(0 < a.decay_ratio < 1, f"abs.decay_ratio must be in (0, 1), got {a.decay_ratio}")
+    _need(a.fallback_epochs >= 0 and a.eig_every >= 1, "abs.fallback_epochs must be >= 0 and abs.eig_every >= 1")
+    _need(a.eig_samples >= 1 and a.eig_iters >= 1 and a.eig_tol >= 0,
+          "abs.eig_samples/eig_iters must be >= 1, eig_tol >= 0")
+    _need(0 <= a.adv_fraction <= 1, f"abs.adv_fraction must be in [0, 1], got {a.adv_fraction}")
+    _need(a.adv_eps >= 0, f"abs.adv_eps must be >= 0, got {a.adv_eps}")
+    _need(a.per_worker_batch >= 1 and a.max_workers >= 0,
+          "abs.per_worker_batch must be >= 1 and abs.max_workers >= 0")
+    _need(a.launcher in ("torch", "ray"), f"abs.launcher must be torch or ray, got {printable(a.launcher)!r}")
+    _need(a.ray_address in ("", "auto", "local")
+          or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", a.ray_address, re.ASCII),
+          f"abs.ray_address must be host:port, ray://host:port or auto, got {printable(a.ray_address)!r}")
+    _need(a.max_restarts >= 0, f"abs.max_restarts must be >= 0, got {a.max_restarts}")
+
+
+def check_across(cfg: Config) -> None:
+    """The rules of a config that join two sections (the data and the model, a section's
+    optimizer overrides and ``optim``, phase 2's layout and its optimizer). The rules against the
+    data and the machine are :meth:`swap.methods.Method.check`'s.
+
+    Raises:
+        SwapError: naming the keys, their values and what would be valid.
+    """
+    own = is_import_path(cfg.data.name) or is_import_path(cfg.model.name)
+    _need(own or (cfg.data.name == "text-char") == (cfg.model.name == "char-transformer"),
+          f"data.name={cfg.data.name} needs an image model and text-char the char-transformer "
+          f"(model.name={cfg.model.name})")
+    _need(not cfg.model.init_bn0 or cfg.model.name == "resnet50",
+          f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
+    for section in TRAINING_SECTIONS:
+        optim_for(cfg, section)          # overrides that name no optim key, or bad values, fail here
+    p2, vmap_optim = cfg.phase2, optim_for(cfg, "phase2")
+    _need(not (p2.layout == "vmap" and (p2.optimizer != "sgd" or vmap_optim.no_decay != "none"
+                                        or vmap_optim.clip_grad_norm)),
+          f"phase2.layout vmap stacks the workers into one SGD over every parameter: phase2.optimizer "
+          f"{p2.optimizer}, optim.no_decay {vmap_optim.no_decay} and optim.clip_grad_norm "
+          f"{vmap_optim.clip_grad_norm:g} need phase2.layout processes or sequential (or sgd, none and 0)")
 
 
 def optim_for(cfg: Config, section: str) -> OptimConfig:
@@ -780,7 +856,7 @@ def optim_for(cfg: Config, section: str) -> OptimConfig:
         return cfg.optim
     o = copy.deepcopy(cfg.optim)
     _merge(o, overrides, f"{section}.optim")
-    _check_optim(o, f"{section}.optim")
+    check_section(o, f"{section}.optim")
     return o
 
 
@@ -804,10 +880,14 @@ def segments(cfg: Config, section: str) -> list:
 def section_batches(cfg: Config, section: str) -> list[tuple[str, int]]:
     """(config key, batch size) of every batch config ``section`` trains with: each segment's, or
     its ``batch_size``."""
-    segs = segments(cfg, section)
+    return _batches(getattr(cfg, section), section)
+
+
+def _batches(sec: Any, section: str) -> list[tuple[str, int]]:
+    segs = parse_segments(getattr(sec, "segments", []), f"{section}.segments")
     if segs:
         return [(f"{section}.segments[{k}].batch_size", s.batch_size) for k, s in enumerate(segs)]
-    return [(f"{section}.batch_size", getattr(cfg, section).batch_size)]
+    return [(f"{section}.batch_size", sec.batch_size)]
 
 
 def section_batch(cfg: Config, section: str) -> int | list[int]:
@@ -840,6 +920,6 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
 __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
            "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config",
            "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
-           "NOT_HASHED", "CODE_KEYS", "code_paths", "code_line", "RENAMED", "resolve_preset",
-           "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "optim_for",
+           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "RENAMED", "resolve_preset",
+           "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "optim_for",
            "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import interrupt
-from .config import SwapError
+from .errors import SwapError
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,7 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
     Raises:
         SwapError: the dataset holds fewer samples than the largest batch.
     """
-    from .config import SwapError
+    from .errors import SwapError
     from .data.generic import DatasetLoader, eval_loader
     from .train import evaluate_metrics
 

@@ -13,6 +13,8 @@ from typing import Callable
 
 from .errors import SwapError
 
+SHAPES = ("linear", "cosine")          # the decay after the warm-up (warmup_decay)
+
 Schedule = Callable[[int], float]
 
 
@@ -56,8 +58,8 @@ def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str
         raise SwapError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total >= 1")
     if not 0 <= min_lr <= peak_lr:
         raise SwapError(f"need 0 <= min_lr ({min_lr}) <= peak_lr ({peak_lr})")
-    if shape not in ("linear", "cosine"):
-        raise SwapError(f"unknown schedule shape '{shape}' (linear | cosine)")
+    if shape not in SHAPES:
+        raise SwapError(f"unknown schedule shape '{shape}' ({' | '.join(SHAPES)})")
     decay_steps = max(1, total_steps - warmup_steps)
 
     def lr_at(step: int) -> float:
@@ -239,5 +241,5 @@ def samples_between(loader, first_epoch: int, end_epoch: int) -> int:
     return sum(n * b for _, n, b in (epoch_shape(loader, e) for e in range(first_epoch, end_epoch)))
 
 
-__all__ = ["Schedule", "record_lr_scales", "apply_lr", "warmup_decay", "cyclic", "Segment", "parse_segments",
+__all__ = ["SHAPES", "Schedule", "record_lr_scales", "apply_lr", "warmup_decay", "cyclic", "Segment", "parse_segments",
            "PiecewiseLoader", "epoch_shape", "updates_between", "samples_between"]

@@ -1,5 +1,5 @@
 """What training optimises and reports, for any model: how a batch's input reaches the model, the
-loss, the metrics, and the phase-1 stopping rule over them.
+loss and the metrics (the stopping rules over them: :mod:`swap.stopping`).
 
 The data contract: a sample is ``(input, target)``; ``input`` is a tensor, a tuple of tensors or a
 dict of tensors, and the model is called as ``model(x)``, ``model(*x)`` or ``model(**x)``
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .averaging import call_model
-from .config import STOP_METRICS, SwapError
+from .errors import SwapError
 
 METRICS = ("loss", "top1", "top5")
 IGNORE_INDEX = -100          # targets that do not count (torch's cross_entropy and Hugging Face's default)
@@ -250,84 +250,5 @@ def _device(output, target) -> torch.device:
     return target.device if isinstance(target, torch.Tensor) else torch.device("cpu")
 
 
-def check_stop_metric(metric: str) -> str:
-    """``metric`` if the train loop computes it (:data:`STOP_METRICS`).
-
-    Raises:
-        SwapError: a stop metric that is never computed.
-    """
-    if metric not in STOP_METRICS and metric != "auto":
-        raise SwapError(f"phase1.stop.metric={metric!r} is never computed during training "
-                        f"(known: {', '.join(STOP_METRICS)})")
-    return metric
-
-
-class Plateau:
-    """Phase 1's automatic switch (``phase1.stop: auto``, signal ``plateau``): stop after the first
-    epoch past the warm-up whose large-batch training loss is less than ``min_gain`` (relative)
-    below the loss ``window`` epochs before. The large batch has then stopped making fast
-    progress, which is when SWAP hands over to small-batch workers (the paper chose the switch by
-    a grid search; Gupta et al., ICLR 2020, Sec. 6 names a principled rule as open work). Free: it
-    reads the loss the loop computes anyway.
-
-    ``history``: the losses of epochs already trained (a resumed phase 1), oldest first.
-    """
-
-    def __init__(self, window: int, min_gain: float, after_epoch: int, history: list[float] = ()):
-        self.window, self.min_gain, self.after = window, min_gain, after_epoch
-        self.losses = list(history)
-        self.gain: float | None = None
-
-    def __call__(self, epoch: int, train_loss: float) -> bool:
-        """Whether to stop after ``epoch`` (1-based), whose training loss is ``train_loss``."""
-        self.losses.append(train_loss)
-        if len(self.losses) <= self.window:
-            return False
-        old = self.losses[-1 - self.window]
-        self.gain = (old - train_loss) / old if old > 0 else 0.0
-        return epoch > self.after and self.gain < self.min_gain
-
-
-class HeldOutPeak:
-    """Phase 1's automatic switch, signal ``holdout``: stop after the first epoch past the warm-up
-    that ends ``window`` epochs in a row in which the large-batch model's held-out accuracy (the
-    validation split, ``data.holdout``; never the test set) did not beat its best so far by more
-    than ``min_delta`` points. This is early stopping with patience (Prechelt, "Early stopping -
-    but when?", 1998) applied to the large-batch phase: once more large-batch epochs stop improving
-    generalisation, SWAP's small-batch workers take over (Gupta et al., ICLR 2020, Sec. 6 leave the
-    transition to a grid search). Cost: one evaluation of the validation split per epoch, no
-    updates.
-
-    ``history``: the held-out accuracies (%) of epochs already trained (a resumed phase 1), oldest first.
-    """
-
-    def __init__(self, window: int, min_delta: float, after_epoch: int, history: list[float] = ()):
-        self.window, self.min_delta, self.after = window, min_delta, after_epoch
-        self.best, self.since, self.last = float("-inf"), 0, None
-        for accuracy in history:
-            self._see(accuracy)
-
-    def _see(self, accuracy: float) -> None:
-        self.last = accuracy
-        if accuracy > self.best + self.min_delta:
-            self.best, self.since = accuracy, 0
-        else:
-            self.since += 1
-
-    def __call__(self, epoch: int, accuracy: float) -> bool:
-        """Whether to stop after ``epoch`` (1-based), whose held-out accuracy is ``accuracy`` (%)."""
-        self._see(accuracy)
-        return epoch > self.after and self.since >= self.window
-
-
-def stop_reached(metric: str, value: float, at: float | None) -> bool:
-    """Whether a training epoch with ``metric`` = ``value`` meets the stopping rule ``at``: at
-    least ``at`` for an accuracy, at most ``at`` for a loss; never when ``at`` is None."""
-    if at is None:
-        return False
-    return value >= at if STOP_METRICS[check_stop_metric(metric)] == "max" else value <= at
-
-
 __all__ = ["METRICS", "IGNORE_INDEX", "prediction", "own_loss", "target_count", "token_targets",
-           "cross_entropy", "class_targets", "top_k_correct", "Task", "check_stop_metric", "Plateau",
-           "HeldOutPeak", "stop_reached"]
+           "cross_entropy", "class_targets", "top_k_correct", "Task"]

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import SwapError
+from .errors import SwapError
 from .errors import printable
 from .imports import EXTRAS
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .callbacks import Callback, LoopState
-from .config import SwapError
+from .errors import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
 from .schedules import apply_lr, epoch_shape

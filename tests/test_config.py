@@ -134,3 +134,28 @@ def test_every_module_says_what_it_exports():
         missing = [n for n in module.__all__ if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names what it does not have: {missing}"
     assert all(hasattr(swap, n) for n in swap.__all__)
+
+
+def test_each_section_checks_itself_and_legal_values_have_one_owner():
+    """A section's rules run on the section alone (a config section built in code is checked before
+    it joins a config); the legal values config checks are the ones their owners use."""
+    from swap.config import (DATASETS, EXTRAP_VARIANTS, TRAINING_SECTIONS, Config, Phase2Config, SGDConfig,
+                             check_section)
+    from swap.data.sources import SOURCES
+    from swap.models import MODELS
+    from swap.optim.extrap import VARIANTS
+    from swap.schedules import SHAPES, warmup_decay
+
+    assert set(DATASETS) == set(SOURCES) and EXTRAP_VARIANTS is VARIANTS
+    assert {"resnet9", "smallcnn", "char-transformer", "resnet50"} == set(MODELS)
+    for shape in SHAPES:                                  # every shape config admits, the schedule draws
+        assert warmup_decay(peak_lr=1.0, total_steps=10, warmup_steps=2, shape=shape)(10) == 0.0
+    with pytest.raises(SwapError, match="unknown schedule shape 'step'"):
+        warmup_decay(peak_lr=1.0, total_steps=10, warmup_steps=2, shape="step")
+    with pytest.raises(SwapError, match="phase2.layout must be processes, sequential or vmap, got 'grid'"):
+        check_section(Phase2Config(layout="grid"), "phase2")
+    with pytest.raises(SwapError, match="sgd_large.schedule must be linear or cosine, got 'step'"):
+        check_section(SGDConfig(schedule="step"), "sgd_large")
+    cfg = Config()
+    assert set(TRAINING_SECTIONS) == {"phase1", "phase2"} | {name for name, value in vars(cfg).items()
+                                                             if isinstance(value, SGDConfig)}

@@ -16,7 +16,8 @@ from swap import distributed
 from swap.config import SwapError, load_config
 from swap.data import ImageDataset, Loader
 from swap.data.generic import DatasetLoader, check_sample
-from swap.task import Task, stop_reached
+from swap.stopping import stop_reached
+from swap.task import Task
 from swap.train import SGDStep, evaluate_metrics, train
 
 

@@ -119,7 +119,7 @@ def test_diloco_counts_its_meetings_and_resumes_mid_round_bit_for_bit(tmp_path, 
 
 
 def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
-    from swap.task import Plateau
+    from swap.stopping import Plateau
     rule = Plateau(window=2, min_gain=0.05, after_epoch=2)
     losses = [2.0, 1.99, 1.5, 1.2, 1.0, 0.99, 0.985]
     decisions = [rule(e, loss) for e, loss in enumerate(losses, start=1)]

@@ -15,7 +15,8 @@ from typing import Callable
 from torch import nn
 
 from .. import distributed
-from ..callbacks import Callback, Progress, StopAt
+from ..callbacks import Callback, Progress
+from ..stopping import StopAt
 from ..config import Config, section_batch
 from ..context import Context
 from ..methods import RunSpec
@@ -35,7 +36,7 @@ class DataParallel:
     ``batch_size`` samples (global), in micro-batches of ``micro_batch_size`` (0: one pass), for
     ``epochs``. LR: warm-up to ``peak_lr`` over ``warmup_epochs`` then ``schedule`` (linear or
     cosine) decay to 0 at ``epochs``, or ``lr_at(update)`` if given. ``stop``: (training metric,
-    threshold) ending the phase early (:func:`swap.task.stop_reached`); (``auto``, None): the
+    threshold) ending the phase early (:func:`swap.stopping.stop_reached`); (``auto``, None): the
     automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces the batch, the LR and the epochs (:meth:`Context.batches`). The

@@ -5,16 +5,16 @@ name a principled rule as open work. :class:`AutoSwitch` is a stopping rule of t
 phase-1 epoch past the warm-up it reads one signal (``phase1.stop.signal``) and decides:
 
 ``plateau``  the large-batch training loss gains less than ``min_gain`` (relative) over ``window``
-             epochs (:class:`swap.task.Plateau`). Free: the loop computes the loss anyway.
+             epochs (:class:`swap.stopping.Plateau`). Free: the loop computes the loss anyway.
 ``holdout``  the large-batch model's top-1 accuracy on the validation split (``data.holdout``) has
              not beaten its best by more than ``min_delta`` points for ``window`` epochs in a row
-             (:class:`swap.task.HeldOutPeak`): early stopping of the large-batch phase. One
+             (:class:`swap.stopping.HeldOutPeak`): early stopping of the large-batch phase. One
              evaluation of the validation split per epoch.
 ``trials``   (the default) every ``every`` epochs, fork two trial copies of the phase-1 weights and train each
              for ``trial_updates`` small-batch updates (phase 2's batch, its peak LR decaying
              linearly to 0), with different data orders; average them and recompute their BN
              statistics, as SWAP's phase 3 does. The switch comes when this miniature SWAP's
-             validation accuracy stops improving (:class:`swap.task.HeldOutPeak` over the trials,
+             validation accuracy stops improving (:class:`swap.stopping.HeldOutPeak` over the trials,
              ``window`` trials in a row): what a grid search over stopping points measures, at the
              price of a short phase 2 per trial instead of a whole run per point.
 ``barrier``  the same trials, deciding on basin stability instead (Frankle, Dziugaite, Roy and
@@ -43,7 +43,7 @@ from ..averaging import average_state_dicts, bn_buffer_names
 from ..config import SwapError, section_batches
 from ..context import Context
 from ..schedules import warmup_decay
-from ..task import HeldOutPeak, Plateau
+from ..stopping import HeldOutPeak, Plateau
 
 COPIES = 2
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SwapError
+from ..errors import SwapError
 from ..errors import printable
 
 

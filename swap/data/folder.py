@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import SwapError
+from ..errors import SwapError
 from .loader import Augment
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")

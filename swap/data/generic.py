@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import SwapError
+from ..errors import SwapError
 from .loader import epoch_order, pass_slices, stream_seed, subset_indices
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SwapError
+from ..errors import SwapError
 
 _UBYTE = 0x08
 CHUNK = 1 << 24          # bytes read at a time (16 MiB)

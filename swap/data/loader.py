@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import SwapError
+from ..errors import SwapError
 
 
 def stream_seed(*parts: int | str) -> int:

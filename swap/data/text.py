@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..config import SwapError
+from ..errors import SwapError
 
 VOCAB = 256
 

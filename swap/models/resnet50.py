@@ -76,7 +76,7 @@ def torchvision_model(name: str, num_classes: int, in_channels: int = 3, **_) ->
     Raises:
         SwapError: torchvision cannot be imported here, or has no model ``name``, or the data is not RGB.
     """
-    from ..config import SwapError
+    from ..errors import SwapError
     try:
         import torchvision
     except Exception as exc:                  # ImportError, or its operators failing to register

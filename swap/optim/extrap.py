@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 
 from ..averaging import frozen_bn_stats
+from ..config import EXTRAP_VARIANTS as VARIANTS
 from ..errors import SwapError
 from ..train import DEFAULT_TASK, SGDStep, _pass, unwrap
-
-VARIANTS = ("extragradient", "past-gradient", "gaussian")
 
 
 class ExtrapSGD:

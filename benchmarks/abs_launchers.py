@@ -65,7 +65,7 @@ def main() -> None:
     equal = {seed: same_weights(*[r["path"] for r in rows if r["seed"] == seed]) for seed in range(args.seeds)}
     import torch
 
-    from swap.rundir import machine_info
+    from swap.distributed import machine_info
     machine = machine_info(torch.device("cpu"), 1, 2)
     result = {"machine": machine, "runs": rows, "same_weights": equal}
     RESULTS.mkdir(parents=True, exist_ok=True)

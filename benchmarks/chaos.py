@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from swap.rundir import machine_info  # noqa: E402
+from swap.distributed import machine_info  # noqa: E402
 
 WORKERS = 2
 SETTINGS = ["--config", "fashion_mnist_quick", "--workers", str(WORKERS), "--procs", "2",

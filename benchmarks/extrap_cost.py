@@ -31,7 +31,7 @@ def main() -> None:
     from swap.optim.extrap import ExtrapSGD, ExtrapStep
     from swap.data import Augment, Loader, load_dataset
     from swap.models import build_model
-    from swap.rundir import machine_info
+    from swap.distributed import machine_info
     from swap.train import SGDStep, train
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -41,7 +41,7 @@ def main() -> None:
     from swap.data import load_dataset
     from swap.data.generic import DatasetLoader
     from swap.models import build_model
-    from swap.rundir import machine_info
+    from swap.distributed import machine_info
     from swap.train import SGDStep
     from throughput import bare_sgd, lockstep  # benchmarks/: the lockstep timing and bare update, one copy
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from swap.data import Augment  # noqa: E402
 from swap.models import build_model  # noqa: E402
 from swap.plan import calibrate  # noqa: E402
-from swap.rundir import machine_info  # noqa: E402
+from swap.distributed import machine_info  # noqa: E402
 
 
 def layout_throughput(device: torch.device, workers: int, batch: int, samples: int, amp: bool) -> dict:

@@ -76,7 +76,7 @@ def time_update(model, batch, repeats: int) -> float:
 
 def main() -> None:
     from swap.optim import LAMB, LARS
-    from swap.rundir import machine_info
+    from swap.distributed import machine_info
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=100)
     args = ap.parse_args()

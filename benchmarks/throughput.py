@@ -280,7 +280,7 @@ def main() -> None:
     from swap.averaging import average_state_dicts, bn_buffer_names, recompute_bn
     from swap.data import Loader, load_dataset
     from swap.models import build_model
-    from swap.rundir import machine_info
+    from swap.distributed import machine_info
     from swap.train import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)

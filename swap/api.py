@@ -3,29 +3,20 @@ tensors (the in-memory fast path) or any map-style ``torch.utils.data.Dataset`` 
 samples, with the user's loss and metrics (:mod:`swap.task`)."""
 from __future__ import annotations
 
-import ast
 import copy
-import dataclasses
-import multiprocessing
 import os
-# bandit B403 (pickle): only pickle.dumps, to check that what goes to the ranks pickles; nothing is loaded
-import pickle  # nosec B403
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import methods
 from .config import Config, SwapError, code_line, load_config
-from .data import ImageDataset, augment_for
-from .data.generic import check_sample, split_batch, subset
-from .imports import install_hint
-from .rundir import RunDir
-from .task import METRICS, Task, class_targets
+from .data import ImageDataset
+from .data.generic import check_sample, subset
+from .task import METRICS, Task
 
 
 def _as_dataset(data, num_classes: int | None) -> ImageDataset:
@@ -37,118 +28,19 @@ def _as_dataset(data, num_classes: int | None) -> ImageDataset:
     return ImageDataset(images, labels.long(), num_classes or int(labels.max()) + 1)
 
 
-GUARD_FIX = ('put the call under `if __name__ == "__main__":` (the worker processes start with multiprocessing\'s '
-             'spawn and import your script again, which would run it again)')
-
-
-def _is_main_guard(node: ast.stmt) -> bool:
-    """``if __name__ == "__main__":`` (either operand order)."""
-    if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.comparators) == 1
-            and isinstance(node.test.ops[0], ast.Eq)):
-        return False
-    sides = [node.test.left, node.test.comparators[0]]
-    return (any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
-            and any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides))
-
-
-def check_main_guard(entry: str) -> None:
-    """Refuse, before any work, a library call that worker processes would repeat.
-
-    Our processes start with multiprocessing's spawn, which imports the user's ``__main__`` script
-    in every child. A script that calls ``entry`` at module level without an
-    ``if __name__ == "__main__":`` guard would run again in each child (multiprocessing then stops
-    it with an unclear error, after the parent's work is lost). This finds the script's module-level
-    statement that is running now and checks that it is such a guard. Inside a spawned child that
-    is importing the script, the call is refused at once.
-
-    Raises:
-        SwapError: the call is not guarded, naming the script, the line and the fix.
-    """
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise SwapError(f"swap.{entry} was called while a worker process was importing your script: {GUARD_FIX}")
-    main = sys.modules.get("__main__")
-    frame = sys._getframe(1)
-    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
-        frame = frame.f_back
-    if frame is None or getattr(main, "__file__", None) is None:
-        return                               # not during a script's top-level code (or no file to re-import)
-    path, line = frame.f_code.co_filename, frame.f_lineno
-    try:
-        tree = ast.parse(Path(path).read_text(), path)
-    except (OSError, SyntaxError, ValueError):
-        return
-    for node in tree.body:
-        if node.lineno <= line <= (node.end_lineno or node.lineno):
-            if not _is_main_guard(node):
-                raise SwapError(f"{path}:{line} calls swap.{entry} at the top level of the script: {GUARD_FIX}")
-            return
-
-
-def check_task(model_fn, dataset, task: Task, collate_fn=None) -> bool:
-    """Run the model, the loss and every metric once on a batch of the first two samples, made by
-    the run's collate function (``collate_fn``, else the dataset's own ``collate_fn`` attribute,
-    else torch's ``default_collate``), before any training, so that a model that does not take
-    the input, a loss that is not a scalar or a metric that fails is a one-line error and not a
-    failed rank.
-
-    Returns:
-        whether the batch's targets are class indices of the model's output
-        (:func:`swap.task.class_targets`; False for soft targets such as mixup's).
-    Raises:
-        SwapError: naming what failed.
-    """
-    collate = collate_fn or getattr(dataset, "collate_fn", None) or torch.utils.data.default_collate   # as the run
-    x, y = split_batch(collate([dataset[i] for i in range(min(2, len(dataset)))]))
-    try:
-        model = model_fn()
-    except Exception as exc:                 # the user's factory: any error
-        raise SwapError(f"model_fn() failed: {type(exc).__name__}: {exc}{install_hint(exc)}") from None
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = task.forward(model, x)
-    except Exception as exc:                 # the user's model on the user's input: any error
-        raise SwapError(f"model_fn()'s model cannot take a batch of the dataset: {type(exc).__name__}: {exc}") from None
-    try:
-        loss = task.loss(out, y)             # SwapError if not a scalar
-    except SwapError:
-        raise
-    except Exception as exc:                 # the user's loss on the user's output: any error
-        raise SwapError(f"the loss failed on a batch of the dataset: {type(exc).__name__}: {exc}") from None
-    try:
-        task.batch_metrics(out, y, loss)
-    except Exception as exc:
-        raise SwapError(f"a metric failed on a batch of the dataset: {type(exc).__name__}: {exc}") from None
-    return class_targets(out, y)
-
-
-def check_stop_rule(cfg: Config, task: Task, method) -> None:
-    """Refuse, before any work, a phase-1 stopping rule on training accuracy when the training
-    targets are not class indices (``task.class_targets`` False): the accuracy would read 0 and
-    phase 1 would run to ``phase1.max_epochs`` whatever happened.
-
-    Raises:
-        SwapError: naming ``phase1.stop.metric: train_loss`` and ``phase1.stop: auto``.
-    """
-    if not task.class_targets and method.summary == "swap" and cfg.phase1.stop_rule()[0] == "train_acc":
-        raise SwapError("the training targets are not class indices (soft or float targets, e.g. mixup), so the "
-                        "training accuracy has no meaning and phase1.stop_acc can never be reached: stop on the loss "
-                        "(phase1.stop.metric: train_loss with phase1.stop.at: LOSS) or set phase1.stop: auto")
-
-
 # The config sections a user's optimizer may be given for, by method
 OPTIMIZER_SECTIONS = {"swap": ("phase1", "phase2"), "sgd": ("sgd",)}
 
 
-def optimizer_fns(optimizer, method: str, cfg: Config, spawns: bool) -> dict | None:
+def optimizer_fns(optimizer, method: str, cfg: Config) -> dict | None:
     """The user's ``optimizer`` argument as ``{config section: fn}``: one function for every
     section of ``method`` (:data:`OPTIMIZER_SECTIONS`), or a dict naming some of them (the others
-    keep the config's optimizer). ``spawns``: the run starts processes, which receive the functions
-    by pickling (a module-level function, or a ``functools.partial`` of one).
+    keep the config's optimizer). Processes receive them by pickling
+    (:func:`swap.launch.check_sendable`).
 
     Raises:
-        SwapError: a value that is not callable, a key that is not a section of the method, a
-            function the processes cannot receive, or phase 2 stacked (``vmap``: its SGD only).
+        SwapError: a value that is not callable, a key that is not a section of the method, or
+            phase 2 stacked (``vmap``: its SGD only).
     """
     if optimizer is None:
         return None
@@ -161,97 +53,76 @@ def optimizer_fns(optimizer, method: str, cfg: Config, spawns: bool) -> dict | N
         if not callable(fn):
             raise SwapError(f"optimizer for {key} must be a function param_groups -> torch.optim.Optimizer, got "
                             f"{type(fn).__name__}")
-        if spawns:
-            try:
-                pickle.dumps(fn)
-            except Exception:
-                raise SwapError(f"the optimizer function for {key} cannot be sent to the worker processes (a lambda "
-                                f"or a local function): define it at the top level of a module, or use "
-                                f"functools.partial of one") from None
     if "phase2" in fns and cfg.phase2.layout == "vmap":
         raise SwapError("phase2.layout vmap stacks the workers into one SGD: a phase-2 optimizer of your own needs "
                         "phase2.layout processes or sequential")
     return fns
 
 
-def check_callbacks(callbacks, spawns: bool) -> tuple:
+def check_callbacks(callbacks) -> tuple:
     """The library's ``callbacks`` as a tuple, each an object with at least one of ``on_record``,
-    ``on_phase_end``, ``on_run_end`` (:mod:`swap.tracking`).
+    ``on_phase_end``, ``on_run_end`` (:mod:`swap.tracking`). Processes receive them by pickling
+    (:func:`swap.launch.check_sendable`).
 
     Raises:
-        SwapError: an object with none of them, or one the worker processes cannot receive.
+        SwapError: an object with none of them.
     """
     callbacks = tuple(callbacks or ())
     for cb in callbacks:
         if not any(callable(getattr(cb, h, None)) for h in ("on_record", "on_phase_end", "on_run_end")):
             raise SwapError(f"callback {type(cb).__name__} has none of on_record(record), on_phase_end(phase, result), "
                             f"on_run_end(summary)")
-        if spawns:
-            try:
-                pickle.dumps(cb)
-            except Exception:
-                raise SwapError(f"callback {type(cb).__name__} cannot be sent to the worker processes (it holds "
-                                f"something that does not pickle, or its class is local): define its class at the "
-                                f"top level of a module, or use procs=1 with phase2.layout sequential") from None
     return callbacks
 
 
-def _run(method: str, model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn=None, metrics=None,
-         collate_fn=None, optimizer=None, resume: bool | str = False, callbacks=None):
-    from . import methods, tracking
+def _run(method: str, model_fn, data: tuple, config, out, procs: int, mode, **given):
+    """The library's adapter of :func:`swap.launch.run`: the user's arguments (``given``: loss_fn,
+    metrics, collate_fn, optimizer, callbacks) as :class:`swap.context.Parts`."""
+    from .context import Parts
+    from .launch import run
+
+    cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
+    line = code_line(cfg)
+    if line and os.environ.get("RANK", "0") == "0":         # before any of it is imported; once per job
+        print(line, file=sys.stderr, flush=True)
+    metrics = given.get("metrics")
+    custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
+    task = Task(given.get("loss_fn"), tuple(metrics) if metrics is not None else ("top1", "loss"), custom)
+    parts = Parts(model_fn, _user_data(cfg, *data), task, given.get("collate_fn"),
+                  optimizer_fns(given.get("optimizer"), method, cfg), check_callbacks(given.get("callbacks")))
+    summary, out = run(method, cfg, out, parts, procs=procs, mode=mode, entry=f"train_{method}")
+    if summary is None:
+        return None, None                    # under torchrun the run's model and summary are rank 0's
+    return methods.final_model(method, out, model_fn), summary
+
+
+def _user_data(cfg: Config, train_set, test_set) -> tuple:
+    """The user's (train, test): image tensors as :class:`swap.data.ImageDataset` (the fast path),
+    any other map-style ``Dataset`` checked against the data contract; ``data.train_subset`` /
+    ``data.test_subset`` applied."""
+    if isinstance(train_set, (ImageDataset, tuple)) and not isinstance(train_set, torch.utils.data.Dataset):
+        num_classes = train_set.num_classes if isinstance(train_set, ImageDataset) else None
+        train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
+        return train_set, _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
+    for name, dataset in (("train_set", train_set), ("test_set", test_set)):    # the generic path
+        check_sample(dataset, name)
+    return subset(train_set, cfg.data.train_subset), subset(test_set, cfg.data.test_subset)
+
+
+def _mode(resume, overwrite: bool, out):
+    """``resume`` of :func:`train_swap` (False, True or ``"auto"``) and ``overwrite`` as a
+    :class:`swap.launch.DirMode`.
+
+    Raises:
+        SwapError: another ``resume`` value, or a resume without ``out``.
+    """
+    from .launch import DirMode
 
     if resume not in (False, True, "auto"):
         raise SwapError(f"resume must be False, True or 'auto', got {resume!r}")
     if resume and not out:
         raise SwapError("resume needs out=DIR, the run directory to continue")
-    cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
-    line = code_line(cfg)
-    if line and os.environ.get("RANK", "0") == "0":         # before any of it is imported; once per job
-        print(line, file=sys.stderr, flush=True)
-    ranked = distributed.under_launcher()                   # torchrun started this script: join its ranks
-    if ranked:
-        procs = int(os.environ["WORLD_SIZE"])
-    spawns = not ranked and methods.METHODS[method].starts_processes(cfg, procs)
-    if spawns:
-        check_main_guard(f"train_{method}")
-        distributed.start_server()                        # processes will start: their fork server, meanwhile
-    fns = optimizer_fns(optimizer, method, cfg, spawns)
-    callbacks = check_callbacks(callbacks, spawns)
-    tracking.check_loggers(cfg.logging.loggers)
-    custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
-    names = tuple(metrics) if metrics is not None else ("top1", "loss")
-    task = Task(loss_fn, names, custom)                      # SwapError: an unknown metric name
-    if isinstance(train_set, (ImageDataset, tuple)) and not isinstance(train_set, torch.utils.data.Dataset):
-        num_classes = train_set.num_classes if isinstance(train_set, ImageDataset) else None
-        train_set = _as_dataset(train_set, num_classes).subset(cfg.data.train_subset)
-        test_set = _as_dataset(test_set, train_set.num_classes).subset(cfg.data.test_subset)
-        augment_for(cfg.data, train_set)
-    else:                                                    # any map-style Dataset: the generic path
-        for name, dataset in (("train_set", train_set), ("test_set", test_set)):
-            check_sample(dataset, name)
-        train_set, test_set = subset(train_set, cfg.data.train_subset), subset(test_set, cfg.data.test_subset)
-        if not check_task(model_fn, train_set, task, collate_fn):
-            task = dataclasses.replace(task, class_targets=False)
-    check_stop_rule(cfg, task, methods.METHODS[method])
-    fitted = methods.METHODS[method].fit(cfg, procs, len(train_set))     # defaults the user did not set
-    methods.METHODS[method].check(cfg, procs, len(train_set))
-    if fitted:
-        print(f"swap: train_{method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
-    if ranked and not out:
-        raise SwapError("under torchrun, train_swap needs out=DIR: every rank writes into the same run directory")
-    out = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"swap-{method}-"))
-    # as --auto-resume: every rank runs as a resume; one that finds no checkpoint starts from scratch
-    spec = methods.RunSpec(cfg, out, time.time(), bool(resume), model_fn, (train_set, test_set), task=task,
-                           collate_fn=collate_fn, optimizer=fns, callbacks=callbacks)
-    if ranked:                               # as `torchrun -m swap.cli train`
-        summary = methods.run_ranked(method, dataclasses.replace(spec, t0=None), overwrite, resume is True,
-                                     resume == "auto")
-        if int(os.environ["RANK"]) != 0:
-            return None, None                # the run's model and summary are rank 0's
-    else:
-        RunDir.prepare(out, cfg, overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
-        summary = methods.launch(method, spec, procs)
-    return methods.final_model(method, out, model_fn), summary
+    return DirMode(overwrite=overwrite, resume=resume is True, auto_resume=resume == "auto")
 
 
 def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
@@ -321,11 +192,11 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
         SwapError: invalid config or data (a sample that is not ``(input, target)``, a model that
             cannot take the input, a loss that is not a scalar, an unknown metric), existing run
             directory, batch not divisible by procs, augmentation impossible for the image size, a
-            call from a script's top level without the ``__main__`` guard (:func:`check_main_guard`).
+            call from a script's top level without the ``__main__`` guard (:func:`swap.launch.check_main_guard`).
             All before any training.
     """
-    return _run("swap", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer, resume, callbacks)
+    return _run("swap", model_fn, (train_set, test_set), config, out, procs, _mode(resume, overwrite, out),
+                loss_fn=loss_fn, metrics=metrics, collate_fn=collate_fn, optimizer=optimizer, callbacks=callbacks)
 
 
 def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Config | dict | None = None,
@@ -335,8 +206,8 @@ def train_sgd(model_fn: Callable[[], nn.Module], train_set, test_set, config: Co
     """Data-parallel training with the ``sgd`` config section (the paper's baselines; its
     ``optimizer``: sgd, lars, lamb, adamw or extrap), or with ``optimizer``, your own
     (``fn(param_groups)``, as in :func:`train_swap`); otherwise as :func:`train_swap`."""
-    return _run("sgd", model_fn, train_set, test_set, config, out, procs, overwrite, loss_fn, metrics, collate_fn,
-                optimizer, resume, callbacks)
+    return _run("sgd", model_fn, (train_set, test_set), config, out, procs, _mode(resume, overwrite, out),
+                loss_fn=loss_fn, metrics=metrics, collate_fn=collate_fn, optimizer=optimizer, callbacks=callbacks)
 
 
 __all__ = ["train_swap", "train_sgd"]

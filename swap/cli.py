@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import signal
@@ -131,51 +130,20 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def local_procs(cfg) -> int:
-    """Local processes: ``procs`` if set, else min(W, CPU cores) so processes never oversubscribe;
-    with worker groups (``phase2.ranks_per_worker`` k > 1), W x k."""
-    k = cfg.phase2.ranks_per_worker
-    return cfg.procs or (cfg.workers * k if k > 1 else min(cfg.workers, os.cpu_count() or 1))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed, methods, tracking
+    from . import methods
     from .context import configured_parts
+    from .launch import DirMode, run
     from .report import results_table
-    from .rundir import RunDir
 
     method = methods.get_method(args.method)
-    cfg = method.config(config_from_args(args))           # the method's own settings (swap-cycles, diloco, ...)
-    tracking.check_loggers(cfg.logging.loggers)           # a logger's package missing: one line, before any work
-    # With --auto-resume every rank runs as a resume: one that finds no checkpoint starts from scratch
-    # (so ranks need not agree whether the directory held a run before the first of them prepared it).
-    resume = args.resume or args.auto_resume
-    out = Path(args.out or f"runs/{cfg.name}-{args.method}-seed{cfg.seed}")
-    spec = methods.RunSpec(cfg, out, None, resume)
-
-    ranked = distributed.under_launcher()                # torchrun started this process: it is one rank
-    procs = int(os.environ["WORLD_SIZE"]) if ranked else local_procs(cfg)
-    method.check(cfg, procs)
-    if not ranked and method.starts_processes(cfg, procs):
-        distributed.start_server()                        # processes will start: their fork server, meanwhile
-    spec, fitted = _checked(spec, method, procs, verify=not ranked or os.environ.get("LOCAL_RANK", "0") == "0")
-    if ranked:
-        if fitted and os.environ.get("RANK", "0") == "0":
-            print(f"swap: {args.method} fitted to the data: {', '.join(fitted)}", file=sys.stderr)
-        summary = methods.run_ranked(args.method, spec, args.overwrite, args.resume, args.auto_resume)
-    else:
-        run = RunDir.prepare(out, cfg, args.overwrite, args.resume, args.auto_resume)
-        threads = cfg.threads or distributed.default_threads(procs)
-        pool = (f"an elastic pool of up to {cfg.abs.max_workers or cfg.procs or os.cpu_count()} processes"
-                if method.driver and cfg.abs.elastic else f"{cfg.workers} workers in {procs} processes")
-        fitted = f"; fitted to the data: {', '.join(fitted)}" if fitted else ""
-        print(f"swap: {args.method} on {cfg.data.name}, {pool} x {threads} threads, run directory {out}{fitted}",
-              file=sys.stderr)
-        with run.locked():
-            try:
-                summary = methods.launch(args.method, dataclasses.replace(spec, t0=time.time()), procs)
-            except Interrupted as exc:
-                summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
+    cfg = config_from_args(args)
+    named = method.config(cfg)                            # the method's own settings (swap-cycles, ...)
+    out = Path(args.out or f"runs/{named.name}-{args.method}-seed{named.seed}")
+    try:
+        summary, out = run(args.method, cfg, out, mode=DirMode(args.overwrite, args.resume, args.auto_resume))
+    except Interrupted as exc:
+        summary = {"interrupted": {"signal": exc.signum, "where": exc.where}}
     if summary is not None and "interrupted" in summary:
         stop = summary["interrupted"]
         again = [a for a in args.argv if a not in ("--overwrite", "--resume", "--auto-resume")]
@@ -193,49 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked(spec, method, procs: int, verify: bool):
-    """Before anything is created: the code the config names is imported and the data read (with
-    ``verify``, every image decoded: under torchrun once per machine, by the rank that prepares its
-    run directory), so that import paths that fail and missing or corrupt files stop here; then the
-    defaults the user did not set are fitted to the data and the batches checked against it.
-    Returns the run spec (with its checked task) and the fitted settings (lines)."""
-    from .context import configured_parts
-    from .data import ImageDataset, augment_for, load_configured
-
-    cfg = spec.cfg
-    configured_parts(cfg)
-    train_set, _, *val = load_configured(cfg.data, verify=verify, validation=cfg.uses_validation())
-    samples = len(train_set) + sum(map(len, val))                # the training set, a validation split included
-    fitted = method.fit(cfg, procs, samples)                     # defaults the user did not set, fitted to the data
-    method.check(cfg, procs, samples)
-    if isinstance(train_set, ImageDataset):
-        augment_for(cfg.data, train_set)
-        return spec, fitted
-    return dataclasses.replace(spec, task=_checked_task(cfg, method, train_set)), fitted
-
-
-def _checked_task(cfg, method, train_set):
-    """Before any work, for a dataset of the generic path with a model of your own (``model.name``
-    an import path): the model, the loss and every metric run once on a batch
-    (:func:`swap.api.check_task`), and a stopping rule on training accuracy is refused where the
-    targets are not class indices. Returns the run's :class:`swap.task.Task` (None: the default)."""
-    from .api import check_stop_rule, check_task
-    from .context import configured_parts
-    from .task import Task
-
-    model_fn, task, collate_fn = configured_parts(cfg)
-    if model_fn is None:
-        return task
-    task = task or Task()
-    if not check_task(model_fn, train_set, task, collate_fn):
-        task = dataclasses.replace(task, class_targets=False)
-    check_stop_rule(cfg, task, method)
-    return task
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
     from .data import ImageDataset, augment_for, load_configured
+    from .launch import local_procs
 
     cfg = config_from_args(args)
     if args.seeds < 1:
@@ -349,6 +278,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import distributed, methods
     from .context import configured_parts
     from .data import ImageDataset, augment_for, load_configured
+    from .launch import checked_task
     from .models import configured_model
     from .plan import Hardware, calibrate, calibrate_dataset, chunk_sizes, plan_table, predict, stacked_shape
     from .train import amp_dtype_for
@@ -392,7 +322,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes, amp = chunk_sizes(cfg, args.devices, args.calibration_batch), amp_dtype_for(cfg.precision, device)
     if shape is None:
         model_fn, _, collate_fn = own
-        thr = calibrate_dataset(model_fn, train_set, _checked_task(cfg, methods.get_method("swap"), train_set),
+        thr = calibrate_dataset(model_fn, train_set, checked_task(cfg, methods.get_method("swap"), own, train_set),
                                 collate_fn or getattr(train_set, "collate_fn", None), sizes, device,
                                 samples=args.calibration_samples, amp_dtype=amp,
                                 eval_batch=min(1024, args.calibration_samples))
@@ -449,5 +379,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EPILOG", "build_parser", "config_from_args", "local_procs", "cmd_train", "cmd_compare",
+__all__ = ["EPILOG", "build_parser", "config_from_args", "cmd_train", "cmd_compare",
            "cmd_plot", "cmd_landscape", "cmd_cosine", "cmd_plan", "cmd_data", "main"]

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from .config import Config, SwapError
-from .methods import COMPARED, METHODS, RunSpec, launch
+from .methods import COMPARED, METHODS, RunSpec, launch, prepare
 from .rundir import RunDir
 
 # The compare's methods, in run order (each SWA method after the run it starts from).
@@ -69,7 +69,7 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
                 continue
             mcfg = method.config(cfg, seed)
             resume = method.summary == "swap" and run.config_path.is_file()
-            RunDir.prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
+            prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
             print(f"swap compare: seed {seed} {name} -> {run.path}", file=sys.stderr)
             start = None
             if method.start:

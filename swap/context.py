@@ -4,6 +4,7 @@ finished run's context with :meth:`Context.from_run_dir`.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from .config import Config, SwapError, check_world, optim_for, segments, validat
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
-from .rundir import RunDir, machine_info
+from .rundir import RunDir
 from .schedules import PiecewiseLoader, warmup_decay
 from .averaging import recompute_bn
-from .phase import Phase
+from .resumable import Resumable, Saving
 from .task import Task
 from .train import DEFAULT_TASK, SGDStep, StepLog, UpdateStep, amp_dtype_for, autocast, evaluate, evaluate_metrics, shard_of
 from .imports import import_object, is_import_path
@@ -48,7 +49,7 @@ class Sink(Callback):
     def __call__(self, rec: dict) -> None:
         rec = {"phase": self.phase, "worker": self.worker, "optimizer": self.optimizer, **rec,
                "phase_wall_s": rec["wall_s"], "wall_s": time.time() - self.ctx.t0}
-        self.ctx.run.log(rec)
+        self.ctx.log(rec)
         test = f" test {rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""
         train = f" train {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else ""
         rate = f"{rec['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:.0f} samples/s"
@@ -60,7 +61,7 @@ class Sink(Callback):
 
     def step(self, rec: dict) -> None:
         """A record between epochs (``logging.log_every``): metrics.jsonl only, no progress line."""
-        self.ctx.run.log({"phase": self.phase, "worker": self.worker, **rec, "wall_s": time.time() - self.ctx.t0})
+        self.ctx.log({"phase": self.phase, "worker": self.worker, **rec, "wall_s": time.time() - self.ctx.t0})
 
 
 def configured_parts(cfg: Config, model_fn=None, task: Task | None = None, collate_fn=None) -> tuple:
@@ -83,6 +84,31 @@ def configured_parts(cfg: Config, model_fn=None, task: Task | None = None, colla
     return model_fn, task, collate_fn
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A run's parts of the user's own, given to the library (the CLI's come from the config's
+    import paths, :func:`configured_parts`); each None for the configured one. They travel as one
+    object from the call through the run spec and the :class:`Context` to every worker process
+    (module-level functions and classes there: they are pickled).
+
+    Attributes:
+        model_fn: a model factory, ``model_fn() -> nn.Module``.
+        data: (train, test) or (train, test, validation) datasets (:class:`swap.data.ImageDataset`
+            or any map-style ``Dataset``).
+        task: the loss and metrics (:class:`swap.task.Task`).
+        collate_fn: builds a batch from a list of samples (generic datasets).
+        optimizer: ``{config section: fn(param_groups) -> torch.optim.Optimizer}``.
+        callbacks: the run's observers (:mod:`swap.tracking`: ``on_record``, ``on_phase_end``,
+            ``on_run_end``).
+    """
+    model_fn: Callable[[], nn.Module] | None = None
+    data: tuple | None = None
+    task: Task | None = None
+    collate_fn: Callable | None = None
+    optimizer: dict | None = None
+    callbacks: tuple = ()
+
+
 @dataclass
 class Context:
     """One rank's view of a run. Build with :meth:`create` (inside each process).
@@ -100,12 +126,28 @@ class Context:
     mean: torch.Tensor | None
     std: torch.Tensor | None
     t0: float                             # run start (time.time()), shared by all ranks
-    model_fn: Callable[[], nn.Module] | None = None
-    task: Task = DEFAULT_TASK             # how the model is called, its loss and metrics
-    collate_fn: Callable | None = None    # generic datasets: builds a batch from samples
+    parts: Parts = Parts()                # the user's parts, resolved (model_fn, task, collate_fn; data None)
     val_set: object = None                # the validation split (last data.holdout samples), when cfg.uses_validation()
-    optimizer_fns: dict | None = None     # the user's optimizer per config section ({"phase1": fn, ...}; library use)
-    callbacks: tuple = ()                 # the library's callbacks (swap.tracking), passed on to worker processes
+    tracking: tracking.Tracking | None = None   # this process's loggers and callbacks (:meth:`track`)
+
+    @property
+    def model_fn(self) -> Callable[[], nn.Module] | None:
+        return self.parts.model_fn
+
+    @property
+    def task(self) -> Task:
+        """How the model is called, its loss and metrics."""
+        return self.parts.task
+
+    @property
+    def collate_fn(self) -> Callable | None:
+        """Generic datasets: builds a batch from samples."""
+        return self.parts.collate_fn
+
+    @property
+    def optimizer_fns(self) -> dict | None:
+        """The user's optimizer per config section ({"phase1": fn, ...}; library use)."""
+        return self.parts.optimizer
 
     @property
     def generic(self) -> bool:
@@ -115,19 +157,42 @@ class Context:
     @classmethod
     def for_run(cls, spec, join: bool = True) -> "Context":
         """The context of a :class:`swap.methods.RunSpec` (inside each rank), with this process's
-        tracking of the run started (:func:`swap.tracking.start`: the configured loggers and the
-        library's callbacks)."""
-        ctx = cls.create(spec.cfg, spec.run_path, spec.t0, spec.model_fn, spec.data, join, spec.task,
-                         spec.collate_fn, spec.optimizer)
-        ctx.track(spec.callbacks, spec.resume)
+        tracking of the run started (:meth:`track`)."""
+        ctx = cls.create(spec.cfg, spec.run_path, spec.t0, spec.parts, join)
+        ctx.track(spec.resume)
         return ctx
 
-    def track(self, callbacks=(), resumed: bool = False) -> None:
-        """Start this process's tracking of the run: records it logs go to the loggers of
-        ``logging.loggers`` and to ``callbacks`` (:mod:`swap.tracking`); ``resumed``: the loggers
-        continue the run's earlier records."""
-        self.callbacks = tuple(callbacks)
-        tracking.start(self.run.path, self.cfg.logging.loggers, self.callbacks, resumed)
+    def track(self, resumed: bool = False) -> None:
+        """Start this process's tracking of the run (:class:`swap.tracking.Tracking`): the records
+        it logs (:meth:`log`) go to the loggers of ``logging.loggers`` and to the library's
+        callbacks; ``resumed``: the loggers continue the run's earlier records."""
+        if self.tracking is not None:
+            self.tracking.close()
+        self.tracking = tracking.start(self.run.path, self.cfg.logging.loggers, self.parts.callbacks, resumed)
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl (:meth:`swap.rundir.RunDir.log`), then hand it to this
+        process's tracking."""
+        self.run.log(record)
+        if self.tracking is not None:
+            self.tracking.record(record)
+
+    def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json`` (:meth:`swap.rundir.RunDir.write_summary`); the run's end for its
+        tracking (callbacks' ``on_run_end``, final metrics, artifacts)."""
+        self.run.write_summary(summary)
+        if self.tracking is not None:
+            self.tracking.run_end(summary, self.run.read_metrics)
+
+    def phase_end(self, phase: str, result: dict) -> None:
+        """A phase (or worker) finished with ``result``: callbacks' ``on_phase_end``, loggers flushed."""
+        if self.tracking is not None:
+            self.tracking.phase_end(phase, result)
+
+    @property
+    def saving(self) -> Saving:
+        """Where this run's resumable units checkpoint (:class:`swap.resumable.Saving`)."""
+        return Saving(self.run, self.cfg.hash(), self.cfg.checkpoint_every, self.tracking)
 
     @classmethod
     def from_run_dir(cls, run_path: str | Path) -> "Context":
@@ -140,14 +205,12 @@ class Context:
         return cls.create(RunDir(run_path).load_config(), run_path)
 
     @classmethod
-    def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None,
-               model_fn: Callable[[], nn.Module] | None = None,
-               data: tuple[ImageDataset, ImageDataset] | None = None, join: bool = True,
-               task: Task | None = None, collate_fn: Callable | None = None,
-               optimizer_fns: dict | None = None) -> "Context":
-        """Join the process group (unless ``join=False``), put the data on the device. ``model_fn``
-        and ``data`` replace the configured model and dataset (library use, :func:`swap.train_swap`);
-        ``data`` may be a pair of any map-style datasets (the generic path, class docstring); when
+    def create(cls, cfg: Config, run_path: str | Path, t0: float | None = None, parts: Parts | None = None,
+               join: bool = True) -> "Context":
+        """Join the process group (unless ``join=False``), put the data on the device. The user's
+        ``parts`` (:class:`Parts`: library use, :func:`swap.train_swap`) replace the configured
+        model, dataset, task and collate function; their ``data`` may be a pair of any map-style
+        datasets (the generic path, class docstring); when
         ``cfg.uses_validation()`` its last ``data.holdout`` training samples become the validation
         split, unless ``data`` is already (train, test, validation).
 
@@ -155,7 +218,9 @@ class Context:
             SwapError: data that breaks the contract; a generic dataset without ``model_fn``.
         """
         d = distributed.setup(cfg.device, cfg.threads, join)
-        model_fn, task, collate_fn = configured_parts(cfg, model_fn, task, collate_fn)
+        parts = parts or Parts()
+        model_fn, task, collate_fn = configured_parts(cfg, parts.model_fn, parts.task, parts.collate_fn)
+        data = parts.data
         val_set = None
         if data is None and cfg.uses_validation():     # train, test and a validation split
             *data, val_set = load_configured(cfg.data, bad_log=RunDir(run_path).bad_images_log, validation=True)
@@ -177,14 +242,14 @@ class Context:
                 task = IMAGENET_TASK
             collate_fn = collate_fn or getattr(data[0], "collate_fn", None)     # a dataset's own batching
             # a task of its own: the run's alignment of outputs and targets (Task.align) is found here
-            return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, model_fn, task or Task(),
-                       collate_fn, val_set, optimizer_fns)
+            resolved = dataclasses.replace(parts, model_fn=model_fn, data=None, task=task or Task(), collate_fn=collate_fn)
+            return cls(cfg, d, RunDir(run_path), data[0], data[1], None, None, t0, resolved, val_set)
         train_set, test_set = (x.to(d.device) for x in data)
         augment_for(cfg.data, train_set)          # an augmentation impossible for these images fails here
         mean, std = train_set.channel_stats()
         val_set = val_set.to(d.device) if val_set is not None else None
-        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, model_fn, task or DEFAULT_TASK,
-                   val_set=val_set, optimizer_fns=optimizer_fns)
+        resolved = dataclasses.replace(parts, model_fn=model_fn, data=None, task=task or DEFAULT_TASK)
+        return cls(cfg, d, RunDir(run_path), train_set, test_set, mean, std, t0, resolved, val_set)
 
     # ------------------------------------------------------------------ building blocks
     def build_model(self) -> nn.Module:
@@ -413,7 +478,7 @@ class Context:
         Rank 0 rewrites metrics.jsonl; all ranks wait for it."""
         def kept_epochs(record: dict) -> float:
             name = RunDir.worker(record["worker"]) if record["phase"] == "phase2" else record["phase"]
-            return Phase.epochs_kept(self.run, name)
+            return Resumable.epochs_kept(self.run, name)
 
         if self.dist.is_main:
             self.run.rewrite_metrics(lambda r: r["phase"] in ("phase1", "phase2", "sgd", "abs", "absa")
@@ -421,7 +486,7 @@ class Context:
         distributed.barrier()
 
     def machine(self) -> dict:
-        return machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
+        return distributed.machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
 
 
 __all__ = ["IMAGENET_TASK", "configured_parts", "Context"]

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -545,7 +546,22 @@ def worker_groups(workers: int, size: int) -> WorkerGroup:
     return mine or WorkerGroup(None, 0, size)
 
 
-__all__ = ["Dist", "under_launcher", "resolve_device", "default_threads", "setup", "GROUP_STORE",
+def machine_info(device: torch.device, threads: int, procs: int) -> dict:
+    """CPU model, cores, processes, threads per process, torch version and device name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "procs": procs, "threads_per_proc": threads,
+            "torch": torch.__version__, "device": dev, "python": platform.python_version()}
+
+
+__all__ = ["machine_info", "Dist", "under_launcher", "resolve_device", "default_threads", "setup", "GROUP_STORE",
            "local_group", "teardown", "verbose", "quiet_torch_logs", "log_failure", "rank_log", "run_rank",
            "launch", "environment", "PEER_LOST", "START_METHOD", "start_server", "run_isolated",
            "all_gather_objects", "barrier", "broadcast_object", "rank", "WorkerGroup", "worker_groups"]

@@ -30,23 +30,15 @@ from .config import Config, SwapError, check_world, section_batches, validation_
 class RunSpec:
     """What a rank function receives: ``cfg`` (the method's resolved config), ``run_path`` (its run
     directory), ``t0`` (the run's start, ``time.time()`` seconds, shared by the ranks; None = now),
-    ``resume`` (continue from the checkpoints), for library use ``model_fn`` (a model factory)
-    and ``data`` ((train, test) :class:`swap.data.ImageDataset`), replacing the configured ones,
-    and ``task`` (:class:`swap.task.Task`: the loss and metrics; None = cross-entropy, top-1 and
-    loss), and for the SWA methods their ``start`` model."""
+    ``resume`` (continue from the checkpoints), for the SWA methods their ``start`` model, and the
+    user's own ``parts`` (:class:`swap.context.Parts`: model factory, data, task, collate function,
+    optimizer functions, callbacks; None = the configured ones)."""
     cfg: Config
     run_path: str | Path
     t0: float | None = None
     resume: bool = False
-    model_fn: Callable | None = None
-    data: tuple | None = None
     start: dict | None = None              # SWA methods: {"checkpoint": base path, "summary": dict} of the start
-    task: Any = None                       # swap.task.Task, or None for the default
-    collate_fn: Callable | None = None     # generic datasets: builds a batch from samples (default collate)
-    optimizer: dict | None = None          # the user's optimizer functions by config section ({"phase1": fn, ...})
-    callbacks: tuple = ()                  # the library's callbacks (swap.tracking): on_record, on_phase_end, on_run_end
-
-
+    parts: Any = None                      # swap.context.Parts, or None
 
 
 def _sgd_from(section: str, optimizer: str | None = None) -> Callable[[Config], None]:
@@ -381,6 +373,22 @@ def _save_pretrained(model, path: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
+def prepare(run_path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,
+            auto_resume: bool = False):
+    """The run directory, prepared (:meth:`swap.rundir.RunDir.prepare` with the flags), and the
+    run's logged runs started (:func:`swap.tracking.prepare`, for ``logging.loggers``).
+
+    Raises:
+        SwapError: as :meth:`swap.rundir.RunDir.prepare`.
+    """
+    from . import tracking
+    from .rundir import RunDir
+
+    run = RunDir.prepare(run_path, cfg, overwrite, resume, auto_resume)
+    tracking.prepare(run.path, cfg)
+    return run
+
+
 def run_ranked(name: str, spec: RunSpec, overwrite: bool = False, resume: bool = False,
                auto_resume: bool = False) -> Any:
     """This process is one rank under ``torchrun`` (the CLI's ``swap train``, or a library call in a
@@ -389,12 +397,10 @@ def run_ranked(name: str, spec: RunSpec, overwrite: bool = False, resume: bool =
     then :func:`run_rank`. Returns rank 0's summary (None on the other ranks)."""
     import os
 
-    from .rundir import RunDir
-
     if get_method(name).summary == "abs" and spec.cfg.abs.launcher == "ray":
         raise SwapError("abs.launcher=ray starts its own ranks as Ray actors; run it without torchrun")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        with RunDir.prepare(spec.run_path, spec.cfg, overwrite, resume, auto_resume).locked():
+        with prepare(spec.run_path, spec.cfg, overwrite, resume, auto_resume).locked():
             return run_rank(name, spec)
     return run_rank(name, spec)
 
@@ -408,4 +414,4 @@ def run_rank(name: str, spec: RunSpec) -> Any:
 
 
 __all__ = ["RunSpec", "DILOCO_INNER", "Method", "SWAP_SIZED", "METHODS", "TRAINED", "COMPARED", "get_method",
-           "launch", "final_model", "run_ranked", "run_rank"]
+           "launch", "final_model", "prepare", "run_ranked", "run_rank"]

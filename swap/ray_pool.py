@@ -18,7 +18,7 @@ node) ends its group: :class:`RankDied` is raised, the other actors are killed a
 
 Plain actors rather than Ray Train: Ray Train's ``TorchTrainer`` owns the loop (its own worker
 group, process-group set-up, checkpoint manager and restart policy), so using it would mean handing
-the pool's checkpoint-resize-restore cycle, which :mod:`swap.phase` already does exactly, to a second
+the pool's checkpoint-resize-restore cycle, which :mod:`swap.resumable` already does exactly, to a second
 implementation; what the pool needs from Ray is placing N processes with resources and learning
 when one dies, which is ``ray.remote`` and ``ray.wait`` (this module is the only one that imports Ray).
 """

@@ -16,18 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from .checkpoint import atomic_write_bytes, recover
 from .config import Config, SwapError, config_from_dict
 from .errors import printable
-from . import tracking
 
 
 class RunDir:
@@ -60,7 +57,7 @@ class RunDir:
 
     def last_checkpoint(self, name: str) -> Path:
         """Base path of the resumable checkpoint of ``name`` (``NAME_last``: weights, optimizer state,
-        epoch and, after a stop signal, the position inside the epoch); see :mod:`swap.phase`."""
+        epoch and, after a stop signal, the position inside the epoch); see :mod:`swap.resumable`."""
         return self.checkpoint(f"{name}_last")
 
     @staticmethod
@@ -90,8 +87,8 @@ class RunDir:
     @classmethod
     def prepare(cls, path: str | Path, cfg: Config, overwrite: bool = False, resume: bool = False,
                 auto_resume: bool = False) -> "RunDir":
-        """Create the run directory and save the resolved config, before any training; start the
-        run's logged runs (:func:`swap.tracking.prepare`, for ``logging.loggers``).
+        """Create the run directory and save the resolved config, before any training (the run's
+        logged runs start in :func:`swap.methods.prepare`).
 
         ``auto_resume`` (``--auto-resume``, for restarts under ``torchrun --max-restarts`` or a
         scheduler that requeues): continue when the directory holds a run of the same config
@@ -126,7 +123,6 @@ class RunDir:
                 rolled = recover(run.path / "checkpoints")
                 if rolled:
                     print(f"swap: finished the interrupted write of checkpoint(s) {', '.join(rolled)}", file=sys.stderr)
-            tracking.prepare(run.path, cfg)
             return run
         if exists and not overwrite:
             raise SwapError(f"run directory {run.path} already exists; pass --overwrite to replace it, "
@@ -135,7 +131,6 @@ class RunDir:
             shutil.rmtree(run.path)
         (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        tracking.prepare(run.path, cfg)
         return run
 
     def check_links(self) -> None:
@@ -218,16 +213,13 @@ class RunDir:
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl. Lines under 4 KiB written with O_APPEND do not
         interleave, so several processes may log to one file.
-        Then this process's tracking (:mod:`swap.tracking`: loggers, callbacks) receives it."""
+        (:meth:`swap.context.Context.log` also hands it to the run's tracking.)"""
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
-        tracked = tracking.active(self.path)
-        if tracked is not None:
-            tracked.record(record)
 
     def rewrite_metrics(self, keep) -> None:
         """Keep only the records (of every kind) for which ``keep(record)`` is true (atomic rewrite)."""
@@ -264,9 +256,6 @@ class RunDir:
         if self.bad_images_log.is_file():
             summary = {**summary, "skipped_images": len(set(self.bad_images_log.read_text().splitlines()))}
         atomic_write_bytes(self.summary_path, json.dumps(summary, indent=1).encode())
-        tracked = tracking.active(self.path)
-        if tracked is not None:                   # the run's end: callbacks, final metrics, artifacts
-            tracked.run_end(summary, self.read_metrics)
 
     def read_summary(self) -> dict:
         return json.loads(self.summary_path.read_text())
@@ -283,19 +272,4 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
-def machine_info(device: torch.device, threads: int, procs: int) -> dict:
-    """CPU model, cores, processes, threads per process, torch version and device name."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "procs": procs, "threads_per_proc": threads,
-            "torch": torch.__version__, "device": dev, "python": platform.python_version()}
-
-
-__all__ = ["RunDir", "machine_info"]
+__all__ = ["RunDir"]

@@ -391,21 +391,14 @@ def prepare(run_path, cfg) -> None:
     t = start(run_path, new)                          # only where the run is new to the logger
     if t is not None:
         t.params(cfg.to_dict())
-        stop(run_path)
-
-
-# this process's tracking of each run directory (RunDir.log hands records to it)
-_ACTIVE: dict[Path, Tracking] = {}
+        t.close()
 
 
 def start(run_path, loggers=(), callbacks=(), resumed: bool = False) -> Tracking | None:
-    """Set up this process's tracking of the run in ``run_path`` (None when there is nothing to
-    track); :func:`active` finds it from then on. Loggers that cannot start are dropped with one
-    warning (:meth:`Tracking._each`). ``resumed``: the loggers continue the run's earlier records."""
-    key = Path(run_path).resolve()
-    old = _ACTIVE.pop(key, None)
-    if old is not None:
-        old.close()
+    """This process's tracking of the run in ``run_path`` (None when there is nothing to track):
+    the loggers ``loggers`` and the library's ``callbacks``; the :class:`swap.context.Context` of
+    the run owns it. Loggers that cannot start are dropped with one warning
+    (:meth:`Tracking._each`). ``resumed``: the loggers continue the run's earlier records."""
     if not loggers and not callbacks:
         return None
     built = []
@@ -415,21 +408,8 @@ def start(run_path, loggers=(), callbacks=(), resumed: bool = False) -> Tracking
         except Exception as exc:
             print(f"swap: warning: logger {name} could not start ({type(exc).__name__}: {exc}); training goes on",
                   file=sys.stderr, flush=True)
-    tracking = _ACTIVE[key] = Tracking(Path(run_path), built, callbacks)
-    return tracking
-
-
-def active(run_path) -> Tracking | None:
-    """This process's tracking of ``run_path``, if any."""
-    return _ACTIVE.get(Path(run_path).resolve()) if _ACTIVE else None
-
-
-def stop(run_path) -> None:
-    """Close and forget this process's tracking of ``run_path``."""
-    tracking = _ACTIVE.pop(Path(run_path).resolve(), None)
-    if tracking is not None:
-        tracking.close()
+    return Tracking(Path(run_path), built, callbacks)
 
 
 __all__ = ["LOGGERS", "NOT_VALUES", "check_loggers", "stream_of", "values_of", "flat", "TensorBoardLogger",
-           "MLflowLogger", "BACKENDS", "Tracking", "prepare", "start", "active", "stop"]
+           "MLflowLogger", "BACKENDS", "Tracking", "prepare", "start"]

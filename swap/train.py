@@ -5,7 +5,7 @@ per-epoch records. What one update does is an :class:`UpdateStep`: :class:`SGDSt
 with micro-batches, with or without DistributedDataParallel), extrapolated SGD in
 :mod:`swap.optim.extrap`, W stacked workers in :mod:`swap.algorithms.stacked`. Everything that
 watches the loop is a callback (:mod:`swap.callbacks`): the records' sink, the stopping rules,
-the progress bar, and the checkpoints of :mod:`swap.phase`, which decides where a run resumes.
+the progress bar, and the checkpoints of :mod:`swap.resumable`, which decides where a run resumes.
 
 Gradient accumulation: a rank's share of the global batch is split into micro-batches; each
 micro-batch loss is weighted by its fraction of the share, and DDP averages over ranks, so the
@@ -407,7 +407,7 @@ class Position:
     """Where a loop continues: epoch ``epoch`` (0-based) from update ``step`` of it, with this
     rank's partial sums of that epoch (``totals``: loss sum, correct, samples; one such list per
     model when there are several), as :meth:`swap.callbacks.Callback.on_interrupt` received them.
-    (:class:`swap.phase.Start`, where a resumable phase continues, extends it.)"""
+    (:class:`swap.resumable.Start`, where a resumable phase continues, extends it.)"""
     epoch: int = 0
     step: int = 0
     totals: list | None = None

@@ -1,4 +1,4 @@
-"""The resumable unit (swap.phase) and the one train loop with its pluggable update step."""
+"""The resumable unit (swap.resumable) and the one train loop with its pluggable update step."""
 from __future__ import annotations
 
 
@@ -11,7 +11,7 @@ from swap.checkpoint import read_meta
 from swap.config import SwapError
 from swap.data import ImageDataset, Loader
 from swap.models import build_model
-from swap.phase import Phase, Unit
+from swap.resumable import Resumable, Saving, Unit
 from swap.rundir import RunDir
 from swap.callbacks import OnEpoch
 from swap.train import Position, SGDStep, train
@@ -25,7 +25,7 @@ def _model(seed: int = 0) -> nn.Module:
 def _phase(tmp_path, model, every=2, epochs=5, name="phase1", units=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     units = units or [Unit(name, model, opt, {"phase": name})]
-    return Phase(RunDir(tmp_path), "hash0", units, every=every, epochs=epochs, steps=10), opt
+    return Resumable(Saving(RunDir(tmp_path), "hash0", every), units, epochs=epochs, steps=10), opt
 
 
 def test_checkpoint_every_rule_is_one_based_and_skips_the_last_epoch(tmp_path):
@@ -54,7 +54,7 @@ def test_interrupt_then_restore_continues_inside_the_epoch(tmp_path):
     assert torch.equal(opt2.state[next(again.parameters())]["momentum_buffer"], torch.ones(3, 4))
     assert phase2.updates_at(4) == 3                          # this session: the rest of epoch 4 (1-based)
     assert phase2.progress(3)["updates"] == 37 + 3
-    assert Phase.position(RunDir(tmp_path), "phase1") == (3, 7)
+    assert Resumable.position(RunDir(tmp_path), "phase1") == (3, 7)
     fresh, _ = _phase(tmp_path, _model())
     assert fresh.restore(resume=False).epoch == 0             # without --resume nothing is read
 
@@ -67,16 +67,16 @@ def test_finished_unit_returns_its_result_and_weights(tmp_path):
     assert meta == {"config_hash": "hash0", "phase": "worker3", "epoch": 5, "updates": 50, "test_acc": 81.5}
     again = _model(seed=2)
     start = _phase(tmp_path, again, name="worker3")[0].restore(resume=True)
-    assert start.result["test_acc"] == 81.5 and Phase.finished(RunDir(tmp_path), "worker3")
+    assert start.result["test_acc"] == 81.5 and Resumable.finished(RunDir(tmp_path), "worker3")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert Phase.epochs_kept(RunDir(tmp_path), "worker3") == float("inf")
+    assert Resumable.epochs_kept(RunDir(tmp_path), "worker3") == float("inf")
 
 
 def test_restore_refuses_another_config(tmp_path):
     phase, _ = _phase(tmp_path, _model())
     phase.restore(resume=False)
     phase.end_epoch(2)
-    other = Phase(RunDir(tmp_path), "hash1", phase.units, every=2, epochs=5)
+    other = Resumable(Saving(RunDir(tmp_path), "hash1", 2), phase.units, epochs=5)
     with pytest.raises(SwapError, match="config"):
         other.restore(resume=True)
 
@@ -85,13 +85,13 @@ def test_stacked_units_save_one_checkpoint_each_with_their_own_totals(tmp_path):
     models = [_model(0), _model(1)]
     units = [Unit(f"worker{w}", m, torch.optim.SGD(m.parameters(), lr=0.1), {"phase": "phase2", "worker": w})
              for w, m in enumerate(models)]
-    phase = Phase(RunDir(tmp_path), "hash0", units, every=1, epochs=3, steps=4)
+    phase = Resumable(Saving(RunDir(tmp_path), "hash0", 1), units, epochs=3, steps=4)
     phase.restore(resume=False)
     phase.interrupted({"epoch": 1, "step": 2, "updates": 6, "totals": [[1.0, 2.0, 8.0], [3.0, 4.0, 8.0]]})
     metas = [read_meta(RunDir(tmp_path).last_checkpoint(f"worker{w}")) for w in (0, 1)]
     assert [m["partial"]["totals"] for m in metas] == [[1.0, 2.0, 8.0], [3.0, 4.0, 8.0]]
     assert [m["worker"] for m in metas] == [0, 1]
-    start = Phase(RunDir(tmp_path), "hash0", units, every=1, epochs=3, steps=4).restore(resume=True)
+    start = Resumable(Saving(RunDir(tmp_path), "hash0", 1), units, epochs=3, steps=4).restore(resume=True)
     assert start.totals == [[1.0, 2.0, 8.0], [3.0, 4.0, 8.0]] and (start.epoch, start.step) == (1, 2)
 
 

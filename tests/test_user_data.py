@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import swap
+import swap.launch
 from swap.checkpoint import load_checkpoint, save_checkpoint
 from swap.config import SwapError, load_config
 
@@ -114,9 +115,9 @@ def test_the_preflight_check_uses_the_datasets_own_collate_fn():
     class Padded(Fortunes):
         collate_fn = staticmethod(pad)
     # default_collate cannot stack sequences of different lengths: a dataset's own collate_fn is used
-    assert swap.api.check_task(BytesNet, Padded(True), swap.task.Task()) is True
+    assert swap.launch.check_task(BytesNet, Padded(True), swap.task.Task()) is True
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
-        swap.api.check_task(BytesNet, Fortunes(True), swap.task.Task())
+        swap.launch.check_task(BytesNet, Fortunes(True), swap.task.Task())
 
 
 # ---------------------------------------------------------------- defaults that fit a small dataset

@@ -39,7 +39,7 @@ from ..rundir import RunDir
 from ..schedules import epoch_shape, warmup_decay
 from ..context import Context
 from ..methods import RunSpec
-from ..phase import Phase, Unit
+from ..resumable import Resumable, Unit
 from ..ray_pool import RankDied
 from ..train import Evaluation, Guard, Position, train
 
@@ -105,7 +105,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
 
     Writes metrics (one record per epoch with eigenvalue, batch_size, lr, adv_fraction,
     world_size), ``checkpoints/METHOD_last`` every ``checkpoint_every`` epochs and at a resize
-    (with the rule's state: a resumable :class:`swap.phase.Phase`), and at the end
+    (with the rule's state: a resumable :class:`swap.resumable.Resumable`), and at the end
     ``checkpoints/METHOD`` (METHOD = abs or absa) and ``summary.json``. With ``elastic``, when the
     rule's batch calls for another number of processes the group checkpoints and every rank
     returns ``{"resize": n}``; :func:`train_abs` starts the new group. ``launcher`` (the driver's
@@ -127,8 +127,8 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
     rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
     state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
              "history": [], "resizes": [], "resize_from": None, "partial": {}}
-    unit = Phase(ctx.run, cfg.hash(), [Unit(method, model, opt, {"phase": method})], every=cfg.checkpoint_every,
-                 epochs=a.epochs, group=True)
+    unit = Resumable(ctx.saving, [Unit(method, model, opt, {"phase": method})], epochs=a.epochs,
+                     group=True)
     start = unit.restore(spec.resume)
     saved = start.result or start.meta
     if saved:
@@ -218,7 +218,7 @@ def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out:
         "launcher": {k: v for k, v in (launcher or {"name": "torch"}).items() if k != "restarted"},
         "machine": ctx.machine(),
     }
-    ctx.run.write_summary(summary)
+    ctx.write_summary(summary)
     return summary
 
 

@@ -15,7 +15,7 @@ BN running statistics are averaged at every sync as well (no outer step on them)
 its own inner optimizer state (momentum). SWAP is H = never; H = 1 with ``average`` and plain SGD is
 synchronous data-parallel SGD over the W workers' batches. The outer state (anchor, outer momentum)
 travels with the inner optimizer's in the worker's checkpoint (:class:`OuterSync` is the optimizer
-a :class:`swap.phase.Unit` saves), so a resume in the middle of a round continues bit for bit.
+a :class:`swap.resumable.Unit` saves), so a resume in the middle of a round continues bit for bit.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from ..context import Context
 from ..methods import RunSpec
 from ..noise_scale import NoiseScale
 from ..optim.build import kind_of
-from ..phase import Phase, Unit
+from ..resumable import Resumable, Unit
 from ..schedules import epoch_shape, samples_between, updates_between
 from ..train import Evaluation, Guard, train
 from .transition import AutoSwitch
@@ -66,7 +66,7 @@ class DataParallel:
 def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, resume: bool = False,
                         final: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
     """Large- or small-batch SGD over all ranks (:class:`DataParallel`), as one resumable
-    :class:`swap.phase.Phase` named ``plan.phase`` (checkpoints ``PHASE_last`` and, if ``final``,
+    :class:`swap.resumable.Resumable` named ``plan.phase`` (checkpoints ``PHASE_last`` and, if ``final``,
     ``PHASE``).
 
     ``model`` is trained in place (DDP wraps it when there is more than one rank; BN statistics
@@ -87,8 +87,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
                                         shape=plan.schedule)
     optim_section = plan.optim_section or plan.section
     opt = ctx.optimizer(model, optim_section, (phase,))
-    unit = Phase(ctx.run, cfg.hash(), [Unit(phase, model, opt, {"phase": phase})], every=cfg.checkpoint_every,
-                 epochs=epochs, steps=loader, group=True, final=final)
+    unit = Resumable(ctx.saving, [Unit(phase, model, opt, {"phase": phase})], epochs=epochs,
+                     steps=loader, group=True, final=final)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
@@ -150,7 +150,7 @@ def run_sgd(spec: RunSpec) -> dict | None:
             "batch_size": {"sgd": section_batch(cfg, "sgd")},
             "machine": ctx.machine(),
         }
-        ctx.run.write_summary(summary)
+        ctx.write_summary(summary)
     distributed.teardown()
     return summary
 

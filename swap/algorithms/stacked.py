@@ -9,7 +9,7 @@ hence not the CPU default.
 
 :class:`StackedStep` is the train loop's update step for them (:func:`swap.train.train`: one loop
 for every layout). Checkpoints have the sequential layout's format (``worker{w}_last`` with a
-per-worker SGD state, written by :class:`swap.phase.Phase`), so a run may change layout when resumed.
+per-worker SGD state, written by :class:`swap.resumable.Resumable`), so a run may change layout when resumed.
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ from ..callbacks import Callback
 from ..config import optim_for
 from ..context import Context
 from ..optim.build import weight_decay_of
-from ..phase import Phase, Unit
+from ..resumable import Resumable, Unit
 from ..rundir import RunDir
 from ..task import cross_entropy, top_k_correct
 from ..train import Evaluation, Guard, UpdateStep, autocast, train
 
 
 def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict[int, dict]:
-    """Phase 2 of ``workers`` (all at the same resume position: :meth:`swap.phase.Phase.position`)
+    """Phase 2 of ``workers`` (all at the same resume position: :meth:`swap.resumable.Resumable.position`)
     stacked on this rank's device, starting from ``model`` (phase-1 weights and BN buffers), as one
-    :class:`swap.phase.Phase` of W units. Writes each worker's metrics, ``worker{w}_last`` every
+    :class:`swap.resumable.Resumable` of W units. Writes each worker's metrics, ``worker{w}_last`` every
     ``checkpoint_every`` epochs, and ``worker{w}``; returns each worker's metadata as
     :func:`swap.algorithms.swap.train_worker` does.
 
@@ -41,14 +41,13 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
             :class:`swap.train.DivergenceGuard`).
         swap.interrupt.Interrupted: SIGINT/SIGTERM, after every worker's mid-epoch checkpoint.
     """
-    cfg, p2, run = ctx.cfg, ctx.cfg.phase2, ctx.run
+    cfg, p2 = ctx.cfg, ctx.cfg.phase2
     models = [copy.deepcopy(model) for _ in workers]
     units = [Unit(RunDir.worker(w), m, ctx.optimizer(m, "phase2"), {"phase": "phase2", "worker": w})   # per-worker SGD:
              for w, m in zip(workers, models)]                                            # the checkpoint format
     loader = StackedLoader([ctx.loader(p2.batch_size, ("phase2", w), data_parallel=False) for w in workers])
     steps = len(loader)
-    phase = Phase(run, cfg.hash(), units, every=cfg.checkpoint_every, epochs=p2.epochs, steps=steps,
-                  snapshots=p2.track_average)
+    phase = Resumable(ctx.saving, units, epochs=p2.epochs, steps=steps, snapshots=p2.track_average)
     start = phase.restore(resume)
     o = optim_for(cfg, "phase2")                         # sgd, no decay groups, no clipping (config.validate)
     step = StackedStep(models, [u.optimizer for u in units], momentum=o.momentum, nesterov=o.nesterov,

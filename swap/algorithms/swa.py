@@ -73,7 +73,7 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
         bn_s = time.perf_counter() - t_bn
         save_checkpoint(ctx.run.checkpoint("swa"), averaged.module,
                         {"config_hash": cfg.hash(), "phase": variant, "models": int(averaged.n_averaged), "test_acc": acc})
-        ctx.run.log({"phase": "swa_average", "worker": None, "epoch": None, "test_acc": acc,
+        ctx.log({"phase": "swa_average", "worker": None, "epoch": None, "test_acc": acc,
                      "phase_wall_s": bn_s, "wall_s": time.time() - ctx.t0})
         s0 = start_cost(start["summary"])
         walls = {"start": s0["wall_s"], "swa": out["wall_s"], "bn": bn_s}
@@ -90,7 +90,7 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
             "lr": {"max": lr_max, "min": lr_min},
             "machine": ctx.machine(),
         }
-        ctx.run.write_summary(summary)
+        ctx.write_summary(summary)
     distributed.teardown()
     return summary
 

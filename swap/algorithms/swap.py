@@ -17,25 +17,26 @@ Averaging in Parallel: Large-Batch Training that Generalizes Well", ICLR 2020, A
 Every rank runs :func:`run_swap`, which reads as the algorithm box: :func:`phase1`, :func:`phase2`
 (one :class:`WorkerResult` per worker, finished or failed), :func:`phase3` and :func:`summarize`. It
 works the same under ``swap train --workers W`` (local launch) and under ``torchrun`` across
-machines. Each phase and worker is a resumable :class:`swap.phase.Phase`.
+machines. Each phase and worker is a resumable :class:`swap.resumable.Resumable`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .. import distributed, interrupt, tracking
+from .. import distributed, interrupt
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_, greedy_soup
 from ..callbacks import Callback, Progress
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config, SwapError, section_batch, section_epochs
+from ..config import SwapError, section_batch, section_epochs
 from ..context import Context
 from ..methods import RunSpec
-from ..phase import Phase, Unit
+from ..resumable import Resumable, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
 from ..train import Evaluation, Guard, train
@@ -156,8 +157,8 @@ def _phase2_stacked(ctx: Context, model, mine: list[int], resume: bool) -> dict[
     """``phase2.layout: vmap``: this rank's unfinished workers trained as one computation
     (:mod:`swap.algorithms.stacked`). Workers that would resume from different points are left out
     (trained in turn by the caller)."""
-    todo = [w for w in mine if not (resume and Phase.finished(ctx.run, RunDir.worker(w)))]
-    if not todo or len({Phase.position(ctx.run, RunDir.worker(w)) if resume else (0, 0) for w in todo}) != 1:
+    todo = [w for w in mine if not (resume and Resumable.finished(ctx.run, RunDir.worker(w)))]
+    if not todo or len({Resumable.position(ctx.run, RunDir.worker(w)) if resume else (0, 0) for w in todo}) != 1:
         return {}
     try:
         return {w: WorkerResult(w, meta) for w, meta in train_stacked(ctx, model, todo, resume).items()}
@@ -181,7 +182,7 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
     """
     cfg, run, name = ctx.cfg, ctx.run, RunDir.worker(w)
     error = run.worker_error(w)
-    if resume and Phase.finished(run, name):
+    if resume and Resumable.finished(run, name):
         return WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
     if resume and cfg.phase3.allow_missing_workers and error.is_file():
         return WorkerResult(w, error=error.read_text())     # failed before; averaged without it, not retrained
@@ -191,9 +192,9 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         start = {k: v.detach().cpu() for k, v in worker.state_dict().items()}
         data = tuple(x.to("cpu") if not ctx.generic else x for x in (ctx.train_set, ctx.test_set, ctx.val_set)
                      if x is not None)
-        why = distributed.run_isolated(_isolated_worker, (cfg, run.path, ctx.t0, w, resume, start, ctx.model_fn, data,
-                                                          ctx.task, ctx.collate_fn, ctx.optimizer_fns, ctx.callbacks),
-                                       error, run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
+        spec = RunSpec(cfg, run.path, ctx.t0, resume, parts=dataclasses.replace(ctx.parts, data=data))
+        why = distributed.run_isolated(_isolated_worker, (spec, w, start), error,
+                                       run.logs_dir / f"worker{w}.log")     # leaves `why` in `error`
         return WorkerResult(w, error=why) if why is not None else \
             WorkerResult(w, load_checkpoint(run.checkpoint(name), worker, cfg.hash()))
     error.unlink(missing_ok=True)
@@ -205,24 +206,23 @@ def _phase2_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> Wo
         return WorkerResult(w, error=why)
 
 
-def _isolated_worker(cfg: Config, run_path, t0: float, w: int, resume: bool, start: dict, model_fn, data,
-                     task=None, collate_fn=None, optimizer_fns=None, callbacks=()) -> None:
-    """Body of an isolated phase-2 worker process: rebuild the rank's context (with its data,
-    task, collate function, optimizer functions and the run's tracking) without joining the
-    process group, start from the phase-1 state ``start`` and train (checkpoints go to disk)."""
-    ctx = Context.create(cfg, run_path, t0, model_fn, data, join=False, task=task, collate_fn=collate_fn,
-                         optimizer_fns=optimizer_fns)
-    ctx.track(callbacks, resume)
+def _isolated_worker(spec: RunSpec, w: int, start: dict) -> None:
+    """Body of an isolated phase-2 worker process: rebuild the rank's context from ``spec`` (its
+    parts carry the rank's data, task, collate function, optimizer functions and callbacks)
+    without joining the process group, start from the phase-1 state ``start`` and train worker
+    ``w`` (checkpoints go to disk)."""
+    ctx = Context.for_run(spec, join=False)
     worker = ctx.build_model()
     worker.load_state_dict(start)
     try:
-        train_worker(ctx, worker, w, resume)
+        train_worker(ctx, worker, w, spec.resume)
     finally:
-        tracking.stop(run_path)                       # this process's event files closed
+        if ctx.tracking is not None:
+            ctx.tracking.close()                      # this process's event files closed
 
 
 def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict:
-    """Phase 2 for worker ``w``, a resumable :class:`swap.phase.Phase` (``worker{w}_last``,
+    """Phase 2 for worker ``w``, a resumable :class:`swap.resumable.Resumable` (``worker{w}_last``,
     ``worker{w}``): small-batch SGD on its own data order (stream ("phase2", w)), LR
     ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place and returns its
     metadata (epoch, updates, accuracies, wall_s). With ``phase2.track_average`` its weights at the
@@ -230,7 +230,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     iterate (``iterates/``). With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is
     one DistributedDataParallel model over the group's ranks, each taking its share of every batch
     of the worker's data order; the group's first rank logs and writes its checkpoints."""
-    cfg, run, p2 = ctx.cfg, ctx.run, ctx.cfg.phase2
+    cfg, p2 = ctx.cfg, ctx.cfg.phase2
     opt = ctx.optimizer(worker, "phase2", ("phase2", w))
     meet = OuterSync(worker, opt, p2.sync_every, p2.outer, p2.outer_lr, p2.outer_momentum) if p2.sync_every else None
     share = (group.rank, group.size) if group is not None else False
@@ -239,9 +239,9 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     cycle_epochs, cycle_updates, cycle_lr = epochs, updates_between(loader, 0, epochs), lr_at
     if p2.cycles > 1:                       # C cycles of the same schedule, restarted (SWA's cyclic sampling)
         epochs, lr_at = epochs * p2.cycles, lambda update: cycle_lr(update % cycle_updates)
-    unit = Phase(run, cfg.hash(), [Unit(RunDir.worker(w), worker, meet or opt, {"phase": "phase2", "worker": w})],
-                 every=cfg.checkpoint_every, epochs=epochs, steps=loader, snapshots=p2.track_average,
-                 group=group.group if group is not None else False)
+    unit = Resumable(ctx.saving, [Unit(RunDir.worker(w), worker, meet or opt, {"phase": "phase2", "worker": w})],
+                     epochs=epochs, steps=loader, snapshots=p2.track_average,
+                     group=group.group if group is not None else False)
     start = unit.restore(resume)
     if start.result is not None:
         return start.result
@@ -295,7 +295,7 @@ class _CycleSamples(Callback):
     """``phase2.cycles`` C > 1: at the end of each cycle but the last, worker ``w``'s weights are a
     sample (``checkpoints/workerW_cycleC``, written by the group's first rank)."""
 
-    def __init__(self, ctx: Context, worker, w: int, cycle_epochs: int, epochs: int, unit: Phase, leads: bool):
+    def __init__(self, ctx: Context, worker, w: int, cycle_epochs: int, epochs: int, unit: Resumable, leads: bool):
         self.ctx, self.worker, self.w, self.leads = ctx, worker, w, leads
         self.cycle_epochs, self.epochs, self.unit = cycle_epochs, epochs, unit
 
@@ -370,13 +370,11 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
                                                        "workers": [r.worker for r in finished], "test_acc": averaged_acc})
     p2_updates = [r.meta["updates"] for r in finished]
     # the averaged model sits at the end of the critical path: phase 2's updates (tracking adds phase 1's)
-    run.log({"phase": "phase3", "worker": None, "epoch": None, "update": max(p2_updates), "test_acc": averaged_acc,
+    ctx.log({"phase": "phase3", "worker": None, "epoch": None, "update": max(p2_updates), "test_acc": averaged_acc,
              **{f"test_{m}": v for m, v in (metrics or {}).items() if m != "top1"},
              "phase_wall_s": walls["phase3"], "wall_s": time.time() - ctx.t0})
-    tracked = tracking.active(run.path)
-    if tracked is not None:
-        tracked.phase_end("phase3", {"workers": [r.worker for r in finished], "test_acc": averaged_acc,
-                                     **({"test_metrics": metrics} if metrics else {})})
+    ctx.phase_end("phase3", {"workers": [r.worker for r in finished], "test_acc": averaged_acc,
+                             **({"test_metrics": metrics} if metrics else {})})
     walls = {**walls, "total": sum(walls.values())}
     worker_accs = [r.meta["test_acc"] for r in finished]
     trials = phase1.get("switch", {}).get("trial_updates", 0)
@@ -417,7 +415,7 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
         "predictions": ctx.prediction_unit(phase1),
         **({"test_metrics": {"averaged": metrics}} if metrics else {}),
     }
-    run.write_summary(summary)
+    ctx.write_summary(summary)
     return summary
 
 
@@ -457,7 +455,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
             acc = ctx.evaluate(averaged)
         cost = time.perf_counter() - t
         total += cost
-        run.log({"phase": "average", "worker": None, "epoch": epoch, "update": update, "test_acc": acc, "wall_s": wall,
+        ctx.log({"phase": "average", "worker": None, "epoch": epoch, "update": update, "test_acc": acc, "wall_s": wall,
                  "cost_s": cost})
     return total
 

@@ -2,7 +2,7 @@
 checkpoints. The rules that make a resumed run the uninterrupted one, bit for bit, are written here
 once; SGD, SWAP's phases 1 and 2 (in turn, in child processes or stacked), SWA and ABS/ABSA use them.
 
-A :class:`Phase` trains one or more :class:`Unit` (a model, its optimizer and its checkpoint name:
+A :class:`Resumable` trains one or more :class:`Unit` (a model, its optimizer and its checkpoint name:
 ``phase1``, ``worker3``, ``sgd``, ``abs``; several when workers are stacked) and writes, in
 ``RUN/checkpoints`` (names from :class:`swap.rundir.RunDir`):
 
@@ -14,7 +14,7 @@ A :class:`Phase` trains one or more :class:`Unit` (a model, its optimizer and it
     NAME        when the unit finished: weights and its result (epoch, updates, accuracies, ...).
     track/NAME_epochE  with ``snapshots``: the weights after every epoch E but the last.
 
-:meth:`Phase.restore` reads them back: a finished unit returns its result, an unfinished one
+:meth:`Resumable.restore` reads them back: a finished unit returns its result, an unfinished one
 continues from ``NAME_last`` (the train loop then skips the updates already done: every data stream
 derives from (seed, phase, worker, epoch), so the batches are the same). In a data-parallel phase
 (``group=True``) every rank loads, the ranks agree on BN statistics before a save (``sync``), and
@@ -28,7 +28,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import distributed, tracking
+from . import distributed
 from .callbacks import Callback
 from .checkpoint import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
 from .rundir import RunDir
@@ -48,8 +48,21 @@ class Unit:
 
 
 @dataclass
+class Saving:
+    """Where a resumable unit checkpoints and whom it tells: ``run`` (the run directory),
+    ``config_hash`` (the run's; a checkpoint of another config is refused), ``every``
+    (``checkpoint_every``, epochs; 0 = only at the end) and ``tracking`` (the run's
+    :class:`swap.tracking.Tracking` in this process, told when a unit finishes; None = none).
+    :attr:`swap.context.Context.saving` is the run's."""
+    run: RunDir
+    config_hash: str
+    every: int = 1
+    tracking: object = None
+
+
+@dataclass
 class Start(Position):
-    """Where a phase continues (:meth:`Phase.restore`): the loop's :class:`swap.train.Position`
+    """Where a phase continues (:meth:`Resumable.restore`): the loop's :class:`swap.train.Position`
     (``epoch``, first epoch to train, 0-based; ``step``, updates of it already done; ``totals``,
     this rank's partial loss sum, correct and samples of that epoch, one list per unit when
     several are stacked, or None), and
@@ -65,15 +78,13 @@ class Start(Position):
     meta: dict | None = None
 
 
-class Phase(Callback):
+class Resumable(Callback):
     """The resumable unit (module docstring): restore, end-of-epoch and mid-epoch checkpoints, the
     ``checkpoint_every`` rule and the final checkpoint.
 
     Args:
-        run: the run directory.
-        config_hash: the run's config hash; checkpoints of another config are refused.
+        saving: the run directory, config hash, ``checkpoint_every`` and tracking (:class:`Saving`).
         units: the unit(s) trained.
-        every: ``checkpoint_every`` (epochs; 0 = only at the end).
         epochs: the unit's epochs (its last epoch writes ``NAME``, not ``NAME_last``).
         steps: updates per epoch (for the progress of an end-of-epoch checkpoint): a number, or
             the train loop's loader (a piecewise schedule's updates change by epoch).
@@ -86,11 +97,10 @@ class Phase(Callback):
             (``track/NAME_epochE``; SWAP's ``phase2.track_average``).
     """
 
-    def __init__(self, run: RunDir, config_hash: str, units: list[Unit], *, every: int, epochs: int,
-                 steps=None, group=False, sync: Callable[[], None] | None = None,
-                 final: bool = True, snapshots: bool = False):
-        self.run, self.config_hash, self.units = run, config_hash, units
-        self.every, self.epochs, self.steps, self.group, self.final = every, epochs, steps, group, final
+    def __init__(self, saving: Saving, units: list[Unit], *, epochs: int, steps=None, group=False,
+                 sync: Callable[[], None] | None = None, final: bool = True, snapshots: bool = False):
+        self.run, self.config_hash, self.every, self.tracking = saving.run, saving.config_hash, saving.every, saving.tracking
+        self.units, self.epochs, self.steps, self.group, self.final = units, epochs, steps, group, final
         self.snapshots = snapshots
         self.sync = sync or (lambda: None)
         self.pg = None if isinstance(group, bool) else group       # None: all ranks
@@ -217,10 +227,10 @@ class Phase(Callback):
         if self.final and self.rank == 0:
             for u, meta in zip(self.units, metas):
                 save_checkpoint(self.run.checkpoint(u.name), u.model, meta)
-        tracked = tracking.active(self.run.path) if self.rank == 0 else None
+        tracked = self.tracking if self.rank == 0 else None
         for u, meta in zip(self.units, metas) if tracked is not None else ():
             tracked.phase_end(u.meta.get("phase", u.name), meta)      # callbacks' on_phase_end; loggers flush
         return metas
 
 
-__all__ = ["Unit", "Start", "Phase"]
+__all__ = ["Unit", "Saving", "Start", "Resumable"]

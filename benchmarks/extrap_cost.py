@@ -47,7 +47,7 @@ def main() -> None:
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
             if kind != "sgd":
                 opt = ExtrapSGD(opt, kind, 1.0, 0.01, torch.Generator().manual_seed(0))
-            loader = Loader(subset, args.batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
+            loader = Loader(subset, args.batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
             t = time.perf_counter()
             step = SGDStep(model, opt, 256) if kind == "sgd" else ExtrapStep(model, opt, 256)
             train(step, loader, lambda s: 0.1, epochs=1)

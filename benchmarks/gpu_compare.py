@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from swap.data import Augment  # noqa: E402
 from swap.models import build_model  # noqa: E402
-from swap.plan import calibrate  # noqa: E402
+from swap.plan import Measure, calibrate  # noqa: E402
 from swap.distributed import machine_info  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def layout_throughput(device: torch.device, workers: int, batch: int, samples: i
     """Training samples/s of ``workers`` stacked workers at ``batch`` each against ONE model at
     ``workers x batch``, both through the real data path (loader, augmentation) with the run's
     model: :func:`swap.plan.calibrate`, which times the second epoch after a device sync."""
-    thr = calibrate(lambda: build_model("smallcnn", 10, 1), (1, 28, 28), 10, [workers * batch], device,
-                    samples=samples, augment=Augment(2, True, 8), channels_last=True,
-                    amp_dtype=torch.bfloat16 if amp else None, stacked=(workers, batch))
+    how = Measure(device, samples=samples, amp_dtype=torch.bfloat16 if amp else None, channels_last=True)
+    thr = calibrate(lambda: build_model("smallcnn", 10, 1), (1, 28, 28), 10, [workers * batch], how,
+                    augment=Augment(2, True, 8), stacked=(workers, batch))
     out = {"one_model": thr.train[workers * batch], "vmap": thr.stacked[workers]}
     out["ratio"] = out["vmap"] / out["one_model"]
     return out

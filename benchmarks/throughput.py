@@ -119,7 +119,7 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
         return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     data = train_set.subset(steps * batch)
-    loaders = [Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True) for _ in range(2)]
+    loaders = [Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True) for _ in range(2)]
     ours, bare = model(), model()
     step, bare_update = SGDStep(ours, sgd(ours), micro), bare_sgd(bare, sgd(bare), micro)
 
@@ -160,7 +160,7 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
         return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def loader():
-        return Loader(data, batch, (0, "bench", 0), mean, std, Augment(2, True, 8), channels_last=True)
+        return Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
 
     data = train_set.subset(steps * batch)
     bare, bare_loader = model(), loader()
@@ -211,7 +211,7 @@ def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> di
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loader = Loader(train_set.subset(steps * batch), batch, (0, "bench", 0), mean, std, Augment(2, True, 8),
+    loader = Loader(train_set.subset(steps * batch), batch, (0, "bench", 0), (mean, std), Augment(2, True, 8),
                     channels_last=True)
     train(SGDStep(model, opt, micro), loader, lambda s: 0.01, epochs=1)             # warm-up
     prof = cProfile.Profile()
@@ -318,7 +318,7 @@ def main() -> None:
     averaged.load_state_dict(avg_state)
     t = time.perf_counter()
     from swap.data import Augment
-    recompute_bn(averaged, (x for x, _ in Loader(train_set, 512, (0, "phase3", 0), mean, std, Augment(2, True, 8),
+    recompute_bn(averaged, (x for x, _ in Loader(train_set, 512, (0, "phase3", 0), (mean, std), Augment(2, True, 8),
                                                 channels_last=True).epoch(0)))
     t_bn = time.perf_counter() - t
     t = time.perf_counter()

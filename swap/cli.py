@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -27,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Gupta et al., ICLR 2020) and its SGD baselines.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _compare_parser, _analysis_parsers, _plan_parser, _data_parser):
+        add(sub)
+    return parser
 
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train with SWAP or plain SGD; writes a run directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     t.add_argument("--config", required=True, help="preset name under configs/ (e.g. fashion_mnist_quick) or a YAML path")
@@ -53,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config, else start it: one command line for the first start and every restart "
                    "(torchrun --max-restarts N, a requeued scheduler job)")
 
+
+def _compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="the paper's Tables 1, 2, 4: several methods x seeds, one report",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=f"methods: {', '.join(COMPARED)}")
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key (applies to every method)")
     c.add_argument("--verbose", action="store_true", help="show torch's own log lines and full tracebacks")
 
+
+def _analysis_parsers(sub) -> None:
     pl = sub.add_parser("plot", help="Fig. 1: LR and test accuracy per worker against epochs and wall time")
     pl.add_argument("run_dir")
     pl.add_argument("--svg", action="store_true", help="also write SVG")
@@ -86,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--batch-size", type=int, default=512, help="mini-batch for the gradient (default 512)")
     co.add_argument("--svg", action="store_true")
 
+
+def _plan_parser(sub) -> None:
     pn = sub.add_parser("plan", help="predict sgd-small / sgd-large / SWAP wall time on D devices from a calibration")
     pn.add_argument("--config", required=True, help="preset name or YAML path")
     pn.add_argument("--devices", type=int, default=1, help="D: devices (GPUs, or CPU processes) of the prediction")
@@ -103,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--calibration-samples", type=int, default=4096, help="samples per calibration epoch (default 4096)")
     pn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+
+def _data_parser(sub) -> None:
     dsub = sub.add_parser("data", help="find or fetch datasets").add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a dataset with checksum verification")
     f.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100"])
@@ -111,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     fd = dsub.add_parser("find", help="print the folder a dataset would be read from")
     fd.add_argument("name", choices=["fashion-mnist", "mnist", "cifar10", "cifar100", "text-char"])
     fd.add_argument("--data-dir")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace):
@@ -271,67 +284,24 @@ def cmd_cosine(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import statistics
-
     import torch
 
-    from . import distributed, methods
-    from .context import configured_parts
-    from .data import ImageDataset, augment_for, load_configured
-    from .launch import checked_task
-    from .models import configured_model
-    from .plan import Hardware, calibrate, calibrate_dataset, chunk_sizes, plan_table, predict, stacked_shape
-    from .train import amp_dtype_for
-    from .rundir import RunDir
+    from . import distributed
+    from .plan import Hardware, plan_table, predict
 
     cfg = config_from_args(args)
     if args.devices < 1 or args.bandwidth <= 0 or args.latency < 0:
         raise SwapError("--devices must be >= 1, --bandwidth > 0 and --latency >= 0")
-    if args.train_samples:                         # no data needed: sizes given, synthetic images
-        if args.train_samples < 1 or args.test_samples < 1 or args.classes < 2:
-            raise SwapError("--train-samples and --test-samples must be >= 1 and --classes >= 2")
-        side = cfg.data.image_size or 224               # synthetic images: ImageNet's side unless set
-        n_train, n_test, classes, shape = args.train_samples, args.test_samples, args.classes, (3, side, side)
-        augment = None
-    else:
-        train_set, test_set = load_configured(cfg.data)
-        n_train, n_test, classes = len(train_set), len(test_set), getattr(train_set, "num_classes", 0)
-        own = configured_parts(cfg)                  # (model_fn, task, collate_fn) of your own, else Nones
-        if isinstance(train_set, ImageDataset):
-            shape, augment = tuple(train_set.images.shape[1:]), augment_for(cfg.data, train_set)
-        elif hasattr(train_set, "channels"):          # an image folder: its channels at its side
-            shape, augment = (train_set.channels, train_set.size, train_set.size), None
-        elif own[0] is None:
-            raise SwapError(f"swap plan calibrates image models and models of your own (model.name: "
-                            f"package.module:function); data.name={cfg.data.name} with model.name={cfg.model.name} "
-                            f"is neither")
-        else:                                        # your model on your dataset's own batches
-            shape, augment = None, None
-    measured: dict[str, list[dict]] = {}
-    if args.measured:
-        for method in ("sgd-small", "sgd-large", "swap"):
-            runs = sorted(Path(args.measured, method).glob("seed*"))
-            measured[method] = [RunDir(r).read_summary() for r in runs if (r / "summary.json").is_file()]
-    phase1_epochs = args.phase1_epochs
-    if phase1_epochs is None and measured.get("swap"):
-        phase1_epochs = round(statistics.mean(s["epochs"]["phase1"] for s in measured["swap"]))
+    data = _plan_data(cfg, args)
+    measured, phase1_epochs = _measured_runs(args)
     device = distributed.resolve_device(cfg.device)
     threads = cfg.threads or distributed.default_threads(args.devices) if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(threads)
     t = time.time()
-    sizes, amp = chunk_sizes(cfg, args.devices, args.calibration_batch), amp_dtype_for(cfg.precision, device)
-    if shape is None:
-        model_fn, _, collate_fn = own
-        thr = calibrate_dataset(model_fn, train_set, checked_task(cfg, methods.get_method("swap"), own, train_set),
-                                collate_fn or getattr(train_set, "collate_fn", None), sizes, device,
-                                samples=args.calibration_samples, amp_dtype=amp,
-                                eval_batch=min(1024, args.calibration_samples))
-    else:
-        thr = calibrate(lambda: configured_model(cfg.model, classes, in_channels=shape[0]), shape, classes, sizes,
-                        device, samples=args.calibration_samples, augment=augment, channels_last=cfg.channels_last,
-                        amp_dtype=amp, stacked=stacked_shape(cfg, args.devices),
-                        eval_batch=min(1024, args.calibration_samples))
-    pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), n_train, n_test, phase1_epochs)
+    thr = _calibrated(cfg, args, data, device)
+    shape = data["shape"]
+    pred = predict(cfg, thr, Hardware(args.devices, args.bandwidth, args.latency), data["train"], data["test"],
+                   phase1_epochs)
     print(f"swap plan: {cfg.name} on {args.devices} x {device.type} ({threads} threads each on CPU); calibration "
           f"{time.time() - t:.0f} s: " + ", ".join(f"batch {b}: {v:.0f}/s" for b, v in thr.train.items())
           + "".join(f", {k} stacked x {cfg.phase2.batch_size}: {v:.0f}/s" for k, v in thr.stacked.items())
@@ -340,6 +310,73 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"pixels at other image sizes, ring all-reduce at {args.bandwidth:.3g} B/s", file=sys.stderr)
     print(plan_table(pred, {m: [s["wall_s"]["total"] for s in runs] for m, runs in measured.items()}))
     return 0
+
+
+def _plan_data(cfg, args: argparse.Namespace) -> dict:
+    """What ``swap plan`` calibrates on: ``train``, ``test`` (sample counts), ``classes``,
+    ``shape`` ((C, H, W) of an image, None for a model of your own on your dataset's batches),
+    ``augment``, and for the generic path ``train_set`` and ``own`` (model_fn, task, collate_fn).
+    Synthetic images of ``--train-samples`` need no data."""
+    from .context import configured_parts
+    from .data import ImageDataset, augment_for, load_configured
+
+    if args.train_samples:                         # no data needed: sizes given, synthetic images
+        if args.train_samples < 1 or args.test_samples < 1 or args.classes < 2:
+            raise SwapError("--train-samples and --test-samples must be >= 1 and --classes >= 2")
+        side = cfg.data.image_size or 224               # synthetic images: ImageNet's side unless set
+        return {"train": args.train_samples, "test": args.test_samples, "classes": args.classes,
+                "shape": (3, side, side), "augment": None}
+    train_set, test_set = load_configured(cfg.data)
+    data = {"train": len(train_set), "test": len(test_set), "classes": getattr(train_set, "num_classes", 0),
+            "shape": None, "augment": None, "train_set": train_set, "own": configured_parts(cfg)}
+    if isinstance(train_set, ImageDataset):
+        data.update(shape=tuple(train_set.images.shape[1:]), augment=augment_for(cfg.data, train_set))
+    elif hasattr(train_set, "channels"):          # an image folder: its channels at its side
+        data.update(shape=(train_set.channels, train_set.size, train_set.size))
+    elif data["own"][0] is None:
+        raise SwapError(f"swap plan calibrates image models and models of your own (model.name: "
+                        f"package.module:function); data.name={cfg.data.name} with model.name={cfg.model.name} "
+                        f"is neither")
+    return data
+
+
+def _measured_runs(args: argparse.Namespace) -> tuple[dict, int | None]:
+    """The summaries of ``--measured``'s runs by method, and phase 1's epochs (``--phase1-epochs``,
+    else the mean of the measured SWAP runs', else None)."""
+    import statistics
+
+    from .rundir import RunDir
+
+    measured: dict[str, list[dict]] = {}
+    if args.measured:
+        for method in ("sgd-small", "sgd-large", "swap"):
+            runs = sorted(Path(args.measured, method).glob("seed*"))
+            measured[method] = [RunDir(r).read_summary() for r in runs if (r / "summary.json").is_file()]
+    phase1_epochs = args.phase1_epochs
+    if phase1_epochs is None and measured.get("swap"):
+        phase1_epochs = round(statistics.mean(s["epochs"]["phase1"] for s in measured["swap"]))
+    return measured, phase1_epochs
+
+
+def _calibrated(cfg, args: argparse.Namespace, data: dict, device):
+    """The measured throughput (:class:`swap.plan.Throughput`) of ``data`` (:func:`_plan_data`)."""
+    from . import methods
+    from .launch import checked_task
+    from .models import configured_model
+    from .plan import Measure, calibrate, calibrate_dataset, chunk_sizes, stacked_shape
+    from .train import amp_dtype_for
+
+    sizes = chunk_sizes(cfg, args.devices, args.calibration_batch)
+    how = Measure(device, args.calibration_samples, min(1024, args.calibration_samples),
+                  amp_dtype_for(cfg.precision, device), cfg.channels_last)
+    shape, classes = data["shape"], data["classes"]
+    if shape is None:
+        own, train_set = data["own"], data["train_set"]
+        return calibrate_dataset(own[0], train_set, checked_task(cfg, methods.get_method("swap"), own, train_set),
+                                 own[2] or getattr(train_set, "collate_fn", None), sizes,
+                                 dataclasses.replace(how, channels_last=False))
+    return calibrate(lambda: configured_model(cfg.model, classes, in_channels=shape[0]), shape, classes, sizes, how,
+                     augment=data["augment"], stacked=stacked_shape(cfg, args.devices))
 
 
 def cmd_data(args: argparse.Namespace) -> int:

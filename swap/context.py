@@ -354,26 +354,27 @@ class Context:
                                     f"(data.name imagefolder or an in-memory image set); "
                                     f"{type(dataset).__name__} has no at_size()")
                 dataset = dataset.at_size(image_size)
-            return DatasetLoader(dataset, batch_size, (self.cfg.seed, *seed_parts), rank, world,
+            return DatasetLoader(dataset, batch_size, (self.cfg.seed, *seed_parts), (rank, world),
                                  self.dist.device, self.collate_fn, self.cfg.data.num_workers,
                                  self.cfg.data.sample_rngs)
-        return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), self.mean, self.std,
-                      self.augment() if augment else None, rank, world, self.cfg.channels_last, image_size)
+        return Loader(self.train_set, batch_size, (self.cfg.seed, *seed_parts), (self.mean, self.std),
+                      self.augment() if augment else None, (rank, world), self.cfg.channels_last, image_size)
 
-    def batches(self, section: str | None, seed_parts: tuple, data_parallel: bool | tuple[int, int], *,
-                batch_size: int, epochs: int,
-                lr_at=None, peak_lr: float = 0.0, warmup_epochs: float = 0.0, shape: str = "linear"):
-        """The train loop's (loader, lr_at, epochs) of a phase whose stream is ``seed_parts``.
+    def batches(self, plan, seed_parts: tuple, data_parallel: bool | tuple[int, int]):
+        """The train loop's (loader, lr_at, epochs) of a phase whose stream is ``seed_parts``, as
+        ``plan`` (a :class:`swap.algorithms.sgd.DataParallel`) says.
 
-        When config ``section`` (``phase1``, ``phase2``, ``sgd``) has ``segments``, its piecewise
-        schedule (phase 2 from ``phase2.start_epoch``): a :class:`swap.schedules.PiecewiseLoader`,
-        its ``lr_at`` and its epochs. Otherwise batches of ``batch_size`` samples for ``epochs``
-        epochs with ``lr_at``, or the warm-up and decay schedule of ``peak_lr``,
-        ``warmup_epochs`` and ``shape`` (:meth:`schedule`).
+        When config section ``plan.section`` (``phase1``, ``phase2``, ``sgd``) has ``segments``,
+        its piecewise schedule (phase 2 from ``phase2.start_epoch``): a
+        :class:`swap.schedules.PiecewiseLoader`, its ``lr_at`` and its epochs. Otherwise batches of
+        ``plan.batch_size`` samples for ``plan.epochs`` epochs with ``plan.lr_at``, or the warm-up
+        and decay schedule of ``plan.peak_lr``, ``plan.warmup_epochs`` and ``plan.schedule``
+        (:meth:`schedule`).
 
         Raises:
             SwapError: a global batch not divisible by the ranks sharing it (``data_parallel``).
         """
+        section, batch_size, epochs, lr_at = plan.section, plan.batch_size, plan.epochs, plan.lr_at
         segs = segments(self.cfg, section) if section else []
         where = f"{section}.segments" if segs else section or seed_parts[0]
         ranks = self.share(data_parallel)[1]
@@ -388,7 +389,7 @@ class Context:
         loader = self.loader(batch_size, seed_parts, data_parallel)
         if lr_at is None:
             sec = getattr(self.cfg, section) if section else None
-            lr_at = self.schedule(peak_lr, warmup_epochs, epochs, len(loader), shape,
+            lr_at = self.schedule(plan.peak_lr, plan.warmup_epochs, epochs, len(loader), plan.schedule,
                                   getattr(sec, "min_lr", 0.0), getattr(sec, "warmup_updates", 0))
         return loader, lr_at, epochs
 

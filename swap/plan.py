@@ -168,19 +168,33 @@ def predict(cfg: Config, thr: Throughput, hw: Hardware, n_train: int, n_test: in
     return out
 
 
+@dataclass(frozen=True)
+class Measure:
+    """How :func:`calibrate` and :func:`calibrate_dataset` measure: on ``device``, about
+    ``samples`` training samples per epoch (at least 3 updates), evaluation batches of
+    ``eval_batch`` samples, forward passes at ``amp_dtype`` (None: float32), images in
+    ``channels_last`` memory format."""
+    device: torch.device
+    samples: int = 4096
+    eval_batch: int = 1024
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
 def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, int], num_classes: int,
-              batches: list[int], device: torch.device, samples: int = 4096, augment: Augment | None = None,
-              channels_last: bool = False, amp_dtype: torch.dtype | None = None, eval_batch: int = 1024,
+              batches: list[int], how: Measure, augment: Augment | None = None,
               stacked: tuple[int, int] | None = None) -> Throughput:
     """Measure training samples/s at each size in ``batches`` through the real data path and train
     loop (:class:`swap.data.Loader` with ``augment``, :func:`swap.train.train`, Nesterov SGD) on
     synthetic uint8 images of ``sample_shape`` (C, H, W), and forward-only samples/s of
-    :func:`swap.train.evaluate`, on ``device``. Each size trains 2 epochs of about ``samples``
-    samples (at least 3 updates) and keeps the second (warm) epoch's rate, which the train loop
-    times after a device sync. ``stacked=(k, b)`` also measures k workers of batch b stacked into
-    one computation (:class:`swap.algorithms.stacked.StackedStep`, each with its own loader),
-    the same way.
+    :func:`swap.train.evaluate`, as ``how`` says (:class:`Measure`). Each size trains 2 epochs of
+    about ``how.samples`` samples (at least 3 updates) and keeps the second (warm) epoch's rate,
+    which the train loop times after a device sync. ``stacked=(k, b)`` also measures k workers of
+    batch b stacked into one computation (:class:`swap.algorithms.stacked.StackedStep`, each with
+    its own loader), the same way.
     """
+    device, samples, eval_batch, amp_dtype, channels_last = (how.device, how.samples, how.eval_batch, how.amp_dtype,
+                                                             how.channels_last)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     mean, std = torch.full((sample_shape[0],), 128.0), torch.full((sample_shape[0],), 64.0)
@@ -188,7 +202,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
     for b in sorted(set(batches)):
         model = model_fn().to(device).to(memory_format=fmt)
         data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
-        loader = Loader(data, b, (0, "calibrate", b), mean, std, augment, channels_last=channels_last)
+        loader = Loader(data, b, (0, "calibrate", b), (mean, std), augment, channels_last=channels_last)
         train_rates[b] = _warm_rate(SGDStep(model, _sgd(model), 0, amp_dtype), loader)
     data = _synthetic(eval_batch * 3, sample_shape, num_classes, device)
     evaluate(model, data, mean, std, eval_batch, channels_last=channels_last, amp_dtype=amp_dtype)     # warm-up
@@ -200,7 +214,7 @@ def calibrate(model_fn: Callable[[], nn.Module], sample_shape: tuple[int, int, i
     if stacked is not None:
         k, b = stacked
         data = _synthetic(b * max(3, samples // b), sample_shape, num_classes, device)
-        loaders = [Loader(data, b, (0, "calibrate", b, w), mean, std, augment, channels_last=channels_last)
+        loaders = [Loader(data, b, (0, "calibrate", b, w), (mean, std), augment, channels_last=channels_last)
                    for w in range(k)]
         models = [model_fn().to(device).to(memory_format=fmt) for _ in range(k)]
         o = OptimConfig()
@@ -223,11 +237,10 @@ def _warm_rate(step, loader) -> float:
 
 
 def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_fn, batches: list[int],
-                      device: torch.device, samples: int = 4096, amp_dtype: torch.dtype | None = None,
-                      eval_batch: int = 1024) -> Throughput:
+                      how: Measure) -> Throughput:
     """:func:`calibrate` for a model and dataset of your own (the generic path: any map-style
     ``Dataset``, ``model.name``/``data.name`` import paths): training samples/s at each size in
-    ``batches`` on the dataset's own first samples (about ``samples`` per epoch, at least 3
+    ``batches`` on the dataset's own first samples (about ``how.samples`` per epoch, at least 3
     updates, fewer where the dataset is smaller), batched by ``collate_fn`` through
     :class:`swap.data.generic.DatasetLoader` and the train loop with ``task``'s loss; forward-only
     samples/s of :func:`swap.train.evaluate_metrics` on up to 3 evaluation batches. No stacked
@@ -240,6 +253,7 @@ def calibrate_dataset(model_fn: Callable[[], nn.Module], dataset, task, collate_
     from .data.generic import DatasetLoader, eval_loader
     from .train import evaluate_metrics
 
+    device, samples, eval_batch, amp_dtype = how.device, how.samples, how.eval_batch, how.amp_dtype
     torch.manual_seed(0)
     train_rates = {}
     for b in sorted(set(batches)):
@@ -300,5 +314,5 @@ def chunk_sizes(cfg: Config, devices: int, largest: int | None = None) -> list[i
     return sorted({min(s, largest) if largest else s for s in sizes})
 
 
-__all__ = ["Hardware", "Throughput", "update_s", "stages", "predict", "calibrate", "calibrate_dataset",
+__all__ = ["Hardware", "Throughput", "update_s", "stages", "predict", "Measure", "calibrate", "calibrate_dataset",
            "plan_table", "stacked_shape", "chunk_sizes"]

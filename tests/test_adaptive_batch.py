@@ -102,7 +102,7 @@ def test_fraction_of_replaced_samples(fraction):
     g = torch.Generator().manual_seed(0)
     data = ImageDataset(torch.randint(0, 256, (512, 1, 8, 8), generator=g, dtype=torch.uint8),
                         torch.randint(0, 3, (512,), generator=g), 3)
-    loader = Loader(data, 200, (0, "t"), torch.tensor([128.0]), torch.tensor([64.0]), Augment(1, True, 2))
+    loader = Loader(data, 200, (0, "t"), (torch.tensor([128.0]), torch.tensor([64.0])), Augment(1, True, 2))
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     adv = AdversarialBatches(loader, model, fraction, 0.005, torch.tensor([-2.0]), torch.tensor([2.0]))
     for (x, _), (xa, _) in zip(loader.epoch(0), adv.epoch(0)):

@@ -62,7 +62,7 @@ def test_evaluator_equals_direct_evaluation_with_recomputed_bn():
             for s in range(3)]
     plane = Plane.through(*vecs)
     vec = plane.point(0.3, -0.7)
-    train_err, test_err = evaluate_point(_tiny(), vec, train, train, test, mean, std, bn_batch_size=32)
+    train_err, test_err = evaluate_point(_tiny(), vec, train, train, test, (mean, std), bn_batch_size=32)
     # direct: write the vector parameter by parameter, recompute BN over the same batches, count mistakes
     direct = _tiny()
     offset = 0

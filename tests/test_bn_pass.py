@@ -26,7 +26,7 @@ def test_pass_slices_keep_every_sample_in_order_and_never_a_batch_of_one(n, b):
 def test_the_in_memory_pass_holds_every_sample_once_with_the_epochs_batches_first():
     images = torch.randint(0, 256, (449, 1, 8, 8), dtype=torch.uint8)
     data = ImageDataset(images, torch.arange(449), 449)
-    loader = Loader(data, 32, (0, "phase3", 0), torch.zeros(1), torch.ones(1), Augment(crop_padding=2, flip=True))
+    loader = Loader(data, 32, (0, "phase3", 0), (torch.zeros(1), torch.ones(1)), Augment(crop_padding=2, flip=True))
     whole = list(loader.full_pass(0))
     assert [len(y) for _, y in whole] == [32] * 13 + [33]
     assert sorted(torch.cat([y for _, y in whole]).tolist()) == list(range(449))

@@ -28,7 +28,7 @@ def take_steps(micro_batch_size: int) -> dict:
     with LARS and the gradient clipped to CLIP; returns each rank's weights and grads of both."""
     d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=1)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = Loader(data, 64, (0, "phase1", 0), mean, std, Augment(2, True, 8), d.rank, d.world_size)
+    loader = Loader(data, 64, (0, "phase1", 0), (mean, std), Augment(2, True, 8), (d.rank, d.world_size))
     out = {}
     for name, opt, clip in (("sgd", torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                                     weight_decay=5e-4), 0.0),

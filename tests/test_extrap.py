@@ -85,7 +85,7 @@ def _data():
 def extrap_steps(_: int = 0) -> list:
     """Two extragradient updates of a global batch of 64 on every rank of the launch."""
     d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=3)
-    loader = Loader(data, 64, (0, "phase1", 0), mean, std, None, d.rank, d.world_size)
+    loader = Loader(data, 64, (0, "phase1", 0), (mean, std), None, (d.rank, d.world_size))
     opt = ExtrapSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
                     "extragradient", gamma_ratio=1.0)
     train(ExtrapStep(wrapped, opt), loader, lambda s: 0.1, epochs=1)
@@ -105,7 +105,7 @@ def test_two_processes_equal_one_process_averaging_the_rank_gradients(monkeypatc
     model = build_model("smallcnn", 10, 1)
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    shares = [Loader(data, 64, (0, "phase1", 0), mean, std, None, r, 2) for r in range(2)]
+    shares = [Loader(data, 64, (0, "phase1", 0), (mean, std), None, (r, 2)) for r in range(2)]
     for (x0, y0), (x1, y1) in zip(shares[0].epoch(0), shares[1].epoch(0)):
         start = [p.detach().clone() for p in params]
         grads = []
@@ -137,7 +137,7 @@ def test_bn_statistics_come_from_the_iterate_only():
     model = build_model("smallcnn", 10, 1)
     reference = build_model("smallcnn", 10, 1)
     reference.load_state_dict(model.state_dict())
-    loader = Loader(data, 128, (0, "x", 0), mean, std)
+    loader = Loader(data, 128, (0, "x", 0), (mean, std))
     opt = ExtrapSGD(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), "extragradient", gamma_ratio=1.0)
     train(ExtrapStep(model, opt), loader, lambda s: 0.5, epochs=1)         # one update
     x, _ = next(iter(loader.epoch(0)))

@@ -57,11 +57,11 @@ def weighted_ce(output, target):
 def test_same_permutation_as_the_fast_path_and_rank_slices_of_one_global_batch():
     data = Tabular(100)
     images = ImageDataset(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100), 100)
-    fast = Loader(images, 20, (0, "phase1", 0), torch.zeros(1), torch.ones(1))
+    fast = Loader(images, 20, (0, "phase1", 0), (torch.zeros(1), torch.ones(1)))
     generic = DatasetLoader(data, 20, (0, "phase1", 0))
     assert torch.equal(fast.plan(3)[0], generic.indices(3))
     whole = generic.indices(2)
-    halves = [DatasetLoader(data, 20, (0, "phase1", 0), r, 2).indices(2) for r in range(2)]
+    halves = [DatasetLoader(data, 20, (0, "phase1", 0), (r, 2)).indices(2) for r in range(2)]
     assert torch.equal(torch.cat(halves, dim=1), whole)
 
 
@@ -111,7 +111,7 @@ def generic_steps(_: int = 0) -> list:
     torch.manual_seed(0)
     model = TabularNet()
     wrapped = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
-    loader = DatasetLoader(data, 64, (0, "phase1", 0), d.rank, d.world_size)
+    loader = DatasetLoader(data, 64, (0, "phase1", 0), (d.rank, d.world_size))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     train(SGDStep(wrapped, opt, 32, task=Task(weighted_ce)), loader, lambda s: 0.1, epochs=1)
     out = distributed.all_gather_objects({k: v.detach().clone() for k, v in model.named_parameters()})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from swap import interrupt
 from swap.cli import main
 from swap.config import SwapError, load_config
 from swap.optim import param_groups
-from swap.data.folder import ImageFolder, check_images
+from swap.data.folder import DIRECT, ImageFolder, check_images
 from swap.data.generic import DatasetLoader
 from swap.interrupt import Interrupted
 from swap.models import build_model
@@ -117,7 +118,7 @@ def test_resuming_mid_epoch_after_a_boundary_gives_the_uninterrupted_weights(tmp
 
 def test_image_folder_reads_labels_crops_and_replays_its_random_crops(tmp_path):
     root = write_image_tree(tmp_path / "tree", classes=3, per_class=4, val_per_class=2, size=(40, 30))
-    train_set, val = ImageFolder(root / "train", True, 16), ImageFolder(root / "val", False, 20, crop_ratio=1.0)
+    train_set, val = ImageFolder(root / "train", True, 16), ImageFolder(root / "val", False, 20, replace(DIRECT, crop_ratio=1.0))
     assert train_set.classes == ["c00", "c01", "c02"] and len(train_set) == 12 and len(val) == 6
     assert [y for _, y in train_set.samples] == [0] * 4 + [1] * 4 + [2] * 4
     x, y = val[5]
@@ -157,7 +158,7 @@ def test_bad_trees_and_bad_images_give_one_line(tmp_path):
         check_images([train_set], "stop")
     assert check_images([train_set], "skip") == 1
     log = tmp_path / "bad.txt"
-    skipping = ImageFolder(root / "train", True, 16, bad_images="skip", bad_log=log)
+    skipping = ImageFolder(root / "train", True, 16, replace(DIRECT, bad_images="skip"), bad_log=log)
     x, y = skipping[6]                                      # replaced by the next readable sample
     assert y == 1 and x.shape == (3, 16, 16)
     assert log.read_text().splitlines() == [str(bad)]

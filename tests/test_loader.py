@@ -46,9 +46,9 @@ def test_flip_and_cutout():
 def test_streams_are_deterministic_and_distinct():
     data = _data()
     mean, std = data.channel_stats()
-    a = Loader(data, 16, (0, "phase2", 0), mean, std, Augment(2, True, 4))
-    b = Loader(data, 16, (0, "phase2", 0), mean, std, Augment(2, True, 4))
-    c = Loader(data, 16, (0, "phase2", 1), mean, std, Augment(2, True, 4))
+    a = Loader(data, 16, (0, "phase2", 0), (mean, std), Augment(2, True, 4))
+    b = Loader(data, 16, (0, "phase2", 0), (mean, std), Augment(2, True, 4))
+    c = Loader(data, 16, (0, "phase2", 1), (mean, std), Augment(2, True, 4))
     xa = torch.cat([x for x, _ in a.epoch(3)])
     assert torch.equal(xa, torch.cat([x for x, _ in b.epoch(3)]))
     assert not torch.equal(xa, torch.cat([x for x, _ in c.epoch(3)]))      # worker 1: own data order
@@ -59,8 +59,8 @@ def test_streams_are_deterministic_and_distinct():
 def test_rank_shares_concatenate_to_the_single_process_batch():
     data = _data(n=70)
     mean, std = data.channel_stats()
-    whole = Loader(data, 32, (5, "phase1", 0), mean, std, Augment(2, True, 4))
-    shares = [Loader(data, 32, (5, "phase1", 0), mean, std, Augment(2, True, 4), rank=r, world_size=2)
+    whole = Loader(data, 32, (5, "phase1", 0), (mean, std), Augment(2, True, 4))
+    shares = [Loader(data, 32, (5, "phase1", 0), (mean, std), Augment(2, True, 4), share=(r, 2))
               for r in range(2)]
     assert len(whole) == 2                                # 70 // 32: the partial batch is dropped
     for (x, y), (x0, y0), (x1, y1) in zip(whole.epoch(0), shares[0].epoch(0), shares[1].epoch(0)):
@@ -70,7 +70,7 @@ def test_rank_shares_concatenate_to_the_single_process_batch():
 def test_normalised_batches_have_zero_mean_unit_std():
     data = _data(n=256)
     mean, std = data.channel_stats()
-    x = torch.cat([x for x, _ in Loader(data, 64, (0,), mean, std).epoch(0)])
+    x = torch.cat([x for x, _ in Loader(data, 64, (0,), (mean, std)).epoch(0)])
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
 
 
@@ -81,7 +81,7 @@ def test_stacked_batches_are_each_workers_own_batches():
 
     data = _data(n=100)
     mean, std = data.channel_stats()
-    loaders = [Loader(data, 16, (0, "phase2", w), mean, std, Augment(2, True, 4), channels_last=True)
+    loaders = [Loader(data, 16, (0, "phase2", w), (mean, std), Augment(2, True, 4), channels_last=True)
                for w in range(3)]
     for start in (0, 2):
         got = list(stacked_batches(loaders, 1, start))

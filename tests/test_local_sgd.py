@@ -31,7 +31,7 @@ def local_against_synchronous(outer: str) -> dict:
     meeting after every update) and, from the same start, 4 updates of DDP on the same global batches."""
     d, data, mean, std, model, wrapped = ddp_rank_setup(data_seed=2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = Loader(data, 64, (0, "phase2", 0), mean, std, Augment(2, True, 0), d.rank, d.world_size)
+    loader = Loader(data, 64, (0, "phase2", 0), (mean, std), Augment(2, True, 0), (d.rank, d.world_size))
 
     def sgd(m):
         return torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)

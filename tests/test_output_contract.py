@@ -211,6 +211,6 @@ def test_a_language_models_records_rate_samples_and_tokens_and_the_plan_takes_sa
     step = SGDStep(classifier, torch.optim.SGD(classifier.parameters(), lr=0.1), 0, None, Task())
     assert "tokens_per_s" not in train(step, DatasetLoader(rows, 8, (0, "c", 0)), lambda s: 0.1, epochs=1)
     monkeypatch.setattr(plan, "_warm_rate", lambda step, loader: 1000.0)      # samples/s, as the loop reports
-    thr = plan.calibrate_dataset(lambda: _Causal(shift=True), Seqs(), Task(), None, [16], torch.device("cpu"),
-                                 samples=32, eval_batch=16)
+    thr = plan.calibrate_dataset(lambda: _Causal(shift=True), Seqs(), Task(), None, [16],
+                                 plan.Measure(torch.device("cpu"), samples=32, eval_batch=16))
     assert thr.train == {16: 1000.0}

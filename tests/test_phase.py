@@ -111,7 +111,7 @@ def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():
         torch.manual_seed(0)
         model = build_model("smallcnn", 10, 1)
         step = SGDStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-        loader = Loader(data, 16, (0, "phase1", 0), mean, std)         # 6 updates per epoch
+        loader = Loader(data, 16, (0, "phase1", 0), (mean, std))         # 6 updates per epoch
         records = []
         if split:
             stop = {}

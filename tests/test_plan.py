@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from swap.config import load_config
-from swap.plan import Hardware, Throughput, calibrate, chunk_sizes, predict, update_s
+from swap.plan import Hardware, Measure, Throughput, calibrate, chunk_sizes, predict, update_s
 
 
 def test_ring_allreduce_cost():
@@ -65,7 +65,7 @@ def test_calibration_measures_each_size():
     sizes = chunk_sizes(cfg, 2)
     assert sizes == sorted({64, 256, 128})
     thr = calibrate(lambda: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), (1, 28, 28), 10, [16, 64],
-                    torch.device("cpu"), samples=64, eval_batch=64)
+                    Measure(torch.device("cpu"), samples=64, eval_batch=64))
     assert set(thr.train) == {16, 64} and all(v > 0 for v in thr.train.values()) and thr.eval > 0
     assert thr.param_bytes == (28 * 28 * 10 + 10) * 4
     assert thr.stacked == {}
@@ -73,7 +73,8 @@ def test_calibration_measures_each_size():
 
 def test_calibration_of_stacked_workers():
     model = lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-    thr = calibrate(model, (1, 28, 28), 10, [16], torch.device("cpu"), samples=64, eval_batch=64, stacked=(3, 16))
+    thr = calibrate(model, (1, 28, 28), 10, [16], Measure(torch.device("cpu"), samples=64, eval_batch=64),
+                    stacked=(3, 16))
     assert set(thr.stacked) == {3} and thr.stacked[3] > 0
 
 

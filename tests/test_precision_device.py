@@ -50,7 +50,7 @@ def test_updates_on_cuda_never_wait_for_the_device(real_fashion):
 
     train, _ = load_dataset("fashion-mnist", str(real_fashion), 2048, 100, device="cuda")
     mean, std = train.channel_stats()
-    loader = Loader(train, 128, (0, "sync-test", 0), mean, std, Augment(2, True, 8), channels_last=True)
+    loader = Loader(train, 128, (0, "sync-test", 0), (mean, std), Augment(2, True, 8), channels_last=True)
     model = build_model("resnet9", train.num_classes, 1, 0.25).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     guard = DivergenceGuard(1e6, "sync test", torch.device("cuda"), every=8)

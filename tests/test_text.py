@@ -51,9 +51,11 @@ def test_windows_shift_by_one_and_the_test_split_is_the_tail(tmp_path):
 def test_a_holdout_is_the_tail_of_the_training_windows_never_the_test_split():
     """data.holdout holds out training windows as the evaluation set for tuning (as for every
     dataset), so a grid tuned with it never reads the corpus's test tail."""
+    from swap.config import DataConfig
     from swap.data import load_dataset
-    train, _ = load_dataset("text-char", None, train_subset=64, seq_len=16)      # Debian's fortunes
-    fit, val = load_dataset("text-char", None, train_subset=64, seq_len=16, holdout=8)
+    windows = DataConfig("text-char", seq_len=16)
+    train, _ = load_dataset("text-char", None, train_subset=64, options=windows)      # Debian's fortunes
+    fit, val = load_dataset("text-char", None, train_subset=64, options=windows, holdout=8)
     assert len(fit) == 56 and len(val) == 8
     assert all(torch.equal(val[k][0], train[56 + k][0]) for k in range(8))
 

@@ -353,10 +353,12 @@ def test_the_folder_path_and_the_in_memory_path_draw_the_same_augmentation_distr
     cutout centres pass a chi-square test of homogeneity at p = 0.001 (fixed seeds: deterministic)."""
     from conftest import write_image_tree
     from swap.data import Augment
+    from swap.config import DataConfig
     from swap.data.folder import ImageFolder
     from swap.data.generic import DatasetLoader
     root = write_image_tree(tmp_path / "tree", classes=2, per_class=300, val_per_class=1, size=(28, 28), mode="L")
-    folder = ImageFolder(root / "train", True, None, crop="padded", crop_padding=2, cutout=8, flip=True)
+    folder = ImageFolder(root / "train", True, None, DataConfig(name="imagefolder", crop="padded", crop_padding=2,
+                                                                  cutout=8, flip=True, follow_links=True))
     seen = []
     original = Augment.apply_one
 

@@ -31,7 +31,7 @@ import torch
 from .. import distributed
 from ..adversarial import AdversarialBatches
 from ..checkpoint import checkpoint_exists, read_meta
-from ..callbacks import OnEpoch, OnInterrupt
+from ..callbacks import Callback
 from ..config import Config, SwapError
 from ..data import stream_seed
 from ..hessian import model_top_eigenvalue
@@ -118,84 +118,117 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
     if ctx.generic:
         raise SwapError("ABS/ABSA need the in-memory image path (a fixed clean sample for the Hessian, FGSM in "
                         "pixel range)")
-    cfg, d, a = spec.cfg, ctx.dist, spec.cfg.abs
-    method = "absa" if adversarial else "abs"
     if spec.resume:
         ctx.prune_metrics_for_resume()
-    model = ctx.build_model()
-    opt = ctx.optimizer(model, "abs")
-    rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
-    state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
-             "history": [], "resizes": [], "resize_from": None, "partial": {}}
-    unit = Resumable(ctx.saving, [Unit(method, model, opt, {"phase": method})], epochs=a.epochs,
-                     group=True)
-    start = unit.restore(spec.resume)
-    saved = start.result or start.meta
-    if saved:
-        state, rule = saved["state"], BatchSizeRule(**saved["rule"])
-    step = ctx.update_step(ctx.data_parallel(model) if d.world_size > 1 else model, opt,
-                           a.micro_batch_size, "abs")
-    unit.sync = step.sync
-    shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
-    eig_x, eig_y = _eigen_sample(ctx)
-
-    def saved_state() -> dict:
-        """The rule's state, kept in every checkpoint of the phase."""
-        return {"state": state, "rule": dataclasses.asdict(rule), "partial": state["partial"]}
-
+    run = _ABSRun(ctx, "absa" if adversarial else "abs", spec.resume, launcher)
+    a, d = spec.cfg.abs, ctx.dist
     out = None
-    for epoch in range(state["epoch"], a.epochs):
-        if state["decided"] < epoch:                                  # the rule, once per epoch
-            eig, iters = _eigenvalue(ctx, model, eig_x, eig_y, epoch) if epoch % a.eig_every == 0 else (None, 0)
-            rule.update(epoch, eig)
-            state.update(decided=epoch, eigenvalue=eig, eig_iters=iters)
-            want = pool_size(rule.batch, a.per_worker_batch, max_pool(cfg))
+    for epoch in range(run.state["epoch"], a.epochs):
+        if run.state["decided"] < epoch:                              # the rule, once per epoch
+            want = run.decide(epoch)
             if elastic and want != d.world_size:                      # resize: checkpoint, new group
-                state["resize_from"] = {"time": time.time(), "epoch": epoch, "from": d.world_size, "to": want}
-                unit.save(epoch, state["updates"] - start.updates, extra=saved_state())
+                run.state["resize_from"] = {"time": time.time(), "epoch": epoch, "from": d.world_size, "to": want}
+                run.unit.save(epoch, run.state["updates"] - run.start.updates, extra=run.saved_state())
                 distributed.teardown()
                 return {"resize": want}
+        out = run.train_epoch(epoch, adversarial)
+    if out is None:                 # resumed after the last epoch: evaluate it again
+        out = {"test_acc": ctx.evaluate(run.step.model, distributed_eval=True),
+               "train_acc": run.state["history"][-1].get("train_acc")}
+    if run.start.result is None:
+        run.unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": run.state["updates"],
+                         **run.saved_state()})
+    return _summarize(ctx, run.method, run.state, run.rule, out, launcher) if d.is_main else None
+
+
+class _ABSRun:
+    """One rank's ABS/ABSA phase: the model, its optimizer and update step, the batch-size rule
+    and the phase's state (``state``: epoch, updates and samples so far, the rule's last decision,
+    the history of epochs and resizes), restored from the resumable unit's checkpoint."""
+
+    def __init__(self, ctx: Context, method: str, resume: bool, launcher: dict | None):
+        a = ctx.cfg.abs
+        self.ctx, self.method, self.launcher = ctx, method, launcher or {}
+        self.model = model = ctx.build_model()            # plain (the update step's may be DDP-wrapped)
+        opt = ctx.optimizer(model, "abs")
+        self.rule = BatchSizeRule(a.batch_size, a.batch_size * a.max_batch_factor, a.decay_ratio, a.fallback_epochs)
+        self.state = {"epoch": 0, "decided": -1, "eigenvalue": None, "eig_iters": 0, "updates": 0, "samples": 0,
+                      "history": [], "resizes": [], "resize_from": None, "partial": {}}
+        self.unit = Resumable(ctx.saving, [Unit(method, model, opt, {"phase": method})], epochs=a.epochs, group=True)
+        self.start = self.unit.restore(resume)
+        saved = self.start.result or self.start.meta
+        if saved:
+            self.state, self.rule = saved["state"], BatchSizeRule(**saved["rule"])
+        self.step = ctx.update_step(ctx.data_parallel(model) if ctx.dist.world_size > 1 else model, opt,
+                                    a.micro_batch_size, "abs")
+        self.unit.sync = self.step.sync
+        self.shape = warmup_decay(a.peak_lr, round(a.warmup_epochs * _RESOLUTION), a.epochs * _RESOLUTION, a.schedule)
+        self.eig_x, self.eig_y = _eigen_sample(ctx)
+
+    def saved_state(self) -> dict:
+        """The rule's state, kept in every checkpoint of the phase."""
+        return {"state": self.state, "rule": dataclasses.asdict(self.rule), "partial": self.state["partial"]}
+
+    def decide(self, epoch: int) -> int:
+        """The rule at the start of ``epoch``: the top eigenvalue measured (every ``abs.eig_every``
+        epochs), the batch updated; returns the processes the new batch calls for."""
+        a = self.ctx.cfg.abs
+        eig, iters = _eigenvalue(self.ctx, self.model, self.eig_x, self.eig_y, epoch) \
+            if epoch % a.eig_every == 0 else (None, 0)
+        self.rule.update(epoch, eig)
+        self.state.update(decided=epoch, eigenvalue=eig, eig_iters=iters)
+        return pool_size(self.rule.batch, a.per_worker_batch, max_pool(self.ctx.cfg))
+
+    def train_epoch(self, epoch: int, adversarial: bool) -> dict:
+        """Train ``epoch`` at the rule's batch (ABSA: with its share of FGSM examples); returns the
+        train loop's result."""
+        ctx, state, a = self.ctx, self.state, self.ctx.cfg.abs
         if state["resize_from"] is not None:                          # first update after a resize
             r = state["resize_from"]                                  # (a pool restarted meanwhile: not timed)
-            seconds = None if (launcher or {}).get("restarted") else time.time() - r["time"]
+            seconds = None if self.launcher.get("restarted") else time.time() - r["time"]
             state["resizes"].append({**r, "seconds": seconds})
             state["resize_from"] = None
-        fraction = adversarial_fraction(a.adv_fraction, rule.doublings, epoch, a.epochs) if adversarial else 0.0
-        loader, lr_at = _epoch_batches(ctx, model, rule.batch, fraction, shape)
-        steps = len(loader)
+        fraction = adversarial_fraction(a.adv_fraction, self.rule.doublings, epoch, a.epochs) if adversarial else 0.0
+        loader, lr_at = _epoch_batches(ctx, self.model, self.rule.batch, fraction, self.shape)
         extra = {"eigenvalue": state["eigenvalue"], "eig_iters": state["eig_iters"], "adv_fraction": fraction,
-                 "world_size": d.world_size, "doublings": rule.doublings}
-        sink = ctx.sink(method, None, a.epochs) if d.is_main else None
-
-        def on_epoch(rec: dict) -> None:
-            state["history"].append({"epoch": rec["epoch"], "batch_size": rec["batch_size"], "lr": rec["lr"],
-                                     "train_acc": rec["train_acc"], "test_acc": rec["test_acc"], **extra})
-            if sink is not None:               # the pool's updates so far (its batch changes between epochs)
-                sink({**rec, **extra, "update": state["updates"] + steps - first})
-
-        def on_interrupt(stop: dict) -> None:                         # SIGINT/SIGTERM mid-epoch
-            state["updates"] += stop["updates"]
-            unit.interrupted(stop, extra=saved_state())
-
-        first, totals = (start.step, start.totals) if epoch == start.epoch else (0, None)
-
-        def on_log(rec: dict, offset: int = epoch_shape(loader, epoch)[0], first: int = first) -> None:
-            # the pool's updates so far: its batch, so its updates per epoch, change between epochs
-            sink.step({**rec, **extra, "update": state["updates"] + rec["update"] - offset - first})
-        out = train(step, loader, lr_at, epochs=epoch + 1, start=Position(epoch, first, totals),
-                    evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
-                    callbacks=[OnEpoch(on_epoch), *(ctx.step_log(on_log) if sink is not None else ()),
-                               OnInterrupt(on_interrupt)],
-                    guard=Guard(cfg.divergence_grad_norm, method))
+                 "world_size": ctx.dist.world_size, "doublings": self.rule.doublings}
+        first, totals = (self.start.step, self.start.totals) if epoch == self.start.epoch else (0, None)
+        watch = _EpochWatch(self, extra, len(loader), first, epoch_shape(loader, epoch)[0])
+        out = train(self.step, loader, lr_at, epochs=epoch + 1, start=Position(epoch, first, totals),
+                    evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), ctx.cfg.eval_every),
+                    callbacks=[watch, *(ctx.step_log(watch.step) if watch.sink is not None else ())],
+                    guard=Guard(ctx.cfg.divergence_grad_norm, self.method))
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
-                     samples=state["samples"] + (steps - first) * rule.batch)
-        unit.end_epoch(epoch + 1, updates=state["updates"] - start.updates, extra=saved_state())
-    if out is None:                 # resumed after the last epoch: evaluate it again
-        out = {"test_acc": ctx.evaluate(step.model, distributed_eval=True),
-               "train_acc": state["history"][-1].get("train_acc")}
-    if start.result is None:
-        unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": state["updates"], **saved_state()})
-    return _summarize(ctx, method, state, rule, out, launcher) if d.is_main else None
+                     samples=state["samples"] + (len(loader) - first) * self.rule.batch)
+        self.unit.end_epoch(epoch + 1, updates=state["updates"] - self.start.updates, extra=self.saved_state())
+        return out
+
+
+class _EpochWatch(Callback):
+    """One ABS epoch's watcher: its record goes into the rule's history and (rank 0) the metrics
+    sink, with the pool's updates so far (its batch, so its updates per epoch, change between
+    epochs: ``steps`` updates in this epoch, ``first`` of them done before a resume, ``offset`` its
+    first global update index); a stop signal's progress goes into the phase's checkpoint."""
+
+    def __init__(self, run: _ABSRun, extra: dict, steps: int, first: int, offset: int):
+        self.run, self.extra, self.steps, self.first, self.offset = run, extra, steps, first, offset
+        self.sink = run.ctx.sink(run.method, None, run.ctx.cfg.abs.epochs) if run.ctx.dist.is_main else None
+
+    def on_epoch_end(self, record: dict) -> None:
+        rec, state = record, self.run.state
+        state["history"].append({"epoch": rec["epoch"], "batch_size": rec["batch_size"], "lr": rec["lr"],
+                                 "train_acc": rec["train_acc"], "test_acc": rec["test_acc"], **self.extra})
+        if self.sink is not None:
+            self.sink({**rec, **self.extra, "update": state["updates"] + self.steps - self.first})
+
+    def step(self, rec: dict) -> None:
+        """A record between epochs (``logging.log_every``), rank 0."""
+        self.sink.step({**rec, **self.extra, "update": self.run.state["updates"] + rec["update"] - self.offset
+                        - self.first})
+
+    def on_interrupt(self, state: dict) -> None:                      # SIGINT/SIGTERM mid-epoch
+        self.run.state["updates"] += state["updates"]
+        self.run.unit.interrupted(state, extra=self.run.saved_state())
 
 
 def _summarize(ctx: Context, method: str, state: dict, rule: BatchSizeRule, out: dict,

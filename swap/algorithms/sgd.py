@@ -56,7 +56,7 @@ class DataParallel:
 
     @classmethod
     def of(cls, cfg: Config, section: str) -> "DataParallel":
-        """The phase that config ``section`` (``phase1``, ``sgd``) describes, named after it."""
+        """The phase that config ``section`` (``phase1``, ``phase2``, ``sgd``) describes, named after it."""
         sec = getattr(cfg, section)
         return cls(section, sec.batch_size, sec.micro_batch_size, sec.max_epochs if section == "phase1" else sec.epochs,
                    sec.peak_lr, sec.warmup_epochs, sec.schedule,
@@ -82,9 +82,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
         SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
     cfg, d, phase, stop = ctx.cfg, ctx.dist, plan.phase, plan.stop
-    loader, lr_at, epochs = ctx.batches(plan.section, (phase, 0), True, batch_size=plan.batch_size, epochs=plan.epochs,
-                                        lr_at=plan.lr_at, peak_lr=plan.peak_lr, warmup_epochs=plan.warmup_epochs,
-                                        shape=plan.schedule)
+    loader, lr_at, epochs = ctx.batches(plan, (phase, 0), True)
     optim_section = plan.optim_section or plan.section
     opt = ctx.optimizer(model, optim_section, (phase,))
     unit = Resumable(ctx.saving, [Unit(phase, model, opt, {"phase": phase})], epochs=epochs,

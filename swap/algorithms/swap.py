@@ -234,8 +234,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     opt = ctx.optimizer(worker, "phase2", ("phase2", w))
     meet = OuterSync(worker, opt, p2.sync_every, p2.outer, p2.outer_lr, p2.outer_momentum) if p2.sync_every else None
     share = (group.rank, group.size) if group is not None else False
-    loader, lr_at, epochs = ctx.batches("phase2", ("phase2", w), share, batch_size=p2.batch_size, epochs=p2.epochs,
-                                        peak_lr=p2.peak_lr, warmup_epochs=p2.warmup_epochs, shape=p2.schedule)
+    loader, lr_at, epochs = ctx.batches(DataParallel.of(cfg, "phase2"), ("phase2", w), share)
     cycle_epochs, cycle_updates, cycle_lr = epochs, updates_between(loader, 0, epochs), lr_at
     if p2.cycles > 1:                       # C cycles of the same schedule, restarted (SWA's cyclic sampling)
         epochs, lr_at = epochs * p2.cycles, lambda update: cycle_lr(update % cycle_updates)

@@ -95,13 +95,16 @@ def _error(model: nn.Module, data, mean, std, channels_last: bool) -> float:
     return 100.0 - evaluate(model, data, mean, std, channels_last=channels_last)
 
 
-def evaluate_point(model: nn.Module, vector: torch.Tensor, bn_set, train_eval_set, test_set, mean, std,
+def evaluate_point(model: nn.Module, vector: torch.Tensor, bn_set, train_eval_set, test_set, stats: tuple,
                    channels_last: bool = False, bn_batch_size: int = 512) -> tuple[float, float]:
     """Train and test error (%) of the parameter vector, after recomputing BN statistics with one
-    pass of clean batches over ``bn_set``. Returns (train error on ``train_eval_set``, test error)."""
+    pass of clean batches over ``bn_set`` (batches of ``bn_batch_size`` samples); ``stats``: the
+    data's (mean, std), float32 (C,) in pixel units. Returns (train error on ``train_eval_set``,
+    test error)."""
     from ..averaging import recompute_bn
     from ..data.loader import eval_batches
 
+    mean, std = stats
     load_point(model, vector)
     recompute_bn(model, (x for x, _ in eval_batches(bn_set, bn_batch_size, mean, std, channels_last=channels_last)))
     return (_error(model, train_eval_set, mean, std, channels_last),
@@ -169,7 +172,7 @@ def landscape_rank(run_path: str, names: list[str], size: int, margin: float, su
         sub = ctx.train_set.subset(subset)
 
         def point(vec):
-            return evaluate_point(model, vec, sub, sub, ctx.test_set, ctx.mean, ctx.std, cfg.channels_last)
+            return evaluate_point(model, vec, sub, sub, ctx.test_set, (ctx.mean, ctx.std), cfg.channels_last)
     points = [(i, j) for j in range(size) for i in range(size)]
     mine = points[ctx.dist.rank::ctx.dist.world_size]
     bar = ctx.progress(len(mine), f"landscape rank {ctx.dist.rank}", position=ctx.dist.local_rank)

@@ -57,15 +57,15 @@ def augment_for(data_cfg, dataset: ImageDataset) -> Augment:
 
 
 def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, test_subset: int = 0,
-                 device: torch.device | str = "cpu", holdout: int = 0, seq_len: int = 64, options=None,
-                 bad_log=None) -> tuple:
+                 device: torch.device | str = "cpu", holdout: int = 0, options=None, bad_log=None) -> tuple:
     """Find, read and check a dataset; return (train, test): :class:`ImageDataset` on ``device``,
-    or for ``text-char`` two :class:`swap.data.text.TextChars` (the generic path; ``seq_len``
+    or for ``text-char`` two :class:`swap.data.text.TextChars` (the generic path; ``options.seq_len``
     bytes per sample, the test split the corpus's contiguous tail).
 
     ``imagefolder`` returns two :class:`swap.data.folder.ImageFolder` (train/ and val/ of
-    ``data_dir``; the generic path), with the settings of ``options`` (config section ``data``, a
-    :class:`swap.config.DataConfig`; None = its defaults) and skipped images listed in ``bad_log``.
+    ``data_dir``; the generic path), with the settings of ``options`` and skipped images listed in
+    ``bad_log``. ``options``: config section ``data`` (a :class:`swap.config.DataConfig`; None = its
+    defaults).
 
     Args:
         name: fashion-mnist | mnist | cifar10 | cifar100 | text-char | imagefolder.
@@ -93,7 +93,7 @@ def load_dataset(name: str, data_dir: str | None = None, train_subset: int = 0, 
     if name == "text-char":                   # any map-style Dataset: the generic path
         from .generic import subset
         from .text import load_text_char
-        train_set, test_set = load_text_char(folder, seq_len)
+        train_set, test_set = load_text_char(folder, (options or DataConfig(name)).seq_len)
         train_set, test_set = subset(train_set, train_subset), subset(test_set, test_subset)
         return split_holdout(train_set, holdout) if holdout > 0 else (train_set, test_set)
     if name in ("fashion-mnist", "mnist"):
@@ -167,7 +167,7 @@ def load_configured(data_cfg, device: torch.device | str = "cpu", bad_log=None, 
     """
     d = data_cfg
     holdout = 0 if validation else d.holdout
-    train, test = load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, holdout, d.seq_len, d, bad_log)
+    train, test = load_dataset(d.name, d.dir, d.train_subset, d.test_subset, device, holdout, d, bad_log)
     if verify and d.name == "imagefolder" and d.verify_images:
         import sys
         from .folder import check_images

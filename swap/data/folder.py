@@ -33,6 +33,7 @@ it (``bad_images: stop``) or is replaced by the next readable sample of the tree
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import DataConfig
 from ..errors import SwapError
 from .loader import Augment
 
@@ -104,6 +106,10 @@ def scan_tree(root: Path, classes: list[str] | None = None,
     return found, samples
 
 
+# An ImageFolder built in code without options: Inception's resized crop, every link followed
+DIRECT = DataConfig(name="imagefolder", crop="resized", crop_padding=0, cutout=0, follow_links=True)
+
+
 class ImageFolder(Dataset):
     """One split of a class-per-folder tree (module docstring): ``dataset[i]`` is ``(x, y)``, x
     uint8 (C, size, size), C = 3 (1 for a greyscale tree), y an int label; :meth:`collate_fn`
@@ -113,28 +119,29 @@ class ImageFolder(Dataset):
         root: the split's folder (``ROOT/train`` or ``ROOT/val``).
         train: the training crop + flip (True) or resize + centre crop (False).
         size: output side in pixels; None = the images' own (module docstring).
-        min_scale: smallest area fraction of a ``resized`` training crop, in (0, 1].
-        crop_ratio: evaluation centre crop / resized shorter side, in (0, 1].
-        flip: random horizontal flip in training.
-        bad_images: ``stop`` or ``skip`` (module docstring).
+        options: the config's ``data`` section (:class:`swap.config.DataConfig`), of which this
+            reads ``min_scale`` (smallest area fraction of a ``resized`` training crop),
+            ``crop_ratio`` (evaluation centre crop / resized shorter side), ``flip``,
+            ``bad_images`` (``stop`` or ``skip``, module docstring), ``crop`` (``resized``,
+            ``padded`` or ``auto``), ``crop_padding`` and ``cutout`` (a ``padded`` crop's, pixels)
+            and ``follow_links`` (off: links out of ``ROOT`` are refused, :func:`scan_tree`);
+            None: :data:`DIRECT` (a resized crop, links followed).
         bad_log: file that gets the path of every skipped image (appended; may be None).
         classes: the training split's class names (for ``val``).
-        crop: the training crop, ``resized``, ``padded`` or ``auto`` (module docstring).
-        crop_padding, cutout: a ``padded`` crop's padding and cutout side, pixels (0 = off).
-        inside: links out of this folder are refused (:func:`scan_tree`); None follows every link.
+        stats: (mean, std) per channel in pixel units, (C,): the training split's, for ``val``.
     Raises:
         SwapError: see :func:`scan_tree`; a ``padded`` crop's padding or cutout impossible for ``size``.
     """
 
-    def __init__(self, root: str | Path, train: bool, size: int | None, min_scale: float = 0.08,
-                 crop_ratio: float = 0.875, flip: bool = True, bad_images: str = "stop",
-                 bad_log: str | Path | None = None, classes: list[str] | None = None, crop: str = "resized",
-                 crop_padding: int = 0, cutout: int = 0, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 inside: str | Path | None = None):
+    def __init__(self, root: str | Path, train: bool, size: int | None, options: DataConfig | None = None, *,
+                 bad_log: str | Path | None = None, classes: list[str] | None = None,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+        o = options or DIRECT
         self.root = Path(root)
-        self.classes, self.samples = scan_tree(self.root, classes, None if inside is None else Path(inside).resolve())
+        self.classes, self.samples = scan_tree(self.root, classes, None if o.follow_links else self.root.parent.resolve())
         self.num_classes = len(self.classes)
-        self.train, self.min_scale, self.crop_ratio, self.flip = train, min_scale, crop_ratio, flip
+        self.train, self.min_scale, self.crop_ratio, self.flip = train, o.min_scale, o.crop_ratio, o.flip
+        crop, crop_padding, cutout, bad_images = o.crop, o.crop_padding, o.cutout, o.bad_images
         side, self.channels = self._probe()
         self.size = size or side
         if self.size is None:
@@ -318,12 +325,11 @@ def load_image_folder(root: str | Path, data_cfg, bad_log: str | Path | None = N
         SwapError: see :func:`scan_tree`; a padding or cutout impossible for the side.
     """
     root = Path(root)
-    d = data_cfg
-    inside = None if d.follow_links else root
-    train = ImageFolder(root / "train", True, d.image_size, d.min_scale, d.crop_ratio, d.flip, d.bad_images, bad_log,
-                        crop=d.crop, crop_padding=d.crop_padding, cutout=d.cutout, inside=inside)
-    val = ImageFolder(root / "val", False, train.size, d.min_scale, 1.0 if train.crop == "padded" else d.crop_ratio,
-                      False, d.bad_images, bad_log, classes=train.classes, stats=(train.mean, train.std), inside=inside)
+    train = ImageFolder(root / "train", True, data_cfg.image_size, data_cfg, bad_log=bad_log)
+    evaluation = dataclasses.replace(data_cfg, crop_ratio=1.0 if train.crop == "padded" else data_cfg.crop_ratio,
+                                     flip=False, crop="resized", crop_padding=0, cutout=0)
+    val = ImageFolder(root / "val", False, train.size, evaluation, bad_log=bad_log, classes=train.classes,
+                      stats=(train.mean, train.std))
     return train, val
 
 
@@ -350,5 +356,5 @@ def write_image_folder(root: str | Path, images: torch.Tensor, labels: torch.Ten
     return root
 
 
-__all__ = ["EXTENSIONS", "PADDED_MAX_SIDE", "unreadable_errors", "scan_tree", "ImageFolder", "unreadable",
+__all__ = ["EXTENSIONS", "PADDED_MAX_SIDE", "DIRECT", "unreadable_errors", "scan_tree", "ImageFolder", "unreadable",
            "check_images", "load_image_folder", "write_image_folder"]

@@ -197,7 +197,7 @@ class DatasetLoader:
         dataset: a map-style ``torch.utils.data.Dataset`` of ``(input, target)`` samples.
         batch_size: global batch in samples.
         seed_parts: identifies the stream, e.g. ``(seed, "phase1", 0)``; the epoch is appended.
-        rank, world_size: this process's slice of each global batch.
+        share: (rank, world size): this process's slice of each global batch.
         device: where batches go (pinned memory and non-blocking copies on CUDA).
         collate_fn: builds a batch from samples (default ``torch.utils.data.default_collate``).
         num_workers: DataLoader worker processes (0 = load in this process); persistent across epochs.
@@ -206,9 +206,10 @@ class DatasetLoader:
         SwapError: the dataset holds fewer samples than one global batch; unknown ``rngs``.
     """
 
-    def __init__(self, dataset, batch_size: int, seed_parts: tuple, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset, batch_size: int, seed_parts: tuple, share: tuple[int, int] = (0, 1),
                  device: torch.device | str = "cpu", collate_fn: Callable | None = None, num_workers: int = 0,
                  rngs: str = "torch"):
+        rank, world_size = share
         if len(dataset) < batch_size:
             raise SwapError(f"training set of {len(dataset)} samples is smaller than one batch of {batch_size}")
         self.dataset, self.batch_size, self.seed_parts = dataset, batch_size, tuple(seed_parts)

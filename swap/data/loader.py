@@ -163,9 +163,9 @@ class Loader:
         data: an ``ImageDataset`` (uint8 images on the training device).
         batch_size: global batch in samples.
         seed_parts: identifies the stream, e.g. ``(seed, "phase1", 0)``; the epoch is appended.
-        mean, std: float32 (C,) normalisation constants, in pixel units 0-255.
+        stats: (mean, std), float32 (C,) normalisation constants, in pixel units 0-255.
         augment: ``Augment`` or ``None`` for clean batches.
-        rank, world_size: this process's slice of each global batch.
+        share: (rank, world size): this process's slice of each global batch.
         channels_last: return batches in channels_last memory format.
         image_size: train at ``image_size`` x ``image_size`` pixels: each augmented batch is
             resized (bilinear, antialiased) from the data's size (progressive resizing, a
@@ -176,9 +176,10 @@ class Loader:
         SwapError: the dataset holds fewer samples than one global batch.
     """
 
-    def __init__(self, data, batch_size: int, seed_parts: tuple, mean: torch.Tensor, std: torch.Tensor,
-                 augment: Augment | None = None, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, image_size: int | None = None):
+    def __init__(self, data, batch_size: int, seed_parts: tuple, stats: tuple[torch.Tensor, torch.Tensor],
+                 augment: Augment | None = None, share: tuple[int, int] = (0, 1), channels_last: bool = False,
+                 image_size: int | None = None):
+        (mean, std), (rank, world_size) = stats, share
         if len(data) < batch_size:
             raise SwapError(f"training set of {len(data)} samples is smaller than one batch of {batch_size}")
         self.data, self.batch_size, self.seed_parts = data, batch_size, tuple(seed_parts)

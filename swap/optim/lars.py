@@ -48,7 +48,7 @@ class LARS(LayerwiseOptimizer):
         SwapError: a negative LR, weight decay, trust coefficient or eps, or momentum outside [0, 1).
     """
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, params, *, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  trust_coefficient: float = 0.001, eps: float = 1e-9, nesterov: bool = False, clip: bool = False,
                  exclude_1d: bool = True):
         _check(lr, momentum, weight_decay, trust_coefficient, eps)

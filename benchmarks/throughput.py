@@ -173,7 +173,7 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
             r.path.mkdir()
         cfg = load_config(None, {"logging": {"loggers": list(loggers), "log_every": every}})
         tracking.prepare(runs["logged"].path, cfg)
-        tracking.start(runs["logged"].path, cfg.logging.loggers)
+        tracked = {"plain": None, "logged": tracking.start(runs["logged"].path, cfg.logging.loggers)}
         sides = {}
         for side in runs:
             m = model()
@@ -182,15 +182,17 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
             for side in (("plain", "logged") if epoch % 2 else ("logged", "plain")):
                 step, ours_loader = sides[side]
 
-                def sink(rec, run=runs[side]):
+                def sink(rec, run=runs[side], tracks=tracked[side]):
                     run.log({"phase": "phase1", "worker": None, **rec})
+                    if tracks is not None:                     # as the run's Context does
+                        tracks.record({"phase": "phase1", "worker": None, **rec})
                 logs = [StepLog(every, sink, 1)] if side == "logged" else []
                 ours, bare_s = lockstep_epoch(step, ours_loader, epoch, bare_loader.epoch(2 * epoch + (side == "logged")),
                                               bare_update, callbacks=[OnEpoch(sink), *logs])
                 if epoch > 0:
                     ratios[side].append(bare_s / ours)          # our samples/s over the bare loop's
         logged_records = len(runs["logged"].read_metrics(steps=True))
-        tracking.stop(runs["logged"].path)
+        tracked["logged"].close()
     plain, logged = statistics.median(ratios["plain"]), statistics.median(ratios["logged"])
     return {"batch": batch, "steps": steps, "reps": reps, "log_every": every, "loggers": list(loggers),
             "records_logged": logged_records, "plain_over_bare": plain, "logged_over_bare": logged,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import methods
+from .callbacks import Callback
 from .config import Config, SwapError, code_line, load_config
 from .data import ImageDataset
 from .data.generic import check_sample, subset
@@ -60,8 +61,9 @@ def optimizer_fns(optimizer, method: str, cfg: Config) -> dict | None:
 
 
 def check_callbacks(callbacks) -> tuple:
-    """The library's ``callbacks`` as a tuple, each an object with at least one of ``on_record``,
-    ``on_phase_end``, ``on_run_end`` (:mod:`swap.tracking`). Processes receive them by pickling
+    """The library's ``callbacks`` as a tuple, each a :class:`swap.Callback` or an object with at
+    least one of ``on_record``, ``on_phase_end``, ``on_run_end`` (:mod:`swap.tracking`). Processes
+    receive them by pickling
     (:func:`swap.launch.check_sendable`).
 
     Raises:
@@ -69,7 +71,8 @@ def check_callbacks(callbacks) -> tuple:
     """
     callbacks = tuple(callbacks or ())
     for cb in callbacks:
-        if not any(callable(getattr(cb, h, None)) for h in ("on_record", "on_phase_end", "on_run_end")):
+        if not isinstance(cb, Callback) and not any(callable(getattr(cb, h, None))
+                                                    for h in ("on_record", "on_phase_end", "on_run_end")):
             raise SwapError(f"callback {type(cb).__name__} has none of on_record(record), on_phase_end(phase, result), "
                             f"on_run_end(summary)")
     return callbacks
@@ -172,11 +175,14 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             same config; finished phases and workers are not trained again, and the result is the
             uninterrupted run's, bit for bit on one machine); ``"auto"`` continues it if ``out``
             holds one, else starts it (``--auto-resume``).
-        callbacks: objects with any of ``on_record(record)`` (each metrics.jsonl record, with
-            ``step``: updates on the critical path), ``on_phase_end(phase, result)`` (phase1,
-            phase2 per worker, phase3; sgd) and ``on_run_end(summary)``, called in the process
-            that writes the records (:mod:`swap.tracking`); module-level classes when processes
-            are started (they are pickled to them). The config's ``logging.loggers``
+        callbacks: :class:`swap.Callback` objects (the protocol of :mod:`swap.callbacks`), or
+            any objects with some of its run hooks: ``on_record(record)`` (each metrics.jsonl
+            record, with ``step``: updates on the critical path), ``on_phase_end(phase, result)``
+            (phase1, phase2 per worker, phase3; sgd) and ``on_run_end(summary)``, called in the
+            process that writes the records (:mod:`swap.tracking`); a :class:`swap.Callback` also
+            gets the loop's hooks (``on_epoch_end(record)``, ...) of every phase, worker or
+            baseline, where its records are written. Module-level classes when processes are
+            started (they are pickled to them). The config's ``logging.loggers``
             (tensorboard, mlflow) and ``logging.log_every`` work as in the CLI.
         procs: local processes (phase 1 data-parallel ranks; phase-2 workers are spread over them).
             Under ``torchrun`` (a script launched by ``torchrun --nproc-per-node N script.py``) no

@@ -17,6 +17,16 @@ Hooks, in the order the loop calls them:
   after evaluation; a callback may add keys, which the later ones and the loop's result see.
 - ``on_interrupt(state)``: a stop signal mid-epoch (``state``: ``epoch``, 0-based, ``step``, the
   updates done in it, ``totals``, ``updates``), before :class:`~swap.interrupt.Interrupted` is raised.
+
+The run's hooks, for the callbacks of :func:`swap.train_swap` and :func:`swap.train_sgd`
+(:mod:`swap.tracking` calls them in the process that writes the run's records):
+
+- ``on_record(record)``: each metrics.jsonl record, with ``step`` (updates on the critical path).
+- ``on_phase_end(phase, result)``: a phase (or a phase-2 worker) finished.
+- ``on_run_end(summary)``: the run's summary was written.
+
+A library callback that is a :class:`Callback` also gets the loop's hooks, from every loop of the
+run, in the process that writes that loop's records (one per phase, worker or baseline).
 """
 from __future__ import annotations
 
@@ -62,6 +72,16 @@ class Callback:
         pass
 
     def on_interrupt(self, state: dict) -> None:
+        pass
+
+    # The run's hooks (swap.tracking), in the process that writes the run's records
+    def on_record(self, record: dict) -> None:
+        pass
+
+    def on_phase_end(self, phase: str, result: dict) -> None:
+        pass
+
+    def on_run_end(self, summary: dict) -> None:
         pass
 
 

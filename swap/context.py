@@ -145,6 +145,12 @@ class Context:
         return self.parts.collate_fn
 
     @property
+    def user_callbacks(self) -> list[Callback]:
+        """The library's callbacks that watch the train loops (:class:`swap.callbacks.Callback`
+        objects): each loop that writes records here calls their loop hooks after its sink."""
+        return [cb for cb in self.parts.callbacks if isinstance(cb, Callback)]
+
+    @property
     def optimizer_fns(self) -> dict | None:
         """The user's optimizer per config section ({"phase1": fn, ...}; library use)."""
         return self.parts.optimizer
@@ -424,12 +430,13 @@ class Context:
         warmup = min(warmup_updates, total) if warmup_updates else round(warmup_epochs * steps_per_epoch)
         return warmup_decay(peak_lr, warmup, total, shape, min_lr)
 
-    def evaluate(self, model: nn.Module, distributed_eval=False, validation: bool = False) -> float | dict[str, float]:
-        """Test accuracy (%) with running BN statistics; sharded over the run's ranks if
-        ``distributed_eval`` is True, over a process group's if it is one (a phase-2 worker group).
-        For a generic dataset, or a task given by the library (loss, metrics), every metric of the
-        task: ``{metric: value}`` (:func:`swap.train.evaluate_metrics`). With ``validation``, on
-        the validation split (:attr:`val_set`) instead of the test set."""
+    def evaluate(self, model: nn.Module, distributed_eval=False, validation: bool = False) -> dict[str, float | None]:
+        """``{metric: value}`` of ``model`` on the test set with running BN statistics: ``top1``
+        (test accuracy, %; None where the outputs have no top-1), and where the run reports every
+        metric of its task (:attr:`reports_metrics`) each of them (:func:`swap.train.evaluate_metrics`).
+        Sharded over the run's ranks if ``distributed_eval`` is True, over a process group's if it
+        is one (a phase-2 worker group). With ``validation``, on the validation split
+        (:attr:`val_set`) instead of the test set."""
         rank, world, _ = shard_of(distributed_eval)
         data = self.val_set if validation else self.test_set
         if self.generic:
@@ -439,8 +446,14 @@ class Context:
         if self.task is not DEFAULT_TASK:
             batches = eval_batches(data, 1024, self.mean, self.std, rank, world, self.cfg.channels_last)
             return evaluate_metrics(model, batches, self.task, distributed_eval, self.amp)
-        return evaluate(model, data, self.mean, self.std, distributed=distributed_eval,
-                        channels_last=self.cfg.channels_last, amp_dtype=self.amp)
+        return {"top1": evaluate(model, data, self.mean, self.std, distributed=distributed_eval,
+                                 channels_last=self.cfg.channels_last, amp_dtype=self.amp)}
+
+    @property
+    def reports_metrics(self) -> bool:
+        """Whether evaluations report every metric of the run's task (a generic dataset, or a task
+        given by the library), not only the test accuracy (the fast path's default)."""
+        return self.generic or self.task is not DEFAULT_TASK
 
     def validation_score(self, model: nn.Module) -> float:
         """The model's top-1 accuracy (%) on the validation split, evaluation sharded over the ranks
@@ -448,8 +461,6 @@ class Context:
         switch decide on. A task without ``top1``, or with soft targets, scores minus its loss
         (higher is better)."""
         value = self.evaluate(model, distributed_eval=True, validation=True)
-        if not isinstance(value, dict):
-            return value
         top1 = value.get("top1") if self.task.class_targets else None
         return top1 if top1 is not None else -value["loss"]
 

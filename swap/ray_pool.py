@@ -1,8 +1,6 @@
 """The ABS/ABSA elastic pool on Ray actors: ``abs.launcher: ray`` (the ``swap[ray]`` extra).
 
-Yao, Gholami, Keutzer, Mahoney (arXiv 1810.01021, Sec. 4) run their adaptive batch size "with
-autoscaling based on the Ray framework", because resizing a group is not something the training
-frameworks do, and report resizing at 0.32% of the training time (ResNet-18, ImageNet). Here each rank
+Yao, Gholami, Keutzer, Mahoney (arXiv 1810.01021, Sec. 4) run ABS with autoscaling on Ray. Each rank
 of the pool is a Ray actor that reserves its resources (``threads`` CPUs, or 1; one GPU on CUDA), so
 a pool larger than the cluster waits for Ray's autoscaler to add nodes. The actors of a group form a
 torch.distributed process group (gloo on CPU, NCCL on CUDA) from the variables torchrun sets
@@ -11,16 +9,11 @@ the torch launcher runs (:func:`swap.distributed.run_rank`), so the two pools co
 thing: same ranks, batches, threads and rule decisions, the same weights bit for bit on CPU.
 
 A resize (the rank function checkpoints and returns ``{"resize": n}``) keeps the actors: the next
-group reuses the first ``n`` live processes (torch already imported) and starts only the missing
-ones; the torch launcher starts every process anew. An actor that dies (a killed process, a lost
-node) ends its group: :class:`RankDied` is raised, the other actors are killed and the driver
-(:func:`swap.algorithms.adaptive_batch.train_abs`) starts a new pool from the last checkpoint.
-
-Plain actors rather than Ray Train: Ray Train's ``TorchTrainer`` owns the loop (its own worker
-group, process-group set-up, checkpoint manager and restart policy), so using it would mean handing
-the pool's checkpoint-resize-restore cycle, which :mod:`swap.resumable` already does exactly, to a second
-implementation; what the pool needs from Ray is placing N processes with resources and learning
-when one dies, which is ``ray.remote`` and ``ray.wait`` (this module is the only one that imports Ray).
+group reuses the first ``n`` live processes and starts only the missing ones. An actor that dies (a
+killed process, a lost node) ends its group: :class:`RankDied` is raised, the other actors are
+killed and the driver (:func:`swap.algorithms.adaptive_batch.train_abs`) starts a new pool from the
+last checkpoint. This module is the only one that imports Ray. Why plain actors and not Ray Train:
+``docs/design.md``.
 """
 from __future__ import annotations
 

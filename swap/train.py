@@ -386,10 +386,10 @@ def _rates(predictions: float, rows: int, seconds: float, tokens: bool) -> dict[
 
 @dataclass
 class Evaluation:
-    """What the loop evaluates: ``fn(model)`` returns the test accuracy in percent, or
-    ``{metric: value}`` (``top1`` is recorded as ``test_acc``, any other as ``test_METRIC``);
-    called every ``every`` epochs and after the last."""
-    fn: Callable[[nn.Module], float | dict]
+    """What the loop evaluates: ``fn(model)`` returns ``{metric: value}`` (``top1``, the test
+    accuracy in percent, is recorded as ``test_acc``, any other as ``test_METRIC``); called every
+    ``every`` epochs and after the last."""
+    fn: Callable[[nn.Module], dict[str, float | None]]
     every: int = 1
 
 
@@ -446,8 +446,9 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
     ``step.group_wide``, after every ``CHECK_EVERY``-th, where all ranks agree on it); the
     callbacks' ``on_interrupt`` get the position, then :class:`~swap.interrupt.Interrupted` is raised.
     Returns:
-        The last epoch's record (of the first model; all of them under ``records`` when there are
-        several), plus ``stopped_early`` (bool) and ``updates`` (int, this call).
+        The last epoch's record of the first model, plus ``records`` (the last epoch's record of
+        every model the step trains, a list of one or more; empty when no epoch was left to train),
+        ``stopped_early`` (bool) and ``updates`` (int, this call).
     Raises:
         SwapError: divergence (non-finite or exploding gradient norm), naming epoch and step.
         Interrupted: a stop signal, after the callbacks' ``on_interrupt``.
@@ -461,8 +462,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
             break
     step.sync()
     record = records[0] if records else {}
-    return {**record, **({"records": records} if loop.n > 1 else {}), "stopped_early": record.get("stopped", False),
-            "updates": loop.updates}
+    return {**record, "records": records, "stopped_early": record.get("stopped", False), "updates": loop.updates}
 
 
 class _Loop:
@@ -513,8 +513,7 @@ class _Loop:
         records = []
         for k, model in enumerate(self.models):
             t_eval = time.perf_counter()
-            tested = evaluate.fn(model) if evaluating else None
-            test = tested if isinstance(tested, dict) else {"top1": tested}
+            test = evaluate.fn(model) if evaluating else {}
             records.append({
                 **({"model": k} if n > 1 else {}),
                 "epoch": epoch + 1, "lr": state.lr, "batch_size": batch_size, "update": offset + steps,

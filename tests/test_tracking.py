@@ -85,11 +85,15 @@ def logged_tensorboard(run: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-class Recorder:
-    """A callback that keeps what it is given (a module-level class: it could be pickled)."""
+class Recorder(swap.Callback):
+    """A callback that keeps what it is given (a module-level class: it could be pickled): the run's
+    hooks, and the loops' ``on_epoch_end`` (the same protocol as the train loop's callbacks)."""
 
     def __init__(self):
-        self.records, self.phases, self.summary = [], [], None
+        self.records, self.phases, self.summary, self.epochs = [], [], None, []
+
+    def on_epoch_end(self, record):
+        self.epochs.append(record)
 
     def on_record(self, record):
         self.records.append(record)
@@ -136,6 +140,10 @@ def test_callbacks_get_every_record_on_the_critical_path_axis_and_each_phase_and
     assert by[("phase3", None, None, None)] == summary["updates"]["critical_path"] == 8 + 16
     assert rec.phases == [("phase1", None, 8), ("phase2", 0, 16), ("phase2", 1, 16), ("phase3", None, None)]
     assert rec.summary == summary
+    # the loops' hooks: every epoch of phase 1 and of each worker, the records the metrics hold
+    epochs = [r for r in written if r["phase"] in ("phase1", "phase2") and not r.get("kind")]
+    assert [(r["epoch"], r["train_loss"], r["test_acc"]) for r in rec.epochs] == \
+        [(r["epoch"], r["train_loss"], r["test_acc"]) for r in epochs] and len(epochs) == 4
     # step records: the mean loss of the updates since the last one, equal to the epoch's where they tile it
     epoch2 = next(r for r in written if r["phase"] == "phase1" and r["epoch"] == 2 and not r.get("kind"))
     window = next(r for r in steps if r["phase"] == "phase1" and r["update"] == 8)
@@ -199,7 +207,7 @@ def test_mlflow_logs_to_the_tracking_uri_when_it_is_set(tmp_path, monkeypatch):
     tracking.prepare(tmp_path / "run", cfg)
     t = tracking.start(tmp_path / "run", ["mlflow"])
     t.record({"phase": "phase1", "worker": None, "epoch": 1, "update": 5, "train_loss": 0.5})
-    tracking.stop(tmp_path / "run")
+    t.close()
     run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
     client = MlflowClient(tracking_uri=store)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "phase1/train_loss")] == [(5, 0.5)]

@@ -133,7 +133,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
                 return {"resize": want}
         out = run.train_epoch(epoch, adversarial)
     if out is None:                 # resumed after the last epoch: evaluate it again
-        out = {"test_acc": ctx.evaluate(run.step.model, distributed_eval=True),
+        out = {"test_acc": ctx.evaluate(run.step.model, distributed_eval=True).get("top1"),
                "train_acc": run.state["history"][-1].get("train_acc")}
     if run.start.result is None:
         run.unit.finish({"epoch": a.epochs, "test_acc": out["test_acc"], "updates": run.state["updates"],
@@ -196,7 +196,7 @@ class _ABSRun:
         watch = _EpochWatch(self, extra, len(loader), first, epoch_shape(loader, epoch)[0])
         out = train(self.step, loader, lr_at, epochs=epoch + 1, start=Position(epoch, first, totals),
                     evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), ctx.cfg.eval_every),
-                    callbacks=[watch, *(ctx.step_log(watch.step) if watch.sink is not None else ())],
+                    callbacks=[watch, *((*ctx.step_log(watch.step), *ctx.user_callbacks) if watch.sink is not None else ())],
                     guard=Guard(ctx.cfg.divergence_grad_norm, self.method))
         state.update(epoch=epoch + 1, partial={}, updates=state["updates"] + out["updates"],
                      samples=state["samples"] + (len(loader) - first) * self.rule.batch)

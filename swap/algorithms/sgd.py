@@ -105,7 +105,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, phase) if d.is_main else None
     if d.is_main:
         sink = ctx.sink(phase, None, epochs, opt)
-        callbacks += [sink, *ctx.step_log(sink.step), Progress(bar)]
+        callbacks += [sink, *ctx.step_log(sink.step), *ctx.user_callbacks, Progress(bar)]
     callbacks += [unit, *watchers]
     out = train(step, loader, lr_at, epochs=epochs, start=start,
                 evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
@@ -116,7 +116,8 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     switch = next((cb for cb in callbacks if isinstance(cb, AutoSwitch)), None)
     if switch is not None:
         out["switch"] = {**switch.summary(), "epoch": out.get("epoch")}
-    return unit.finish({**out, **p, "optimizer": kind_of(opt), "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
+    result = {k: v for k, v in out.items() if k != "records"}         # one model: its record is the result
+    return unit.finish({**result, **p, "optimizer": kind_of(opt), "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
 

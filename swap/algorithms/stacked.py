@@ -56,7 +56,7 @@ def train_stacked(ctx: Context, model, workers: list[int], resume: bool) -> dict
     sinks = _Sinks([ctx.sink("phase2", w, p2.epochs) for w in workers])
     out = train(step, loader, ctx.schedule(p2.peak_lr, p2.warmup_epochs, p2.epochs, steps, p2.schedule),
                 epochs=p2.epochs, start=start, evaluate=Evaluation(ctx.evaluate, cfg.eval_every),
-                callbacks=[sinks, *ctx.step_log(sinks.step, len(workers)), phase],
+                callbacks=[sinks, *ctx.step_log(sinks.step, len(workers)), *ctx.user_callbacks, phase],
                 guard=Guard(cfg.divergence_grad_norm, [f"phase2 worker {w}" for w in workers]))
     p = phase.progress(out["updates"])
     metas = phase.finish([{"epoch": p2.epochs, "updates": p["updates"], "train_acc": rec["train_acc"],

@@ -69,7 +69,7 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
     if d.is_main:
         t_bn = time.perf_counter()
         ctx.recompute_bn(averaged.module)
-        acc = ctx.evaluate(averaged.module)
+        acc = ctx.evaluate(averaged.module).get("top1")
         bn_s = time.perf_counter() - t_bn
         save_checkpoint(ctx.run.checkpoint("swa"), averaged.module,
                         {"config_hash": cfg.hash(), "phase": variant, "models": int(averaged.n_averaged), "test_acc": acc})

@@ -251,7 +251,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     callbacks = []                                   # in order: the epoch's record is logged, then saved
     if leads:
         sink = ctx.sink("phase2", w, epochs, opt)
-        callbacks += [sink, *ctx.step_log(sink.step)]
+        callbacks += [sink, *ctx.step_log(sink.step), *ctx.user_callbacks]
         if cfg.phase2.save_every:
             callbacks.append(_Iterates(ctx, worker, w))
     if p2.cycles > 1:
@@ -317,7 +317,7 @@ def phase3(ctx: Context, model, states: list[tuple[str, dict]], workers: list[Wo
     ``phase3.aggregate: greedy``, the greedy soup of the samples instead (:func:`_greedy_soup`).
 
     Returns:
-        the averaged model, its test accuracy in percent (None on the other ranks), and the
+        the averaged model, its evaluation (:meth:`Context.evaluate`; None on the other ranks), and the
         soup's record (None for the uniform average).
     """
     if ctx.cfg.phase3.aggregate == "greedy":
@@ -350,11 +350,11 @@ def _greedy_soup(ctx: Context, model, states: list[tuple[str, dict]]):
     record = {"kept": [labels[i] for i in kept], "val_acc": dict(zip(labels, singles)), "soup_val_acc": best,
               "uniform_val_acc": score(uniform)}
     if ctx.dist.is_main:
-        record["uniform_test_acc"] = ctx.evaluate(uniform)
+        record["uniform_test_acc"] = ctx.evaluate(uniform).get("top1")
     return soup, ctx.evaluate(soup) if ctx.dist.is_main else None, record
 
 
-def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers: list[WorkerResult],
+def summarize(ctx: Context, averaged, tested: dict, phase1: dict, workers: list[WorkerResult],
               walls: dict, soup: dict | None = None) -> dict:
     """Rank 0, after phase 3: draw the average's curve if ``phase2.track_average``, save the
     averaged model (``checkpoints/swap``), log its record and write ``summary.json`` (accuracies in
@@ -362,8 +362,8 @@ def summarize(ctx: Context, averaged, averaged_acc: float, phase1: dict, workers
     cfg, run = ctx.cfg, ctx.run
     p1, p2 = cfg.phase1, cfg.phase2
     finished = [r for r in workers if r.finished]
-    metrics = averaged_acc if isinstance(averaged_acc, dict) else None      # a generic dataset: every metric
-    averaged_acc = metrics.get("top1") if metrics else averaged_acc
+    metrics = tested if ctx.reports_metrics else None      # e.g. a generic dataset: every metric
+    averaged_acc = tested.get("top1")
     track_s = _average_curve(ctx, averaged, averaged_acc, [r.worker for r in finished]) if p2.track_average else 0.0
     save_checkpoint(run.checkpoint("swap"), averaged, {"config_hash": cfg.hash(), "phase": "phase3",
                                                        "workers": [r.worker for r in finished], "test_acc": averaged_acc})
@@ -451,7 +451,7 @@ def _average_curve(ctx: Context, template, final_acc: float, finished: list[int]
             averaged = copy.deepcopy(template)
             averaged.load_state_dict(average_state_dicts(states, buffers))
             ctx.recompute_bn(averaged)
-            acc = ctx.evaluate(averaged)
+            acc = ctx.evaluate(averaged).get("top1")
         cost = time.perf_counter() - t
         total += cost
         ctx.log({"phase": "average", "worker": None, "epoch": epoch, "update": update, "test_acc": acc, "wall_s": wall,

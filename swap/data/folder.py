@@ -147,7 +147,7 @@ class ImageFolder(Dataset):
         if self.size is None:
             raise SwapError(f"no readable image among the first of {self.root}; set data.image_size")
         self.crop = crop if crop != "auto" else "padded" if self.size <= PADDED_MAX_SIDE else "resized"
-        self.augment = Augment(crop_padding, flip, cutout).check(self.size, self.size) if self.crop == "padded" else None
+        self.augment = Augment(crop_padding, self.flip, cutout).check(self.size, self.size) if self.crop == "padded" else None
         self.bad_images, self.bad_log = bad_images, None if bad_log is None else str(bad_log)
         self.skipped: set[str] = set()
         self.model_kwargs = {"in_channels": self.channels}      # for the model factory (swap.models.build_model)

@@ -176,7 +176,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan, run_compare
-    from .data import ImageDataset, augment_for, load_configured
     from .launch import local_procs
 
     cfg = config_from_args(args)
@@ -184,9 +183,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SwapError(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     plan(methods)
-    train_set = load_configured(cfg.data, verify=True)[0]
-    if isinstance(train_set, ImageDataset):
-        augment_for(cfg.data, train_set)
     procs = local_procs(cfg)
     out = Path(args.out or f"runs/compare-{cfg.name}")
     from .report import compare_table

@@ -24,14 +24,15 @@ its wall time, updates and samples are added to the SWA method's.
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
 from .config import Config, SwapError
-from .methods import COMPARED, METHODS, RunSpec, launch, prepare
+from . import launch
+from .launch import DirMode
+from .methods import COMPARED, METHODS
 from .rundir import RunDir
 
 # The compare's methods, in run order (each SWA method after the run it starts from).
@@ -67,16 +68,16 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
             run = RunDir(out / name / f"seed{seed}")
             if run.summary_path.is_file():
                 continue
-            mcfg = method.config(cfg, seed)
+            seeded = copy.deepcopy(cfg)
+            seeded.seed = seed
             resume = method.summary == "swap" and run.config_path.is_file()
-            prepare(run.path, mcfg, overwrite=not resume and run.path.exists(), resume=resume)
-            print(f"swap compare: seed {seed} {name} -> {run.path}", file=sys.stderr)
             start = None
             if method.start:
                 source, ckpt = method.start
                 src = RunDir(out / source / f"seed{seed}")
                 start = {"checkpoint": str(src.checkpoint(ckpt)), "summary": src.read_summary()}
-            launch(name, RunSpec(mcfg, run.path, time.time(), resume, start=start), procs)
+            mode = DirMode(overwrite=not resume and run.path.exists(), resume=resume)
+            launch.run(name, seeded, run.path, procs=procs, mode=mode, start=start)     # the one launch path
     report = build_report(out, methods, seeds)
     write_report(out, report)
     return report

@@ -55,12 +55,13 @@ def local_procs(cfg: Config) -> int:
 
 
 def run(name: str, cfg: Config, out: str | Path | None, parts: Parts | None = None, *, procs: int = 0,
-        mode: DirMode = DirMode(), entry: str | None = None):
+        mode: DirMode = DirMode(), entry: str | None = None, start: dict | None = None):
     """Train method ``name`` (:data:`swap.methods.METHODS`) with ``cfg`` into run directory ``out``
     (None: a new temporary folder, library only), on the user's ``parts`` (None: the configured
     model and data), in ``procs`` local processes (0: :func:`local_procs`; under torchrun: its world
-    size). ``entry`` names the library call (``train_swap``) for its messages; None for the CLI,
-    which prints the run's first line. Steps: the module docstring.
+    size). ``entry`` names the library call (``train_swap``) for its messages; None for the CLI
+    (``swap train``, ``swap compare``), which prints the run's first line. ``start``: an SWA
+    method's start (:class:`swap.methods.RunSpec`). Steps: the module docstring.
 
     Returns:
         (summary, run directory): rank 0's summary (None on the other ranks under torchrun;
@@ -88,7 +89,7 @@ def run(name: str, cfg: Config, out: str | Path | None, parts: Parts | None = No
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"swap-{name}-"))
     # With auto_resume every rank runs as a resume: one that finds no checkpoint starts from scratch
     # (so ranks need not agree whether the directory held a run before the first of them prepared it).
-    spec = methods.RunSpec(cfg, out, None, mode.resume or mode.auto_resume, parts=parts)
+    spec = methods.RunSpec(cfg, out, None, mode.resume or mode.auto_resume, start=start, parts=parts)
     fitted = f"fitted to the data: {', '.join(fitted)}" if fitted else ""
     if ranked:
         if fitted and os.environ.get("RANK", "0") == "0":

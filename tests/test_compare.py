@@ -34,7 +34,7 @@ def test_tiny_compare_writes_a_complete_report(tmp_path, real_fashion, capsys):
             "--set", "phase1.batch_size=512", "--set", "phase1.max_epochs=2", "--set", "phase1.warmup_epochs=1",
             "--set", "phase2.epochs=1", "--set", "sgd_small.epochs=1",
             "--set", "sgd_large.batch_size=512", "--set", "sgd_large.epochs=1", "--set", "sgd_large.warmup_epochs=0",
-            "--set", "abs.epochs=2", "--set", "abs.fallback_epochs=1",
+            "--set", "abs.epochs=2", "--set", "abs.fallback_epochs=1", "--set", "abs.max_batch_factor=8",
             "--set", "phase2.layout=sequential"]          # workers in turn: no process start-ups (tested elsewhere)
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())

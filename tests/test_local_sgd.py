@@ -130,7 +130,7 @@ def test_the_plateau_rule_stops_after_the_first_small_gain_past_the_warm_up():
 
 
 def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_warm_up():
-    from swap.task import HeldOutPeak
+    from swap.stopping import HeldOutPeak
     accuracies = [50.0, 70.0, 69.0, 68.0, 75.0, 75.05, 74.0, 75.08, 75.0]
     rule = HeldOutPeak(window=3, min_delta=0.1, after_epoch=3)
     decisions = [rule(e, a) for e, a in enumerate(accuracies, start=1)]
@@ -155,7 +155,7 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     lost the held-out tail; trials come every 2 epochs after the warm-up and their updates are on
     the critical path; a run stopped by SIGTERM in phase 1 resumes to the same switch and weights."""
     from test_resume import _stop_run
-    from swap.task import HeldOutPeak
+    from swap.stopping import HeldOutPeak
     trial = 8                                                   # updates of each trial copy (a phase-2 epoch is 16)
     sets = [*AUTO, f"phase1.stop.signal={signal_name}", f"phase1.stop.trial_updates={trial}"]
     summary, records = train_quick(tmp_path / "ref", real_fashion, 2, *sets)

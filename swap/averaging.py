@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .errors import SwapError
+from .task import call_model, model_input
 
 
 def average_models(models: Iterable[nn.Module]) -> nn.Module:
@@ -101,22 +102,6 @@ def distributed_average_(model: nn.Module, states: list[Mapping[str, torch.Tenso
     return model
 
 
-def model_input(batch):
-    """The model input of a batch: ``batch`` itself (a tensor or a dict of tensors), or the first
-    element of an ``(input, target)`` tuple or list."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def call_model(model: nn.Module, x):
-    """``model`` on input ``x`` by the data contract: ``model(x)`` for a tensor, ``model(*x)`` for
-    a tuple or list of tensors, ``model(**x)`` for a mapping (a dict, a Hugging Face batch)."""
-    if isinstance(x, Mapping):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
 def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | None = None,
                  max_batches: int | None = None, distributed: bool = False) -> nn.Module:
     """Recompute every BatchNorm layer's running mean and variance as the exact statistics of its
@@ -135,7 +120,7 @@ def recompute_bn(model: nn.Module, batches: Iterable, *, forward: Callable | Non
         model: the module (its parameters are not changed).
         batches: inputs (a tensor, or a dict of tensors), or ``(input, target)`` tuples, e.g.
             float (N, C, H, W) images.
-        forward: ``forward(model, input)``; default :func:`call_model` (the data contract).
+        forward: ``forward(model, input)``; default :func:`swap.task.call_model` (the data contract).
         max_batches: use at most this many batches (None = all).
         distributed: every rank of the process group passes over its own shard of the batches and
             the sums and counts are all-reduced, so R ranks give the statistics of one process over
@@ -268,5 +253,5 @@ def frozen_bn_stats(model: nn.Module):
                 m.num_batches_tracked.copy_(count)
 
 
-__all__ = ["average_models", "average_state_dicts", "distributed_average_", "model_input", "call_model",
+__all__ = ["average_models", "average_state_dicts", "distributed_average_",
            "recompute_bn", "greedy_soup", "bn_buffer_names", "frozen_bn_stats"]

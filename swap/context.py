@@ -19,11 +19,12 @@ from tqdm import tqdm
 from . import distributed, tracking
 from .callbacks import Callback
 from .config import Config, SwapError, check_world, optim_for, segments, validation_size
+from .data.loader import PiecewiseLoader
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
 from .rundir import RunDir
-from .schedules import PiecewiseLoader, warmup_decay
+from .schedules import warmup_decay
 from .averaging import recompute_bn
 from .resumable import Resumable, Saving
 from .task import Task
@@ -372,7 +373,7 @@ class Context:
 
         When config section ``plan.section`` (``phase1``, ``phase2``, ``sgd``) has ``segments``,
         its piecewise schedule (phase 2 from ``phase2.start_epoch``): a
-        :class:`swap.schedules.PiecewiseLoader`, its ``lr_at`` and its epochs. Otherwise batches of
+        :class:`swap.data.loader.PiecewiseLoader`, its ``lr_at`` and its epochs. Otherwise batches of
         ``plan.batch_size`` samples for ``plan.epochs`` epochs with ``plan.lr_at``, or the warm-up
         and decay schedule of ``plan.peak_lr``, ``plan.warmup_epochs`` and ``plan.schedule``
         (:meth:`schedule`).

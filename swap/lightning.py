@@ -51,7 +51,8 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from .averaging import distributed_average_, recompute_bn
 from .data.loader import pass_slices, stream_seed
 from .errors import SwapError
-from .schedules import apply_lr, record_lr_scales, warmup_decay
+from .optim.lr import apply_lr, record_lr_scales
+from .schedules import warmup_decay
 
 try:
     import lightning.pytorch as pl

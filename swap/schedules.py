@@ -1,9 +1,10 @@
 """Learning-rate schedules as plain functions of the update index (0-based): ``lr_at(step) -> float``.
 
 Before each update the train loop writes ``lr_at(step)`` into every parameter group, scaled by the
-group's ``lr_scale`` (:func:`apply_lr`), so one schedule covers any optimizer and keeps the ratios of
-a user's per-group LRs (layer-wise LR decay). Lengths are in updates (steps); callers convert epochs
-with the loader's updates per epoch.
+group's ``lr_scale`` (:func:`swap.optim.lr.apply_lr`), so one schedule covers any optimizer and keeps
+the ratios of a user's per-group LRs (layer-wise LR decay). Lengths are in updates (steps); callers
+convert epochs with the loader's updates per epoch (a piecewise schedule's batches:
+:class:`swap.data.loader.PiecewiseLoader`).
 """
 from __future__ import annotations
 
@@ -16,27 +17,6 @@ from .errors import SwapError
 SHAPES = ("linear", "cosine")          # the decay after the warm-up (warmup_decay)
 
 Schedule = Callable[[int], float]
-
-
-def record_lr_scales(optimizer) -> None:
-    """Give each parameter group of ``optimizer`` (any ``torch.optim.Optimizer``) its ``lr_scale``:
-    its LR at construction (``initial_lr``, which torch's LR schedulers record, else its LR now) over
-    the optimizer's default LR (``defaults["lr"]``), unless the group already carries one (timm's
-    convention for layer-wise LR decay). Groups at the default LR get none (scale 1). Call once,
-    before any :func:`apply_lr`."""
-    base = float(optimizer.defaults.get("lr", 0.0) or 0.0)
-    for group in optimizer.param_groups:
-        lr = float(group.get("initial_lr", group["lr"]))
-        if "lr_scale" not in group and base > 0 and lr != base:
-            group["lr_scale"] = lr / base
-
-
-def apply_lr(optimizer, lr: float) -> None:
-    """Set the LR of every parameter group of ``optimizer`` for the next update: ``lr`` times the
-    group's ``lr_scale`` (:func:`record_lr_scales`; 1 when it has none)."""
-    for group in optimizer.param_groups:
-        scale = group.get("lr_scale")
-        group["lr"] = lr if scale is None else lr * scale
 
 
 def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str = "linear",
@@ -159,71 +139,9 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-class PiecewiseLoader:
-    """The batches of a piecewise schedule (:class:`Segment` list) from schedule epoch ``start``
-    on (SWAP's phase 2 "reverting to the original schedule" at the transition epoch, Gupta et al.
-    2020, Sec. 5.2): epoch ``e`` of the phase (0-based) is schedule epoch ``start + e``. At every
-    segment boundary the batch size and the image size change: each segment's batches come from
-    its own loader, ``make(batch_size, image_size)``, built on first use (one at a time). The data
-    stream of epoch ``e`` is the inner loader's epoch ``e`` (seed, phase, worker, epoch), so a
-    resume anywhere, across boundaries too, replays the same batches. ``samples``: the training
-    set's size (updates per epoch = ``samples // batch_size``).
-
-    The train loop reads it through :func:`epoch_shape`; :meth:`lr_at` is its LR over the loop's
-    global update index (update ``i`` of epoch ``e`` at fractional epoch ``start + e + i / n_e``).
-
-    Raises:
-        SwapError: ``start`` outside the schedule.
-    """
-
-    def __init__(self, segments: list[Segment], make: Callable, samples: int, start: int = 0):
-        if not 0 <= start < segments[-1].end:
-            raise SwapError(f"start epoch {start} is outside the schedule's epochs [0, {segments[-1].end})")
-        self.segments, self.make, self.samples, self.start = segments, make, samples, start
-        self.epochs = segments[-1].end - start
-        self._built: tuple[Segment, object] | None = None
-
-    def segment(self, epoch: int) -> Segment:
-        """The segment of phase epoch ``epoch`` (0-based)."""
-        t = self.start + epoch
-        return next(s for s in self.segments if s.start <= t < s.end) if t < self.segments[-1].end else self.segments[-1]
-
-    def loader(self, epoch: int):
-        """The inner loader of ``epoch``'s segment."""
-        seg = self.segment(epoch)
-        if self._built is None or self._built[0] is not seg:
-            self._built = None                                # one inner loader alive at a time
-            self._built = (seg, self.make(seg.batch_size, seg.image_size))
-            if len(self._built[1]) != self.updates(epoch):
-                raise SwapError(f"the loader of {seg} has {len(self._built[1])} updates per epoch, "
-                                 f"expected {self.updates(epoch)}")
-        return self._built[1]
-
-    def updates(self, epoch: int) -> int:
-        """Updates of ``epoch``: ``samples // batch_size`` of its segment (the last partial batch is
-        dropped, as every loader does)."""
-        return self.samples // self.segment(epoch).batch_size
-
-    def shape(self, epoch: int) -> tuple[int, int, int]:
-        """(global update index of ``epoch``'s first update, its updates, its global batch)."""
-        return sum(self.updates(e) for e in range(epoch)), self.updates(epoch), self.segment(epoch).batch_size
-
-    def epoch(self, epoch: int, start: int = 0):
-        return self.loader(epoch).epoch(epoch, start)
-
-    def lr_at(self, update: int) -> float:
-        """The LR of global update ``update`` (0-based): the segment's ramp at the update's fractional epoch."""
-        e, first = 0, 0
-        while e < self.epochs - 1 and first + self.updates(e) <= update:
-            first += self.updates(e)
-            e += 1
-        t = self.start + e + (update - first) / self.updates(e)
-        return self.segment(e).lr_at(t)
-
-
 def epoch_shape(loader, epoch: int) -> tuple[int, int, int]:
     """(global update index of ``epoch``'s first update, updates in ``epoch``, global batch) of a
-    train-loop loader: a :class:`PiecewiseLoader`'s own, else ``len(loader)`` updates every epoch
+    train-loop loader: a :class:`swap.data.loader.PiecewiseLoader`'s own, else ``len(loader)`` updates every epoch
     of ``loader.batch_size`` samples."""
     if hasattr(loader, "shape"):
         return loader.shape(epoch)
@@ -241,5 +159,5 @@ def samples_between(loader, first_epoch: int, end_epoch: int) -> int:
     return sum(n * b for _, n, b in (epoch_shape(loader, e) for e in range(first_epoch, end_epoch)))
 
 
-__all__ = ["SHAPES", "Schedule", "record_lr_scales", "apply_lr", "warmup_decay", "cyclic", "Segment", "parse_segments",
-           "PiecewiseLoader", "epoch_shape", "updates_between", "samples_between"]
+__all__ = ["SHAPES", "Schedule", "warmup_decay", "cyclic", "Segment", "parse_segments", "epoch_shape",
+           "updates_between", "samples_between"]

@@ -3,7 +3,7 @@ loss and the metrics (the stopping rules over them: :mod:`swap.stopping`).
 
 The data contract: a sample is ``(input, target)``; ``input`` is a tensor, a tuple of tensors or a
 dict of tensors, and the model is called as ``model(x)``, ``model(*x)`` or ``model(**x)``
-(:func:`swap.averaging.call_model`); ``target`` is any tensor. A sample (and a batch) may also be a
+(:func:`call_model`); ``target`` is any tensor. A sample (and a batch) may also be a
 single mapping, a Hugging Face row or collator batch (``input_ids``, ``attention_mask``, ``labels``):
 the model is called with ``model(**batch)`` and the target is its ``labels`` (None without them).
 
@@ -38,12 +38,28 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .averaging import call_model
 from .errors import SwapError
 
 METRICS = ("loss", "top1", "top5")
 IGNORE_INDEX = -100          # targets that do not count (torch's cross_entropy and Hugging Face's default)
+
+
+def model_input(batch):
+    """The model input of a batch: ``batch`` itself (a tensor or a dict of tensors), or the first
+    element of an ``(input, target)`` tuple or list."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def call_model(model: nn.Module, x):
+    """``model`` on input ``x`` by the data contract: ``model(x)`` for a tensor, ``model(*x)`` for
+    a tuple or list of tensors, ``model(**x)`` for a mapping (a dict, a Hugging Face batch)."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
 
 
 def _field(output, name: str):
@@ -250,5 +266,5 @@ def _device(output, target) -> torch.device:
     return target.device if isinstance(target, torch.Tensor) else torch.device("cpu")
 
 
-__all__ = ["METRICS", "IGNORE_INDEX", "prediction", "own_loss", "target_count", "token_targets",
+__all__ = ["METRICS", "IGNORE_INDEX", "model_input", "call_model", "prediction", "own_loss", "target_count", "token_targets",
            "cross_entropy", "class_targets", "top_k_correct", "Task"]

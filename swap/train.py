@@ -29,7 +29,8 @@ from .callbacks import Callback, LoopState
 from .errors import SwapError
 from .data.loader import eval_batches
 from .interrupt import CHECK_EVERY, Interrupted, stop_agreed
-from .schedules import apply_lr, epoch_shape
+from .optim.lr import apply_lr
+from .schedules import epoch_shape
 from .task import Task, token_targets
 
 DEFAULT_TASK = Task()
@@ -336,7 +337,7 @@ class SGDStep(UpdateStep):
     gradient (all micro-batches, all-reduced over the ranks) is scaled to at most that L2 norm
     (``torch.nn.utils.clip_grads_with_norm_``, reusing the norm the divergence guard reads: no
     second pass over the gradients, no host sync). The schedule's LR scales each parameter group's
-    own (:func:`swap.schedules.apply_lr`)."""
+    own (:func:`swap.optim.lr.apply_lr`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int = 0,
                  amp_dtype: torch.dtype | None = None, task: Task = DEFAULT_TASK, clip_grad_norm: float = 0.0):
@@ -422,7 +423,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
         loader: this rank's batches: ``len(loader)`` updates per epoch, ``loader.epoch(epoch,
             start)`` yields the batches of ``epoch`` from update ``start``, ``loader.batch_size``
             is the global batch (samples) for the records (a :class:`swap.data.Loader`); or a
-            :class:`swap.schedules.PiecewiseLoader`, whose updates and batch change by epoch
+            :class:`swap.data.loader.PiecewiseLoader`, whose updates and batch change by epoch
             (:func:`swap.schedules.epoch_shape`).
         lr_at: schedule over the global update index: ``epoch * len(loader) + i``, or the
             updates of the epochs before plus ``i`` (a piecewise schedule's).

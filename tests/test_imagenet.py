@@ -22,7 +22,8 @@ from swap.data.generic import DatasetLoader
 from swap.interrupt import Interrupted
 from swap.models import build_model
 from swap.models.resnet50 import Bottleneck
-from swap.schedules import PiecewiseLoader, Segment, epoch_shape, parse_segments
+from swap.data.loader import PiecewiseLoader
+from swap.schedules import epoch_shape, parse_segments
 from swap.callbacks import OnEpoch, OnInterrupt, OnUpdate
 from swap.train import Position, SGDStep, train
 

@@ -16,7 +16,8 @@ from swap.config import SwapError, load_config, optim_for
 from swap.context import Context
 from swap.optim import LAMB, LARS, build_optimizer, param_groups
 from swap.optim.extrap import ExtrapSGD
-from swap.schedules import apply_lr, record_lr_scales, warmup_decay
+from swap.optim.lr import apply_lr, record_lr_scales
+from swap.schedules import warmup_decay
 from swap.train import Guard, SGDStep
 
 import user_optim

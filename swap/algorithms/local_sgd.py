@@ -25,6 +25,7 @@ from torch import nn
 
 from ..callbacks import Callback, LoopState
 from ..errors import SwapError
+from ..optim.build import sgd
 
 
 class OuterSync(Callback):
@@ -60,8 +61,7 @@ class OuterSync(Callback):
         self.anchor = [p.detach().clone() for p in self.params]
         for a in self.anchor:
             a.requires_grad_(True)
-        self.outer_opt = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
-                                          nesterov=outer_momentum > 0)
+        self.outer_opt = sgd(self.anchor, outer_momentum, outer_momentum > 0, lr=outer_lr)   # DiLoCo's outer step
         self.rounds, self.bytes = 0, 0
 
     def __call__(self, update: int) -> None:

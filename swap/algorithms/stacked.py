@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from ..callbacks import Callback
 from ..config import optim_for
 from ..context import Context
-from ..optim.build import weight_decay_of
+from ..optim.build import sgd, weight_decay_of
 from ..resumable import Resumable, Unit
 from ..rundir import RunDir
 from ..task import cross_entropy, top_k_correct
@@ -127,8 +127,7 @@ class StackedWorkers:
                  amp_dtype: torch.dtype | None = None, loss_fn=None):
         self.params, self.buffers = stack_module_state(models)
         loss_fn = loss_fn or cross_entropy
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=0.0, momentum=momentum, nesterov=nesterov,
-                                         weight_decay=weight_decay)
+        self.optimizer = sgd(list(self.params.values()), momentum, nesterov, weight_decay)
         base = copy.deepcopy(models[0]).to("meta")        # the architecture only; weights come stacked
         if amp_dtype is not None:
             # vmap's batch-norm rule (stacked running statistics) needs its input in the statistics'

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import SwapError
+from ..schedules import Segment
 
 
 def stream_seed(*parts: int | str) -> int:
@@ -269,4 +270,66 @@ def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, r
         yield x, data.labels[lo + part.start:lo + part.stop]
 
 
-__all__ = ["stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]
+class PiecewiseLoader:
+    """The batches of a piecewise schedule (:class:`swap.schedules.Segment` list) from schedule epoch ``start``
+    on (SWAP's phase 2 "reverting to the original schedule" at the transition epoch, Gupta et al.
+    2020, Sec. 5.2): epoch ``e`` of the phase (0-based) is schedule epoch ``start + e``. At every
+    segment boundary the batch size and the image size change: each segment's batches come from
+    its own loader, ``make(batch_size, image_size)``, built on first use (one at a time). The data
+    stream of epoch ``e`` is the inner loader's epoch ``e`` (seed, phase, worker, epoch), so a
+    resume anywhere, across boundaries too, replays the same batches. ``samples``: the training
+    set's size (updates per epoch = ``samples // batch_size``).
+
+    The train loop reads it through :func:`swap.schedules.epoch_shape`; :meth:`lr_at` is its LR over the loop's
+    global update index (update ``i`` of epoch ``e`` at fractional epoch ``start + e + i / n_e``).
+
+    Raises:
+        SwapError: ``start`` outside the schedule.
+    """
+
+    def __init__(self, segments: list[Segment], make: Callable, samples: int, start: int = 0):
+        if not 0 <= start < segments[-1].end:
+            raise SwapError(f"start epoch {start} is outside the schedule's epochs [0, {segments[-1].end})")
+        self.segments, self.make, self.samples, self.start = segments, make, samples, start
+        self.epochs = segments[-1].end - start
+        self._built: tuple[Segment, object] | None = None
+
+    def segment(self, epoch: int) -> Segment:
+        """The segment of phase epoch ``epoch`` (0-based)."""
+        t = self.start + epoch
+        return next(s for s in self.segments if s.start <= t < s.end) if t < self.segments[-1].end else self.segments[-1]
+
+    def loader(self, epoch: int):
+        """The inner loader of ``epoch``'s segment."""
+        seg = self.segment(epoch)
+        if self._built is None or self._built[0] is not seg:
+            self._built = None                                # one inner loader alive at a time
+            self._built = (seg, self.make(seg.batch_size, seg.image_size))
+            if len(self._built[1]) != self.updates(epoch):
+                raise SwapError(f"the loader of {seg} has {len(self._built[1])} updates per epoch, "
+                                 f"expected {self.updates(epoch)}")
+        return self._built[1]
+
+    def updates(self, epoch: int) -> int:
+        """Updates of ``epoch``: ``samples // batch_size`` of its segment (the last partial batch is
+        dropped, as every loader does)."""
+        return self.samples // self.segment(epoch).batch_size
+
+    def shape(self, epoch: int) -> tuple[int, int, int]:
+        """(global update index of ``epoch``'s first update, its updates, its global batch)."""
+        return sum(self.updates(e) for e in range(epoch)), self.updates(epoch), self.segment(epoch).batch_size
+
+    def epoch(self, epoch: int, start: int = 0):
+        return self.loader(epoch).epoch(epoch, start)
+
+    def lr_at(self, update: int) -> float:
+        """The LR of global update ``update`` (0-based): the segment's ramp at the update's fractional epoch."""
+        e, first = 0, 0
+        while e < self.epochs - 1 and first + self.updates(e) <= update:
+            first += self.updates(e)
+            e += 1
+        t = self.start + e + (update - first) / self.updates(e)
+        return self.segment(e).lr_at(t)
+
+
+__all__ = ["PiecewiseLoader", "stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]

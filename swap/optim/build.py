@@ -5,7 +5,7 @@ One place for what every engine path needs: :func:`param_groups` (the decay grou
 :func:`build_optimizer` (``sgd | lars | lamb | adamw | extrap`` from :class:`swap.config.OptimConfig`,
 with each optimizer's published defaults where the config says null) and :func:`user_optimizer` (a
 user's ``fn(param_groups) -> torch.optim.Optimizer``). The schedule then scales each group's own LR
-(:func:`swap.schedules.apply_lr`), so per-group LR ratios survive.
+(:func:`swap.optim.lr.apply_lr`), so per-group LR ratios survive.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SwapError, printable
-from ..schedules import record_lr_scales
+from .lr import record_lr_scales
 from .lamb import LAMB
 from .lars import LARS
 
@@ -56,10 +56,17 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str = "none") 
     return groups
 
 
+def sgd(params, momentum: float, nesterov: bool, weight_decay: float = 0.0, lr: float = 0.0) -> torch.optim.SGD:
+    """``torch.optim.SGD`` over ``params`` (tensors or parameter groups): every SGD of a run is built
+    here (a phase's, the stacked workers' over their stacked tensors, DiLoCo's outer step). ``lr``:
+    0 until the schedule sets it before the first update (:func:`swap.optim.lr.apply_lr`)."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
 def build_optimizer(kind: str, model: nn.Module, o, extrap=None, generator: torch.Generator | None = None):
     """The optimizer ``kind`` over ``model``'s parameters with settings ``o`` (a
     :class:`swap.config.OptimConfig`, a section's own: :func:`swap.config.optim_for`); its LR is 0
-    until the schedule sets it (:func:`swap.schedules.apply_lr`).
+    until the schedule sets it (:func:`swap.optim.lr.apply_lr`).
 
     ``sgd``: ``torch.optim.SGD`` (momentum, Nesterov); ``lars``: :class:`swap.optim.LARS` (trust
     coefficient, LARC clipping with ``trust_clip``, Nesterov); ``lamb``: :class:`swap.optim.LAMB`;
@@ -78,7 +85,7 @@ def build_optimizer(kind: str, model: nn.Module, o, extrap=None, generator: torc
     eps = o.eps if o.eps is not None else DEFAULTS[kind][1]
     groups = param_groups(model, wd, o.no_decay)
     if kind in ("sgd", "extrap"):
-        opt = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov, weight_decay=wd)
+        opt = sgd(groups, o.momentum, o.nesterov, wd)
     elif kind == "lars":
         opt = LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=wd, trust_coefficient=o.trust_coefficient,
                    eps=eps, nesterov=o.nesterov, clip=o.trust_clip)
@@ -97,7 +104,7 @@ def user_optimizer(fn, model: nn.Module, o, where: str):
     """The user's optimizer ``fn(param_groups)`` over ``model`` (``param_groups``: as
     :func:`param_groups` with ``o``'s ``no_decay``; the decayed group's ``weight_decay`` is left to
     the optimizer's own setting), with each group's LR ratio recorded for the schedule
-    (:func:`swap.schedules.record_lr_scales`). ``where`` names it in errors (``phase1``, ...).
+    (:func:`swap.optim.lr.record_lr_scales`). ``where`` names it in errors (``phase1``, ...).
 
     Raises:
         SwapError: ``fn`` does not return a ``torch.optim.Optimizer``, or leaves out some of the
@@ -136,5 +143,5 @@ def label(optimizer) -> str:
     return f"extrap:{optimizer.variant}" if kind == "extrap" else kind
 
 
-__all__ = ["DEFAULTS", "weight_decay_of", "param_groups", "build_optimizer", "user_optimizer", "kind_of",
+__all__ = ["sgd", "DEFAULTS", "weight_decay_of", "param_groups", "build_optimizer", "user_optimizer", "kind_of",
            "label"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import methods
 from .callbacks import Callback
-from .config import Config, SwapError, code_line, load_config
+from .config import Config, SwapError, check_stacked, code_line, load_config
 from .data import ImageDataset
 from .data.generic import check_sample, subset
 from .task import METRICS, Task
@@ -54,9 +54,8 @@ def optimizer_fns(optimizer, method: str, cfg: Config) -> dict | None:
         if not callable(fn):
             raise SwapError(f"optimizer for {key} must be a function param_groups -> torch.optim.Optimizer, got "
                             f"{type(fn).__name__}")
-    if "phase2" in fns and cfg.phase2.layout == "vmap":
-        raise SwapError("phase2.layout vmap stacks the workers into one SGD: a phase-2 optimizer of your own needs "
-                        "phase2.layout processes or sequential")
+    if "phase2" in fns:
+        check_stacked(cfg, "your own")
     return fns
 
 

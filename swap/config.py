@@ -836,12 +836,22 @@ def check_across(cfg: Config) -> None:
           f"model.init_bn0 applies to model.name=resnet50, not {cfg.model.name}")
     for section in TRAINING_SECTIONS:
         optim_for(cfg, section)          # overrides that name no optim key, or bad values, fail here
-    p2, vmap_optim = cfg.phase2, optim_for(cfg, "phase2")
-    _need(not (p2.layout == "vmap" and (p2.optimizer != "sgd" or vmap_optim.no_decay != "none"
-                                        or vmap_optim.clip_grad_norm)),
+    check_stacked(cfg, cfg.phase2.optimizer)
+
+
+def check_stacked(cfg: Config, optimizer: str) -> None:
+    """``phase2.layout: vmap`` stacks the workers into one SGD over every parameter: refuse phase 2's
+    ``optimizer`` (its name, or ``your own`` for the library's function) when it is not that SGD, or
+    phase 2's optimizer settings ask for decay groups or clipping.
+
+    Raises:
+        SwapError: naming the optimizer, the settings and the layouts that take them.
+    """
+    o = optim_for(cfg, "phase2")
+    _need(not (cfg.phase2.layout == "vmap" and (optimizer != "sgd" or o.no_decay != "none" or o.clip_grad_norm)),
           f"phase2.layout vmap stacks the workers into one SGD over every parameter: phase2.optimizer "
-          f"{p2.optimizer}, optim.no_decay {vmap_optim.no_decay} and optim.clip_grad_norm "
-          f"{vmap_optim.clip_grad_norm:g} need phase2.layout processes or sequential (or sgd, none and 0)")
+          f"{optimizer}, optim.no_decay {o.no_decay} and optim.clip_grad_norm {o.clip_grad_norm:g} need "
+          f"phase2.layout processes or sequential (or sgd, none and 0)")
 
 
 def optim_for(cfg: Config, section: str) -> OptimConfig:
@@ -921,5 +931,5 @@ __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", 
            "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config",
            "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
            "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "RENAMED", "resolve_preset",
-           "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "optim_for",
+           "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "check_stacked", "optim_for",
            "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

@@ -112,7 +112,8 @@ def checked(method: methods.Method, cfg: Config, parts: Parts, procs: int, verif
     """The checks against the data, before anything is created: the code the config names is
     imported and the data read (the configured data unless ``parts`` carry the user's; with
     ``verify`` every image decoded), the defaults the user did not set fitted to it (``cfg`` is
-    changed in place), the batches checked against it; on a dataset of the generic path with a
+    changed in place), the batches checked against it; the methods that need in-memory images
+    (ABS/ABSA, stacked phase-2 workers) refused on a dataset of the generic path; there, with a
     model of the user's, the model, the loss and every metric run once (:func:`check_task`) and
     the stopping rule checked (:func:`check_stop_rule`).
 
@@ -134,7 +135,14 @@ def checked(method: methods.Method, cfg: Config, parts: Parts, procs: int, verif
         augment_for(cfg.data, train_set)                      # an augmentation impossible for the images fails here
         if task is not None:
             check_stop_rule(cfg, task, method)
-    elif model_fn is not None:
+        return parts, fitted
+    if method.summary == "abs":
+        raise SwapError("ABS/ABSA need the in-memory image path (a fixed clean sample for the Hessian, FGSM in "
+                        "pixel range)")
+    if method.summary == "swap" and cfg.phase2.layout == "vmap":
+        raise SwapError("phase2.layout=vmap stacks the in-memory image path only; use processes or sequential "
+                        "with a dataset of your own")
+    if model_fn is not None:
         parts = dataclasses.replace(parts, task=checked_task(cfg, method, (model_fn, task, collate_fn), train_set))
     return parts, fitted
 

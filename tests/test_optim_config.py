@@ -172,7 +172,7 @@ def test_train_swap_takes_a_phase2_optimizer_of_the_users_and_keeps_phase1s(tmp_
 @pytest.mark.parametrize("optimizer, config, message", [
     ({"phase3": user_optim.two_group_adamw}, {}, "train_swap takes an optimizer for phase1 and phase2, not 'phase3'"),
     (lambda groups: torch.optim.AdamW(groups), {}, "cannot be sent to the worker processes"),
-    (user_optim.two_group_adamw, {"phase2": {"layout": "vmap"}}, "a phase-2 optimizer of your own needs"),
+    (user_optim.two_group_adamw, {"phase2": {"layout": "vmap"}}, "phase2.optimizer your own, optim.no_decay none"),
     ("adamw", {}, "must be a function param_groups -> torch.optim.Optimizer"),
 ])
 def test_a_users_optimizer_that_cannot_run_is_refused_before_any_work(tmp_path, optimizer, config, message):

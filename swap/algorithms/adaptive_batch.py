@@ -114,10 +114,7 @@ def run_abs(spec: RunSpec, adversarial: bool = False, elastic: bool = False, lau
     Returns:
         The summary on rank 0 (``None`` elsewhere), or ``{"resize": n}``.
     """
-    ctx = Context.for_run(spec)
-    if ctx.generic:
-        raise SwapError("ABS/ABSA need the in-memory image path (a fixed clean sample for the Hessian, FGSM in "
-                        "pixel range)")
+    ctx = Context.for_run(spec)                       # in-memory images (swap.launch.checked)
     if spec.resume:
         ctx.prune_metrics_for_resume()
     run = _ABSRun(ctx, "absa" if adversarial else "abs", spec.resume, launcher)

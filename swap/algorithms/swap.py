@@ -109,9 +109,6 @@ def phase2(ctx: Context, model, resume: bool) -> tuple[list[WorkerResult], list[
         SwapError: a worker failed, unless ``phase3.allow_missing_workers`` and one finished.
     """
     cfg, d = ctx.cfg, ctx.dist
-    if ctx.generic and cfg.phase2.layout == "vmap":
-        raise SwapError("phase2.layout=vmap stacks the in-memory image path only; use processes or sequential "
-                        "with a dataset of your own")
     k = cfg.phase2.ranks_per_worker
     group = distributed.worker_groups(cfg.workers, k) if k > 1 else None
     mine = list(range(d.rank, cfg.workers, d.world_size)) if group is None else \

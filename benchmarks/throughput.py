@@ -43,7 +43,7 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
     each of our updates (the loop's ``on_step``) the bare loop takes one. Each side's time is summed
     separately: ours is everything between two of its updates but the bare update, so its epoch end
     counts too. Returns (our seconds, bare seconds)."""
-    from swap.callbacks import OnUpdate
+    from swap.callbacks import On
     from swap.train import Position, train
 
     spent = {"ours": 0.0, "bare": 0.0}
@@ -58,7 +58,7 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
         spent["bare"] += mark[0] - now
 
     train(step, loader, lambda s: 0.01, epochs=epoch + 1, start=Position(epoch),
-          callbacks=[*train_kwargs.get("callbacks", ()), OnUpdate(bare)])
+          callbacks=[*train_kwargs.get("callbacks", ()), On(update_end=bare)])
     spent["ours"] += time.perf_counter() - mark[0]
     return spent["ours"], spent["bare"]
 
@@ -149,7 +149,7 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
     from swap.data import Augment, Loader
     from swap.models import build_model
     from swap.rundir import RunDir
-    from swap.callbacks import OnEpoch
+    from swap.callbacks import On
     from swap.train import SGDStep, StepLog
 
     def model():
@@ -188,7 +188,7 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
                         tracks.record({"phase": "phase1", "worker": None, **rec})
                 logs = [StepLog(every, sink, 1)] if side == "logged" else []
                 ours, bare_s = lockstep_epoch(step, ours_loader, epoch, bare_loader.epoch(2 * epoch + (side == "logged")),
-                                              bare_update, callbacks=[OnEpoch(sink), *logs])
+                                              bare_update, callbacks=[On(epoch_end=sink), *logs])
                 if epoch > 0:
                     ratios[side].append(bare_s / ours)          # our samples/s over the bare loop's
         logged_records = len(runs["logged"].read_metrics(steps=True))

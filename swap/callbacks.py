@@ -57,62 +57,57 @@ class Callback:
     """Base class of the loop's callbacks (module docstring): override the hooks you need."""
 
     def on_epoch_start(self, state: LoopState) -> None:
-        pass
+        """An epoch begins (``state.totals``: its carried partial sums after a resume)."""
 
     def on_update_end(self, state: LoopState) -> None:
-        pass
+        """After each update (``state.update``: global index, 1-based)."""
 
     def on_updates_end(self, state: LoopState) -> None:
-        pass
+        """The epoch's updates are done, before its statistics are gathered."""
 
     def should_stop(self, epoch: int, train_acc: list, train_loss: list) -> bool:
+        """After epoch ``epoch`` (1-based): whether to stop, from each model's training accuracy
+        (percent, None for soft targets) and mean loss. Default: never."""
         return False
 
     def on_epoch_end(self, record: dict) -> None:
-        pass
+        """One record per model, after evaluation; keys added here reach the later callbacks."""
 
     def on_interrupt(self, state: dict) -> None:
-        pass
+        """A stop signal mid-epoch (``epoch``, ``step``, ``totals``, ``updates``), before
+        :class:`~swap.interrupt.Interrupted` is raised."""
 
     # The run's hooks (swap.tracking), in the process that writes the run's records
     def on_record(self, record: dict) -> None:
-        pass
+        """Each metrics.jsonl record, with ``step`` (updates on the critical path)."""
 
     def on_phase_end(self, phase: str, result: dict) -> None:
-        pass
+        """A phase (or a phase-2 worker) finished with ``result``."""
 
     def on_run_end(self, summary: dict) -> None:
-        pass
+        """The run's summary was written."""
 
 
-class OnEpoch(Callback):
-    """``fn(record)`` at every epoch's end: a plain function as a callback."""
+class On(Callback):
+    """Plain functions as a callback: ``epoch_end(record)`` at every epoch's end, ``update_end(update)``
+    after every update (global index, 1-based), ``interrupt(state)`` on a stop signal (so that the
+    caller can write a checkpoint); each optional, e.g. ``On(epoch_end=records.append)``."""
 
-    def __init__(self, fn: Callable[[dict], None]):
-        self.fn = fn
+    def __init__(self, *, epoch_end: Callable[[dict], None] | None = None,
+                 update_end: Callable[[int], None] | None = None, interrupt: Callable[[dict], None] | None = None):
+        self.epoch_end, self.update_end, self.interrupt = epoch_end, update_end, interrupt
 
     def on_epoch_end(self, record: dict) -> None:
-        self.fn(record)
-
-
-class OnUpdate(Callback):
-    """``fn(update)`` after every update (global index, 1-based): a plain function as a callback."""
-
-    def __init__(self, fn: Callable[[int], None]):
-        self.fn = fn
+        if self.epoch_end is not None:
+            self.epoch_end(record)
 
     def on_update_end(self, state: LoopState) -> None:
-        self.fn(state.update)
-
-
-class OnInterrupt(Callback):
-    """``fn(state)`` on a stop signal, so that the caller can write a checkpoint."""
-
-    def __init__(self, fn: Callable[[dict], None]):
-        self.fn = fn
+        if self.update_end is not None:
+            self.update_end(state.update)
 
     def on_interrupt(self, state: dict) -> None:
-        self.fn(state)
+        if self.interrupt is not None:
+            self.interrupt(state)
 
 
 class Progress(Callback):
@@ -125,4 +120,4 @@ class Progress(Callback):
         self.bar.update(1)
 
 
-__all__ = ["LoopState", "Callback", "OnEpoch", "OnUpdate", "OnInterrupt", "Progress"]
+__all__ = ["LoopState", "Callback", "On", "Progress"]

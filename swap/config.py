@@ -207,22 +207,32 @@ class Phase1Config:
 
 
 @dataclass
-class Phase2Config:
-    """Independent small-batch refinement (SWAP Algorithm 1, phase 2), one model per worker."""
-    batch_size: int = 512                # per-worker batch (split over the worker's ranks_per_worker ranks)
+class TrainingSection:
+    """The keys of a section that trains with its own batch, LR schedule and optimizer (phase 2,
+    the SGD baselines)."""
+    batch_size: int = 512                # global batch (phase 2: per worker, split over its ranks_per_worker ranks)
     micro_batch_size: int = 0            # per-rank gradient-accumulation chunk (0 = whole share)
+    peak_lr: float = 0.12
+    warmup_epochs: float = 0.0
+    epochs: int = 30
+    schedule: str = "linear"             # warm-up then linear | cosine decay to min_lr at the last epoch
+    min_lr: float = 0.0
+    warmup_updates: int = 0              # > 0: warm-up in updates, instead of warmup_epochs
+    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap (not in phase 2: each worker steps
+                                         # alone) | package.module:function, your own: fn(param_groups)
+    optim: dict = field(default_factory=dict)   # this section's overrides of `optim` ({weight_decay: 0.01})
+    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
+                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
+                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
+
+
+@dataclass
+class Phase2Config(TrainingSection):
+    """Independent small-batch refinement (SWAP Algorithm 1, phase 2), one model per worker."""
     ranks_per_worker: int = 1            # each worker a DistributedDataParallel group of this many ranks (its
                                          # own process group; SWAP paper Sec. 5.2: 2 workers x 8 GPUs); > 1
                                          # trains workers in their ranks (layout processes acts as sequential)
                                          # and needs workers x ranks_per_worker <= ranks
-    peak_lr: float = 0.12
-    warmup_epochs: float = 0.0
-    epochs: int = 30
-    schedule: str = "linear"
-    min_lr: float = 0.0
-    warmup_updates: int = 0
-    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | package.module:function (each worker's own)
-    optim: dict = field(default_factory=dict)
     track_average: bool = False          # after training: test accuracy of the workers' average (BN
                                          # recomputed) at every phase-2 epoch, for `swap plot` (Fig. 1)
     save_every: int = 0                  # save each worker's weights every N updates (0 = off), for `swap cosine`
@@ -230,9 +240,6 @@ class Phase2Config:
                                          # only its own work; the others finish, the failure is reported);
                                          # sequential: in turn inside the rank; vmap: the rank's workers stacked
                                          # into one computation (torch.func; for GPUs)
-    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
-                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
-                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
     cycles: int = 1                      # C: each worker runs C cycles of `epochs` epochs with the LR schedule
                                          # restarted, and is sampled at the end of each; phase 3 averages all W x C
                                          # samples (SWAP paper Table 4, "SWAP (40 small-batch epochs)": C = 2)
@@ -260,21 +267,9 @@ class Phase3Config:
 
 
 @dataclass
-class SGDConfig:
+class SGDConfig(TrainingSection):
     """Plain data-parallel SGD baseline (the paper's rows 'SGD (small-batch)' and 'SGD (large-batch)')."""
-    batch_size: int = 512
     micro_batch_size: int = 256
-    peak_lr: float = 0.12
-    warmup_epochs: float = 0.0
-    epochs: int = 30
-    schedule: str = "linear"
-    min_lr: float = 0.0
-    warmup_updates: int = 0
-    optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap | package.module:function
-    optim: dict = field(default_factory=dict)
-    segments: list = field(default_factory=list)   # piecewise schedule, replacing batch_size, peak_lr, warmup,
-                                         # schedule and the epochs when given: [{epochs: [start, end], batch_size,
-                                         # lr: x | [from, to] (linear ramp), image_size: pixels (optional)}, ...]
 
 
 @dataclass
@@ -641,7 +636,7 @@ def check_section(sec: Any, where: str) -> None:
     Raises:
         SwapError: naming the key, the bad value and what would be valid.
     """
-    if isinstance(sec, (Phase1Config, Phase2Config, SGDConfig)):
+    if isinstance(sec, (Phase1Config, TrainingSection)):
         _check_training(sec, where)
     {DataConfig: _check_data, ModelConfig: _check_model, TaskConfig: _check_task, LoggingConfig: _check_logging,
      OptimConfig: _check_optim, StopConfig: _check_stop, Phase1Config: _check_phase1, Phase2Config: _check_phase2,
@@ -719,7 +714,7 @@ def _check_stop(s: StopConfig, where: str) -> None:
           f"{where}.every must be >= 1 and {where}.trial_updates >= 0, got {s.every}, {s.trial_updates}")
 
 
-def _check_training(sec: Phase1Config | Phase2Config | SGDConfig, section: str) -> None:
+def _check_training(sec: Phase1Config | TrainingSection, section: str) -> None:
     """The keys every training section has: batch, LR schedule, epochs, optimizer, segments."""
     _need(sec.batch_size >= 1, f"{section}.batch_size must be >= 1, got {sec.batch_size}")
     _need(sec.peak_lr > 0, f"{section}.peak_lr must be > 0, got {sec.peak_lr}")
@@ -928,7 +923,7 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
 
 
 __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
-           "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config",
+           "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config", "TrainingSection",
            "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
            "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "RENAMED", "resolve_preset",
            "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "check_stacked", "optim_for",

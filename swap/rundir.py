@@ -27,28 +27,23 @@ from .config import Config, SwapError, config_from_dict
 from .errors import printable
 
 
+def _inside(name: str, doc: str) -> property:
+    """A path of the run directory: ``RUN/name``."""
+    return property(lambda self: self.path / name, doc=doc)
+
+
 class RunDir:
     """Paths and writers of one run directory (exists once :meth:`prepare` has run)."""
 
+    config_path = _inside("config.yaml", "``config.yaml``: the resolved config.")
+    metrics_path = _inside("metrics.jsonl", "``metrics.jsonl``: one JSON record per line.")
+    summary_path = _inside("summary.json", "``summary.json``: the run's final table.")
+    lock_path = _inside("run.lock", "``run.lock``: the pid of the process training the run.")
+    logs_dir = _inside("logs", "``logs/``: full tracebacks of failed ranks (``rankR.log``) and phase-2 workers "
+                               "(``workerN.log``).")
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def logs_dir(self) -> Path:
-        """``logs/``: full tracebacks of failed ranks (``rankR.log``) and phase-2 workers (``workerN.log``)."""
-        return self.path / "logs"
 
     def checkpoint(self, name: str) -> Path:
         """Base path (no suffix) of checkpoint ``name``, e.g. ``phase1``, ``worker0``, ``swap``: a
@@ -151,10 +146,6 @@ class RunDir:
                     raise SwapError(f"cannot resume {self.path}: {printable(str(link))} links to "
                                     f"{printable(str(target))}, outside the run directory; a run writes only "
                                     f"inside its own: replace the link by what it points to")
-
-    @property
-    def lock_path(self) -> Path:
-        return self.path / "run.lock"
 
     def check_lock(self) -> None:
         """Refuse a run directory that a live process owns; report and clear a stale lock.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swap import distributed
-from swap.callbacks import OnUpdate
+from swap.callbacks import On
 from swap.data import Augment, Loader
 from swap.models import build_model
 from swap.optim import LARS
@@ -36,7 +36,7 @@ def take_steps(micro_batch_size: int) -> dict:
         model.load_state_dict(start)
         norms = []
         train(SGDStep(wrapped, opt, micro_batch_size, clip_grad_norm=clip), loader, lambda s: 0.1, epochs=1,
-              callbacks=[OnUpdate(lambda u: norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))])
+              callbacks=[On(update_end=lambda u: norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))])
         out[name] = {"weights": {k: v.detach().clone() for k, v in model.named_parameters()},
                      "grads": {k: v.grad.detach().clone() for k, v in model.named_parameters()},
                      "norms": [n.item() for n in norms]}

@@ -24,7 +24,7 @@ from swap.models import build_model
 from swap.models.resnet50 import Bottleneck
 from swap.data.loader import PiecewiseLoader
 from swap.schedules import epoch_shape, parse_segments
-from swap.callbacks import OnEpoch, OnInterrupt, OnUpdate
+from swap.callbacks import On
 from swap.train import Position, SGDStep, train
 
 from conftest import write_image_tree
@@ -102,11 +102,11 @@ def test_resuming_mid_epoch_after_a_boundary_gives_the_uninterrupted_weights(tmp
                 interrupt._received.append(signal.SIGINT)
         try:
             train(step, loader, loader.lr_at, epochs=loader.epochs,
-                  callbacks=[OnUpdate(on_step), OnInterrupt(saved.update), OnEpoch(records.append)])
+                  callbacks=[On(update_end=on_step), On(interrupt=saved.update), On(epoch_end=records.append)])
         except Interrupted:
             interrupt._received.clear()
             train(step, loader, loader.lr_at, epochs=loader.epochs,
-                  start=Position(saved["epoch"], saved["step"], saved["totals"]), callbacks=[OnEpoch(records.append)])
+                  start=Position(saved["epoch"], saved["step"], saved["totals"]), callbacks=[On(epoch_end=records.append)])
         return model.state_dict(), [(r["epoch"], r["batch_size"], r["train_loss"]) for r in records], saved
 
     ref, ref_records, _ = run(None)

@@ -13,7 +13,7 @@ from swap.data import ImageDataset, Loader
 from swap.models import build_model
 from swap.resumable import Resumable, Saving, Unit
 from swap.rundir import RunDir
-from swap.callbacks import OnEpoch
+from swap.callbacks import On
 from swap.train import Position, SGDStep, train
 
 
@@ -115,7 +115,7 @@ def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():
         records = []
         if split:
             stop = {}
-            train(step, loader, lambda s: 0.05, epochs=1, callbacks=[OnEpoch(records.append)])
+            train(step, loader, lambda s: 0.05, epochs=1, callbacks=[On(epoch_end=records.append)])
             loader_iter_state = list(loader.epoch(1))[:2]            # the first 2 updates of epoch 2, by hand
             totals = torch.zeros(3, dtype=torch.float64)
             for x, y in loader_iter_state:
@@ -124,9 +124,9 @@ def test_resuming_the_loop_mid_epoch_gives_the_uninterrupted_weights():
                 totals += t[0]
             stop.update(step=2, totals=totals.tolist())
             train(step, loader, lambda s: 0.05, epochs=3, start=Position(1, stop["step"], stop["totals"]),
-                  callbacks=[OnEpoch(records.append)])
+                  callbacks=[On(epoch_end=records.append)])
         else:
-            train(step, loader, lambda s: 0.05, epochs=3, callbacks=[OnEpoch(records.append)])
+            train(step, loader, lambda s: 0.05, epochs=3, callbacks=[On(epoch_end=records.append)])
         seen[split] = (model.state_dict(), [(r["epoch"], r["train_loss"], r["train_acc"]) for r in records])
     assert all(torch.equal(seen[False][0][k], seen[True][0][k]) for k in seen[False][0])
     assert seen[False][1] == seen[True][1]

@@ -20,7 +20,7 @@ import time
 from torch.optim.swa_utils import AveragedModel
 
 from .. import distributed
-from ..callbacks import OnEpoch
+from ..callbacks import On
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..schedules import cyclic
 from ..context import Context
@@ -64,7 +64,7 @@ def run_swa(spec: RunSpec, variant: str = "swa-small") -> dict | None:
 
     plan = DataParallel("swa", batch, micro, cycles * epochs_per_cycle, lr_at=cyclic(lr_max, lr_min, epochs_per_cycle * steps),
                         optim_section="phase1" if variant == "swa-large" else "phase2")
-    out = train_data_parallel(ctx, model, plan, final=False, callbacks=[OnEpoch(sample)])
+    out = train_data_parallel(ctx, model, plan, final=False, callbacks=[On(epoch_end=sample)])
     summary = None
     if d.is_main:
         t_bn = time.perf_counter()

@@ -5,11 +5,11 @@ BIN     := $(VENV)/bin
 DATA    ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test fuzz install data clean
+.PHONY: demo test test-fast docs fuzz install data clean
 
 $(BIN)/swap: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile -e '.[test,hf,tensorboard,mlflow,lightning,ray]'    # every extra: the tests cover each
+	$(BIN)/pip install -q --no-compile -e '.[test,docs,hf,tensorboard,mlflow,lightning,ray]'    # every extra: the tests cover each
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true    # .pyc on every core (pip: one core, +20 s)
 	@touch $@
 
@@ -32,9 +32,13 @@ demo: data
 
 # bandit (PyCQA's security linter) over the package first: a finding is fixed, or marked inline
 # (`# nosec BXXX`) under a comment that gives the reason
-test: data
+test: data docs
 	$(BIN)/bandit -q -r swap
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The docs site (Sphinx, docs/): warnings are errors, cross-references checked (nitpicky)
+docs: install
+	$(BIN)/sphinx-build -q -W -n --keep-going -b html docs docs/_build/html
 
 # Broad random search of the property tests (not part of `make test` / CI, whose examples are fixed).
 fuzz: data

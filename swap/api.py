@@ -187,9 +187,11 @@ def train_swap(model_fn: Callable[[], nn.Module], train_set, test_set, config: C
             Under ``torchrun`` (a script launched by ``torchrun --nproc-per-node N script.py``) no
             process is started: the call joins torchrun's ranks (``procs`` is its world size),
             needs ``out``, and returns ``(None, None)`` on every rank but rank 0.
+
     ``data.train_subset`` / ``data.test_subset`` keep the first N samples of a fixed shuffle, as for
     the built-in datasets. With ``procs > 1`` or ``phase2.layout: processes`` (the default) worker
     processes import the calling script again: call this under ``if __name__ == "__main__":``.
+
     Returns:
         (averaged model on CPU with recomputed BN statistics, summary dict as in ``summary.json``).
         A model with ``save_pretrained`` (``transformers``) is also written to ``OUT/pretrained/``.

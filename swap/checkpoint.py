@@ -227,7 +227,7 @@ def read_meta(path: str | Path) -> dict:
 
     Raises:
         SwapError: the metadata file is missing, not valid JSON, or not what swap writes
-            (:func:`_meta_of`).
+            (``_meta_of``).
     """
     return _meta_of(Path(path).with_suffix(".json"))
 

@@ -1,6 +1,7 @@
 """`swap compare`: the SWAP paper's Tables 1, 2 and 4 measured side by side on one machine.
 
-Methods (Gupta et al., ICLR 2020, Sec. 5):
+Methods (Gupta et al., ICLR 2020, Sec. 5)::
+
     sgd-small   small-batch SGD ("SGD (small-batch)"), config section ``sgd_small``
     sgd-large   large-batch SGD ("SGD (large-batch)"), config section ``sgd_large``
     swap        SWAP; reported before averaging (mean of workers) and after

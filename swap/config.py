@@ -29,10 +29,13 @@ from .schedules import SHAPES, parse_segments
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder")   # swap.data.sources
-LAYOUTS = ("processes", "sequential", "vmap")           # phase2.layout
-EXTRAP_VARIANTS = ("extragradient", "past-gradient", "gaussian")   # extrap.variant (swap.optim.extrap)
-# the sections that train a model with their own batch, LR schedule and optimizer
+#: ``data.name``: the built-in datasets (swap.data.sources)
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "text-char", "imagefolder")
+#: ``phase2.layout``
+LAYOUTS = ("processes", "sequential", "vmap")
+#: ``extrap.variant`` (swap.optim.extrap)
+EXTRAP_VARIANTS = ("extragradient", "past-gradient", "gaussian")
+#: The sections that train a model with their own batch, LR schedule and optimizer
 TRAINING_SECTIONS = ("phase1", "phase2", "sgd", "sgd_small", "sgd_large", "lars_large", "lamb_large", "adamw_large")
 
 
@@ -45,9 +48,9 @@ class DataConfig:
                                          # returns (train_set, test_set), map-style Datasets
     collate: str | None = None           # package.module:function building a batch from samples (default: the
                                          # dataset's own collate_fn attribute, else torch's default_collate)
-    dir: str | None = None
+    dir: str | None = None                # folder with the dataset files (searched first; null = the search order)
     train_subset: int = 0                # 0 = all training samples; else the first N of a fixed shuffle
-    test_subset: int = 0
+    test_subset: int = 0                  # 0 = all test samples; else the first N of a fixed shuffle
     crop_padding: int = 2                # random crop after zero padding, pixels per side (0 = off)
     flip: bool = True                    # random horizontal flip
     cutout: int = 8                      # cutout square side in pixels (DeVries & Taylor 2017; 0 = off)
@@ -133,7 +136,7 @@ class LoggingConfig:
                                          # N updates (a metrics.jsonl record of kind "step"; 0 = per epoch only)
 
 
-# Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
+#: Training metrics the train loop computes every epoch, and which way is better (the stop rule's direction)
 STOP_METRICS = {"train_acc": "max", "train_loss": "min"}
 AUTO_SIGNALS = ("plateau", "holdout", "trials", "barrier")   # phase1.stop: auto (swap.algorithms.transition)
 
@@ -183,8 +186,8 @@ class Phase1Config:
     """Large-batch synchronous data-parallel phase (SWAP Algorithm 1, phase 1)."""
     batch_size: int = 4096               # global batch, split evenly over the ranks
     micro_batch_size: int = 256          # per-rank gradient-accumulation chunk (0 = whole share)
-    peak_lr: float = 1.2
-    warmup_epochs: float = 30.0
+    peak_lr: float = 1.2                  # the LR after the warm-up (scaled per parameter group, swap.optim.lr)
+    warmup_epochs: float = 30.0           # linear warm-up from ~0 to peak_lr over these epochs
     max_epochs: int = 150                # the LR schedule spans max_epochs; stopping usually comes first
     stop_acc: float = 98.0               # stopping accuracy: training accuracy over the last epoch, %
     schedule: str = "linear"             # warm-up then linear | cosine decay to min_lr at max_epochs
@@ -212,11 +215,11 @@ class TrainingSection:
     the SGD baselines)."""
     batch_size: int = 512                # global batch (phase 2: per worker, split over its ranks_per_worker ranks)
     micro_batch_size: int = 0            # per-rank gradient-accumulation chunk (0 = whole share)
-    peak_lr: float = 0.12
-    warmup_epochs: float = 0.0
-    epochs: int = 30
+    peak_lr: float = 0.12                 # the LR after the warm-up (scaled per parameter group, swap.optim.lr)
+    warmup_epochs: float = 0.0            # linear warm-up from ~0 to peak_lr over these epochs
+    epochs: int = 30                      # epochs the LR schedule spans and the section trains
     schedule: str = "linear"             # warm-up then linear | cosine decay to min_lr at the last epoch
-    min_lr: float = 0.0
+    min_lr: float = 0.0                   # the LR the decay ends at
     warmup_updates: int = 0              # > 0: warm-up in updates, instead of warmup_epochs
     optimizer: str = "sgd"               # sgd | lars | lamb | adamw | extrap (not in phase 2: each worker steps
                                          # alone) | package.module:function, your own: fn(param_groups)
@@ -269,7 +272,7 @@ class Phase3Config:
 @dataclass
 class SGDConfig(TrainingSection):
     """Plain data-parallel SGD baseline (the paper's rows 'SGD (small-batch)' and 'SGD (large-batch)')."""
-    micro_batch_size: int = 256
+    micro_batch_size: int = 256           # per-rank gradient-accumulation chunk (0 = whole share)
 
 
 @dataclass
@@ -277,8 +280,8 @@ class ExtrapConfig:
     """Extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML 2020), used where an ``optimizer`` is ``extrap``.
     gamma_t = gamma_ratio * eta_t, sigma_t = sigma_ratio * eta_t (same warm-up and decay as the LR)."""
     variant: str = "extragradient"       # extragradient | past-gradient | gaussian
-    gamma_ratio: float = 1.0
-    sigma_ratio: float = 0.01
+    gamma_ratio: float = 1.0              # extrapolation step gamma_t = gamma_ratio x LR_t
+    sigma_ratio: float = 0.01             # gaussian: noise scale sigma_t = sigma_ratio x LR_t
 
 
 @dataclass
@@ -291,9 +294,9 @@ class SWAConfig:
     Small-batch cycles use ``phase2.batch_size`` and LR ``phase2.peak_lr`` -> ``lr_min``;
     large-batch cycles use ``phase1.batch_size`` and LR ``large_lr_max`` -> ``large_lr_min``.
     """
-    lr_min: float = 0.005
-    large_lr_max: float = 0.4
-    large_lr_min: float = 0.04
+    lr_min: float = 0.005                 # small-batch cycles: LR at the end of each cycle (phase2.peak_lr at its start)
+    large_lr_max: float = 0.4             # large-batch cycles: LR at the start of each cycle
+    large_lr_min: float = 0.04            # large-batch cycles: LR at the end of each cycle
 
 
 @dataclass
@@ -305,16 +308,16 @@ class ABSConfig:
     batch_size: int = 128                # base (starting) global batch
     micro_batch_size: int = 0            # per-rank chunks of the share (0 = one chunk)
     peak_lr: float = 0.05                # peak LR at the base batch; scaled linearly with the batch
-    warmup_epochs: float = 0.0
-    epochs: int = 10
+    warmup_epochs: float = 0.0            # linear warm-up of the LR over these epochs
+    epochs: int = 10                      # epochs of the run (the batch changes between epochs)
     schedule: str = "linear"             # LR shape over epochs, before the batch scaling
     max_batch_factor: int = 128          # the batch never exceeds this many times the base batch
     decay_ratio: float = 0.5             # double when eigenvalue <= decay_ratio x reference (reset then)
     fallback_epochs: int = 10            # double anyway after this many epochs without one (0 = never)
     eig_every: int = 1                   # epochs between top-eigenvalue evaluations
     eig_samples: int = 128               # fixed training sample for the eigenvalue (clean images)
-    eig_iters: int = 10
-    eig_tol: float = 1.0e-2
+    eig_iters: int = 10                   # power-iteration steps for the top Hessian eigenvalue, at most
+    eig_tol: float = 1.0e-2               # power iteration stops at this relative change of the eigenvalue
     adv_fraction: float = 0.2            # ABSA: share of each batch replaced by FGSM examples; halves with
                                          # every doubling, 0 after half of the epochs (method abs: 0)
     adv_eps: float = 0.005               # FGSM step, normalised input units; inputs clamped to the data range
@@ -332,15 +335,15 @@ class ABSConfig:
 class Config:
     """A whole run. ``workers`` is W, the number of phase-2 models; ``procs`` the number of local
     processes (0 = min(W, CPU cores) on CPU, so processes x threads never oversubscribes the cores)."""
-    name: str = "custom"
-    seed: int = 0
-    workers: int = 2
-    procs: int = 0
+    name: str = "custom"                  # names run directories (default runs/NAME-METHOD-seedSEED); a preset's file name
+    seed: int = 0                         # every random stream derives from (seed, phase, worker, epoch)
+    workers: int = 2                      # W: phase-2 workers (SWAP), averaged in phase 3
+    procs: int = 0                        # local processes (0 = min(W, CPU cores); with worker groups W x ranks_per_worker)
     threads: int = 0                     # torch threads per process (0 = cores // processes)
     device: str = "auto"                 # cpu | cuda | auto (CUDA when available)
     precision: str = "auto"              # fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU)
     compile: bool = False                # torch.compile the model's forward (nn.Module.compile)
-    channels_last: bool = True
+    channels_last: bool = True            # image batches in channels_last memory format (faster convolutions)
     eval_every: int = 1                  # test-set evaluation every N epochs (and always at the end)
     divergence_grad_norm: float = 1.0e4  # the divergence guard: a larger or non-finite gradient norm stops the
                                          # phase (before clipping; optim.clip_grad_norm clips)
@@ -406,13 +409,13 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Keys that change how a run is laid out or copes with failures, not what it computes (up to float
-# rounding); `--resume` accepts new values.
+#: Keys that change how a run is laid out or copes with failures, not what it computes (up to float
+#: rounding); ``--resume`` accepts new values.
 NOT_HASHED = ("phase2.layout", "phase3.allow_missing_workers", "logging.loggers", "logging.log_every",
               "abs.launcher", "abs.ray_address", "abs.max_restarts", "data.follow_links")
 
 
-# Keys whose value may name code of yours (package.module:function); every section's optimizer too
+#: The keys whose value may name code of yours (``package.module:function``), and every section's optimizer
 CODE_KEYS = ("model.name", "data.name", "data.collate", "task.loss", "task.metrics")
 
 
@@ -556,7 +559,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
         overrides: ``KEY=VALUE`` strings (dotted keys) or a nested dict, applied after the file.
 
     Raises:
-        SwapError: unreadable YAML, unknown key, wrong type, or an impossible value (see :func:`validate`).
+        SwapError: unreadable YAML, unknown key, wrong type, or an impossible value (see ``validate``).
     """
     cfg, given = Config(), set()
     if name_or_path is not None:
@@ -587,7 +590,7 @@ def env_overrides() -> list[str]:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a validated config from :meth:`Config.to_dict` output (e.g. a saved ``config.yaml``)."""
+    """Rebuild a validated config from ``Config.to_dict`` output (e.g. a saved ``config.yaml``)."""
     cfg = Config()
     _merge(cfg, values, "")
     validate(cfg)

@@ -142,7 +142,7 @@ class Context:
 
     @property
     def collate_fn(self) -> Callable | None:
-        """Generic datasets: builds a batch from samples."""
+        """The function that builds a batch from samples (generic datasets)."""
         return self.parts.collate_fn
 
     @property
@@ -153,7 +153,7 @@ class Context:
 
     @property
     def optimizer_fns(self) -> dict | None:
-        """The user's optimizer per config section ({"phase1": fn, ...}; library use)."""
+        """The library user's optimizer function per config section (``{"phase1": fn, ...}``)."""
         return self.parts.optimizer
 
     @property
@@ -287,7 +287,7 @@ class Context:
 
     @property
     def amp(self) -> torch.dtype | None:
-        """Autocast dtype of forward passes: bfloat16 for ``precision: bf16`` (``auto`` on CUDA), else None."""
+        """The autocast dtype of forward passes, bfloat16 for ``precision: bf16`` (``auto`` on CUDA), else None."""
         return amp_dtype_for(self.cfg.precision, self.dist.device)
 
     def recompute_bn(self, model: nn.Module, distributed: bool = False) -> None:
@@ -304,7 +304,7 @@ class Context:
         (:attr:`optimizer_fns`) or the section's ``optimizer`` names one (``package.module:function``),
         else the section's ``optimizer`` (``sgd`` for a section without one) with its settings (:func:`swap.config.optim_for`), built by
         :func:`swap.optim.build.build_optimizer`; extrapolated SGD draws its gaussian noise from the
-        stream (seed, *stream, rank). The LR is set per update by the schedule."""
+        stream ``(seed, *stream, rank)``. The LR is set per update by the schedule."""
         o = optim_for(self.cfg, section)
         fn = (self.optimizer_fns or {}).get(section)
         if fn is not None:
@@ -467,7 +467,7 @@ class Context:
 
     # ------------------------------------------------------------------ reporting
     def sink(self, phase: str, worker: int | None, epochs: int, optimizer=None) -> "Sink":
-        """The run's records of ``phase`` (and ``worker``): :class:`Sink`."""
+        """The run's records of ``phase`` (and ``worker``): ``Sink``."""
         return Sink(self, phase, worker, epochs, self.optimizer_label(optimizer) if optimizer is not None else "sgd")
 
     def step_log(self, emit, models: int = 1) -> list:
@@ -502,4 +502,4 @@ class Context:
         return distributed.machine_info(self.dist.device, self.dist.threads, self.dist.world_size)
 
 
-__all__ = ["IMAGENET_TASK", "configured_parts", "Context"]
+__all__ = ["IMAGENET_TASK", "Sink", "configured_parts", "Parts", "Context"]

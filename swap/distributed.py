@@ -98,7 +98,7 @@ def setup(device_name: str = "cpu", threads: int = 0, join: bool = True) -> Dist
     return Dist(rank, world, local_rank, device, threads)
 
 
-# the file store of a launch on this machine (local_group), read by setup
+#: The environment variable naming the file store of a launch on this machine (local_group), read by setup
 GROUP_STORE = "SWAP_GROUP_STORE"
 
 
@@ -362,7 +362,7 @@ def _die_with_parent() -> None:
 
 
 # The environment of the process that imported this module: in a child of the fork server
-# (:func:`_context`), the server's, which tells the variables a launcher set in the child apart.
+# (``_context``), the server's, which tells the variables a launcher set in the child apart.
 _BOOT_ENV, _BOOT_PID = dict(os.environ), os.getpid()
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
@@ -432,7 +432,7 @@ def _isolated_main(fn: Callable[..., Any], args: tuple, error_path: str, log_pat
 
 def run_isolated(fn: Callable[..., Any], args: tuple, error_path: str | Path,
                  log_path: str | Path | None = None) -> str | None:
-    """Run ``fn(*args)`` in a fresh child process (forked from the fork server, :func:`_context`) and wait; ``None`` if it succeeded,
+    """Run ``fn(*args)`` in a fresh child process (forked from the fork server, ``_context``) and wait; ``None`` if it succeeded,
     else one line saying why it failed: its exception's message, or the signal that killed it, or
     its exit status. After a failure ``error_path`` holds that line, and ``log_path`` (when
     given) the full traceback of an exception.

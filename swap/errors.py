@@ -14,7 +14,7 @@ class SwapError(ValueError):
     building block raises it (a ``ValueError``, so code that catches those keeps working).
 
     User values quoted in the message may hold any character; the message is stored with
-    non-printable characters escaped (:func:`printable`), so it is always one printable line.
+    non-printable characters escaped (``printable``), so it is always one printable line.
     The CLI prints it (no traceback) and exits with status 2.
     """
 

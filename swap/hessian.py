@@ -41,7 +41,7 @@ def top_eigenvalues(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tens
                     tol: float = 1e-2, generator: torch.Generator | None = None) -> tuple[list[float], list[int]]:
     """The ``k`` largest-magnitude eigenvalues of the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
-    Power iteration from a random normalised start (drawn from ``generator``): v <- Hv / |Hv|,
+    Power iteration from a random normalised start (drawn from ``generator``): ``v <- Hv / |Hv|``,
     eigenvalue estimate = Rayleigh quotient v.Hv; stops when the relative change of the estimate
     is below ``tol`` or after ``iters`` products. Eigenvalue j > 1 deflates the ones found before
     (Hv - sum_i lambda_i (u_i . v) u_i). ``loss_fn`` is evaluated once; its graph is reused.

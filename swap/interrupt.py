@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Data-parallel updates between two agreements on a stop: the all-reduce is tiny but synchronous
-# (~0.4 ms with gloo here, ~2% of a small-batch update), so it is not paid on every update.
+#: The data-parallel updates between two agreements on a stop (the all-reduce is tiny but synchronous,
+#: so it is not paid on every update).
 CHECK_EVERY = 8
 _received: list[int] = []            # signal numbers received in this process since install
 

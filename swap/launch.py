@@ -64,8 +64,8 @@ def run(name: str, cfg: Config, out: str | Path | None, parts: Parts | None = No
     method's start (:class:`swap.methods.RunSpec`). Steps: the module docstring.
 
     Returns:
-        (summary, run directory): rank 0's summary (None on the other ranks under torchrun;
-        ``{"interrupted": ...}`` after a stop signal in a local run's ranks).
+        ``(summary, run directory)``, the summary rank 0's (None on the other ranks under
+        torchrun; ``{"interrupted": ...}`` after a stop signal in a local run's ranks).
     Raises:
         SwapError: any check before the work (nothing is created before them).
         swap.interrupt.Interrupted: a stop signal in this process.

@@ -24,7 +24,7 @@ user's ``LightningModule``, ``LightningDataModule`` and ``configure_optimizers``
   last checkpoint and ``trainer.test`` then see the averaged model. Each worker's and the averaged
   model's validation metrics (the module's own ``validation_step`` and ``self.log`` names, over the
   whole validation set) go to the Trainer's loggers as ``swap/worker{r}/NAME`` and
-  ``swap/average/NAME``, and stay in :attr:`SWAP.metrics`.
+  ``swap/average/NAME``, and stay in ``SWAP.metrics``.
 
 Checkpoints hold every worker: in phase 2 the callback's state (saved by any checkpoint: Lightning's
 ``ModelCheckpoint``, ``OnExceptionCheckpoint``, ``trainer.save_checkpoint``) holds each worker's
@@ -70,7 +70,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 class WorkerOrder(Sampler[int]):
     """A phase-2 worker's order: every index of a dataset of ``size`` samples, permuted anew each
-    epoch by ``(seed, "phase2", worker, epoch)`` (:func:`swap.data.loader.stream_seed`).
+    epoch by ``(seed, "phase2", worker, epoch)`` (``swap.data.loader.stream_seed``).
 
     ``epoch`` is set before each epoch; ``skip`` samples are left out of the next pass only (a
     resumed epoch continues where its checkpoint was written).
@@ -384,7 +384,7 @@ class SWAP(Callback):
         """``(i, batch)`` of rank ``rank``'s share (every ``world``-th batch from ``rank`` on) of the first
         ``limit`` batches (None: all) of ``dl``'s dataset in order, batched (at its batch sampler's
         batch size: phase 2's for the training loader; a one-sample remainder joins the last batch:
-        :func:`swap.data.loader.pass_slices`) and collated as ``dl`` does."""
+        ``swap.data.loader.pass_slices``) and collated as ``dl`` does."""
         order = [range(p.start, p.stop) for p in pass_slices(len(dl.dataset), dl.batch_sampler.batch_size)][:limit]
         mine = list(range(rank, len(order), world))
         loader = DataLoader(dl.dataset, batch_sampler=[order[i] for i in mine], collate_fn=dl.collate_fn,

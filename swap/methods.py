@@ -264,7 +264,7 @@ _SWA = "swap.algorithms.swa:run_swa"
 _ABS = "swap.algorithms.adaptive_batch:run_abs"
 _DRIVER = "swap.algorithms.adaptive_batch:train_abs"
 
-# In run order: a compare trains each SWA method's start before it.
+#: Every method by name, in run order (a compare trains each SWA method's start before it).
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sgd", "swap.algorithms.sgd:run_sgd", _section("sgd"), (), "sgd", "sgd"),
     Method("sgd-small", "swap.algorithms.sgd:run_sgd", _section("sgd_small"), (), "sgd", "sgd",

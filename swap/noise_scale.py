@@ -1,16 +1,17 @@
 """The gradient noise scale of a data-parallel phase, measured for free from DDP's all-reduce.
 
 McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training" (arXiv 1812.06162,
-Sec. 2.2 and Appendix A): the simple noise scale B_simple = tr(Sigma) / |G|^2 predicts the critical
-batch size, above which a larger batch buys few fewer updates. With gradients of two batch sizes,
-B_small (one rank's share) and B_big (the global batch, after the all-reduce), unbiased estimates are
+Sec. 2.2 and Appendix A): the simple noise scale ``B_simple = tr(Sigma) / |G|^2`` predicts the
+critical batch size, above which a larger batch buys few fewer updates. With gradients of two batch
+sizes, B_small (one rank's share) and B_big (the global batch, after the all-reduce), unbiased
+estimates are::
 
     |G|^2    ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
 
 averaged over an epoch's updates (and the ranks) before their ratio is taken, as the paper advises.
-|G_small|^2 is read inside DDP's communication hook, before the all-reduce (the hook then does
-what DDP's default does: divide by the world size and all-reduce the sum); |G_big|^2 is the norm the
+``|G_small|^2`` is read inside DDP's communication hook, before the all-reduce (the hook then does
+what DDP's default does: divide by the world size and all-reduce the sum); ``|G_big|^2`` is the norm the
 train loop already computes for its divergence guard.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .callbacks import Callback, LoopState
 
 
 class NoiseScale(Callback):
-    """Per-epoch B_simple of a DDP model (module docstring). Attach it with :meth:`attach` before
+    """Per-epoch B_simple of a DDP model (module docstring). Attach it with ``attach`` before
     the first update, feed it each update's all-reduced gradient norm (:meth:`observe`), read
     :meth:`epoch_value` at each epoch's end (collective)."""
 

@@ -59,7 +59,7 @@ def cluster_address(configured: str) -> str:
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:
     """Refuse a cluster address (``host:port`` or ``ray://host:port``, the form
-    :func:`swap.config.check` accepts; ``RAY_ADDRESS`` is checked here) where nothing answers
+    ``swap.config.check`` accepts; ``RAY_ADDRESS`` is checked here) where nothing answers
     within ``timeout_s`` seconds; ``auto`` and ``local`` are left to Ray.
 
     Raises:

@@ -4,7 +4,7 @@ once; SGD, SWAP's phases 1 and 2 (in turn, in child processes or stacked), SWA a
 
 A :class:`Resumable` trains one or more :class:`Unit` (a model, its optimizer and its checkpoint name:
 ``phase1``, ``worker3``, ``sgd``, ``abs``; several when workers are stacked) and writes, in
-``RUN/checkpoints`` (names from :class:`swap.rundir.RunDir`):
+``RUN/checkpoints`` (names from :class:`swap.rundir.RunDir`)::
 
     NAME_last   every ``checkpoint_every`` epochs (1-based epoch % N == 0) before the last, and on a
                 stop signal mid-epoch (``partial``: updates done in the epoch and the epoch's loss

@@ -9,7 +9,7 @@ the model is called with ``model(**batch)`` and the target is its ``labels`` (No
 
 The output contract: a model returns a tensor (the prediction), a tuple or list (its first element
 is the prediction), or a mapping or object with ``loss`` and/or ``logits`` (a ``transformers``
-``ModelOutput``): :func:`prediction` and :func:`own_loss`. The loss is ``loss_fn(output, target) ->
+``ModelOutput``): :func:`prediction` and ``own_loss``. The loss is ``loss_fn(output, target) ->
 scalar`` (given the output as the model returned it), else the output's own ``loss`` when it carries
 one, else cross-entropy of the prediction over its last dimension (a classifier's (B, K) logits with
 (B,) labels and a language model's (B, T, V) logits with (B, T) tokens both work; targets equal to
@@ -162,7 +162,7 @@ class Task:
     """The loss and the metrics of a model (module docstring).
 
     Attributes:
-        loss_fn: ``loss_fn(output, target) -> scalar tensor``; None = :func:`cross_entropy`.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``; None = ``cross_entropy``.
         metrics: names reported by evaluation: ``loss``, ``top1``, ``top5`` and the keys of ``custom``.
         custom: user metrics, ``name -> fn(output, target) -> (sum, count)`` (tensors or numbers).
         class_targets: the training targets are class indices (:func:`class_targets`); False
@@ -188,7 +188,7 @@ class Task:
 
     def loss(self, output, target) -> torch.Tensor:
         """The scalar loss of a batch: ``loss_fn(output, target)``, else the output's own loss
-        (:func:`own_loss`), else the cross-entropy of its prediction (module docstring).
+        (``own_loss``), else the cross-entropy of its prediction (module docstring).
 
         Raises:
             SwapError: the loss function returned something other than a scalar tensor; no loss
@@ -214,7 +214,7 @@ class Task:
         """``(output, target)`` paired as the model's own loss pairs them: a causal language model's
         logits without their last position and targets without their first (module docstring);
         as given otherwise. The alignment is found on the first output that tells
-        (:func:`_next_token_loss`) and kept for every later batch."""
+        (``_next_token_loss``) and kept for every later batch."""
         if "next_token" not in self.shift and output is not None:
             found = _next_token_loss(output, target)
             if found is not None:
@@ -225,13 +225,13 @@ class Task:
         return (pred[..., :-1, :] if pred is not None else None), target[..., 1:]
 
     def predictions(self, output, target, samples: int = 0):
-        """The predictions of a batch that count (:func:`target_count` of the aligned targets,
+        """The predictions of a batch that count (``target_count`` of the aligned targets,
         :meth:`align`: one per target element not equal to -100, a sample or a token; ``samples``
         when there are no targets)."""
         return target_count(self.align(output, target)[1], samples)
 
     def correct(self, output, target, k: int = 1) -> torch.Tensor:
-        """Top-``k`` correct predictions of a batch (:func:`top_k_correct` of the aligned pair)."""
+        """Top-``k`` correct predictions of a batch (``top_k_correct`` of the aligned pair)."""
         return top_k_correct(*self.align(output, target), k)
 
     def batch_metrics(self, output, target, loss: torch.Tensor | None = None, samples: int = 0) -> dict[str, tuple]:

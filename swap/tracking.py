@@ -398,7 +398,7 @@ def start(run_path, loggers=(), callbacks=(), resumed: bool = False) -> Tracking
     """This process's tracking of the run in ``run_path`` (None when there is nothing to track):
     the loggers ``loggers`` and the library's ``callbacks``; the :class:`swap.context.Context` of
     the run owns it. Loggers that cannot start are dropped with one warning
-    (:meth:`Tracking._each`). ``resumed``: the loggers continue the run's earlier records."""
+    (``Tracking._each``). ``resumed``: the loggers continue the run's earlier records."""
     if not loggers and not callbacks:
         return None
     built = []

@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, data, mean: torch.Tensor, std: torch.Tensor, batc
              distributed=False, channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` (eval mode, running BN statistics) on the images of
     ``data`` (an :class:`swap.data.ImageDataset`, normalised with ``mean``/``std``):
-    :func:`evaluate_metrics` over :func:`swap.data.eval_batches` with the ``top1`` metric.
+    ``evaluate_metrics`` over :func:`swap.data.eval_batches` with the ``top1`` metric.
 
     With ``distributed=True`` (or a process group: its ranks) every rank evaluates its shard and
     the counts are summed with all_reduce, so all ranks return the same number. Returns a float in
@@ -299,7 +299,7 @@ def _pass(model: nn.Module, x, y, micro_batch_size: int, sync: bool,
 # ---------------------------------------------------------------------- update steps
 class UpdateStep:
     """One update of training, pluggable into :func:`train`: :meth:`gradients` of a batch, then
-    :meth:`apply`. The loop checks the gradient norms in between (the divergence guard), so a bad
+    ``apply``. The loop checks the gradient norms in between (the divergence guard), so a bad
     update is never applied.
 
     Attributes:
@@ -324,7 +324,7 @@ class UpdateStep:
         raise NotImplementedError
 
     def sync(self) -> None:
-        """Bring :attr:`models` up to date and, when ``group_wide``, identical on every rank (BN
+        """Bring ``models`` up to date and, when ``group_wide``, identical on every rank (BN
         statistics); called before they are evaluated or saved. Collective when ``group_wide``."""
 
 
@@ -396,7 +396,7 @@ class Evaluation:
 
 @dataclass
 class Guard:
-    """The divergence guard's settings (:class:`DivergenceGuard`): the largest gradient norm
+    """The divergence guard's settings (``DivergenceGuard``): the largest gradient norm
     allowed (``inf``: only a non-finite one stops the run) and the run's name in its messages
     (e.g. "phase2 worker 3"; one per model when the step trains several)."""
     max_norm: float = float("inf")
@@ -430,7 +430,7 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
         epochs: the epoch to stop before.
         start: where to continue (:class:`Position`; default the start).
         evaluate: what to evaluate and how often (:class:`Evaluation`; None: nothing).
-        callbacks: the watchers (:mod:`swap.callbacks`: the sink of records, :class:`StepLog`,
+        callbacks: the watchers (:mod:`swap.callbacks`: the sink of records, ``StepLog``,
             the progress bar, the stopping rules, checkpoints, ...), called in this order.
             Each epoch's records (one per model, with ``model``: its index, when the step trains
             several): epoch (1-based), lr (last update's), batch_size (global), update (global
@@ -439,13 +439,15 @@ def train(step: UpdateStep, loader, lr_at: Callable[[int], float], *, epochs: in
             models), tokens_per_s (counted target tokens per second, where the targets are tokens:
             :func:`swap.task.token_targets`), wall_s (since start), eval_s, stopped (a callback
             stopped the loop: this is the last epoch).
-        guard: the divergence guard (:class:`Guard`, :class:`DivergenceGuard`): the norm of each
+        guard: the divergence guard (:class:`Guard`, ``DivergenceGuard``): the norm of each
             (all-reduced) gradient is checked before it is applied, and a non-finite or larger
             norm raises. The gradient is identical on all ranks, so all stop. Checked before every
             update on CPU, every ``CHECK_EVERY`` updates and at each epoch end on a GPU.
+
     A stop signal (SIGINT/SIGTERM, :mod:`swap.interrupt`) is checked after every update (when
     ``step.group_wide``, after every ``CHECK_EVERY``-th, where all ranks agree on it); the
     callbacks' ``on_interrupt`` get the position, then :class:`~swap.interrupt.Interrupted` is raised.
+
     Returns:
         The last epoch's record of the first model, plus ``records`` (the last epoch's record of
         every model the step trains, a list of one or more; empty when no epoch was left to train),

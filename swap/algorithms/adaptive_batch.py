@@ -1,7 +1,7 @@
 """ABS and ABSA: adaptive batch size from Hessian information, optionally with adversarial
 training, on an elastic pool of data-parallel processes (Yao, Gholami, Keutzer, Mahoney, "Large
 batch size training of neural networks with adversarial training and second-order information",
-arXiv 1810.01021, Alg. 1).
+arXiv 1810.01021, Alg. 1)::
 
     start      batch B = base batch, LR = peak LR (warm-up/decay shape over epochs)
     each epoch e (every ``eig_every``): lambda_e = top Hessian eigenvalue at the current weights

@@ -35,7 +35,7 @@ class OuterSync(Callback):
 
     Use: a callback of the train loop (:mod:`swap.callbacks`), or ``hook(update)`` after each
     update (1-based update index).
-    It also stands in for the worker's optimizer in its checkpoints: :meth:`state_dict` holds the
+    It also stands in for the worker's optimizer in its checkpoints: ``state_dict`` holds the
     inner optimizer's state, the anchor, the outer momentum and the communication counters.
 
     Args:
@@ -45,8 +45,9 @@ class OuterSync(Callback):
         outer: ``average`` or ``nesterov``.
         outer_lr, outer_momentum: DiLoCo's outer SGD (``nesterov`` only).
     Attributes:
-        rounds, bytes: syncs done and bytes this rank sent into all-reduces (parameters and BN
-            buffers, one all-reduce each per sync).
+        rounds: syncs done.
+        bytes: bytes this rank sent into all-reduces (parameters and BN buffers, one all-reduce
+            each per sync).
     Raises:
         SwapError: ``every < 1`` or an unknown ``outer``.
     """

@@ -39,8 +39,8 @@ class DataParallel:
     threshold) ending the phase early (:func:`swap.stopping.stop_reached`); (``auto``, None): the
     automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
-    ``segments``, replaces the batch, the LR and the epochs (:meth:`Context.batches`). The
-    optimizer is config section ``optim_section``'s (default ``section``; :meth:`Context.optimizer`:
+    ``segments``, replaces the batch, the LR and the epochs (``Context.batches``). The
+    optimizer is config section ``optim_section``'s (default ``section``; ``Context.optimizer``:
     its ``optimizer`` and ``optim`` settings, or the library user's own), clipped as it says."""
     phase: str
     batch_size: int

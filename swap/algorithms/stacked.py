@@ -78,7 +78,7 @@ class _Sinks(Callback):
 
 
 class StackedLoader:
-    """The loaders of W workers as one: :meth:`epoch` yields every worker's batch of each update at
+    """The loaders of W workers as one: ``epoch`` yields every worker's batch of each update at
     once (:func:`stacked_batches`), x float (W, B, C, H, W), y int64 (W, B); ``len()`` is the
     updates per epoch and ``batch_size`` one worker's batch (samples)."""
 
@@ -146,11 +146,14 @@ class StackedWorkers:
         self._grad = vmap(grad(worker_loss, has_aux=True))
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each worker's gradient on its batch, into the stacked ``.grad``s (BN buffers updated).
+        """Each worker's gradient on its batch, into the stacked parameters' ``.grad`` (BN buffers updated).
 
-        Args: x float (W, B, C, H, W), y int64 (W, B): worker w's batch is ``x[w], y[w]``.
-        Returns: gradient norms float64 (W,), mean losses float (W,), correct predictions int64 (W,),
-            all on the device (no host sync).
+        Args:
+            x: float (W, B, C, H, W); worker w's batch is ``x[w], y[w]``.
+            y: int64 (W, B).
+        Returns:
+            Gradient norms float64 (W,), mean losses float (W,) and correct predictions int64
+            (W,), all on the device (no host sync).
         """
         # grad() differentiates inside its own transform; under the outer no_grad the results carry
         # no graph back to the stacked (requires_grad) parameters, which would otherwise be kept

@@ -1,5 +1,5 @@
 """Sequential SWA baselines of the SWAP paper's Table 4 (Gupta et al., ICLR 2020, Sec. 5.3), built on
-Stochastic Weight Averaging (Izmailov, Podoprikhin, Garipov, Vetrov, Wilson, UAI 2018, Algorithm 1).
+Stochastic Weight Averaging (Izmailov, Podoprikhin, Garipov, Vetrov, Wilson, UAI 2018, Algorithm 1)::
 
     start    a trained model: SWAP's phase-1 model (same seed, stopped at the same accuracy) for
              "swa-large" and "swa-lb-sb", or the small-batch SGD model for "swa-small";
@@ -28,6 +28,7 @@ from ..errors import SwapError
 from ..methods import RunSpec
 from .sgd import DataParallel, train_data_parallel
 
+#: The SWA baselines of ``swap compare`` (SWAP paper Table 4)
 VARIANTS = ("swa-large", "swa-lb-sb", "swa-small")
 
 

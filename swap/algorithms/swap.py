@@ -311,10 +311,10 @@ def phase3(ctx: Context, model, states: list[tuple[str, dict]], workers: list[Wo
     samples ``states``: :func:`swap.averaging.distributed_average_`), a copy of ``model``; its BN
     statistics recomputed with one pass over the training data, shared by the ranks
     (:meth:`swap.context.Context.recompute_bn`); then, on rank 0, its test accuracy. With
-    ``phase3.aggregate: greedy``, the greedy soup of the samples instead (:func:`_greedy_soup`).
+    ``phase3.aggregate: greedy``, the greedy soup of the samples instead (``_greedy_soup``).
 
     Returns:
-        the averaged model, its evaluation (:meth:`Context.evaluate`; None on the other ranks), and the
+        the averaged model, its evaluation (``Context.evaluate``; None on the other ranks), and the
         soup's record (None for the uniform average).
     """
     if ctx.cfg.phase3.aggregate == "greedy":

@@ -56,7 +56,7 @@ class AutoSwitch(Callback):
     ranks (collective), ``after_epoch``: the warm-up's last epoch (no switch up to it),
     ``last_epoch``: phase 1's last epoch (nothing measured there: the phase ends anyway). On a
     resume (``resumed_epochs`` > 0) the rule is first fed the readings that metrics.jsonl kept for
-    those epochs. :attr:`reading` holds the latest epoch's readings for its metrics record.
+    those epochs. ``reading`` holds the latest epoch's readings for its metrics record.
     Collective for every signal but ``plateau``.
 
     Raises:

@@ -1,6 +1,6 @@
 """Cosine between each worker's descent direction and the direction to the average (SWAP paper Fig. 4).
 
-For a phase-2 worker i with saved iterates theta_i(t) and the final SWAP model theta_swap:
+For a phase-2 worker i with saved iterates theta_i(t) and the final SWAP model theta_swap::
 
     cos(t) = < -g_i(t), theta_swap - theta_i(t) > / (|g_i(t)| |theta_swap - theta_i(t)|)
 
@@ -56,7 +56,7 @@ ITERATE = re.compile(r"worker(\d+)_step(\d+)$")
 
 def cosine_rows(run_path: str, batch_size: int = 512) -> list[dict]:
     """For every saved phase-2 iterate (``checkpoints/iterates/workerW_stepS``): worker, step,
-    cosine(-g, theta_swap - theta), |g|, |theta_swap - theta|. One fixed mini-batch per worker
+    ``cosine(-g, theta_swap - theta)``, ``|g|``, ``|theta_swap - theta|``. One fixed mini-batch per worker
     and step, drawn from the run's training data with the worker's own augmentation stream.
 
     Raises:

@@ -2,7 +2,7 @@
 
 The plane through theta_1, theta_2, theta_3 gets an orthonormal basis by Gram-Schmidt, as in
 Garipov et al. 2018 ("Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs", Sec. 4) and
-Izmailov et al. 2018 (SWA, Sec. 3.3):
+Izmailov et al. 2018 (SWA, Sec. 3.3)::
 
     u = (theta_2 - theta_1) / |theta_2 - theta_1|
     v = w / |w|,  w = (theta_3 - theta_1) - <theta_3 - theta_1, u> u

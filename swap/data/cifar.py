@@ -56,7 +56,7 @@ def _numpy_loaders() -> dict[tuple[str, str], object]:
 class BatchUnpickler(pickle.Unpickler):
     """An unpickler that builds only what a CIFAR batch holds: dicts, lists, tuples, bytes,
     strings, numbers (pickle builds these without looking up any name) and NumPy arrays, dtypes
-    and scalars (:func:`_numpy_loaders`). Any other name a pickle asks for (``os.system``,
+    and scalars (``_numpy_loaders``). Any other name a pickle asks for (``os.system``,
     ``builtins.eval``, a class of any package) raises :class:`Refused` before it is imported or
     called; persistent ids are refused by :class:`pickle.Unpickler` itself."""
 
@@ -112,7 +112,7 @@ def load_cifar(root: Path, num_classes: int) -> tuple[tuple[torch.Tensor, torch.
     Returns:
         ((train_images uint8 (50000, 3, 32, 32), train_labels int64), (test_images, test_labels)).
     Raises:
-        SwapError: as :func:`read_cifar_batch`.
+        SwapError: as ``read_cifar_batch``.
     """
     if num_classes == 10:
         train_files, test_files, key = CIFAR10_TRAIN, CIFAR10_TEST, b"labels"

@@ -47,7 +47,8 @@ from ..errors import SwapError
 from .loader import Augment
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
-PADDED_MAX_SIDE = 64        # data.crop: auto trains images of at most this side (pixels) with the padded crop
+#: ``data.crop: auto`` trains images of at most this side (pixels) with the padded crop
+PADDED_MAX_SIDE = 64
 MEAN_RGB, STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)     # ImageNet, in [0, 1] pixel units
 
 
@@ -106,7 +107,7 @@ def scan_tree(root: Path, classes: list[str] | None = None,
     return found, samples
 
 
-# An ImageFolder built in code without options: Inception's resized crop, every link followed
+#: The options of an ImageFolder built in code without them, Inception's resized crop with every link followed
 DIRECT = DataConfig(name="imagefolder", crop="resized", crop_padding=0, cutout=0, follow_links=True)
 
 

@@ -143,7 +143,7 @@ class _Seeded(Dataset):
 
 
 def sample_seed(base: int, i: int) -> int:
-    """The 63-bit seed of sample ``i`` in the stream whose :func:`stream_seed` is ``base``: the
+    """The 63-bit seed of sample ``i`` in the stream whose ``stream_seed`` is ``base``: the
     SplitMix64 finaliser of ``base + i`` x the golden-ratio increment (Steele et al. 2014), a
     bijection of ``i``, so distinct samples get well-mixed, distinct seeds."""
     z = (base + (i + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -191,7 +191,7 @@ class DatasetLoader:
     """Training batches of any map-style dataset for one phase and worker, sliced to one rank's
     share (module docstring). The interface of :class:`swap.data.Loader`: ``len()`` updates per
     epoch (the last partial global batch is dropped), ``batch_size`` (global, samples) and
-    :meth:`epoch`.
+    ``epoch``.
 
     Args:
         dataset: a map-style ``torch.utils.data.Dataset`` of ``(input, target)`` samples.
@@ -238,7 +238,7 @@ class DatasetLoader:
 
     def full_pass(self, epoch: int) -> list[torch.Tensor]:
         """Every sample's index once, in ``epoch``'s order, batched by
-        :func:`swap.data.loader.pass_slices` (the epoch's batches, then the remainder an epoch of
+        ``swap.data.loader.pass_slices`` (the epoch's batches, then the remainder an epoch of
         updates drops; a one-sample remainder joins the last batch): int64 (b,) per batch, for
         :meth:`load`. The pass of a BN-statistics recomputation."""
         _, perm = epoch_order(self.seed_parts, epoch, len(self.dataset))
@@ -271,7 +271,7 @@ def _unwrapped(loader):
 
 def subset(dataset, n: int):
     """The first ``n`` samples of a fixed shuffle (seed 0, whatever the run seed) of a dataset, as
-    :meth:`swap.data.ImageDataset.subset` does for images (:func:`subset_indices`); ``n <= 0`` or
+    :meth:`swap.data.ImageDataset.subset` does for images (``subset_indices``); ``n <= 0`` or
     ``n >= len`` keeps all. The subset shows the dataset's public attributes (``num_classes``,
     ``model_kwargs``, ...) and, if it has one, its ``at_size(S)`` (a subset of the resized dataset)."""
     idx = subset_indices(len(dataset), n)
@@ -294,7 +294,7 @@ class Subset(torch.utils.data.Subset):
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                 collate_fn: Callable | None = None, num_workers: int = 0) -> Iterator[tuple]:
     """Ordered batches (input, target) of rank ``rank``'s contiguous shard of ``dataset`` (all
-    samples kept, batched by :func:`swap.data.loader.pass_slices`: b <= batch_size + 1), on ``device``."""
+    samples kept, batched by ``swap.data.loader.pass_slices``: b <= batch_size + 1), on ``device``."""
     n = len(dataset)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     shard = torch.utils.data.Subset(dataset, range(lo, hi))

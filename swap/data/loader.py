@@ -1,6 +1,6 @@
 """Device-resident batches: a per-epoch permutation, augmentation on whole batches, normalisation.
 
-Every random stream derives from (run seed, phase, worker, epoch) through :func:`stream_seed`, so
+Every random stream derives from (run seed, phase, worker, epoch) through ``stream_seed``, so
 a run is reproducible and data-parallel ranks agree on the global batch without communicating:
 each rank draws the same permutation and augmentation parameters for the whole global batch and
 then keeps its own slice. A W-rank run therefore sees exactly the samples a 1-rank run sees.
@@ -126,7 +126,7 @@ class Augment:
         return x.contiguous()
 
     def apply_one(self, x: np.ndarray, shift: tuple[int, int], flip: bool, centre: tuple[int, int]) -> np.ndarray:
-        """:meth:`apply` on one image ``x`` (H, W, C) (NumPy, any dtype: raw uint8 pixels), with one sample's
+        """``apply`` on one image ``x`` (H, W, C) (NumPy, any dtype: raw uint8 pixels), with one sample's
         parameters as :meth:`draw` gives them (``shift`` in [0, 2 x crop_padding], ``centre`` a
         pixel): the same transform, by slicing instead of a batched gather, for a DataLoader that
         augments a sample at a time (:class:`swap.data.folder.ImageFolder`'s padded crop).
@@ -171,8 +171,9 @@ class Loader:
         image_size: train at ``image_size`` x ``image_size`` pixels: each augmented batch is
             resized (bilinear, antialiased) from the data's size (progressive resizing, a
             piecewise schedule's segments); None = the data's size.
-    Yields (from :meth:`epoch`):
-        (x float32 (B/W, C, S, S) normalised, y int64 (B/W,)), S = image_size or the data's H, W.
+    Yields:
+        From ``epoch``, ``(x, y)``, x float32 (B/W, C, S, S) normalised, y int64 (B/W,), S =
+        image_size or the data's H, W.
     Raises:
         SwapError: the dataset holds fewer samples than one global batch.
     """
@@ -238,8 +239,8 @@ class Loader:
 
     def full_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every training sample once, in ``epoch``'s order and with its augmentation: the batches
-        of :meth:`epoch` (all ranks' shares), then the remainder that an epoch of updates drops,
-        batched by :func:`pass_slices` (a one-sample remainder joins the last batch). The pass of
+        of ``epoch`` (all ranks' shares), then the remainder that an epoch of updates drops,
+        batched by ``pass_slices`` (a one-sample remainder joins the last batch). The pass of
         a BN-statistics recomputation; the remainder's augmentation is drawn after the epoch's."""
         gen, perm = epoch_order(self.seed_parts, epoch, len(self.data))
         _, _, h, w = self.data.images.shape
@@ -256,7 +257,7 @@ class Loader:
 def eval_batches(data, batch_size: int, mean: torch.Tensor, std: torch.Tensor, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Clean, ordered batches of rank ``rank``'s contiguous shard of ``data`` (all samples kept,
-    batched by :func:`pass_slices`).
+    batched by ``pass_slices``).
 
     Yields (x float32 (b, C, H, W) normalised, y int64 (b,)), b <= batch_size + 1.
     """

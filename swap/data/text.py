@@ -95,8 +95,8 @@ def read_fortune_categories(folder: str | Path, categories: tuple[str, ...] | No
     Args:
         categories: the file names to read, in label order (None = every fortune file).
     Returns:
-        (texts as bytes, labels int in [0, len(names)), names): fortunes in file order, then
-        order within the file; empty fortunes skipped.
+        ``(texts, labels, names)``, texts as bytes and labels int in [0, len(names)), the
+        fortunes in file order, then order within the file, empty fortunes skipped.
     Raises:
         SwapError: no fortune file, or a category that is not a file of ``folder``.
     """

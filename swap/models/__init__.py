@@ -7,6 +7,7 @@ from .resnet import resnet9, small_cnn
 from .resnet50 import resnet50, torchvision_model
 from .transformer import CharTransformer, char_transformer
 
+#: The built-in models by ``model.name``
 MODELS = {"resnet9": resnet9, "smallcnn": small_cnn, "char-transformer": char_transformer, "resnet50": resnet50}
 
 

@@ -7,7 +7,7 @@ from torch.optim import Optimizer
 
 class LayerwiseOptimizer(Optimizer):
     """A ``torch.optim.Optimizer`` whose update is computed per group over the tensors with a
-    gradient (:meth:`_update`), with a layer-wise trust ratio on the tensors :meth:`adapted` says."""
+    gradient (``_update``), with a layer-wise trust ratio on the tensors ``adapted`` says."""
 
     @torch.no_grad()
     def step(self, closure=None):

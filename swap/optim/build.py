@@ -17,9 +17,10 @@ from .lr import record_lr_scales
 from .lamb import LAMB
 from .lars import LARS
 
-# Defaults where the config says null: (weight decay, eps) of each optimizer's paper / reference code.
-# sgd, extrap: SWAP paper (Gupta et al. 2020, Sec. 5), 5e-4. lars: You et al. 2017 (5e-4; eps guards the
-# division only). lamb: You et al. 2020, BERT (0.01, 1e-6). adamw: torch.optim.AdamW (0.01, 1e-8).
+#: The (weight decay, eps) where the config says null, from each optimizer's paper or reference code,
+#: sgd and extrap from the SWAP paper (Gupta et al. 2020, Sec. 5, 5e-4), lars from You et al. 2017 (5e-4;
+#: eps guards the division only), lamb from You et al. 2020, BERT (0.01, 1e-6), adamw from torch.optim.AdamW
+#: (0.01, 1e-8).
 DEFAULTS = {"sgd": (5e-4, None), "extrap": (5e-4, None), "lars": (5e-4, 1e-9), "lamb": (0.01, 1e-6),
             "adamw": (0.01, 1e-8)}
 

@@ -2,7 +2,7 @@
 Training in Deep Learning", ICML 2020): the unified framework, Sec. 3, with EXTRAP-SGD as its main case.
 
 One update t on worker (rank) k, parameters x_t, learning rate eta_t, base optimizer SGD with
-(Nesterov) momentum and weight decay:
+(Nesterov) momentum and weight decay::
 
     1. perturbation, no communication:
          extragradient   u = -gamma_t * g_k(x_t)       the rank's own mini-batch gradient at x_t
@@ -44,7 +44,7 @@ class ExtrapSGD:
     Args:
         base: the SGD optimizer over the model's parameters; its LR (set per update by the
             schedule) is eta_t.
-        variant: one of :data:`VARIANTS`.
+        variant: one of :data:`swap.config.EXTRAP_VARIANTS`.
         gamma_ratio: gamma_t / eta_t for the gradient variants (>= 0).
         sigma_ratio: sigma_t / eta_t for ``gaussian`` (>= 0).
         generator: random stream for ``gaussian``, on the parameters' device (seeded by the caller
@@ -135,7 +135,7 @@ class ExtrapStep(SGDStep):
     """One extrapolated-SGD update for :func:`swap.train.train` (Lin et al. 2020, Sec. 3; steps 1-3
     of the module docstring): the pass at the iterate x_t (metrics and BN statistics, and for
     extragradient the rank's local gradient, not all-reduced), :meth:`ExtrapSGD.extrapolate`, then
-    the all-reduced gradient at x_t + u with BN statistics frozen; :meth:`apply` steps from x_t.
+    the all-reduced gradient at x_t + u with BN statistics frozen; ``apply`` steps from x_t.
 
     Args:
         model: the module, or its DDP wrapper.

@@ -2,7 +2,7 @@
 Demmel, Keutzer, Hsieh, ICLR 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
 minutes", Algorithm 2, the final version).
 
-For each parameter tensor x with gradient g at step t (from 1), betas (b1, b2), weight decay lambda:
+For each parameter tensor x with gradient g at step t (from 1), betas (b1, b2), weight decay lambda::
 
     m = b1 m + (1 - b1) g                 v = b2 v + (1 - b2) g^2          (Adam's moments)
     r = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)                    (bias-corrected)
@@ -10,6 +10,7 @@ For each parameter tensor x with gradient g at step t (from 1), betas (b1, b2), 
     x = x - lr * (phi(||x||) / ||u||) * u                                  (the trust ratio, phi = identity)
 
 Choices where implementations differ, written down:
+
 - **Bias correction**: on, as in the paper's Algorithm 2 (some implementations, e.g. NVIDIA's for BERT,
   drop it).
 - **eps** (1e-6, the paper's) is added to sqrt(v-hat), outside the square root, as Adam does.

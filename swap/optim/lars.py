@@ -1,13 +1,14 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017, "Large Batch Training of
 Convolutional Networks" / "Scaling SGD Batch Size to 32K for ImageNet Training", Algorithm 1).
 
-For each parameter tensor w (a "layer") with gradient g, weight decay beta and trust coefficient eta:
+For each parameter tensor w (a "layer") with gradient g, weight decay beta and trust coefficient eta::
 
     local_lr = lr * eta * ||w|| / (||g|| + beta * ||w|| + eps)          (Alg. 1, line 5, times the global LR)
     v        = m * v + local_lr * (g + beta * w)                          (Alg. 1, line 6)
     w        = w - v                                                     (Alg. 1, line 7)
 
 Choices where implementations differ, written down:
+
 - **Where the LR enters**: inside the momentum buffer, as in the paper's Algorithm 1 (torch's SGD keeps
   it outside: ``v = m v + g; w -= lr v``). A schedule's change of LR then does not rescale the momentum
   already accumulated.

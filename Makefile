@@ -36,6 +36,10 @@ test: data docs
 	$(BIN)/bandit -q -r swap
 	$(BIN)/python -m pytest -q --durations=15 tests
 
+# The unit tests without the end-to-end runs (tests marked e2e in tests/conftest.py): the development loop
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" --durations=10 tests
+
 # The docs site (Sphinx, docs/): warnings are errors, cross-references checked (nitpicky)
 docs: install
 	$(BIN)/sphinx-build -q -W -n --keep-going -b html docs docs/_build/html

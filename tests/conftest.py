@@ -254,3 +254,18 @@ def abs_resize_runs(tmp_path_factory, real_fashion):
     with Listening() as listening:
         assert main(common + ["--procs", "2", "--set", "abs.max_workers=2", "--out", str(base / "elastic")]) == 0
     return {"fixed": base / "fixed", "elastic": base / "elastic", "listening": listening.seen}
+
+
+# Fixtures that mean a test trains on real data or in several processes: its tests are end to end
+# (`make test` runs them; `make test-fast` leaves them out)
+END_TO_END_FIXTURES = {"real_fashion", "abs_resize_runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses an end-to-end fixture (:data:`END_TO_END_FIXTURES`, or a
+    session- or module-scoped fixture of its own module, which runs a shared training) ``e2e``."""
+    for item in items:
+        shared = {name for name, defs in getattr(item, "_fixtureinfo").name2fixturedefs.items()
+                  if defs and defs[-1].scope in ("session", "module") and defs[-1].baseid.endswith(".py")}
+        if END_TO_END_FIXTURES & set(item.fixturenames) or shared:
+            item.add_marker(pytest.mark.e2e)

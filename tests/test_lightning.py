@@ -198,10 +198,10 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
         SWAP(phase2_lr=0.1, **kwargs)
 
 
-def test_the_readme_shows_the_example_file_as_it_is():
-    """README's Lightning example is examples/lightning_fashion.py, line for line (test_readme runs it)."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+def test_the_docs_show_the_example_file_as_it_is():
+    """The Lightning page's example is examples/lightning_fashion.py, line for line (test_readme runs it)."""
+    page = (ROOT / "docs" / "guide" / "lightning.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     example = (ROOT / "examples" / "lightning_fashion.py").read_text()
     assert example in blocks
 

@@ -1,5 +1,6 @@
-"""Every Python example of the README runs as a plain script (`python example.py`), shortened by
-the documented SWAP_SET overrides; a library call without the `__main__` guard is refused at once."""
+"""Every Python example of the README and of the docs' pages runs as a plain script (`python
+example.py`), shortened by the documented SWAP_SET overrides; a library call without the `__main__`
+guard is refused at once."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# each example once: the README's quick start is also the library page's first example
+EXAMPLES = list(dict.fromkeys(block for page in PAGES
+                              for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)))
 SHORT = ("workers=2;phase1.max_epochs=2;phase1.warmup_epochs=1;phase2.epochs=1;"
          "data.train_subset=4096;data.test_subset=500")
 # The Hugging Face examples compare the run's test loss with their own pass over the whole test set

@@ -1,4 +1,4 @@
-"""SWAP in your own Lightning Trainer: Fashion-MNIST, 2 ranks on CPU (README: "SWAP in PyTorch Lightning")."""
+"""SWAP in your own Lightning Trainer: Fashion-MNIST, 2 ranks on CPU (docs/guide/lightning.md)."""
 import lightning as L
 import torch
 import torch.nn.functional as F

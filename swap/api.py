@@ -4,8 +4,6 @@ samples, with the user's loss and metrics (:mod:`swap.task`)."""
 from __future__ import annotations
 
 import copy
-import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +12,7 @@ from torch import nn
 
 from . import methods
 from .callbacks import Callback
-from .config import Config, SwapError, check_stacked, code_line, load_config
+from .config import Config, SwapError, announce_code, check_stacked, load_config
 from .data import ImageDataset
 from .data.generic import check_sample, subset
 from .task import METRICS, Task
@@ -84,9 +82,7 @@ def _run(method: str, model_fn, data: tuple, config, out, procs: int, mode, **gi
     from .launch import run
 
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(None, config)
-    line = code_line(cfg)
-    if line and os.environ.get("RANK", "0") == "0":         # before any of it is imported; once per job
-        print(line, file=sys.stderr, flush=True)
+    announce_code(cfg)
     metrics = given.get("metrics")
     custom = {k: v for k, v in metrics.items() if k not in METRICS} if isinstance(metrics, dict) else {}
     task = Task(given.get("loss_fn"), tuple(metrics) if metrics is not None else ("top1", "loss"), custom)

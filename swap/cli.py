@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SwapError, code_line, load_config
+from .config import SwapError, announce_code, load_config
 from .interrupt import Interrupted
 from .methods import COMPARED, TRAINED
 
@@ -137,9 +137,7 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "loggers", None):
         overrides.append(f"logging.loggers=[{', '.join(args.loggers)}]")
     cfg = load_config(args.config, overrides)
-    line = code_line(cfg)
-    if line and os.environ.get("RANK", "0") == "0":      # first, before any of it is imported; once per job
-        print(line, file=sys.stderr, flush=True)
+    announce_code(cfg)
     return cfg
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,6 +438,14 @@ def code_line(cfg: "Config") -> str | None:
     paths = code_paths(cfg)
     return (f"swap: this config runs code: {', '.join(printable(p) for p in paths)} (imported from the working "
             f"directory or PYTHONPATH)") if paths else None
+
+
+def announce_code(cfg: "Config") -> None:
+    """Print :func:`code_line` on stderr when ``cfg`` names code: first, before any of it is
+    imported, and once per job (rank 0 under torchrun)."""
+    line = code_line(cfg)
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- loading and merging
@@ -928,6 +937,6 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
 __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
            "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config", "TrainingSection",
            "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
-           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "RENAMED", "resolve_preset",
+           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "announce_code", "RENAMED", "resolve_preset",
            "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "check_stacked", "optim_for",
            "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

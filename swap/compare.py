@@ -167,6 +167,8 @@ def build_report(out: str | Path, methods: list[str], seeds: int, target: float 
                             "time_to_target_s": ttt},
                "critical_path_updates": _stats([s["updates"]["critical_path"] for _, s in entries]),
                "samples": _stats([s["samples"] for _, s in entries])}
+        if all("last_iterate" in s["test_acc"] for _, s in entries):     # averaged along the trajectory
+            row["last_iterate"] = _stats([s["test_acc"]["last_iterate"] for _, s in entries])
         rows.append(row)
         if summary_method(entries) == "swap":
             before = [s["test_acc"]["workers_mean"] for _, s in entries]

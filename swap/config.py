@@ -38,6 +38,12 @@ LAYOUTS = ("processes", "sequential", "vmap")
 EXTRAP_VARIANTS = ("extragradient", "past-gradient", "gaussian")
 #: The sections that train a model with their own batch, LR schedule and optimizer
 TRAINING_SECTIONS = ("phase1", "phase2", "sgd", "sgd_small", "sgd_large", "lars_large", "lamb_large", "adamw_large")
+#: ``sgd.average`` and ``phase2.average_along``: the averages along one trajectory (swap.trajectory)
+ALONG = ("none", "ema", "lawa")
+#: ``ema.buffers`` and ``lawa.buffers``: BN statistics recomputed by one pass, or averaged like the weights
+ALONG_BUFFERS = ("recompute", "average")
+#: ``ema.device`` and ``lawa.device``: the average on the model's device, or in host memory
+ALONG_DEVICES = ("same", "cpu")
 
 
 @dataclass
@@ -256,6 +262,8 @@ class Phase2Config(TrainingSection):
     outer_momentum: float = 0.0          # DiLoCo's outer Nesterov momentum, in [0, 1) (Douillard et al. 2023: 0.9)
     start_epoch: int = 0                 # with segments: the schedule epoch phase 2 starts at ("reverting to the
                                          # original schedule" at the transition, SWAP paper Sec. 5.2)
+    average_along: str = "none"          # none | ema | lawa: each worker ends as its own average along its
+                                         # trajectory (sections ema, lawa), which phase 3 then averages over workers
 
 
 @dataclass
@@ -274,6 +282,35 @@ class Phase3Config:
 class SGDConfig(TrainingSection):
     """Plain data-parallel SGD baseline (the paper's rows 'SGD (small-batch)' and 'SGD (large-batch)')."""
     micro_batch_size: int = 256           # per-rank gradient-accumulation chunk (0 = whole share)
+    average: str = "none"                # none | ema | lawa: the run's model is the average along its trajectory
+                                         # (sections ema, lawa); the last iterate is reported beside it
+
+
+@dataclass
+class AlongConfig:
+    """What both averages along a trajectory share (:mod:`swap.trajectory`)."""
+    start: int = 0                        # updates of the phase before the first sample (EMA update, LAWA snapshot)
+    buffers: str = "recompute"           # recompute: BN statistics by one exact pass before any evaluation |
+                                         # average: floating-point buffers averaged like the weights
+    device: str = "same"                 # same: the average on the model's device | cpu: in host memory
+
+
+@dataclass
+class EMAConfig(AlongConfig):
+    """Exponential moving average of the weights (timm ModelEmaV3, Composer EMA; swap.trajectory.EMA)."""
+    decay: float = 0.999                  # per EMA update: avg <- decay x avg + (1 - decay) x weights
+    half_life: float = 0.0                # > 0: the decay from a half-life in updates, 0.5 ** (every / half_life)
+    warmup_power: float = 0.6667          # > 0: decay warm-up, min(decay, 1 - (1 + t) ** -power) at the t-th EMA
+                                         # update (timm; Karras et al. 2024: 2/3 to 3/4); 0: off
+    every: int = 1                        # updates between EMA updates
+
+
+@dataclass
+class LAWAConfig(AlongConfig):
+    """Latest weights average (Kaddour 2022; Sanyal et al. 2023; swap.trajectory.LAWA)."""
+    k: int = 5                            # the mean of the latest k snapshots
+    every: int = 1                        # a snapshot every N epochs (or updates, with unit: updates)
+    unit: str = "epochs"                 # epochs | updates
 
 
 @dataclass
@@ -371,6 +408,8 @@ class Config:
     adamw_large: SGDConfig = field(default_factory=lambda: SGDConfig(batch_size=4096, peak_lr=0.004, warmup_epochs=5.0,
                                                                      optimizer="adamw"))
     swa: SWAConfig = field(default_factory=SWAConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    lawa: LAWAConfig = field(default_factory=LAWAConfig)
     extrap: ExtrapConfig = field(default_factory=ExtrapConfig)
     abs: ABSConfig = field(default_factory=ABSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -652,7 +691,8 @@ def check_section(sec: Any, where: str) -> None:
         _check_training(sec, where)
     {DataConfig: _check_data, ModelConfig: _check_model, TaskConfig: _check_task, LoggingConfig: _check_logging,
      OptimConfig: _check_optim, StopConfig: _check_stop, Phase1Config: _check_phase1, Phase2Config: _check_phase2,
-     Phase3Config: _check_phase3, ExtrapConfig: _check_extrap, SWAConfig: _check_swa,
+     Phase3Config: _check_phase3, ExtrapConfig: _check_extrap, SWAConfig: _check_swa, EMAConfig: _check_along,
+     LAWAConfig: _check_along,
      ABSConfig: _check_abs}.get(type(sec), lambda s, w: None)(sec, where)
 
 
@@ -749,6 +789,8 @@ def _check_training(sec: Phase1Config | TrainingSection, section: str) -> None:
     micro = getattr(sec, "micro_batch_size", 0)
     _need(micro >= 0, f"{section}.micro_batch_size must be >= 0, got {micro}")
     parse_segments(sec.segments, f"{section}.segments")   # a schedule that does not tile its epochs fails here
+    if isinstance(sec, SGDConfig):
+        _one_of(sec.average, ALONG, f"{section}.average")
 
 
 def _check_phase1(p1: Phase1Config, where: str) -> None:
@@ -772,6 +814,10 @@ def _check_phase2(p2: Phase2Config, where: str) -> None:
           "phase2.cycles > 1 restarts the LR schedule of phase2.epochs; it needs phase2.layout processes or "
           "sequential and no phase2.segments")
     _need(p2.ranks_per_worker >= 1, f"phase2.ranks_per_worker must be >= 1, got {p2.ranks_per_worker}")
+    _one_of(p2.average_along, ALONG, "phase2.average_along")
+    _need(p2.average_along == "none" or (p2.layout != "vmap" and p2.cycles == 1),
+          f"phase2.average_along={p2.average_along} keeps each worker's average beside it: it needs phase2.layout "
+          f"processes or sequential and phase2.cycles 1")
     _need(p2.ranks_per_worker == 1 or p2.layout != "vmap",
           f"phase2.ranks_per_worker={p2.ranks_per_worker} trains each worker inside its group of ranks: use "
           f"phase2.layout sequential (processes is taken as sequential then)")
@@ -797,6 +843,20 @@ def _check_phase3(p3: Phase3Config, where: str) -> None:
 def _check_extrap(e: ExtrapConfig, where: str) -> None:
     _one_of(e.variant, EXTRAP_VARIANTS, "extrap.variant")
     _need(e.gamma_ratio >= 0 and e.sigma_ratio >= 0, "extrap.gamma_ratio and extrap.sigma_ratio must be >= 0")
+
+
+def _check_along(a: EMAConfig | LAWAConfig, where: str) -> None:
+    _need(a.start >= 0 and a.every >= 1, f"{where}.start must be >= 0 and {where}.every >= 1 (updates or epochs), "
+                                          f"got {a.start}, {a.every}")
+    _one_of(a.buffers, ALONG_BUFFERS, f"{where}.buffers")
+    _one_of(a.device, ALONG_DEVICES, f"{where}.device")
+    if isinstance(a, EMAConfig):
+        _need(0 <= a.decay < 1, f"ema.decay must be in [0, 1), got {a.decay}")
+        _need(a.half_life >= 0 and a.warmup_power >= 0,
+              f"ema.half_life (updates) and ema.warmup_power must be >= 0, got {a.half_life}, {a.warmup_power}")
+    else:
+        _need(a.k >= 1, f"lawa.k must be >= 1 (snapshots), got {a.k}")
+        _one_of(a.unit, ("epochs", "updates"), "lawa.unit")
 
 
 def _check_swa(s: SWAConfig, where: str) -> None:

@@ -13,7 +13,10 @@ Methods: ``sgd`` (``swap train --method sgd``), the paper's baselines ``sgd-smal
 ``swa-lb-sb``, ``swa-small`` (Table 4; Izmailov et al., UAI 2018), extrapolated SGD ``extrap-large``
 and ``swap-extrap`` (Lin et al., ICML 2020), the large-batch baseline with LARS, LAMB or AdamW
 (``lars-large``, ``lamb-large``, ``adamw-large``; sections of those names) and SWAP with a LARS or LAMB
-phase 1 (``swap-lars``, ``swap-lamb``), adaptive batch size ``abs`` and ``absa`` (Yao et al. 2018).
+phase 1 (``swap-lars``, ``swap-lamb``), adaptive batch size ``abs`` and ``absa`` (Yao et al. 2018), and the
+averages along one trajectory (:mod:`swap.trajectory`): the large-batch baseline ending as its EMA or
+LAWA (``ema-large``, ``lawa-large``; Kaddour 2022, Sanyal et al. 2023) and SWAP whose workers each end
+as theirs (``swap-ema``, ``swap-lawa``).
 """
 from __future__ import annotations
 
@@ -41,13 +44,24 @@ class RunSpec:
     parts: Any = None                      # swap.context.Parts, or None
 
 
-def _sgd_from(section: str, optimizer: str | None = None) -> Callable[[Config], None]:
+def _sgd_from(section: str, optimizer: str | None = None, average: str | None = None) -> Callable[[Config], None]:
     """A config transform: section ``section`` (e.g. ``sgd_small``) becomes the SGD trainer's
-    section ``sgd``, with ``sgd.optimizer`` set to ``optimizer`` when given."""
+    section ``sgd``, with ``sgd.optimizer`` set to ``optimizer`` and ``sgd.average`` (the average
+    along the trajectory: ``ema``, ``lawa``) to ``average`` when given."""
     def configure(cfg: Config) -> None:
         cfg.sgd = copy.deepcopy(getattr(cfg, section))
         if optimizer:
             cfg.sgd.optimizer = optimizer
+        if average:
+            cfg.sgd.average = average
+    return configure
+
+
+def _along(kind: str) -> Callable[[Config], None]:
+    """A config transform: each SWAP phase-2 worker ends as its own average along its trajectory
+    (``phase2.average_along``: ``ema`` or ``lawa``) before phase 3 averages the workers."""
+    def configure(cfg: Config) -> None:
+        cfg.phase2.average_along = kind
     return configure
 
 
@@ -283,6 +297,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            configure=_sgd_from("lamb_large")),
     Method("adamw-large", "swap.algorithms.sgd:run_sgd", _section("adamw_large"), (), "sgd", "sgd",
            configure=_sgd_from("adamw_large")),
+    Method("ema-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
+           configure=_sgd_from("sgd_large", average="ema")),
+    Method("lawa-large", "swap.algorithms.sgd:run_sgd", _section("sgd_large"), (), "sgd", "sgd",
+           configure=_sgd_from("sgd_large", average="lawa")),
     Method("swap-extrap", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
            configure=_extrapolated_phase1),
     Method("swap-lars", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
@@ -290,6 +308,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("swap-lamb", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap",
            configure=_large_batch_phase1("lamb_large")),
     Method("swap-cycles", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_cycles),
+    Method("swap-ema", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_along("ema")),
+    Method("swap-lawa", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_along("lawa")),
     Method("local-sgd", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_local_sgd),
     Method("diloco", "swap.algorithms.swap:run_swap", _phase1, SWAP_SIZED, "swap", "swap", configure=_diloco),
     Method("abs", _ABS, _abs, (), "abs", "abs", {"adversarial": False}, driver=_DRIVER),
@@ -339,7 +359,8 @@ def launch(name: str, spec: RunSpec, procs: int) -> Any:
 
 def final_model(name: str, run_path: str | Path, model_fn: Callable[[], Any]):
     """The trained model of method ``name``'s run in ``run_path``: ``model_fn()`` with the final
-    checkpoint's weights (the averaged model for SWAP), on the CPU. A model that has
+    checkpoint's weights (the averaged model for SWAP; the average along the trajectory,
+    ``NAME_average``, for a run that kept one), on the CPU. A model that has
     ``save_pretrained`` (a Hugging Face ``transformers`` model) is also written to
     ``RUN/pretrained/`` in its own format, for ``from_pretrained``.
 
@@ -349,9 +370,13 @@ def final_model(name: str, run_path: str | Path, model_fn: Callable[[], Any]):
     from .checkpoint import load_checkpoint
     from .rundir import RunDir
 
+    from .checkpoint import checkpoint_exists
+
     model = model_fn()
     run = RunDir(run_path)
-    load_checkpoint(run.checkpoint(get_method(name).checkpoint), model)
+    final = get_method(name).checkpoint
+    along = run.checkpoint(f"{final}_average")
+    load_checkpoint(along if checkpoint_exists(along) else run.checkpoint(final), model)
     if callable(getattr(model, "save_pretrained", None)):
         _save_pretrained(model, run.path / "pretrained")
     return model

@@ -11,22 +11,32 @@ def results_table(summary: dict) -> str:
     """A Markdown table for one run's ``summary.json`` (SWAP or SGD).
 
     SWAP rows: each worker, "SWAP (before averaging)" = mean of the workers, "SWAP (after
-    averaging)"; times are wall seconds (workers: phase 1 + phase 2; averaged: + phase 3).
+    averaging)"; times are wall seconds (workers: phase 1 + phase 2; averaged: + phase 3). A run
+    that averaged along its trajectory (``sgd.average``, ``phase2.average_along``) shows the last
+    iterate beside its average (each worker's, for SWAP).
     """
     rows = []
     acc, wall = summary["test_acc"], summary["wall_s"]
     if summary["method"] == "swap":
         before = wall["phase1"] + wall["phase2"]
         rows.append(("SWAP phase 1 (large-batch, at stop)", acc["phase1"], wall["phase1"]))
-        for w, a in zip(summary.get("averaged_workers", range(len(acc["workers"]))), acc["workers"]):
-            rows.append((f"SWAP worker {w}", a, before))
+        along = summary.get("average_along", {}).get("kind", "").upper()
+        last = acc.get("workers_last_iterate") or [None] * len(acc["workers"])
+        for w, a, raw in zip(summary.get("averaged_workers", range(len(acc["workers"]))), acc["workers"], last):
+            if along:
+                rows.append((f"SWAP worker {w} (last iterate)", raw, before))
+            rows.append((f"SWAP worker {w}" + (f" ({along})" if along else ""), a, before))
         rows.append(("SWAP (before averaging)", acc["workers_mean"], before))
         rows.append(("SWAP (after averaging)", acc["averaged"], wall["total"]))
     elif summary["method"] in ("abs", "absa"):
         b = summary["batch_size"]
         rows.append((f"{summary['method'].upper()} (batch {b['base']} -> {b['final']})", acc["final"], wall["total"]))
     else:
-        rows.append((f"SGD (batch {summary['batch_size']['sgd']})", acc["final"], wall["total"]))
+        name = f"SGD (batch {summary['batch_size']['sgd']})"
+        if "average" in summary:                 # sgd.average: the last iterate, then the run's model, its average
+            rows.append((f"{name}, last iterate", acc["last_iterate"], wall["total"]))
+            name += f", {summary['average']['kind'].upper()} of {summary['average']['samples']} samples"
+        rows.append((name, acc["final"], wall["total"]))
     unit = summary.get("predictions", "samples")
     lines = [f"| Method | {METRIC_NAMES[unit]} | Training time (s) |", "|---|---:|---:|"]
     lines += [f"| {name} | {'n/a' if a is None else f'{a:.2f}'} | {t:.1f} |" for name, a, t in rows]   # None: no accuracy
@@ -88,6 +98,8 @@ def compare_table(report: dict) -> str:
                      f"{row['critical_path_updates']['mean']:.0f} | {row['samples']['mean']:.3g} |")
         if "before_averaging" in row:
             lines.append(f"| {row['method']} (before averaging) | {_pm(row['before_averaging'])} | | | | | |")
+        if "last_iterate" in row:
+            lines.append(f"| {row['method']} (last iterate) | {_pm(row['last_iterate'])} | | | | | |")
     lines.append("")
     swap_row = next((r for r in report["rows"] if r["method"] == "swap"), None)
     if swap_row:

@@ -302,7 +302,7 @@ class Tracking:
             return int(record["step"])
         if "update" not in record:
             return self.last_step                     # an event between updates: where the run is
-        base = self.phase2_base() if record.get("phase") in ("phase2", "average", "phase3") else 0
+        base = self.phase2_base() if str(record.get("phase")).startswith(("phase2", "average", "phase3")) else 0
         return base + int(record["update"])
 
     # ---------------------------------------------------------------- what the run calls

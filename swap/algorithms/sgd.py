@@ -8,13 +8,15 @@ and, within a rank, into micro-batches with gradient accumulation.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-from .. import distributed
+from .. import distributed, trajectory
+from ..checkpoint import save_checkpoint
 from ..callbacks import Callback, Progress
 from ..stopping import StopAt
 from ..config import Config, section_batch
@@ -23,6 +25,7 @@ from ..methods import RunSpec
 from ..noise_scale import NoiseScale
 from ..optim.build import kind_of
 from ..resumable import Resumable, Unit
+from ..rundir import RunDir
 from ..schedules import epoch_shape, samples_between, updates_between
 from ..train import Evaluation, Guard, train
 from .transition import AutoSwitch
@@ -38,6 +41,8 @@ class DataParallel:
     cosine) decay to 0 at ``epochs``, or ``lr_at(update)`` if given. ``stop``: (training metric,
     threshold) ending the phase early (:func:`swap.stopping.stop_reached`); (``auto``, None): the
     automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
+    ``average``: ``none``, or the average along the trajectory (``ema``, ``lawa``; :mod:`swap.trajectory`)
+    that the phase also returns.
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces the batch, the LR and the epochs (``Context.batches``). The
     optimizer is config section ``optim_section``'s (default ``section``; ``Context.optimizer``:
@@ -53,6 +58,7 @@ class DataParallel:
     stop: tuple[str, float | None] | None = None
     section: str | None = None
     optim_section: str | None = None
+    average: str = "none"
 
     @classmethod
     def of(cls, cfg: Config, section: str) -> "DataParallel":
@@ -60,7 +66,8 @@ class DataParallel:
         sec = getattr(cfg, section)
         return cls(section, sec.batch_size, sec.micro_batch_size, sec.max_epochs if section == "phase1" else sec.epochs,
                    sec.peak_lr, sec.warmup_epochs, sec.schedule,
-                   stop=sec.stop_rule() if hasattr(sec, "stop_rule") else None, section=section)
+                   stop=sec.stop_rule() if hasattr(sec, "stop_rule") else None, section=section,
+                   average=getattr(sec, "average", "none"))
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, resume: bool = False,
@@ -75,9 +82,14 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     finished one); since every data stream derives from (seed, phase, worker, epoch), the
     continued run is the uninterrupted one, bit for bit on CPU.
 
+    With ``plan.average`` the average along the trajectory (:mod:`swap.trajectory`) is updated by
+    the loop, carried in the phase's checkpoints, evaluated at the end (:func:`finish_average`) and
+    saved as ``PHASE_average``.
+
     Returns:
         the train loop's last record, plus ``updates`` and ``wall_s`` (over all sessions),
-        ``steps_per_epoch`` and ``samples`` (training samples processed, all ranks).
+        ``steps_per_epoch``, ``samples`` (training samples processed, all ranks) and, with an
+        average, ``average`` (:func:`swap.trajectory.summary_of`).
     Raises:
         SwapError: ``batch_size`` not divisible by the world size; a checkpoint that does not match.
     """
@@ -85,7 +97,9 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     loader, lr_at, epochs = ctx.batches(plan, (phase, 0), True)
     optim_section = plan.optim_section or plan.section
     opt = ctx.optimizer(model, optim_section, (phase,))
-    unit = Resumable(ctx.saving, [Unit(phase, model, opt, {"phase": phase})], epochs=epochs,
+    along = trajectory.build(cfg, plan.average, model)
+    unit = Resumable(ctx.saving, [Unit(phase, model, trajectory.Carried(opt, along) if along else opt, {"phase": phase})],
+                     epochs=epochs,
                      steps=loader, group=True, final=final)
     start = unit.restore(resume)
     if start.result is not None:
@@ -106,7 +120,7 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     if d.is_main:
         sink = ctx.sink(phase, None, epochs, opt)
         callbacks += [sink, *ctx.step_log(sink.step), *ctx.user_callbacks, Progress(bar)]
-    callbacks += [unit, *watchers]
+    callbacks += [*([along] if along else []), unit, *watchers]
     out = train(step, loader, lr_at, epochs=epochs, start=start,
                 evaluate=Evaluation(lambda m: ctx.evaluate(m, distributed_eval=True), cfg.eval_every),
                 callbacks=callbacks, guard=Guard(cfg.divergence_grad_norm, phase))
@@ -117,8 +131,39 @@ def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, r
     if switch is not None:
         out["switch"] = {**switch.summary(), "epoch": out.get("epoch")}
     result = {k: v for k, v in out.items() if k != "records"}         # one model: its record is the result
+    if along is not None:
+        _, result["average"] = finish_average(ctx, along, phase, None, (out.get("epoch"), p["updates"]),
+                                           distributed=d.world_size > 1, leads=d.is_main)
+        p = unit.progress(out["updates"])                   # the average's BN pass and evaluation count as time
     return unit.finish({**result, **p, "optimizer": kind_of(opt), "steps_per_epoch": None if hasattr(loader, "segments") else len(loader),
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
+
+
+def finish_average(ctx: Context, along: trajectory.Along, phase: str, worker: int | None, at: tuple[int, int], *,
+                   distributed=False, leads: bool = True) -> tuple:
+    """A phase's average along its trajectory at the phase's end: BN statistics recomputed (the exact
+    pass, over the run's ranks when ``distributed`` is True), evaluated (sharded as ``distributed``
+    says: True, False or a worker group's process group), saved as ``PHASE_average`` (or
+    ``workerW_average``) and logged as a record of phase ``PHASE_KIND`` (e.g. ``sgd_ema``) at ``at``,
+    the phase's (epoch, updates) at its end, by the rank that ``leads``. An average with no sample is not evaluated.
+
+    Returns:
+        the averaged model (None without a sample) and its record: :func:`swap.trajectory.summary_of`,
+        plus ``test_metrics`` where the run reports every metric.
+    """
+    t = time.perf_counter()
+    model, tested = trajectory.evaluate_average(along, lambda m: ctx.recompute_bn(m, distributed=distributed is True),
+                                                lambda m: ctx.evaluate(m, distributed_eval=distributed))
+    result = trajectory.summary_of(along, tested)
+    if tested is not None and ctx.reports_metrics:
+        result["test_metrics"] = tested
+    if model is not None and leads:
+        name = phase if worker is None else RunDir.worker(worker)
+        save_checkpoint(ctx.run.checkpoint(f"{name}_average"), model,
+                        {"config_hash": ctx.cfg.hash(), "phase": phase, "worker": worker, **result})
+        ctx.log({"phase": f"{phase}_{along.kind}", "worker": worker, "epoch": at[0], "update": at[1], "test_acc": result["test_acc"], "samples_averaged": along.count,
+                 "phase_wall_s": time.perf_counter() - t, "wall_s": time.time() - ctx.t0})
+    return model, result
 
 
 def run_sgd(spec: RunSpec) -> dict | None:
@@ -134,13 +179,15 @@ def run_sgd(spec: RunSpec) -> dict | None:
     out = train_data_parallel(ctx, ctx.build_model(), DataParallel.of(cfg, "sgd"), resume=spec.resume)
     summary = None
     if ctx.dist.is_main:
+        raw = {"top1": out["test_acc"], **{k[5:]: v for k, v in out.items() if k.startswith("test_") and k != "test_acc"}}
+        along = out.get("average")            # the run's model is its average along the trajectory, once it has a sample
+        final = (along.get("test_metrics") or {"top1": along["test_acc"]}) if along and along["samples"] else raw
         summary = {
             "method": "sgd", "optimizer": out["optimizer"], "config": cfg.name, "seed": cfg.seed,
-            "test_acc": {"final": out["test_acc"]},
+            "test_acc": {"final": final["top1"], **({"last_iterate": out["test_acc"]} if along else {})},
             "predictions": ctx.prediction_unit(out),
-            **({"test_metrics": {"final": {"top1": out["test_acc"], **{k[5:]: v for k, v in out.items()
-                                                                        if k.startswith("test_") and k != "test_acc"}}}}
-               if any(k.startswith("test_") and k != "test_acc" for k in out) else {}),
+            **({"test_metrics": {"final": final, **({"last_iterate": raw} if along else {})}} if len(raw) > 1 else {}),
+            **({"average": {k: v for k, v in along.items() if k != "test_metrics"}} if along else {}),
             "train_acc": {"final": out["train_acc"]},
             "wall_s": {"total": out["wall_s"]},
             "epochs": {"sgd": out["epoch"]},
@@ -154,4 +201,4 @@ def run_sgd(spec: RunSpec) -> dict | None:
     return summary
 
 
-__all__ = ["DataParallel", "train_data_parallel", "run_sgd"]
+__all__ = ["DataParallel", "train_data_parallel", "finish_average", "run_sgd"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .. import distributed, interrupt
+from .. import distributed, interrupt, trajectory
 from ..averaging import average_state_dicts, bn_buffer_names, distributed_average_, greedy_soup
 from ..callbacks import Callback, Progress
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -40,7 +40,7 @@ from ..resumable import Resumable, Unit
 from ..rundir import RunDir
 from ..schedules import samples_between, updates_between
 from ..train import Evaluation, Guard, train
-from .sgd import DataParallel, train_data_parallel
+from .sgd import DataParallel, finish_average, train_data_parallel
 from .local_sgd import OuterSync
 from .stacked import train_stacked
 
@@ -224,7 +224,9 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     ``phase2.peak_lr`` decaying to 0, no communication. Trains ``worker`` in place and returns its
     metadata (epoch, updates, accuracies, wall_s). With ``phase2.track_average`` its weights at the
     end of every epoch but the last are kept (``track/``); with ``phase2.save_every = K`` every K-th
-    iterate (``iterates/``). With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is
+    iterate (``iterates/``). With ``phase2.average_along`` (``ema``, ``lawa``: :mod:`swap.trajectory`)
+    the worker ends as its average along its trajectory, BN statistics recomputed (also saved as
+    ``workerW_average``; its last iterate's test accuracy is kept as ``last_iterate_test_acc``). With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is
     one DistributedDataParallel model over the group's ranks, each taking its share of every batch
     of the worker's data order; the group's first rank logs and writes its checkpoints."""
     cfg, p2 = ctx.cfg, ctx.cfg.phase2
@@ -235,7 +237,10 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     cycle_epochs, cycle_updates, cycle_lr = epochs, updates_between(loader, 0, epochs), lr_at
     if p2.cycles > 1:                       # C cycles of the same schedule, restarted (SWA's cyclic sampling)
         epochs, lr_at = epochs * p2.cycles, lambda update: cycle_lr(update % cycle_updates)
-    unit = Resumable(ctx.saving, [Unit(RunDir.worker(w), worker, meet or opt, {"phase": "phase2", "worker": w})],
+    along = trajectory.build(cfg, p2.average_along, worker)       # the worker's own average along its trajectory
+    carried = meet or opt
+    unit = Resumable(ctx.saving, [Unit(RunDir.worker(w), worker, trajectory.Carried(carried, along) if along else carried,
+                                       {"phase": "phase2", "worker": w})],
                      epochs=epochs, steps=loader, snapshots=p2.track_average,
                      group=group.group if group is not None else False)
     start = unit.restore(resume)
@@ -257,7 +262,7 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
         callbacks.append(meet)
     bar = ctx.progress(updates_between(loader, start.epoch, epochs) - start.step, f"phase2 worker {w}",
                        position=ctx.dist.local_rank)
-    callbacks += [Progress(bar), unit]
+    callbacks += [Progress(bar), *([along] if along else []), unit]
     # a worker group's ranks each evaluate a shard of the test set
     shards = group.group if group is not None and group.group else False
     out = train(step, loader, lr_at, epochs=epochs, start=start,
@@ -265,8 +270,17 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
                 callbacks=callbacks, guard=Guard(cfg.divergence_grad_norm, f"phase2 worker {w}"))
     bar.close()
     p = unit.progress(out["updates"])
+    along_result, test_acc = {}, out["test_acc"]
+    if along is not None:              # the worker becomes its average (BN recomputed), which phase 3 averages
+        averaged, average = finish_average(ctx, along, "phase2", w, (out["epoch"], p["updates"]), distributed=shards,
+                                           leads=leads)
+        if averaged is not None:
+            worker.load_state_dict(averaged.state_dict())
+            test_acc = average["test_acc"]
+        along_result = {"average": average, "last_iterate_test_acc": out["test_acc"]}
+        p = unit.progress(out["updates"])
     return unit.finish({"epoch": out["epoch"], "updates": p["updates"], "train_acc": out["train_acc"],
-                        "test_acc": out["test_acc"], "wall_s": p["wall_s"],
+                        "test_acc": test_acc, "wall_s": p["wall_s"], **along_result,
                         "sync": {"rounds": meet.rounds, "bytes": meet.bytes} if meet else {"rounds": 0, "bytes": 0},
                         "samples": samples_between(loader, 0, out.get("epoch", start.epoch))})[0]
 
@@ -391,7 +405,13 @@ def summarize(ctx: Context, averaged, tested: dict, phase1: dict, workers: list[
         "failed_workers": {str(r.worker): r.error for r in workers if not r.finished},
         "test_acc": {"workers": worker_accs,                    # None: no accuracy on this data (soft targets)
                      "workers_mean": None if None in worker_accs else sum(worker_accs) / len(worker_accs),
-                     "averaged": averaged_acc, "phase1": phase1["test_acc"]},
+                     "averaged": averaged_acc, "phase1": phase1["test_acc"],
+                     # phase2.average_along: each worker is its own average; its last iterate's accuracy
+                     **({"workers_last_iterate": [r.meta.get("last_iterate_test_acc") for r in finished]}
+                        if p2.average_along != "none" else {})},
+        **({"average_along": {"kind": p2.average_along,
+                              "samples": [r.meta.get("average", {}).get("samples") for r in finished]}}
+           if p2.average_along != "none" else {}),
         "train_acc": {"phase1": phase1["train_acc"], "workers": [r.meta["train_acc"] for r in finished]},
         "wall_s": walls,
         "epochs": {"phase1": phase1["epoch"], "phase2": max(r.meta["epoch"] for r in finished)},

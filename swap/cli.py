@@ -69,6 +69,9 @@ def _compare_parser(sub) -> None:
     c.add_argument("--methods", default="sgd-small,sgd-large,swap,swa-large,swa-lb-sb,swa-small",
                    help="comma-separated methods (default: the paper's six; every method is listed below)")
     c.add_argument("--out", help="compare directory (default runs/compare-CONFIG); finished runs are reused")
+    c.add_argument("--equal-time", metavar="METHOD|UPDATES",
+                   help="give every SGD baseline the critical-path updates of METHOD's run of the same seed (e.g. "
+                        "swap), or UPDATES updates, instead of its epochs: the compare at equal time")
     c.add_argument("--procs", type=int, help="local processes per run (default min(workers, CPU cores))")
     c.add_argument("--data-dir", help="folder with the dataset files")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -184,7 +187,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     procs = local_procs(cfg)
     out = Path(args.out or f"runs/compare-{cfg.name}")
     from .report import compare_table
-    report = run_compare(cfg, args.seeds, methods, out, procs)
+    equal_time = args.equal_time
+    if equal_time is not None and equal_time.strip().lstrip("-").isdigit():
+        equal_time = int(equal_time)
+    report = run_compare(cfg, args.seeds, methods, out, procs, equal_time)
     print(compare_table(report))
     print(f"\nReport: {out}/report.md, report.json, report.png")
     return 0

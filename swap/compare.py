@@ -17,6 +17,18 @@ Methods (Gupta et al., ICLR 2020, Sec. 5)::
     abs         adaptive batch size from the top Hessian eigenvalue (Yao et al. 2018), section ``abs``
     absa        abs plus FGSM adversarial training
 
+Methods averaging along one trajectory (:mod:`swap.trajectory`)::
+
+    ema-large, lawa-large  sgd-large ending as its EMA or LAWA (the last iterate reported beside it)
+    swap-ema, swap-lawa    SWAP whose workers each end as their EMA or LAWA before phase 3
+
+At equal time (``equal_time``, ``swap compare --equal-time swap``): every SGD baseline (each method
+that trains one data-parallel model: sgd-small, sgd-large, ema-large, lars-large, ...) is given the
+reference method's critical-path updates of the same seed (or a stated budget in updates) instead of
+its epochs: its section's ``updates`` is set, the LR schedule spans them. The reference runs first in
+each seed. The report then answers "at the time I can afford, which method?" on the critical path;
+its figure draws accuracy against critical-path updates and against wall time.
+
 Each method and seed is an ordinary run directory ``OUT/METHOD/seedS`` (finished ones are reused,
 so a compare resumes). Seeds are interleaved: seed 0 of every method, then seed 1, ... so that
 machine drift spreads evenly. The SWA methods start from the phase-1 (or sgd-small) checkpoint of
@@ -53,24 +65,65 @@ def plan(methods: list[str]) -> list[str]:
     return [m for m in COMPARED if m in needed]
 
 
-def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, procs: int) -> dict:
-    """Run every (seed, method) not yet finished, then build, write and return the report.
+def budgeted(name: str) -> bool:
+    """Whether method ``name`` is an SGD baseline that an equal-time compare gives a budget in updates."""
+    return METHODS[name].summary == "sgd"
+
+
+def equal_time_order(order: list[str], equal_time: str | int | None) -> list[str]:
+    """``order`` with the equal-time reference method first (its budget is known before the baselines run).
 
     Raises:
-        SwapError: an unknown method, or a batch that does not split over ``procs`` (before any run).
+        SwapError: a reference that is not compared, or that is itself an SGD baseline.
+    """
+    if not isinstance(equal_time, str):
+        return order
+    if equal_time not in order or budgeted(equal_time) or METHODS[equal_time].start:
+        raise SwapError(f"--equal-time {equal_time}: the reference must be one of the compared methods that is not an "
+                        f"SGD baseline nor an SWA method (e.g. swap), compared: {', '.join(order)}")
+    return [equal_time] + [m for m in order if m != equal_time]
+
+
+def budget(out: Path, equal_time: str | int, seed: int) -> int:
+    """The updates an SGD baseline of seed ``seed`` gets: the reference's critical-path updates, or
+    ``equal_time`` itself when it is a number."""
+    if isinstance(equal_time, int):
+        return equal_time
+    return RunDir(out / equal_time / f"seed{seed}").read_summary()["updates"]["critical_path"]
+
+
+def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, procs: int,
+                equal_time: str | int | None = None) -> dict:
+    """Run every (seed, method) not yet finished, then build, write and return the report.
+
+    ``equal_time``: None (each method its own epochs), a reference method's name (every SGD
+    baseline gets its critical-path updates, per seed) or a budget in updates (module docstring).
+
+    Raises:
+        SwapError: an unknown method, a bad reference, or a batch that does not split over ``procs``
+            (before any run); a finished baseline of another budget in ``out``.
     """
     out = Path(out)
-    order = plan(methods)
+    order = equal_time_order(plan(methods), equal_time)
+    if isinstance(equal_time, int) and equal_time < 1:
+        raise SwapError(f"--equal-time must be a method or a budget of >= 1 update, got {equal_time}")
     for name in order:
         METHODS[name].check(cfg, procs)
     for seed in range(seeds):
         for name in order:
             method = METHODS[name]
             run = RunDir(out / name / f"seed{seed}")
+            given = budget(out, equal_time, seed) if equal_time is not None and budgeted(name) else None
             if run.summary_path.is_file():
+                done = run.read_summary()["updates"]["critical_path"]
+                if given is not None and done != given:
+                    raise SwapError(f"{run.path} was trained for {done} updates, not the equal-time budget of {given}: "
+                                    f"compare at equal time in another --out")
                 continue
             seeded = copy.deepcopy(cfg)
             seeded.seed = seed
+            if given is not None:
+                getattr(seeded, method.split(seeded)[0]).updates = given
             resume = method.summary == "swap" and run.config_path.is_file()
             start = None
             if method.start:
@@ -80,24 +133,36 @@ def run_compare(cfg: Config, seeds: int, methods: list[str], out: str | Path, pr
             mode = DirMode(overwrite=not resume and run.path.exists(), resume=resume)
             launch.run(name, seeded, run.path, procs=procs, mode=mode, start=start)     # the one launch path
     report = build_report(out, methods, seeds)
+    if equal_time is not None:
+        report["equal_time"] = {"reference": equal_time if isinstance(equal_time, str) else None,
+                                "updates": [budget(out, equal_time, seed) for seed in range(seeds)]}
     write_report(out, report)
     return report
 
 
 # ------------------------------------------------------------------------------- measurement
 
-def timeline(run: RunDir, summary: dict, out: Path | None = None) -> list[tuple[float, float]]:
-    """(wall seconds since the method started, test accuracy %) of the model the method holds.
+def timeline(run: RunDir, summary: dict, out: Path | None = None, x: str = "wall_s") -> list[tuple[float, float]]:
+    """(x, test accuracy %) of the model the method holds, ``x`` being the wall seconds since the
+    method started (``wall_s``) or the updates on its critical path (``updates``).
 
-    SGD: every evaluated epoch. SWAP: phase-1 epochs, then per phase-2 epoch the mean accuracy of
-    the workers (at the slowest worker's time), then the averaged model. SWA: the start run's
-    timeline up to its model, then the SWA average (shifted by the start's wall time). The SGD
-    iterates of the SWA cycles are not included: with a cyclic LR they are not what SWA returns.
+    SGD: every evaluated epoch, then its average along the trajectory if it kept one. SWAP: phase-1
+    epochs, then per phase-2 epoch the mean accuracy of the workers (at the slowest worker's time),
+    then the averaged model. SWA: the start run's timeline up to its model, then the SWA average
+    (shifted by the start's wall time). The SGD iterates of the SWA cycles are not included: with a
+    cyclic LR they are not what SWA returns.
     """
     records = [r for r in run.read_metrics() if r.get("test_acc") is not None]
     method = summary["method"]
+    timed = x == "wall_s"
+
+    def at(r: dict, base: int = 0) -> float:
+        return r["wall_s"] if timed else base + (r.get("update") or 0)
+
     if method == "swap":
-        points = [(r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "phase1"]
+        u = summary["updates"]
+        base = u["critical_path"] - u["phase2_per_worker"]          # phase 1 and the switch's trials
+        points = [(at(r), r["test_acc"]) for r in records if r["phase"] == "phase1"]
         by_epoch: dict[int, list] = {}
         for r in records:
             if r["phase"] == "phase2":
@@ -105,17 +170,18 @@ def timeline(run: RunDir, summary: dict, out: Path | None = None) -> list[tuple[
         for epoch in sorted(by_epoch):
             rs = by_epoch[epoch]
             if len(rs) == summary["workers"]:
-                points.append((max(r["wall_s"] for r in rs), statistics.mean(r["test_acc"] for r in rs)))
-        points += [(r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "phase3"]
+                points.append((max(at(r, base) for r in rs), statistics.mean(r["test_acc"] for r in rs)))
+        points += [(at(r, base), r["test_acc"]) for r in records if r["phase"] == "phase3"]
         return points
     if method in STARTS:
         source, phase = STARTS[method]
         start_run = RunDir((out or run.path.parent.parent) / source / run.path.name)
-        start = [(r["wall_s"], r["test_acc"]) for r in start_run.read_metrics()
+        start = [(at(r), r["test_acc"]) for r in start_run.read_metrics()
                  if r.get("phase") == phase and r.get("test_acc") is not None]
-        offset = summary["wall_s"]["start"]
-        return start + [(offset + r["wall_s"], r["test_acc"]) for r in records if r["phase"] == "swa_average"]
-    return [(r["wall_s"], r["test_acc"]) for r in records]
+        end = [(summary["wall_s"]["start"] + r["wall_s"] if timed else summary["updates"]["critical_path"], r["test_acc"])
+               for r in records if r["phase"] == "swa_average"]
+        return start + end
+    return [(at(r), r["test_acc"]) for r in records]
 
 
 def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
@@ -200,20 +266,23 @@ def _holdout(run: RunDir) -> bool:
 
 
 def write_report(out: str | Path, report: dict) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` (accuracy against wall time) in ``out``."""
+    """``report.json``, ``report.md`` and ``report.png`` (accuracy against critical-path updates and
+    against wall time) in ``out``."""
     from .analysis.plots import plot_compare
     from .report import compare_table
 
     out = Path(out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(compare_table(report) + "\n")
-    curves = {}
+    curves: dict[str, dict[str, list]] = {"updates": {}, "wall_s": {}}
     for method in report["methods"]:
         for seed in range(report["seeds"]):
             run = RunDir(out / method / f"seed{seed}")
-            curves.setdefault(method, []).append(timeline(run, run.read_summary(), out))
-    plot_compare(curves, report["target_acc"], out / "report.png", eval_set=report["eval_set"])
+            for x, by_method in curves.items():
+                by_method.setdefault(method, []).append(timeline(run, run.read_summary(), out, x))
+    plot_compare(curves["wall_s"], report["target_acc"], out / "report.png", eval_set=report["eval_set"],
+                 by_updates=curves["updates"])
 
 
-__all__ = ["COMPARED", "STARTS", "plan", "run_compare", "timeline", "time_to_target", "build_report",
+__all__ = ["COMPARED", "STARTS", "plan", "budgeted", "equal_time_order", "budget", "run_compare", "timeline", "time_to_target", "build_report",
            "summary_method", "write_report"]

@@ -284,6 +284,9 @@ class SGDConfig(TrainingSection):
     micro_batch_size: int = 256           # per-rank gradient-accumulation chunk (0 = whole share)
     average: str = "none"                # none | ema | lawa: the run's model is the average along its trajectory
                                          # (sections ema, lawa); the last iterate is reported beside it
+    updates: int = 0                     # > 0: train exactly this many updates instead of `epochs` (the LR
+                                         # schedule spans them, the last epoch is cut short); swap compare
+                                         # --equal-time sets it to the reference's critical-path updates
 
 
 @dataclass
@@ -791,6 +794,9 @@ def _check_training(sec: Phase1Config | TrainingSection, section: str) -> None:
     parse_segments(sec.segments, f"{section}.segments")   # a schedule that does not tile its epochs fails here
     if isinstance(sec, SGDConfig):
         _one_of(sec.average, ALONG, f"{section}.average")
+        _need(sec.updates >= 0, f"{section}.updates must be >= 0 (0: train {section}.epochs), got {sec.updates}")
+        _need(not (sec.updates and sec.segments), f"{section}.updates={sec.updates} and {section}.segments both set "
+                                                  f"the length of the run: keep one")
 
 
 def _check_phase1(p1: Phase1Config, where: str) -> None:

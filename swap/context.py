@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import distributed, tracking
 from .callbacks import Callback
 from .config import Config, SwapError, check_world, optim_for, segments, validation_size
-from .data.loader import PiecewiseLoader
+from .data.loader import PiecewiseLoader, UpdateBudget
 from .data import Augment, ImageDataset, Loader, augment_for, eval_batches, load_configured, split_holdout, stream_seed
 from .data.generic import DatasetLoader, check_sample, eval_loader
 from .models import configured_model
@@ -376,7 +376,8 @@ class Context:
         :class:`swap.data.loader.PiecewiseLoader`, its ``lr_at`` and its epochs. Otherwise batches of
         ``plan.batch_size`` samples for ``plan.epochs`` epochs with ``plan.lr_at``, or the warm-up
         and decay schedule of ``plan.peak_lr``, ``plan.warmup_epochs`` and ``plan.schedule``
-        (:meth:`schedule`).
+        (:meth:`schedule`); with ``plan.updates`` > 0, exactly that many updates instead of the
+        epochs (:class:`swap.data.loader.UpdateBudget`; the schedule spans them).
 
         Raises:
             SwapError: a global batch not divisible by the ranks sharing it (``data_parallel``).
@@ -394,10 +395,13 @@ class Context:
                                      len(self.train_set), start)
             return loader, loader.lr_at, loader.epochs
         loader = self.loader(batch_size, seed_parts, data_parallel)
+        if plan.updates:                                   # a budget in updates: the last epoch cut short
+            loader = UpdateBudget(loader, plan.updates)
+            epochs = loader.epochs
         if lr_at is None:
             sec = getattr(self.cfg, section) if section else None
             lr_at = self.schedule(plan.peak_lr, plan.warmup_epochs, epochs, len(loader), plan.schedule,
-                                  getattr(sec, "min_lr", 0.0), getattr(sec, "warmup_updates", 0))
+                                  getattr(sec, "min_lr", 0.0), getattr(sec, "warmup_updates", 0), plan.updates)
         return loader, lr_at, epochs
 
     def prediction_unit(self, record: dict) -> str:
@@ -424,10 +428,11 @@ class Context:
 
     @staticmethod
     def schedule(peak_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, shape: str,
-                 min_lr: float = 0.0, warmup_updates: int = 0):
+                 min_lr: float = 0.0, warmup_updates: int = 0, total_updates: int = 0):
         """Warm-up (``warmup_updates`` updates, or ``warmup_epochs`` epochs) to ``peak_lr``, then
-        ``shape`` decay to ``min_lr`` at ``epochs`` (:func:`swap.schedules.warmup_decay`)."""
-        total = epochs * steps_per_epoch
+        ``shape`` decay to ``min_lr`` at ``epochs`` (or after ``total_updates`` updates, when > 0:
+        an update budget) (:func:`swap.schedules.warmup_decay`)."""
+        total = total_updates or epochs * steps_per_epoch
         warmup = min(warmup_updates, total) if warmup_updates else round(warmup_epochs * steps_per_epoch)
         return warmup_decay(peak_lr, warmup, total, shape, min_lr)
 

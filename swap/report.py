@@ -105,6 +105,11 @@ def compare_table(report: dict) -> str:
     if swap_row:
         lines.append(f"SWAP after averaging was above its best worker in {swap_row['above_best_worker']} of "
                      f"{report['seeds']} seeds (best worker {_pm(swap_row['best_worker'])}).")
+    if report.get("equal_time"):
+        e = report["equal_time"]
+        whose = f"{e['reference']}'s critical-path updates of the same seed" if e["reference"] else "a stated budget"
+        lines.append(f"At equal time: every SGD baseline trained for {whose} ({', '.join(map(str, e['updates']))} "
+                     f"updates by seed) instead of its epochs.")
     m = report["machine"]
     rule = "target = mean sgd-small accuracy - 0.1" if target is not None else "no target (sgd-small not run)"
     lines.append(f"{report['seeds']} seeds, interleaved; mean ± std over seeds; {rule}. "

@@ -41,7 +41,8 @@ class DataParallel:
     cosine) decay to 0 at ``epochs``, or ``lr_at(update)`` if given. ``stop``: (training metric,
     threshold) ending the phase early (:func:`swap.stopping.stop_reached`); (``auto``, None): the
     automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
-    ``average``: ``none``, or the average along the trajectory (``ema``, ``lawa``; :mod:`swap.trajectory`)
+    ``updates``: > 0, a budget of exactly that many updates instead of the epochs (the LR schedule
+    spans them; the last epoch cut short). ``average``: ``none``, or the average along the trajectory (``ema``, ``lawa``; :mod:`swap.trajectory`)
     that the phase also returns.
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces the batch, the LR and the epochs (``Context.batches``). The
@@ -59,6 +60,7 @@ class DataParallel:
     section: str | None = None
     optim_section: str | None = None
     average: str = "none"
+    updates: int = 0
 
     @classmethod
     def of(cls, cfg: Config, section: str) -> "DataParallel":
@@ -67,7 +69,7 @@ class DataParallel:
         return cls(section, sec.batch_size, sec.micro_batch_size, sec.max_epochs if section == "phase1" else sec.epochs,
                    sec.peak_lr, sec.warmup_epochs, sec.schedule,
                    stop=sec.stop_rule() if hasattr(sec, "stop_rule") else None, section=section,
-                   average=getattr(sec, "average", "none"))
+                   average=getattr(sec, "average", "none"), updates=getattr(sec, "updates", 0))
 
 
 def train_data_parallel(ctx: Context, model: nn.Module, plan: DataParallel, *, resume: bool = False,

@@ -11,34 +11,39 @@ import numpy as np  # noqa: E402
 
 
 def plot_compare(curves: dict[str, list[list[tuple[float, float]]]], target: float | None, path: str | Path,
-                 eval_set: str = "test") -> Path:
-    """Accuracy against wall time: one colour per method, one line per seed; the target dashed.
-    SWA methods, whose curves begin with their start run's, are drawn under the others.
+                 eval_set: str = "test", by_updates: dict[str, list[list[tuple[float, float]]]] | None = None) -> Path:
+    """Accuracy against wall time, and beside it (``by_updates``) against updates on the critical
+    path: one colour per method, one line per seed; the target dashed. SWA methods, whose curves
+    begin with their start run's, are drawn under the others.
 
     Args:
         curves: method -> list over seeds of [(wall seconds, accuracy %)].
+        by_updates: the same against critical-path updates, or None (one panel).
     """
-    fig, ax = plt.subplots(figsize=(8, 5))
+    panels = [("critical-path updates", by_updates)] if by_updates else []
+    panels.append(("wall time (s)", curves))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (method, runs) in enumerate(curves.items()):
-        base = not method.startswith("swa-")     # SWA curves repeat their start run: draw them underneath
-        for j, points in enumerate(runs):
-            if points:
-                xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.9 if base else 0.6, marker=".",
-                        markersize=3, linewidth=1.6 if base else 1.0, zorder=3 if base else 2,
-                        label=method if j == 0 else None)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}%")
     all_acc = [a for runs in curves.values() for pts in runs for _, a in pts]
-    if all_acc:
-        top = max(all_acc)
-        ax.set_ylim(max(min(all_acc), top - 12), top + 1)
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel(f"{eval_set} accuracy (%)")
-    ax.set_title("Accuracy against wall time (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    for ax, (xlabel, drawn) in zip(axes[0], panels):
+        for i, (method, runs) in enumerate(drawn.items()):
+            base = not method.startswith("swa-")     # SWA curves repeat their start run: draw them underneath
+            for j, points in enumerate(runs):
+                if points:
+                    xs, ys = zip(*sorted(points))
+                    ax.plot(xs, ys, color=colours[i % len(colours)], alpha=0.9 if base else 0.6, marker=".",
+                            markersize=3, linewidth=1.6 if base else 1.0, zorder=3 if base else 2,
+                            label=method if j == 0 else None)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}%")
+        if all_acc:
+            top = max(all_acc)
+            ax.set_ylim(max(min(all_acc), top - 12), top + 1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{eval_set} accuracy (%)")
+        ax.set_title(f"Accuracy against {xlabel.split(' (')[0]} (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

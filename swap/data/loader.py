@@ -8,6 +8,8 @@ then keeps its own slice. A W-rank run therefore sees exactly the samples a 1-ra
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -333,4 +335,35 @@ class PiecewiseLoader:
         return self.segment(e).lr_at(t)
 
 
-__all__ = ["PiecewiseLoader", "stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]
+class UpdateBudget:
+    """A train-loop loader cut to exactly ``updates`` updates: the epochs of ``inner`` (``len(inner)``
+    updates each, the same batches), the last one cut short, so that a run is given a budget in
+    updates rather than epochs (``swap compare --equal-time``: a baseline gets the reference's
+    critical-path updates). ``epochs``: how many epochs that takes (the last possibly partial).
+    The train loop reads it through :func:`swap.schedules.epoch_shape`.
+
+    Raises:
+        SwapError: ``updates`` < 1.
+    """
+
+    def __init__(self, inner, updates: int):
+        if updates < 1:
+            raise SwapError(f"an update budget must be >= 1 update, got {updates}")
+        self.inner, self.total = inner, updates
+        self.epochs = math.ceil(updates / len(inner))
+        self.batch_size = inner.batch_size
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def shape(self, epoch: int) -> tuple[int, int, int]:
+        """(first global update of ``epoch``, its updates, global batch)."""
+        n = len(self.inner)
+        return epoch * n, max(0, min(n, self.total - epoch * n)), self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0):
+        """The batches of ``epoch`` from update ``start``: ``inner``'s, up to the budget."""
+        return itertools.islice(self.inner.epoch(epoch, start), max(0, self.shape(epoch)[1] - start))
+
+
+__all__ = ["PiecewiseLoader", "UpdateBudget", "stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]

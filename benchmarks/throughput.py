@@ -9,13 +9,15 @@
    each in turn, each side timed separately (:func:`compare_loops`), over several epochs of about
    5 s each; the median and spread of the per-epoch ratios. Then a cProfile breakdown of our loop
    (``--loop-only`` stops here). 1b: the same loop with TensorBoard and MLflow on and a record
-   every 10 updates, against it without them (:func:`compare_logging`; ``--logging-only``).
+   every 10 updates, against it without them (:func:`compare_logging`; ``--logging-only``). 1c: the
+   same loop with an EMA of the weights updated after every update, against it without (:func:`compare_ema`;
+   ``--ema-only``).
 2. Phase 3: averaging W=8 state dicts + one BN-recompute pass over 60,000 images + test evaluation,
    in seconds and as a share of a SWAP run's wall time (``--swap-run``, default runs/demo).
 3. Phase-2 scaling: 2 workers x 1 epoch in 1 process (2 threads, workers in turn) against
    2 processes (1 thread each, workers in parallel).
 
-    .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only] [--logging-only]
+    .venv/bin/python benchmarks/throughput.py [--reps 5] [--loop-only] [--logging-only] [--ema-only]
 
 Prints a table and writes ``benchmarks/results/throughput.json`` (``throughput-loop.json`` with ``--loop-only``).
 """
@@ -199,6 +201,49 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
             "ratio": logged / plain, "plain_ratios": ratios["plain"], "logged_ratios": ratios["logged"]}
 
 
+def compare_ema(train_set, mean, std, batch: int, micro: int, steps: int, reps: int, device: str = "same") -> dict:
+    """The cost of an EMA of the weights updated after every update (``swap.EMA``, decay 0.999, one
+    foreach ``lerp_`` over the parameters; ``device``: where it lives): our loop with it against our
+    loop without it, each timed against a bare PyTorch loop in lockstep (:func:`lockstep_epoch`),
+    epochs alternating between the two; the cost is the ratio of their median (ours / bare) ratios,
+    as for the loggers (:func:`compare_logging`). Same batches, model and initial weights; one
+    untimed warm-up epoch each, then ``reps`` timed epochs of ``steps`` updates."""
+    from swap import EMA
+    from swap.data import Augment, Loader
+    from swap.models import build_model
+    from swap.train import SGDStep
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def loader():
+        return Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
+
+    data = train_set.subset(steps * batch)
+    bare, bare_loader = model(), loader()
+    bare_update = bare_sgd(bare, sgd(bare), micro)
+    sides = {}
+    for side in ("plain", "ema"):
+        m = model()
+        sides[side] = (SGDStep(m, sgd(m), micro), loader(), [EMA(m, 0.999, device=device)] if side == "ema" else [])
+    ratios = {"plain": [], "ema": []}
+    for epoch in range(reps + 1):
+        for side in (("plain", "ema") if epoch % 2 else ("ema", "plain")):
+            step, ours_loader, callbacks = sides[side]
+            ours, bare_s = lockstep_epoch(step, ours_loader, epoch, bare_loader.epoch(2 * epoch + (side == "ema")),
+                                          bare_update, callbacks=callbacks)
+            if epoch > 0:
+                ratios[side].append(bare_s / ours)              # our samples/s over the bare loop's
+    plain, ema = statistics.median(ratios["plain"]), statistics.median(ratios["ema"])
+    return {"batch": batch, "micro_batch": micro, "steps": steps, "reps": reps, "device": device,
+            "ema_updates": sides["ema"][2][0].count, "plain_over_bare": plain, "ema_over_bare": ema,
+            "cost": 1 - ema / plain, "plain_ratios": ratios["plain"], "ema_ratios": ratios["ema"]}
+
+
 def profile_loop(train_set, mean, std, batch: int, micro: int, steps: int) -> dict:
     """Where our loop's time goes (cProfile, one epoch of ``steps`` updates after a warm-up):
     cumulative seconds of the data path, forward + backward, the optimizer step, the metrics, the
@@ -263,6 +308,11 @@ def phase2_worker(run_dir: str, epochs: int, workers: int) -> float:
 def _write(results: dict, name: str = "throughput.json") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(json.dumps(results, indent=1))
+    if not results["loop"]:
+        return
+    for r in results.get("ema", []):
+        print(f"EMA every update, batch {r['batch']} ({r['micro_batch']}), device {r['device']}: "
+              f"{100 * r['cost']:.2f}% of the loop's throughput")
     print("\n| batch (micro) | ours samples/s | bare samples/s | ours / bare (median of per-epoch ratios) | spread |"
           "\n|---:|---:|---:|---:|---:|")
     for r in results["loop"]:
@@ -276,6 +326,7 @@ def main() -> None:
     ap.add_argument("--loop-only", action="store_true", help="only part 1 (our loop against the bare loop)")
     ap.add_argument("--swap-run", default=str(ROOT / "runs" / "demo"))
     ap.add_argument("--logging-only", action="store_true", help="only the loggers' cost (part 1b)")
+    ap.add_argument("--ema-only", action="store_true", help="only the cost of an EMA updated every update (part 1c)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from swap import distributed
@@ -290,6 +341,15 @@ def main() -> None:
     mean, std = train_set.channel_stats()
     results: dict = {"machine": machine_info(torch.device("cpu"), torch.get_num_threads(), 1), "loop": []}
 
+    # 1c. an EMA of the weights after every update, against none
+    results["ema"] = [] if args.logging_only else [
+        compare_ema(train_set, mean, std, b, m, n, args.reps, dev) for b, m, n, dev in
+        ((128, 0, 256, "same"), (2048, 256, 16, "same"), (128, 0, 256, "cpu"))]
+    for r in results["ema"]:
+        print(json.dumps({k: v for k, v in r.items() if not k.endswith("ratios")}), flush=True)
+    if args.ema_only:
+        _write(results, "throughput-ema.json")
+        return
     # 1. our loop vs the bare loop on the same batches, same warm-up, interleaved repetitions
     for batch, micro, steps in (() if args.logging_only else ((2048, 256, 16), (128, 128, 256))):
         row = compare_loops(train_set, mean, std, batch, micro, steps, args.reps)

@@ -1002,7 +1002,8 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
 
 __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
            "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config", "TrainingSection",
-           "Phase2Config", "Phase3Config", "SGDConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
-           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "code_paths", "code_line", "announce_code", "RENAMED", "resolve_preset",
+           "Phase2Config", "Phase3Config", "SGDConfig", "AlongConfig", "EMAConfig", "LAWAConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
+           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "ALONG", "ALONG_BUFFERS",
+           "ALONG_DEVICES", "code_paths", "code_line", "announce_code", "RENAMED", "resolve_preset",
            "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "check_stacked", "optim_for",
            "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

@@ -76,7 +76,7 @@ class Along(Callback):
         return [t.to("cpu", copy=True) for t in out] if self.device == "cpu" else out
 
     def averaged(self) -> list[torch.Tensor]:
-        """The average's tensors, in the order of :attr:`names` (subclasses)."""
+        """The average's tensors, in the order of ``names`` (the averaged parameters, then buffers)."""
         raise NotImplementedError
 
     def averaged_model(self) -> nn.Module:

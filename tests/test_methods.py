@@ -52,7 +52,8 @@ def test_every_method_resolves_to_its_functions_and_checkpoint():
                    if a.dest == "method").choices
     assert list(choices) == [n for n, m in METHODS.items() if not m.start] == [
         "sgd", "sgd-small", "sgd-large", "swap", "extrap-large", "lars-large", "lamb-large", "adamw-large",
-        "swap-extrap", "swap-lars", "swap-lamb", "swap-cycles", "local-sgd", "diloco", "abs", "absa"]
+        "ema-large", "lawa-large", "swap-extrap", "swap-lars", "swap-lamb", "swap-cycles", "swap-ema", "swap-lawa",
+        "local-sgd", "diloco", "abs", "absa"]
     compare = build_parser()._subparsers._group_actions[0].choices["compare"]
     assert compare.epilog == "methods: " + ", ".join(n for n in METHODS if n != "sgd")
 

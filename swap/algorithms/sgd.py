@@ -150,8 +150,8 @@ def finish_average(ctx: Context, along: trajectory.Along, phase: str, worker: in
     the phase's (epoch, updates) at its end, by the rank that ``leads``. An average with no sample is not evaluated.
 
     Returns:
-        the averaged model (None without a sample) and its record: :func:`swap.trajectory.summary_of`,
-        plus ``test_metrics`` where the run reports every metric.
+        ``(model, record)``; ``model`` is the averaged model, or None without a sample; ``record`` is
+        :func:`swap.trajectory.summary_of`'s, plus ``test_metrics`` where the run reports every metric.
     """
     t = time.perf_counter()
     model, tested = trajectory.evaluate_average(along, lambda m: ctx.recompute_bn(m, distributed=distributed is True),

@@ -1,0 +1,171 @@
+"""Averaging along the trajectory (EMA, LAWA) beside SWAP, every method at SWAP's critical path.
+
+The question: at the time a user can afford (SWAP's critical-path updates), does an average along one
+large-batch trajectory, or each SWAP worker's own average before the average over workers, beat plain
+large-batch training and SWAP? Every compare below runs ``swap compare --equal-time swap``: each SGD
+baseline trains exactly the updates of SWAP's critical path of the same seed.
+
+1. **Tune on the validation split** (``data.holdout``; the test set is not read), seed 0: the EMA decay
+   and the LAWA k of each family from a grid (decay warm-up off, so the decay is what is chosen):
+   ``ema-large`` (EMA of the large-batch SGD run), ``lawa-large`` (latest k epoch snapshots),
+   ``adamw-large`` + EMA, ``swap-ema`` and ``swap-lawa`` (each phase-2 worker's EMA, or the mean of
+   its latest k snapshots taken every 10 updates). The peak LRs are those chosen on the same
+   validation split by ``benchmarks/large_batch.py`` (``benchmarks/results/large_batch_fashion.json``).
+2. **Test**: seeds 0-2 on the training set and the test set, each family in its own compare directory
+   (the families' ``ema``/``lawa`` settings differ), SWAP's runs shared.
+
+Workload ``fashion``: ``configs/fashion_mnist_compare.yaml`` sized as in ``large_batch.py`` (the first
+20,000 Fashion-MNIST training images, batch 1024, SWAP's phase 1 to 88.5% training accuracy, 8 workers
+x 2 phase-2 epochs at batch 128).
+
+    .venv/bin/python benchmarks/trajectory.py [--out runs/trajectory] [--seeds 3]
+
+Finished runs are reused (the script resumes). Prints the grids and the test table and writes
+``benchmarks/results/trajectory_fashion.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from large_batch import FASHION_SIZE, RESULTS  # noqa: E402
+
+CONFIG, HOLDOUT = "fashion_mnist_compare", 4000
+CHOSEN_LR = json.loads((RESULTS / "large_batch_fashion.json").read_text())["chosen"]
+SETS = [*FASHION_SIZE, *[f"{k}={v}" for k, v in CHOSEN_LR.items()], f"phase1.peak_lr={CHOSEN_LR['sgd_large.peak_lr']}",
+        "ema.warmup_power=0"]
+# family: (methods, config key tuned, grid, fixed settings)
+FAMILIES = {
+    "ema-large": (["ema-large"], "ema.decay", [0.95, 0.98, 0.99, 0.995], []),
+    "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
+    "adamw-ema": (["adamw-large"], "ema.decay", [0.98, 0.99, 0.995], ["adamw_large.average=ema"]),
+    "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
+    "swap-lawa": (["swap-lawa"], "lawa.k", [3, 6, 12], ["lawa.unit=updates", "lawa.every=10"]),
+}
+
+
+def compare(methods: list[str], seeds: int, sets: list[str], out: Path, equal_time: str | None = "swap") -> None:
+    """``swap compare`` at equal time (finished runs reused); raises on failure."""
+    if all((out / m / f"seed{s}" / "summary.json").is_file() for m in methods for s in range(seeds)):
+        return
+    cmd = [sys.executable, "-m", "swap.cli", "compare", "--config", CONFIG, "--seeds", str(seeds),
+           "--methods", ",".join(methods), "--out", str(out)]
+    if equal_time is not None and equal_time in methods:
+        cmd += ["--equal-time", equal_time]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def with_swap(methods: list[str], swap_dir: Path, out: Path, seeds: int) -> list[str]:
+    """The compare's methods at equal time: SWAP's finished runs copied in (the reference), once."""
+    if any(m.startswith("swap") for m in methods):
+        return methods
+    for s in range(seeds):
+        target = out / "swap" / f"seed{s}"
+        if not (target / "summary.json").is_file():
+            shutil.copytree(swap_dir / f"seed{s}", target, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "*.lock"))
+    return ["swap", *methods]
+
+
+def summary(out: Path, method: str, seed: int) -> dict:
+    return json.loads((out / method / f"seed{seed}" / "summary.json").read_text())
+
+
+def score(s: dict) -> float:
+    """The method's model: SWAP's average, else the final model (the average along the trajectory when kept)."""
+    return s["test_acc"].get("averaged", s["test_acc"].get("final"))
+
+
+def tune(out: Path) -> tuple[dict, dict]:
+    """Stage 1: ``{family: {value: validation top-1}}`` and each family's chosen value."""
+    held = [*SETS, f"data.holdout={HOLDOUT}"]
+    compare(["swap"], 1, held, out / "tune" / "swap", equal_time=None)
+    grids, chosen = {}, {}
+    for family, (methods, key, values, fixed) in FAMILIES.items():
+        scores = {}
+        for v in values:
+            run = out / "tune" / family / f"{key}={v}"
+            compare(with_swap(methods, out / "tune" / "swap" / "swap", run, 1), 1, [*held, *fixed, f"{key}={v}"], run)
+            s = summary(run, methods[0], 0)
+            scores[v] = {"average": score(s), "last_iterate": s["test_acc"].get("last_iterate"),
+                         "workers_last_iterate": s["test_acc"].get("workers_last_iterate")}
+        best = max(scores, key=lambda v: scores[v]["average"])
+        grids[family], chosen[family] = {"key": key, "scores": scores, "chosen": best}, best
+        print(f"[tune] {family}: {key} " + ", ".join(f"{v:g} -> {r['average']:.2f}" for v, r in scores.items()) +
+              f"; chosen {best:g}", flush=True)
+    return grids, chosen
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "all": values}
+
+
+def test(out: Path, chosen: dict, seeds: int) -> dict:
+    """Stage 2: every family at its chosen value, seeds 0..seeds-1; the table's rows."""
+    swap_dir = out / "test" / "ema-large"
+    rows: dict[str, dict] = {}
+    for family, (methods, key, _, fixed) in FAMILIES.items():
+        run = out / "test" / family
+        compare(with_swap(methods, swap_dir / "swap", run, seeds) if family != "ema-large" else ["swap", *methods],
+                seeds, [*SETS, *fixed, f"{key}={chosen[family]}"], run)
+        runs = [summary(run, methods[0], s) for s in range(seeds)]
+        cols = {"test_acc": stats([score(r) for r in runs]),
+                "critical_path_updates": stats([r["updates"]["critical_path"] for r in runs]),
+                "wall_s": stats([r["wall_s"]["total"] for r in runs]), "setting": f"{key}={chosen[family]}"}
+        if "last_iterate" in runs[0]["test_acc"]:
+            cols["last_iterate"] = stats([r["test_acc"]["last_iterate"] for r in runs])
+        if "workers_last_iterate" in runs[0]["test_acc"]:
+            cols["best_worker"] = stats([max(r["test_acc"]["workers"]) for r in runs])
+            cols["workers_mean"] = stats([r["test_acc"]["workers_mean"] for r in runs])
+            cols["workers_last_iterate_mean"] = stats([statistics.mean(r["test_acc"]["workers_last_iterate"])
+                                                       for r in runs])
+            cols["above_best_worker"] = sum(score(r) > max(r["test_acc"]["workers"]) for r in runs)
+        rows[family] = cols
+    ref = [summary(swap_dir, "swap", s) for s in range(seeds)]
+    rows["swap"] = {"test_acc": stats([score(r) for r in ref]),
+                    "critical_path_updates": stats([r["updates"]["critical_path"] for r in ref]),
+                    "wall_s": stats([r["wall_s"]["total"] for r in ref]), "setting": "",
+                    "best_worker": stats([max(r["test_acc"]["workers"]) for r in ref]),
+                    "workers_mean": stats([r["test_acc"]["workers_mean"] for r in ref]),
+                    "above_best_worker": sum(score(r) > max(r["test_acc"]["workers"]) for r in ref)}
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "trajectory"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tune-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out) / "fashion"
+    grids, chosen = tune(out)
+    if args.tune_only:
+        return 0
+    rows = test(out, chosen, args.seeds)
+    machine = summary(out / "test" / "ema-large", "swap", 0)["machine"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trajectory_fashion.json").write_text(json.dumps(
+        {"workload": "fashion", "config": CONFIG, "sets": SETS, "holdout": HOLDOUT, "families": FAMILIES,
+         "grids": grids, "chosen": chosen, "rows": rows, "machine": machine}, indent=1))
+    print(f"\nfashion: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')}\n"
+          "| method | setting | test top-1 (%) | last iterate (%) | critical-path updates | wall (s) |\n"
+          "|---|---|---:|---:|---:|---:|")
+    for m, r in rows.items():
+        f = lambda k, d=2: f"{r[k]['mean']:.{d}f} +- {r[k]['std']:.{d}f}" if k in r else ""   # noqa: E731
+        last = f("last_iterate") or f("workers_last_iterate_mean")
+        print(f"| {m} | {r['setting']} | {f('test_acc')} | {last} | {r['critical_path_updates']['mean']:.0f} | "
+              f"{f('wall_s', 0)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -443,6 +443,12 @@ class Config:
         """Short content hash of the resolved config (first 16 hex digits of SHA-256), without the
         keys in :data:`NOT_HASHED`: a run may be resumed with those changed."""
         d = self.to_dict()
+        for key in HASHED_WHEN_SET:                  # at their defaults: hashed as before they existed
+            section, name = key.split(".") if "." in key else (key, None)
+            if name is None and d[section] == dataclasses.asdict(getattr(Config(), section)):
+                d.pop(section)
+            elif name is not None and d[section][name] == getattr(getattr(Config(), section), name):
+                d[section].pop(name)
         for key in NOT_HASHED:
             section, name = key.split(".")
             d[section].pop(name, None)
@@ -451,6 +457,12 @@ class Config:
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+
+#: Keys (or whole sections) added after runs were written: at their defaults they change nothing, and
+#: a config that leaves them there keeps the hash it had before they existed (its runs still resume).
+HASHED_WHEN_SET = ("ema", "lawa", "phase2.average_along",
+                   *[f"{s}.{k}" for s in ("sgd", "sgd_small", "sgd_large", "lars_large", "lamb_large", "adamw_large")
+                     for k in ("average", "updates")])
 
 #: Keys that change how a run is laid out or copes with failures, not what it computes (up to float
 #: rounding); ``--resume`` accepts new values.
@@ -1003,7 +1015,7 @@ def check_world(cfg: Config, world_size: int, batch_size: int, section: str) -> 
 __all__ = ["CONFIG_DIR", "DataConfig", "ModelConfig", "OPTIMIZERS", "NO_DECAY", "OptimConfig", "TaskConfig",
            "LoggingConfig", "STOP_METRICS", "AUTO_SIGNALS", "StopConfig", "DDPConfig", "Phase1Config", "TrainingSection",
            "Phase2Config", "Phase3Config", "SGDConfig", "AlongConfig", "EMAConfig", "LAWAConfig", "ExtrapConfig", "SWAConfig", "ABSConfig", "Config",
-           "NOT_HASHED", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "ALONG", "ALONG_BUFFERS",
+           "NOT_HASHED", "HASHED_WHEN_SET", "CODE_KEYS", "DATASETS", "LAYOUTS", "EXTRAP_VARIANTS", "TRAINING_SECTIONS", "ALONG", "ALONG_BUFFERS",
            "ALONG_DEVICES", "code_paths", "code_line", "announce_code", "RENAMED", "resolve_preset",
            "parse_overrides", "load_config", "env_overrides", "config_from_dict", "validate", "check_section", "check_across", "check_stacked", "optim_for",
            "validation_size", "segments", "section_batches", "section_batch", "section_epochs", "check_world"]

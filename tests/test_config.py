@@ -159,3 +159,21 @@ def test_each_section_checks_itself_and_legal_values_have_one_owner():
     cfg = Config()
     assert set(TRAINING_SECTIONS) == {"phase1", "phase2"} | {name for name, value in vars(cfg).items()
                                                              if isinstance(value, SGDConfig)}
+
+
+def test_keys_added_later_keep_the_hash_of_a_config_that_leaves_them_at_their_defaults():
+    """A run written before the averages along the trajectory existed resumes: at their defaults the
+    new keys are not hashed; set, they are."""
+    import hashlib
+    import json
+    from swap.config import HASHED_WHEN_SET, NOT_HASHED
+    cfg = load_config("fashion_mnist_compare")
+    d = cfg.to_dict()
+    for key in (*HASHED_WHEN_SET, *NOT_HASHED):
+        section, _, name = key.partition(".")
+        (d.pop(section) if not name else d[section].pop(name))
+    d = {k: v for k, v in d.items() if v != {}}
+    assert cfg.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert len({cfg.hash(), *(load_config("fashion_mnist_compare", [kv]).hash()
+                              for kv in ("ema.decay=0.9", "lawa.k=2", "sgd_large.average=ema", "sgd.updates=7",
+                                         "phase2.average_along=lawa"))}) == 6

@@ -65,6 +65,24 @@ def lockstep_epoch(step, loader, epoch: int, batches, bare_update, **train_kwarg
     return spent["ours"], spent["bare"]
 
 
+def model() -> torch.nn.Module:
+    """The timed model: the small CNN, channels_last, the same initial weights every time."""
+    from swap.models import build_model
+    torch.manual_seed(0)
+    return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
+
+
+def sgd(m) -> torch.optim.Optimizer:
+    """The timed optimizer: Nesterov SGD with weight decay."""
+    return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def bench_loader(data, batch: int, mean, std):
+    """A loader of the timed batches: the same permutation, augmentation and normalisation every time."""
+    from swap.data import Augment, Loader
+    return Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
+
+
 def bare_sgd(model, opt, micro: int = 0):
     """The minimal PyTorch update that our loop is timed against: ``update((x, y))`` = zero_grad,
     forward + backward of the cross-entropy (per micro-batch of ``micro`` samples, weighted by its
@@ -109,19 +127,10 @@ def compare_loops(train_set, mean, std, batch: int, micro: int, steps: int, reps
     larger here than the difference measured. One untimed warm-up epoch, then ``reps`` timed
     epochs of ``steps`` updates. Returns samples/s of each side per epoch and the ratio ours /
     bare per epoch, with medians and spreads ((max - min) / median)."""
-    from swap.data import Augment, Loader
-    from swap.models import build_model
     from swap.train import SGDStep
 
-    def model():
-        torch.manual_seed(0)
-        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
-
-    def sgd(m):
-        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
     data = train_set.subset(steps * batch)
-    loaders = [Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True) for _ in range(2)]
+    loaders = [bench_loader(data, batch, mean, std) for _ in range(2)]
     ours, bare = model(), model()
     step, bare_update = SGDStep(ours, sgd(ours), micro), bare_sgd(bare, sgd(bare), micro)
 
@@ -148,21 +157,12 @@ def compare_logging(train_set, mean, std, batch: int, steps: int, reps: int, eve
     ``steps`` updates."""
     from swap import tracking
     from swap.config import load_config
-    from swap.data import Augment, Loader
-    from swap.models import build_model
     from swap.rundir import RunDir
     from swap.callbacks import On
     from swap.train import SGDStep, StepLog
 
-    def model():
-        torch.manual_seed(0)
-        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
-
-    def sgd(m):
-        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
     def loader():
-        return Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
+        return bench_loader(data, batch, mean, std)
 
     data = train_set.subset(steps * batch)
     bare, bare_loader = model(), loader()
@@ -209,19 +209,10 @@ def compare_ema(train_set, mean, std, batch: int, micro: int, steps: int, reps: 
     as for the loggers (:func:`compare_logging`). Same batches, model and initial weights; one
     untimed warm-up epoch each, then ``reps`` timed epochs of ``steps`` updates."""
     from swap import EMA
-    from swap.data import Augment, Loader
-    from swap.models import build_model
     from swap.train import SGDStep
 
-    def model():
-        torch.manual_seed(0)
-        return build_model("smallcnn", 10, 1).to(memory_format=torch.channels_last)
-
-    def sgd(m):
-        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
     def loader():
-        return Loader(data, batch, (0, "bench", 0), (mean, std), Augment(2, True, 8), channels_last=True)
+        return bench_loader(data, batch, mean, std)
 
     data = train_set.subset(steps * batch)
     bare, bare_loader = model(), loader()

@@ -235,6 +235,9 @@ def build_report(out: str | Path, methods: list[str], seeds: int, target: float 
                "samples": _stats([s["samples"] for _, s in entries])}
         if all("last_iterate" in s["test_acc"] for _, s in entries):     # averaged along the trajectory
             row["last_iterate"] = _stats([s["test_acc"]["last_iterate"] for _, s in entries])
+        if all(s["test_acc"].get("workers_last_iterate") for _, s in entries):     # each worker averaged along its own
+            row["workers_last_iterate"] = _stats([statistics.mean(s["test_acc"]["workers_last_iterate"])
+                                                  for _, s in entries])
         rows.append(row)
         if summary_method(entries) == "swap":
             before = [s["test_acc"]["workers_mean"] for _, s in entries]

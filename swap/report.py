@@ -100,6 +100,9 @@ def compare_table(report: dict) -> str:
             lines.append(f"| {row['method']} (before averaging) | {_pm(row['before_averaging'])} | | | | | |")
         if "last_iterate" in row:
             lines.append(f"| {row['method']} (last iterate) | {_pm(row['last_iterate'])} | | | | | |")
+        if "workers_last_iterate" in row:
+            lines.append(f"| {row['method']} (workers' last iterates, mean) | {_pm(row['workers_last_iterate'])} "
+                         f"| | | | | |")
     lines.append("")
     swap_row = next((r for r in report["rows"] if r["method"] == "swap"), None)
     if swap_row:

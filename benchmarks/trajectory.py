@@ -18,10 +18,14 @@ Workload ``fashion``: ``configs/fashion_mnist_compare.yaml`` sized as in ``large
 20,000 Fashion-MNIST training images, batch 1024, SWAP's phase 1 to 88.5% training accuracy, 8 workers
 x 2 phase-2 epochs at batch 128).
 
-    .venv/bin/python benchmarks/trajectory.py [--out runs/trajectory] [--seeds 3]
+    .venv/bin/python benchmarks/trajectory.py [--workload fashion|text] [--out runs/trajectory] [--seeds 3]
+
+Workload ``text``: ``configs/text_char_quick.yaml`` (the char transformer on fortunes, AdamW in every
+phase; its LRs and phase 1's stopping loss chosen on the validation split by ``large_batch.py``);
+scored on the loss.
 
 Finished runs are reused (the script resumes). Prints the grids and the test table and writes
-``benchmarks/results/trajectory_fashion.json``.
+``benchmarks/results/trajectory_WORKLOAD.json``.
 """
 from __future__ import annotations
 
@@ -37,25 +41,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from large_batch import FASHION_SIZE, RESULTS  # noqa: E402
 
-CONFIG, HOLDOUT = "fashion_mnist_compare", 4000
 CHOSEN_LR = json.loads((RESULTS / "large_batch_fashion.json").read_text())["chosen"]
-SETS = [*FASHION_SIZE, *[f"{k}={v}" for k, v in CHOSEN_LR.items()], f"phase1.peak_lr={CHOSEN_LR['sgd_large.peak_lr']}",
-        "ema.warmup_power=0"]
-# family: (methods, config key tuned, grid, fixed settings)
-FAMILIES = {
-    "ema-large": (["ema-large"], "ema.decay", [0.95, 0.98, 0.99, 0.995], []),
-    "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
-    "adamw-ema": (["adamw-large"], "ema.decay", [0.98, 0.99, 0.995], ["adamw_large.average=ema"]),
-    "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
-    "swap-lawa": (["swap-lawa"], "lawa.k", [3, 6, 12], ["lawa.unit=updates", "lawa.every=10"]),
+# workload: config, settings, validation split, score (top1: higher is better; loss: lower), families:
+# family -> (methods, config key tuned, grid, fixed settings)
+WORKLOADS = {
+    "fashion": {
+        "config": "fashion_mnist_compare", "holdout": 4000, "score": "top1",
+        "sets": [*FASHION_SIZE, *[f"{k}={v}" for k, v in CHOSEN_LR.items()],
+                 f"phase1.peak_lr={CHOSEN_LR['sgd_large.peak_lr']}", "ema.warmup_power=0"],
+        "families": {
+            "ema-large": (["ema-large"], "ema.decay", [0.95, 0.98, 0.99, 0.995], []),
+            "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
+            "adamw-ema": (["adamw-large"], "ema.decay", [0.98, 0.99, 0.995], ["adamw_large.average=ema"]),
+            "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
+            "swap-lawa": (["swap-lawa"], "lawa.k", [3, 6, 12], ["lawa.unit=updates", "lawa.every=10"]),
+        }},
+    # the text preset's LRs and phase-1 stopping loss are large_batch.py's, chosen on its validation split;
+    # its large batch trains with AdamW already (sgd_large.optimizer: adamw)
+    "text": {
+        "config": "text_char_quick", "holdout": 819, "score": "loss",
+        "sets": ["eval_every=100", "ema.warmup_power=0"],
+        "families": {
+            "ema-large": (["ema-large"], "ema.decay", [0.9, 0.95, 0.98], []),
+            "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
+            "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
+            "swap-lawa": (["swap-lawa"], "lawa.k", [2, 4, 8], ["lawa.unit=updates", "lawa.every=16"]),
+        }},
 }
 
 
-def compare(methods: list[str], seeds: int, sets: list[str], out: Path, equal_time: str | None = "swap") -> None:
+def compare(config: str, methods: list[str], seeds: int, sets: list[str], out: Path, equal_time: str | None = "swap"):
     """``swap compare`` at equal time (finished runs reused); raises on failure."""
     if all((out / m / f"seed{s}" / "summary.json").is_file() for m in methods for s in range(seeds)):
         return
-    cmd = [sys.executable, "-m", "swap.cli", "compare", "--config", CONFIG, "--seeds", str(seeds),
+    cmd = [sys.executable, "-m", "swap.cli", "compare", "--config", config, "--seeds", str(seeds),
            "--methods", ",".join(methods), "--out", str(out)]
     if equal_time is not None and equal_time in methods:
         cmd += ["--equal-time", equal_time]
@@ -80,27 +99,33 @@ def summary(out: Path, method: str, seed: int) -> dict:
     return json.loads((out / method / f"seed{seed}" / "summary.json").read_text())
 
 
-def score(s: dict) -> float:
-    """The method's model: SWAP's average, else the final model (the average along the trajectory when kept)."""
-    return s["test_acc"].get("averaged", s["test_acc"].get("final"))
+def score(s: dict, metric: str = "top1") -> float:
+    """The method's model's top-1 (%) or test loss: SWAP's average, else the final model (the average
+    along the trajectory when kept)."""
+    if metric == "top1":
+        return s["test_acc"].get("averaged", s["test_acc"].get("final"))
+    m = s["test_metrics"]
+    return (m.get("averaged") or m.get("final"))["loss"]
 
 
-def tune(out: Path) -> tuple[dict, dict]:
-    """Stage 1: ``{family: {value: validation top-1}}`` and each family's chosen value."""
-    held = [*SETS, f"data.holdout={HOLDOUT}"]
-    compare(["swap"], 1, held, out / "tune" / "swap", equal_time=None)
+def tune(w: dict, out: Path) -> tuple[dict, dict]:
+    """Stage 1: ``{family: {value: validation score}}`` and each family's chosen value."""
+    held = [*w["sets"], f"data.holdout={w['holdout']}"]
+    compare(w["config"], ["swap"], 1, held, out / "tune" / "swap", equal_time=None)
     grids, chosen = {}, {}
-    for family, (methods, key, values, fixed) in FAMILIES.items():
+    for family, (methods, key, values, fixed) in w["families"].items():
         scores = {}
         for v in values:
             run = out / "tune" / family / f"{key}={v}"
-            compare(with_swap(methods, out / "tune" / "swap" / "swap", run, 1), 1, [*held, *fixed, f"{key}={v}"], run)
+            compare(w["config"], with_swap(methods, out / "tune" / "swap" / "swap", run, 1), 1,
+                    [*held, *fixed, f"{key}={v}"], run)
             s = summary(run, methods[0], 0)
-            scores[v] = {"average": score(s), "last_iterate": s["test_acc"].get("last_iterate"),
+            scores[v] = {"average": score(s, w["score"]), "top1": score(s), "last_iterate": s["test_acc"].get("last_iterate"),
                          "workers_last_iterate": s["test_acc"].get("workers_last_iterate")}
-        best = max(scores, key=lambda v: scores[v]["average"])
+        pick = max if w["score"] == "top1" else min
+        best = pick(scores, key=lambda v: scores[v]["average"])
         grids[family], chosen[family] = {"key": key, "scores": scores, "chosen": best}, best
-        print(f"[tune] {family}: {key} " + ", ".join(f"{v:g} -> {r['average']:.2f}" for v, r in scores.items()) +
+        print(f"[tune] {family}: {key} " + ", ".join(f"{v:g} -> {r['average']:.4g}" for v, r in scores.items()) +
               f"; chosen {best:g}", flush=True)
     return grids, chosen
 
@@ -109,14 +134,14 @@ def stats(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "all": values}
 
 
-def test(out: Path, chosen: dict, seeds: int) -> dict:
+def test(w: dict, out: Path, chosen: dict, seeds: int) -> dict:
     """Stage 2: every family at its chosen value, seeds 0..seeds-1; the table's rows."""
     swap_dir = out / "test" / "ema-large"
     rows: dict[str, dict] = {}
-    for family, (methods, key, _, fixed) in FAMILIES.items():
+    for family, (methods, key, _, fixed) in w["families"].items():
         run = out / "test" / family
-        compare(with_swap(methods, swap_dir / "swap", run, seeds) if family != "ema-large" else ["swap", *methods],
-                seeds, [*SETS, *fixed, f"{key}={chosen[family]}"], run)
+        compare(w["config"], with_swap(methods, swap_dir / "swap", run, seeds) if family != "ema-large"
+                else ["swap", *methods], seeds, [*w["sets"], *fixed, f"{key}={chosen[family]}"], run)
         runs = [summary(run, methods[0], s) for s in range(seeds)]
         cols = {"test_acc": stats([score(r) for r in runs]),
                 "critical_path_updates": stats([r["updates"]["critical_path"] for r in runs]),
@@ -129,9 +154,12 @@ def test(out: Path, chosen: dict, seeds: int) -> dict:
             cols["workers_last_iterate_mean"] = stats([statistics.mean(r["test_acc"]["workers_last_iterate"])
                                                        for r in runs])
             cols["above_best_worker"] = sum(score(r) > max(r["test_acc"]["workers"]) for r in runs)
+        if w["score"] == "loss":
+            cols["test_loss"] = stats([score(r, "loss") for r in runs])
         rows[family] = cols
     ref = [summary(swap_dir, "swap", s) for s in range(seeds)]
     rows["swap"] = {"test_acc": stats([score(r) for r in ref]),
+                    **({"test_loss": stats([score(r, "loss") for r in ref])} if w["score"] == "loss" else {}),
                     "critical_path_updates": stats([r["updates"]["critical_path"] for r in ref]),
                     "wall_s": stats([r["wall_s"]["total"] for r in ref]), "setting": "",
                     "best_worker": stats([max(r["test_acc"]["workers"]) for r in ref]),
@@ -142,28 +170,28 @@ def test(out: Path, chosen: dict, seeds: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="fashion")
     ap.add_argument("--out", default=str(ROOT / "runs" / "trajectory"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tune-only", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out) / "fashion"
-    grids, chosen = tune(out)
+    w, out = WORKLOADS[args.workload], Path(args.out) / args.workload
+    grids, chosen = tune(w, out)
     if args.tune_only:
         return 0
-    rows = test(out, chosen, args.seeds)
+    rows = test(w, out, chosen, args.seeds)
     machine = summary(out / "test" / "ema-large", "swap", 0)["machine"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trajectory_fashion.json").write_text(json.dumps(
-        {"workload": "fashion", "config": CONFIG, "sets": SETS, "holdout": HOLDOUT, "families": FAMILIES,
-         "grids": grids, "chosen": chosen, "rows": rows, "machine": machine}, indent=1))
-    print(f"\nfashion: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')}\n"
-          "| method | setting | test top-1 (%) | last iterate (%) | critical-path updates | wall (s) |\n"
-          "|---|---|---:|---:|---:|---:|")
+    (RESULTS / f"trajectory_{args.workload}.json").write_text(json.dumps(
+        {"workload": args.workload, **w, "grids": grids, "chosen": chosen, "rows": rows, "machine": machine}, indent=1))
+    print(f"\n{args.workload}: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')}\n"
+          "| method | setting | test loss | test top-1 (%) | last iterate (%) | critical-path updates | wall (s) |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         f = lambda k, d=2: f"{r[k]['mean']:.{d}f} +- {r[k]['std']:.{d}f}" if k in r else ""   # noqa: E731
         last = f("last_iterate") or f("workers_last_iterate_mean")
-        print(f"| {m} | {r['setting']} | {f('test_acc')} | {last} | {r['critical_path_updates']['mean']:.0f} | "
-              f"{f('wall_s', 0)} |")
+        print(f"| {m} | {r['setting']} | {f('test_loss', 3)} | {f('test_acc')} | {last} | "
+              f"{r['critical_path_updates']['mean']:.0f} | {f('wall_s', 0)} |")
     return 0
 
 

@@ -187,7 +187,8 @@ def test_a_stopped_swap_with_per_worker_lawa_resumes_to_the_uninterrupted_averag
     """``phase2.average_along: lawa`` (a snapshot every 3 updates): Ctrl-C mid-epoch in phase 2 (a
     mid-epoch checkpoint with the snapshots so far), resume: the workers' averages and SWAP's average
     over them equal the uninterrupted run's, and each worker is its LAWA."""
-    common = ["train", *SETTINGS, "--procs", "1", "--data-dir", str(real_fashion), "--set", "phase2.average_along=lawa",
+    common = ["train", *SETTINGS, "--procs", "1", "--data-dir", str(real_fashion), "--set", "phase2.layout=sequential",
+              "--set", "phase2.average_along=lawa",
               "--set", "lawa.unit=updates", "--set", "lawa.every=3", "--set", "lawa.k=3"]
     ref = tmp_path / "ref"
     assert main(common + ["--out", str(ref)]) == 0
@@ -202,3 +203,22 @@ def test_a_stopped_swap_with_per_worker_lawa_resumes_to_the_uninterrupted_averag
     s = json.loads((ref / "summary.json").read_text())
     assert s["average_along"] == {"kind": "lawa", "samples": [5, 5]}        # 16 updates: after 3, 6, ..., 15
     assert len(s["test_acc"]["workers_last_iterate"]) == 2 and s["test_acc"]["averaged"] > 50.0
+
+
+def test_the_library_returns_the_average_along_the_trajectory(tmp_path):
+    """``train_sgd`` with ``sgd.average: lawa`` returns the LAWA model (``checkpoints/sgd_average``),
+    not the last iterate; ``train_swap`` with ``phase2.average_along: ema`` averages the workers' EMAs."""
+    import swap
+    from test_optim_config import CONFIG, _quadrant_data, tiny_net
+    cfg = {**CONFIG, "sgd": {**CONFIG["sgd"], "average": "lawa"}, "lawa": {"k": 2}}
+    model, summary = swap.train_sgd(tiny_net, _quadrant_data(1024, 0), _quadrant_data(512, 1), cfg, out=tmp_path / "sgd")
+    assert summary["average"]["kind"] == "lawa" and summary["average"]["samples"] == 3       # one per epoch
+    assert _equal(model.state_dict(), _weights(tmp_path / "sgd", "sgd_average"))
+    assert not _equal(model.state_dict(), _weights(tmp_path / "sgd", "sgd"))
+    assert summary["test_acc"]["final"] > 90.0 and summary["test_acc"]["last_iterate"] > 90.0   # chance is 25%
+    cfg = {**CONFIG, "phase2": {**CONFIG["phase2"], "average_along": "ema"}, "ema": {"decay": 0.9}}
+    model, summary = swap.train_swap(tiny_net, _quadrant_data(1024, 0), _quadrant_data(512, 1), cfg, out=tmp_path / "swap")
+    assert summary["average_along"] == {"kind": "ema", "samples": [64, 64]}
+    for w in (0, 1):
+        assert _equal(_weights(tmp_path / "swap", f"worker{w}"), _weights(tmp_path / "swap", f"worker{w}_average"))
+    assert _equal(model.state_dict(), _weights(tmp_path / "swap", "swap")) and summary["test_acc"]["averaged"] > 90.0

@@ -52,7 +52,8 @@ WORKLOADS = {
         "families": {
             "ema-large": (["ema-large"], "ema.decay", [0.95, 0.98, 0.99, 0.995], []),
             "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
-            "adamw-ema": (["adamw-large"], "ema.decay", [0.98, 0.99, 0.995], ["adamw_large.average=ema"]),
+            # AdamW's EMA takes the decay chosen for SGD's (a grid of one: the value ema-large chose)
+            "adamw-ema": (["adamw-large"], "ema.decay", "ema-large", ["adamw_large.average=ema"]),
             "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
             "swap-lawa": (["swap-lawa"], "lawa.k", [3, 6, 12], ["lawa.unit=updates", "lawa.every=10"]),
         }},
@@ -64,8 +65,8 @@ WORKLOADS = {
         "families": {
             "ema-large": (["ema-large"], "ema.decay", [0.9, 0.95, 0.98], []),
             "lawa-large": (["lawa-large"], "lawa.k", [2, 4, 8], []),
-            "swap-ema": (["swap-ema"], "ema.decay", [0.9, 0.95, 0.98], []),
-            "swap-lawa": (["swap-lawa"], "lawa.k", [2, 4, 8], ["lawa.unit=updates", "lawa.every=16"]),
+            "swap-ema": (["swap-ema"], "ema.decay", [0.95, 0.98], []),
+            "swap-lawa": (["swap-lawa"], "lawa.k", [4, 8], ["lawa.unit=updates", "lawa.every=16"]),
         }},
 }
 
@@ -114,6 +115,9 @@ def tune(w: dict, out: Path) -> tuple[dict, dict]:
     compare(w["config"], ["swap"], 1, held, out / "tune" / "swap", equal_time=None)
     grids, chosen = {}, {}
     for family, (methods, key, values, fixed) in w["families"].items():
+        if isinstance(values, str):                    # the value another family chose
+            grids[family], chosen[family] = {"key": key, "inherited_from": values}, chosen[values]
+            continue
         scores = {}
         for v in values:
             run = out / "tune" / family / f"{key}={v}"

@@ -287,5 +287,5 @@ def write_report(out: str | Path, report: dict) -> None:
                  by_updates=curves["updates"])
 
 
-__all__ = ["COMPARED", "STARTS", "plan", "budgeted", "equal_time_order", "budget", "run_compare", "timeline", "time_to_target", "build_report",
-           "summary_method", "write_report"]
+__all__ = ["COMPARED", "STARTS", "plan", "budgeted", "equal_time_order", "budget", "run_compare", "timeline",
+           "time_to_target", "build_report", "summary_method", "write_report"]

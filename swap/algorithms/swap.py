@@ -226,8 +226,8 @@ def train_worker(ctx: Context, worker, w: int, resume: bool, group=None) -> dict
     end of every epoch but the last are kept (``track/``); with ``phase2.save_every = K`` every K-th
     iterate (``iterates/``). With ``phase2.average_along`` (``ema``, ``lawa``: :mod:`swap.trajectory`)
     the worker ends as its average along its trajectory, BN statistics recomputed (also saved as
-    ``workerW_average``; its last iterate's test accuracy is kept as ``last_iterate_test_acc``). With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is
-    one DistributedDataParallel model over the group's ranks, each taking its share of every batch
+    ``workerW_average``; its last iterate's test accuracy is kept as ``last_iterate_test_acc``).
+    With a ``group`` (:class:`swap.distributed.WorkerGroup`) the worker is one DistributedDataParallel model over the group's ranks, each taking its share of every batch
     of the worker's data order; the group's first rank logs and writes its checkpoints."""
     cfg, p2 = ctx.cfg, ctx.cfg.phase2
     opt = ctx.optimizer(worker, "phase2", ("phase2", w))
@@ -387,6 +387,7 @@ def summarize(ctx: Context, averaged, tested: dict, phase1: dict, workers: list[
                              **({"test_metrics": metrics} if metrics else {})})
     walls = {**walls, "total": sum(walls.values())}
     worker_accs = [r.meta["test_acc"] for r in finished]
+    last_iterates, along = _along_summary(p2.average_along, finished)
     trials = phase1.get("switch", {}).get("trial_updates", 0)
     summary = {
         "method": "swap", "phase1_optimizer": phase1.get("optimizer", p1.optimizer),
@@ -405,13 +406,8 @@ def summarize(ctx: Context, averaged, tested: dict, phase1: dict, workers: list[
         "failed_workers": {str(r.worker): r.error for r in workers if not r.finished},
         "test_acc": {"workers": worker_accs,                    # None: no accuracy on this data (soft targets)
                      "workers_mean": None if None in worker_accs else sum(worker_accs) / len(worker_accs),
-                     "averaged": averaged_acc, "phase1": phase1["test_acc"],
-                     # phase2.average_along: each worker is its own average; its last iterate's accuracy
-                     **({"workers_last_iterate": [r.meta.get("last_iterate_test_acc") for r in finished]}
-                        if p2.average_along != "none" else {})},
-        **({"average_along": {"kind": p2.average_along,
-                              "samples": [r.meta.get("average", {}).get("samples") for r in finished]}}
-           if p2.average_along != "none" else {}),
+                     "averaged": averaged_acc, "phase1": phase1["test_acc"], **last_iterates},
+        **along,
         "train_acc": {"phase1": phase1["train_acc"], "workers": [r.meta["train_acc"] for r in finished]},
         "wall_s": walls,
         "epochs": {"phase1": phase1["epoch"], "phase2": max(r.meta["epoch"] for r in finished)},
@@ -433,6 +429,16 @@ def summarize(ctx: Context, averaged, tested: dict, phase1: dict, workers: list[
     }
     ctx.write_summary(summary)
     return summary
+
+
+def _along_summary(kind: str, finished: list[WorkerResult]) -> tuple[dict, dict]:
+    """``phase2.average_along`` (each worker is its own average along its trajectory): its workers'
+    last iterates' test accuracies (for the summary's ``test_acc``) and the averages' kind and
+    samples per worker (its ``average_along``); both empty for ``none``."""
+    if kind == "none":
+        return {}, {}
+    return ({"workers_last_iterate": [r.meta.get("last_iterate_test_acc") for r in finished]},
+            {"average_along": {"kind": kind, "samples": [r.meta.get("average", {}).get("samples") for r in finished]}})
 
 
 def _phase1_traffic(ctx: Context, model, updates: int) -> dict:

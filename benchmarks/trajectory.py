@@ -25,7 +25,8 @@ phase; its LRs and phase 1's stopping loss chosen on the validation split by ``l
 scored on the loss.
 
 Finished runs are reused (the script resumes). Prints the grids and the test table and writes
-``benchmarks/results/trajectory_WORKLOAD.json``.
+``benchmarks/results/trajectory_WORKLOAD.json`` and the figure ``docs/figures/trajectory_WORKLOAD.png``
+(accuracy against critical-path updates and wall time, every method).
 """
 from __future__ import annotations
 
@@ -172,6 +173,27 @@ def test(w: dict, out: Path, chosen: dict, seeds: int) -> dict:
     return rows
 
 
+def figure(w: dict, out: Path, seeds: int, path: Path) -> None:
+    """Accuracy against critical-path updates and wall time of every method of the test stage (the
+    compare report's figure, all families in one), written to ``path``."""
+    sys.path.insert(0, str(ROOT))
+    from swap.analysis.plots import plot_compare
+    from swap.compare import timeline
+    from swap.rundir import RunDir
+
+    runs = {"swap": out / "test" / "ema-large"}
+    runs.update({methods[0] if family != "adamw-ema" else "adamw-large+ema": out / "test" / family
+                 for family, (methods, *_) in w["families"].items()})
+    curves: dict[str, dict] = {"updates": {}, "wall_s": {}}
+    for label, where in runs.items():
+        method = label.split("+")[0]
+        for seed in range(seeds):
+            run = RunDir(where / method / f"seed{seed}")
+            for x, by in curves.items():
+                by.setdefault(label, []).append(timeline(run, run.read_summary(), where, x))
+    plot_compare(curves["wall_s"], None, path, by_updates=curves["updates"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=list(WORKLOADS), default="fashion")
@@ -185,6 +207,7 @@ def main() -> int:
         return 0
     rows = test(w, out, chosen, args.seeds)
     machine = summary(out / "test" / "ema-large", "swap", 0)["machine"]
+    figure(w, out, args.seeds, ROOT / "docs" / "figures" / f"trajectory_{args.workload}.png")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"trajectory_{args.workload}.json").write_text(json.dumps(
         {"workload": args.workload, **w, "grids": grids, "chosen": chosen, "rows": rows, "machine": machine}, indent=1))

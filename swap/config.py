@@ -458,7 +458,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-#: Keys (or whole sections) added after runs were written: at their defaults they change nothing, and
+#: Keys, or whole sections, added after runs were written. At their defaults they change nothing, and
 #: a config that leaves them there keeps the hash it had before they existed (its runs still resume).
 HASHED_WHEN_SET = ("ema", "lawa", "phase2.average_along",
                    *[f"{s}.{k}" for s in ("sgd", "sgd_small", "sgd_large", "lars_large", "lamb_large", "adamw_large")

@@ -67,6 +67,8 @@ def test_readme_example_runs_as_a_script(tmp_path, real_fashion, index):
         workers = result["workers"]
         assert len(workers) == 2 and min(workers) - 1.0 < result["averaged"] < max(workers) + 1.0, result
         assert result["test_acc"] > 55.0, result                      # chance is 10%
+    elif "swap.EMA(" in EXAMPLES[index]:                              # an EMA in the user's own loop
+        assert result["samples"] == 50 and result["averaged_loss"] < result["initial_loss"], result
     elif "train_swap" in EXAMPLES[index]:                             # the printed test_acc dict
         assert len(result["workers"]) == 2 and result["averaged"] > 60.0  # 2 + 1 short epochs; chance is 10%
     if "import wandb" in EXAMPLES[index]:                             # what the callback sent (tests/stubs/wandb.py)

@@ -65,14 +65,15 @@ class Along(Callback):
         self.names = [n for n, _ in model.named_parameters()]
         if buffers == "average":
             self.names += [n for n, b in model.named_buffers() if b.is_floating_point()]
+        state = dict(model.named_parameters())
+        state.update(model.named_buffers())
+        self.sources = [state[n] for n in self.names]     # the model's tensors, found once (updated in place)
         self.count = 0                          # samples taken (EMA updates, LAWA snapshots)
 
     # ------------------------------------------------------------------ the averaged tensors
     def current(self) -> list[torch.Tensor]:
         """The model's tensors that are averaged, detached, on the average's device."""
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        out = [state[n].detach() for n in self.names]
+        out = [t.detach() for t in self.sources]
         return [t.to("cpu", copy=True) for t in out] if self.device == "cpu" else out
 
     def averaged(self) -> list[torch.Tensor]:

@@ -42,8 +42,8 @@ class DataParallel:
     threshold) ending the phase early (:func:`swap.stopping.stop_reached`); (``auto``, None): the
     automatic switch of ``phase1.stop`` (:class:`swap.algorithms.transition.AutoSwitch`).
     ``updates``: > 0, a budget of exactly that many updates instead of the epochs (the LR schedule
-    spans them; the last epoch cut short). ``average``: ``none``, or the average along the trajectory (``ema``, ``lawa``; :mod:`swap.trajectory`)
-    that the phase also returns.
+    spans them; the last epoch cut short). ``average``: ``none``, or the average along the trajectory
+    (``ema``, ``lawa``; :mod:`swap.trajectory`) that the phase also returns.
     ``section``: the config section (``phase1``, ``sgd``) whose piecewise schedule, if it has
     ``segments``, replaces the batch, the LR and the epochs (``Context.batches``). The
     optimizer is config section ``optim_section``'s (default ``section``; ``Context.optimizer``:
@@ -163,8 +163,8 @@ def finish_average(ctx: Context, along: trajectory.Along, phase: str, worker: in
         name = phase if worker is None else RunDir.worker(worker)
         save_checkpoint(ctx.run.checkpoint(f"{name}_average"), model,
                         {"config_hash": ctx.cfg.hash(), "phase": phase, "worker": worker, **result})
-        ctx.log({"phase": f"{phase}_{along.kind}", "worker": worker, "epoch": at[0], "update": at[1], "test_acc": result["test_acc"], "samples_averaged": along.count,
-                 "phase_wall_s": time.perf_counter() - t, "wall_s": time.time() - ctx.t0})
+        ctx.log({"phase": f"{phase}_{along.kind}", "worker": worker, "epoch": at[0], "update": at[1],
+                 "test_acc": result["test_acc"], "samples_averaged": along.count, "phase_wall_s": time.perf_counter() - t, "wall_s": time.time() - ctx.t0})
     return model, result
 
 

@@ -20,7 +20,7 @@ def is_import_path(value) -> bool:
 
 
 # Packages of the optional extras: a module that needs one and lacks it is named with the extra to install
-EXTRAS = {"transformers": "hf", "tensorboard": "tensorboard", "mlflow": "mlflow", "lightning": "lightning", "ray": "ray"}
+EXTRAS = {"transformers": "hf", "accelerate": "hf", "tensorboard": "tensorboard", "mlflow": "mlflow", "lightning": "lightning", "ray": "ray"}
 
 
 def install_hint(exc: BaseException) -> str:

@@ -46,10 +46,11 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
 
 from .averaging import distributed_average_, recompute_bn
-from .data.loader import pass_slices, stream_seed
+from .data.loader import WorkerOrder, pass_slices, stream_seed
+from .distributed import teardown
 from .errors import SwapError
 from .optim.lr import apply_lr, record_lr_scales
 from .schedules import warmup_decay
@@ -66,27 +67,6 @@ except ModuleNotFoundError as exc:                 # one line naming the extra
     raise ModuleNotFoundError("swap.lightning needs Lightning; pip install 'swap[lightning]'", name="lightning") from None
 
 SCHEDULES = ("linear", "cosine", "constant")
-
-
-class WorkerOrder(Sampler[int]):
-    """A phase-2 worker's order: every index of a dataset of ``size`` samples, permuted anew each
-    epoch by ``(seed, "phase2", worker, epoch)`` (``swap.data.loader.stream_seed``).
-
-    ``epoch`` is set before each epoch; ``skip`` samples are left out of the next pass only (a
-    resumed epoch continues where its checkpoint was written).
-    """
-
-    def __init__(self, size: int, seed: int, worker: int):
-        self.size, self.seed, self.worker = size, seed, worker
-        self.epoch, self.skip = 0, 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(stream_seed(self.seed, "phase2", self.worker, self.epoch))
-        start, self.skip = self.skip, 0
-        return iter(torch.randperm(self.size, generator=gen)[start:].tolist())
 
 
 class _Recorder:
@@ -240,7 +220,7 @@ class SWAP(Callback):
                 raise SwapError(f"SWAP was written for Lightning 2.5-2.6; this Lightning ({pl.__version__}) "
                                 f"has no fit_loop.{attr}")
         self._world, self._rank = trainer.world_size, trainer.global_rank
-        atexit.register(_destroy_process_group)
+        atexit.register(teardown)     # else gloo can abort the rank at exit
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
@@ -450,14 +430,6 @@ class SWAP(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
-
-
-def _destroy_process_group() -> None:
-    """At interpreter exit: end the process group Lightning leaves open. Without it a CPU (gloo) rank
-    sometimes aborts after ``fit`` and ``test`` return ("terminate called without an active
-    exception": a thread of the group destroyed unjoined at exit)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class _recording:

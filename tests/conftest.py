@@ -20,6 +20,7 @@ settings.register_profile("fuzz", max_examples=500, derandomize=False, deadline=
 settings.load_profile("ci")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
@@ -87,6 +88,13 @@ def real_fashion():
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST missing in {FASHION_DIR}: `make test` installs it (dataset-fashion-mnist)")
     return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def real_fortunes():
+    if not FORTUNES_DIR.is_dir():
+        pytest.fail(f"Debian's fortunes missing in {FORTUNES_DIR}: `make test` installs it (fortunes)")
+    return FORTUNES_DIR
 
 
 def live_processes() -> list[dict]:
@@ -258,7 +266,7 @@ def abs_resize_runs(tmp_path_factory, real_fashion):
 
 # Fixtures that mean a test trains on real data or in several processes: its tests are end to end
 # (`make test` runs them; `make test-fast` leaves them out)
-END_TO_END_FIXTURES = {"real_fashion", "abs_resize_runs"}
+END_TO_END_FIXTURES = {"real_fashion", "real_fortunes", "abs_resize_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Sampler
 
 from ..errors import SwapError
 from ..schedules import Segment
@@ -25,6 +26,32 @@ def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple such as (seed, "phase2", worker, epoch); stable across runs."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class WorkerOrder(Sampler[int]):
+    """A phase-2 worker's order in a map-style dataset (the Lightning callback's and the Hugging Face
+    Trainer's phase 2): every index of a dataset of ``size`` samples, permuted anew each epoch by
+    ``(seed, "phase2", worker, epoch)`` (:func:`stream_seed`).
+
+    ``epoch`` is set before each epoch; ``skip`` samples are left out of the next pass only (a
+    resumed epoch continues where its checkpoint was written).
+    """
+
+    def __init__(self, size: int, seed: int, worker: int):
+        self.size, self.seed, self.worker = size, seed, worker
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch (0-based) of the next pass (``DistributedSampler``'s name, which data loaders call)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, "phase2", self.worker, self.epoch))
+        start, self.skip = self.skip, 0
+        return iter(torch.randperm(self.size, generator=gen)[start:].tolist())
 
 
 def epoch_order(seed_parts: tuple, epoch: int, n: int) -> tuple[torch.Generator, torch.Tensor]:
@@ -366,4 +393,4 @@ class UpdateBudget:
         return itertools.islice(self.inner.epoch(epoch, start), max(0, self.shape(epoch)[1] - start))
 
 
-__all__ = ["PiecewiseLoader", "UpdateBudget", "stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]
+__all__ = ["PiecewiseLoader", "UpdateBudget", "WorkerOrder", "stream_seed", "epoch_order", "pass_slices", "subset_indices", "Augment", "Loader", "eval_batches"]

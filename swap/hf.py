@@ -341,7 +341,7 @@ class SWAPTrainer(Trainer):
 
     def get_train_dataloader(self):
         """Phase 1: the Trainer's. Phase 2: this worker's own order over every training sample
-        (:class:`WorkerOrder`) at ``phase2_batch_size``, not sharded over the ranks."""
+        (:class:`swap.data.loader.WorkerOrder`) at ``phase2_batch_size``, not sharded over the ranks."""
         if self.swap_phase == 1:
             return super().get_train_dataloader()
         s = self._swap

@@ -139,3 +139,31 @@ def test_a_missing_accelerate_is_named_in_one_line():
             "try:\n    import swap.hf\nexcept ModuleNotFoundError as e:\n    print(e)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "swap.hf needs accelerate; pip install 'swap[hf]'", done.stderr[-2000:]
+
+
+# ---- the example, as users launch it -----------------------------------------------------------------------
+SMALL = ["--epochs", "3", "--switch-epoch", "2", "--train-subset", "1024", "--eval-subset", "256"]
+
+
+def test_the_example_with_swap_under_accelerate_launch(tmp_path, real_fortunes):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo): phase 1 two epochs of 8
+    updates at 2 x 64, phase 2 one worker epoch of 16 updates at 64; the averaged model's held-out loss
+    is below its workers' mean."""
+    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "examples/hf_trainer_fortunes.py", str(tmp_path), "--swap", *SMALL],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["method"] == "swap" and result["steps"] == 2 * 8 + 16
+    assert result["phase1"]["steps"] == 16
+    assert result["eval_loss"] < sum(result["workers_eval_loss"]) / 2 and result["eval_loss"] < 4.0
+
+
+def test_the_example_with_the_trainer_alone(tmp_path, real_fortunes, capsys):
+    """The same script without ``--swap``, in one process: the Trainer's own run of 3 epochs."""
+    from examples.hf_trainer_fortunes import main
+
+    result = main([str(tmp_path), *SMALL, "--batch", "128"])
+    assert result["method"] == "trainer" and result["steps"] == 3 * 8 and result["eval_loss"] < 4.5
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

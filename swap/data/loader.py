@@ -31,7 +31,7 @@ def stream_seed(*parts: int | str) -> int:
 class WorkerOrder(Sampler[int]):
     """A phase-2 worker's order in a map-style dataset (the Lightning callback's and the Hugging Face
     Trainer's phase 2): every index of a dataset of ``size`` samples, permuted anew each epoch by
-    ``(seed, "phase2", worker, epoch)`` (:func:`stream_seed`).
+    ``(seed, "phase2", worker, epoch)`` (:func:`swap.data.loader.stream_seed`).
 
     ``epoch`` is set before each epoch; ``skip`` samples are left out of the next pass only (a
     resumed epoch continues where its checkpoint was written).

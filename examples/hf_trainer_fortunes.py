@@ -79,4 +79,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from swap.distributed import teardown
     main()
+    teardown()      # leave the process group while the interpreter is whole (else gloo can abort at exit)

@@ -57,6 +57,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -480,7 +481,7 @@ class _Phases(TrainerCallback):
         if t.args.process_index == 0:
             state = {"phase": t.swap_phase, "switch_reached": self.switch_reached, "start_step": self.start_step,
                      "start_epoch": self.start_epoch, "world_size": t.args.world_size, "seed": self.seed}
-            _atomic(os.path.join(folder, STATE_FILE), lambda p: open(p, "w").write(json.dumps(state)))
+            _atomic(os.path.join(folder, STATE_FILE), lambda p: Path(p).write_text(json.dumps(state)))
         if dist.is_initialized():
             dist.barrier()                     # every worker is on disk before trainer_state.json
 

@@ -1,6 +1,7 @@
-"""The ranks of tests/test_hf_trainer.py: ``torchrun --nproc-per-node 2 tests/hf_ranks.py OUT``.
+"""The ranks of tests/test_hf_trainer.py: ``accelerate launch --multi_gpu --num_processes 2
+tests/hf_ranks.py OUT EXAMPLE_ARGS...`` (accelerate's launcher starts the ranks through torchrun's).
 
-One launch, four trainings of the example's GPT-2 (dropout 0.1) on fortunes (1,024 training windows of
+One launch, five trainings of the example's GPT-2 (dropout 0.1) on fortunes (1,024 training windows of
 65 bytes, 256 held-out) with :class:`swap.hf.SWAPTrainer` in the same two processes. Rank 0 writes
 what the test asserts on to ``OUT/results.pt``:
 
@@ -13,6 +14,10 @@ what the test asserts on to ``OUT/results.pt``:
   updates 72 (mid phase-2 epoch) and 48 (a phase-2 epoch's end): their final weights;
 - ``metric_ema``: the switch after the first evaluation (every 8 updates) whose loss is <= 4.5 nats
   per byte, one phase-2 epoch, each worker its own EMA: the switch step, the EMA's samples, metrics.
+- ``step_lawa_bn``: a small MLP with a BatchNorm layer (its own loss) on 512 fixed random samples, the
+  switch at update 5, two phase-2 epochs of 16 updates, each worker its own LAWA of its two epoch-end
+  weights: every worker's weights at each phase-2 epoch's end (gathered from both ranks), the final
+  weights, the training inputs.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from torch.utils.data import Subset
 from transformers import GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
 from examples.hf_fortunes import byte_windows, gpt2
+from examples.hf_trainer_fortunes import main as example
 from swap.hf import SWAPArguments, SWAPTrainer
 
-OUT = Path(sys.argv[1])
+OUT, EXAMPLE_ARGS = Path(sys.argv[1]), sys.argv[2:]
 TRAIN, HELD_OUT, BATCH = 1024, 256, 32
 
 
@@ -104,5 +110,50 @@ ema = trainer(OUT / "metric_ema", SWAPArguments(switch_metric="eval_loss", stop_
 ema.train()
 results["metric_ema"] = {"log": ema.state.log_history, "start_step": ema._swap.start_step,
                          "samples": ema._swap.along.count, "metrics": ema.swap_metrics, "steps": ema.state.global_step}
+
+
+class BNNet(torch.nn.Module):
+    """16 features -> Linear(32) -> BatchNorm1d -> ReLU -> Linear(4), its cross-entropy as ``loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.relu(self.bn(self.fc1(x))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class EpochEnds(TrainerCallback):
+    """Each phase-2 epoch's end weights of this rank's worker, taken before SWAP's own callback runs."""
+
+    def __init__(self, trainer):
+        self.trainer, self.ends = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        s = self.trainer._swap
+        if self.trainer.swap_phase == 2 and (state.global_step - s.start_step) % s.steps_per_epoch == 0:
+            self.ends.append(weights(self.trainer.model))
+
+
+g = torch.Generator().manual_seed(0)
+xs = torch.randn(512, 16, generator=g) * 3 + 1
+ys = (xs @ torch.randn(16, 4, generator=g)).argmax(1)
+rows = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+torch.manual_seed(0)
+bn_run = SWAPTrainer(model=BNNet(), args=TrainingArguments(
+    output_dir=str(OUT / "step_lawa_bn"), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-2,
+    report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no", eval_strategy="no"),
+    train_dataset=rows, swap_args=SWAPArguments(switch_step=5, phase2_epochs=2, phase2_lr=1e-2,
+                                                average_along="lawa", along_options={"k": 2}))
+ends = EpochEnds(bn_run)
+bn_run.callback_handler.callbacks.insert(0, ends)
+bn_run.train()
+every_ends = [None] * dist.get_world_size()
+dist.all_gather_object(every_ends, ends.ends)
+results["step_lawa_bn"] = {"start_step": bn_run._swap.start_step, "steps": bn_run.state.global_step,
+                           "phase": bn_run.swap_phase, "ends": every_ends, "weights": weights(bn_run.model),
+                           "x": xs}
+results["example"] = example([str(OUT / "example"), "--swap", *EXAMPLE_ARGS])
 if dist.get_rank() == 0:
     torch.save(results, OUT / "results.pt")

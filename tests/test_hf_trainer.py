@@ -1,6 +1,6 @@
 """SWAP in the Hugging Face Trainer (swap.hf.SWAPTrainer): two ranks on CPU (gloo) on Debian's fortunes,
-in one torchrun launch shared by the tests (tests/hf_ranks.py); misuse refused in this process; the
-example script under ``accelerate launch``."""
+in one ``accelerate launch`` shared by the tests (tests/hf_ranks.py; the example script's SWAP run is
+its last training); misuse refused in this process; the example without SWAP in this process."""
 from __future__ import annotations
 
 import json
@@ -21,16 +21,25 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+# the example script's arguments in the tests: phase 1 two epochs of 8 updates at 2 x 64, phase 2 one
+# worker epoch of 16 updates at 64
+SMALL = ["--epochs", "3", "--switch-epoch", "2", "--train-subset", "1024", "--eval-subset", "256"]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, real_fortunes):
-    """What rank 0 of tests/hf_ranks.py wrote: four trainings of GPT-2 with SWAPTrainer on 2 ranks."""
+    """What rank 0 of tests/hf_ranks.py wrote: five trainings of GPT-2 with SWAPTrainer on 2 ranks
+    started by ``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo), the printed
+    result of the example's among them."""
     out = tmp_path_factory.mktemp("hf_trainer")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(ROOT / "tests" / "hf_ranks.py"), str(out)],
+    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(ROOT / "tests" / "hf_ranks.py"), str(out), *SMALL],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "terminate called" not in done.stderr
-    return {"out": out, **torch.load(out / "results.pt", weights_only=False)}
+    printed = json.loads(done.stdout.strip().splitlines()[-1])          # rank 0's line, as users see it
+    return {"out": out, "printed": printed, **torch.load(out / "results.pt", weights_only=False)}
 
 
 def test_the_average_is_evaluated_saved_and_not_worse_than_its_workers(ranks):
@@ -90,6 +99,25 @@ def test_the_switch_at_a_stopping_loss_with_each_worker_its_own_ema(ranks):
     assert run["metrics"]["average"]["loss"] <= sum(workers) / 2
 
 
+def test_a_switch_at_an_update_with_lawa_workers_and_bn_statistics_recomputed(ranks):
+    """switch_step 5, two phase-2 epochs of 16 updates, each worker its LAWA of its two epoch-end weights:
+    the averaged parameters are the mean over workers and epochs of those weights (taken independently
+    by a callback); the BN layer's running statistics are the exact mean and unbiased variance of its
+    inputs over every training sample under the averaged weights."""
+    run = ranks["step_lawa_bn"]
+    assert run["start_step"] == 5 and run["steps"] == 5 + 2 * 16 and run["phase"] == 3
+    ends = run["ends"]
+    assert [len(e) for e in ends] == [2, 2]
+    final = run["weights"]
+    for name in ("fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"):
+        expected = torch.stack([e[name] for worker in ends for e in worker]).mean(0)
+        assert torch.allclose(final[name], expected, atol=1e-6), name
+    assert not torch.equal(ends[0][1]["fc1.weight"], ends[1][1]["fc1.weight"])
+    inputs = (run["x"].double() @ final["fc1.weight"].double().T + final["fc1.bias"].double())
+    assert torch.allclose(final["bn.running_mean"].double(), inputs.mean(0), atol=1e-5)
+    assert torch.allclose(final["bn.running_var"].double(), inputs.var(0), rtol=1e-5)
+
+
 # ---- misuse: refused before any update, one line ---------------------------------------------------------
 def _trainer(tmp_path, swap_args, **args):
     rows = [{"input_ids": w, "labels": w} for w in torch.randint(0, 256, (64, 65), generator=torch.Generator().manual_seed(0))]
@@ -142,19 +170,11 @@ def test_a_missing_accelerate_is_named_in_one_line():
 
 
 # ---- the example, as users launch it -----------------------------------------------------------------------
-SMALL = ["--epochs", "3", "--switch-epoch", "2", "--train-subset", "1024", "--eval-subset", "256"]
-
-
-def test_the_example_with_swap_under_accelerate_launch(tmp_path, real_fortunes):
-    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo): phase 1 two epochs of 8
-    updates at 2 x 64, phase 2 one worker epoch of 16 updates at 64; the averaged model's held-out loss
-    is below its workers' mean."""
-    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-                           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "examples/hf_trainer_fortunes.py", str(tmp_path), "--swap", *SMALL],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+def test_the_example_with_swap_under_accelerate_launch(ranks):
+    """The example's SWAP run in the ``accelerate launch`` of the fixture: 2 x 8 phase-1 updates, 16 of
+    phase 2; the averaged model's held-out loss is below its workers' mean; rank 0 printed the result."""
+    result = ranks["example"]
+    assert ranks["printed"] == result
     assert result["method"] == "swap" and result["steps"] == 2 * 8 + 16
     assert result["phase1"]["steps"] == 16
     assert result["eval_loss"] < sum(result["workers_eval_loss"]) / 2 and result["eval_loss"] < 4.0

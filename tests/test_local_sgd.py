@@ -142,8 +142,9 @@ def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_
     assert [resumed(7, 74.0), resumed(8, 75.08)] == [False, True]
 
 
+AUTO_MAX_EPOCHS = 9
 AUTO = ["data.train_subset=3072", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
-        "phase1.max_epochs=14", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
+        f"phase1.max_epochs={AUTO_MAX_EPOCHS}", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
         "phase1.stop.every=2", "phase2.epochs=1", "phase2.batch_size=128", "phase2.layout=sequential"]
 
 
@@ -164,11 +165,11 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     assert summary["switch"]["rule"] == signal_name and summary["switch"]["epoch"] == stop == len(phase1)
     read = [r for r in phase1 if key in r]                      # no reading at phase 1's last epoch
     every = 1 if signal_name == "holdout" else 2
-    assert [r["epoch"] for r in read] == [e for e in range(1, min(stop + 1, 14))
+    assert [r["epoch"] for r in read] == [e for e in range(1, min(stop + 1, AUTO_MAX_EPOCHS))
                                           if signal_name == "holdout" or (e > 2 and e % every == 0)]
     rule = HeldOutPeak(window=2, min_delta=0.0, after_epoch=2)
     decisions = [rule(r["epoch"], r[key]) for r in read]
-    assert decisions == [False] * (len(read) - 1) + [stop < 14], decisions
+    assert decisions == [False] * (len(read) - 1) + [stop < AUTO_MAX_EPOCHS], decisions
     assert [r[key] for r in read] != [r["test_acc"] for r in read]
     assert summary["updates"]["phase1"] == stop * 2048 // 512            # 3,072 less the 1,024 held out
     trial_updates = len(read) * trial if signal_name == "trials" else 0

@@ -1,9 +1,10 @@
-"""The ranks of tests/test_hf_trainer.py: ``accelerate launch --multi_gpu --num_processes 2
-tests/hf_ranks.py OUT EXAMPLE_ARGS...`` (accelerate's launcher starts the ranks through torchrun's).
+"""The ranks of tests/test_hf_trainer.py, in two launches as users start them:
+``torchrun --nproc-per-node 2 tests/hf_ranks.py OUT runs`` and ``accelerate launch --multi_gpu
+--num_processes 2 tests/hf_ranks.py OUT options EXAMPLE_ARGS...``.
 
-One launch, five trainings of the example's GPT-2 (dropout 0.1) on fortunes (1,024 training windows of
+Five trainings of the example's GPT-2 (dropout 0.1) on fortunes (1,024 training windows of
 65 bytes, 256 held-out) with :class:`swap.hf.SWAPTrainer` in the same two processes. Rank 0 writes
-what the test asserts on to ``OUT/results.pt``:
+what the tests assert on to ``OUT/{part}.pt``. Part ``runs``:
 
 - ``full``: switch at epoch 1 of 3 (phase 1: 16 updates at 2 x 32; phase 2: 2 worker epochs of 32
   updates at 32, constant LR 3e-3), a checkpoint every 24 updates, an evaluation each epoch (the workers' in phase 2);
@@ -11,7 +12,10 @@ what the test asserts on to ``OUT/results.pt``:
   the end of phase 2 (from the last phase-2 checkpoint's files), the averaged weights, the metrics, the
   log history, and the held-out loss of the saved model reloaded with ``from_pretrained``;
 - ``resumed_mid`` / ``resumed_edge``: new trainers resumed from the full run's checkpoints of
-  updates 72 (mid phase-2 epoch) and 48 (a phase-2 epoch's end): their final weights;
+  updates 72 (mid phase-2 epoch) and 48 (a phase-2 epoch's end): their final weights.
+
+Part ``options``:
+
 - ``metric_ema``: the switch after the first evaluation (every 8 updates) whose loss is <= 4.5 nats
   per byte, one phase-2 epoch, each worker its own EMA: the switch step, the EMA's samples, metrics.
 - ``step_lawa_bn``: a small MLP with a BatchNorm layer (its own loss) on 512 fixed random samples, the
@@ -33,7 +37,7 @@ from examples.hf_fortunes import byte_windows, gpt2
 from examples.hf_trainer_fortunes import main as example
 from swap.hf import SWAPArguments, SWAPTrainer
 
-OUT, EXAMPLE_ARGS = Path(sys.argv[1]), sys.argv[2:]
+OUT, PART, EXAMPLE_ARGS = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 TRAIN, HELD_OUT, BATCH = 1024, 256, 32
 
 
@@ -80,38 +84,6 @@ def held_out_loss(model) -> float:
         return sum(model(**b).loss.double().item() * len(b["labels"]) for b in rows) / HELD_OUT
 
 
-results = {}
-full_args = SWAPArguments(switch_epoch=1, phase2_lr=3e-3, phase2_schedule="constant")
-run = trainer(OUT / "full", full_args, 3, save_strategy="steps", save_steps=24, eval_strategy="epoch")
-count = CountAllReduce(run)
-run.add_callback(count)
-run.train()
-run.save_model(str(OUT / "full" / "final"))
-dist.barrier()
-if dist.get_rank() == 0:
-    from safetensors.torch import load_file
-    last = OUT / "full" / "checkpoint-72"
-    results["full"] = {
-        "counts": count.counts, "phase": run.swap_phase, "metrics": run.swap_metrics, "weights": weights(run.model),
-        "log": run.state.log_history, "steps": run.state.global_step,
-        "workers_at_72": [load_file(last / f"swap_worker{r}.safetensors") for r in range(2)],
-        "reloaded_loss": held_out_loss(GPT2LMHeadModel.from_pretrained(OUT / "full" / "final")),
-        "files_80": sorted(p.name for p in (OUT / "full" / "checkpoint-80").iterdir())}
-
-for name, step in (("resumed_mid", 72), ("resumed_edge", 48)):
-    again = trainer(OUT / name, full_args, 3, save_strategy="steps", save_steps=24, eval_strategy="epoch")
-    again.train(resume_from_checkpoint=str(OUT / "full" / f"checkpoint-{step}"))
-    results[name] = {"weights": weights(again.model), "phase": again.swap_phase}
-
-ema = trainer(OUT / "metric_ema", SWAPArguments(switch_metric="eval_loss", stop_value=4.5, greater_is_better=False,
-                                               phase2_epochs=1, phase2_lr=1e-3, average_along="ema",
-                                               along_options={"decay": 0.9}), 3,
-              eval_strategy="steps", eval_steps=8, save_strategy="no")
-ema.train()
-results["metric_ema"] = {"log": ema.state.log_history, "start_step": ema._swap.start_step,
-                         "samples": ema._swap.along.count, "metrics": ema.swap_metrics, "steps": ema.state.global_step}
-
-
 class BNNet(torch.nn.Module):
     """16 features -> Linear(32) -> BatchNorm1d -> ReLU -> Linear(4), its cross-entropy as ``loss``."""
 
@@ -136,24 +108,67 @@ class EpochEnds(TrainerCallback):
             self.ends.append(weights(self.trainer.model))
 
 
-g = torch.Generator().manual_seed(0)
-xs = torch.randn(512, 16, generator=g) * 3 + 1
-ys = (xs @ torch.randn(16, 4, generator=g)).argmax(1)
-rows = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
-torch.manual_seed(0)
-bn_run = SWAPTrainer(model=BNNet(), args=TrainingArguments(
-    output_dir=str(OUT / "step_lawa_bn"), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-2,
-    report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no", eval_strategy="no"),
-    train_dataset=rows, swap_args=SWAPArguments(switch_step=5, phase2_epochs=2, phase2_lr=1e-2,
-                                                average_along="lawa", along_options={"k": 2}))
-ends = EpochEnds(bn_run)
-bn_run.callback_handler.callbacks.insert(0, ends)
-bn_run.train()
-every_ends = [None] * dist.get_world_size()
-dist.all_gather_object(every_ends, ends.ends)
-results["step_lawa_bn"] = {"start_step": bn_run._swap.start_step, "steps": bn_run.state.global_step,
-                           "phase": bn_run.swap_phase, "ends": every_ends, "weights": weights(bn_run.model),
-                           "x": xs}
-results["example"] = example([str(OUT / "example"), "--swap", *EXAMPLE_ARGS])
+def runs() -> dict:
+    """The full run, its checkpoints, and two runs resumed from them."""
+    results = {}
+    full_args = SWAPArguments(switch_epoch=1, phase2_lr=3e-3, phase2_schedule="constant")
+    run = trainer(OUT / "full", full_args, 3, save_strategy="steps", save_steps=24, eval_strategy="epoch")
+    count = CountAllReduce(run)
+    run.add_callback(count)
+    run.train()
+    run.save_model(str(OUT / "full" / "final"))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        from safetensors.torch import load_file
+        last = OUT / "full" / "checkpoint-72"
+        results["full"] = {
+            "counts": count.counts, "phase": run.swap_phase, "metrics": run.swap_metrics,
+            "weights": weights(run.model), "log": run.state.log_history, "steps": run.state.global_step,
+            "workers_at_72": [load_file(last / f"swap_worker{r}.safetensors") for r in range(2)],
+            "reloaded_loss": held_out_loss(GPT2LMHeadModel.from_pretrained(OUT / "full" / "final")),
+            "files_80": sorted(p.name for p in (OUT / "full" / "checkpoint-80").iterdir())}
+
+    for name, step in (("resumed_mid", 72), ("resumed_edge", 48)):
+        again = trainer(OUT / name, full_args, 3, save_strategy="steps", save_steps=24, eval_strategy="epoch")
+        again.train(resume_from_checkpoint=str(OUT / "full" / f"checkpoint-{step}"))
+        results[name] = {"weights": weights(again.model), "phase": again.swap_phase}
+    return results
+
+
+def options() -> dict:
+    """The metric switch with EMA workers, the step switch with LAWA workers on a BN model, the example."""
+    results = {}
+    ema = trainer(OUT / "metric_ema", SWAPArguments(switch_metric="eval_loss", stop_value=4.5, greater_is_better=False,
+                                                   phase2_epochs=1, phase2_lr=1e-3, average_along="ema",
+                                                   along_options={"decay": 0.9}), 3,
+                  eval_strategy="steps", eval_steps=8, save_strategy="no")
+    ema.train()
+    results["metric_ema"] = {"log": ema.state.log_history, "start_step": ema._swap.start_step,
+                             "samples": ema._swap.along.count, "metrics": ema.swap_metrics,
+                             "steps": ema.state.global_step}
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(512, 16, generator=g) * 3 + 1
+    ys = (xs @ torch.randn(16, 4, generator=g)).argmax(1)
+    rows = [{"x": x, "labels": y} for x, y in zip(xs, ys)]
+    torch.manual_seed(0)
+    bn_run = SWAPTrainer(model=BNNet(), args=TrainingArguments(
+        output_dir=str(OUT / "step_lawa_bn"), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-2,
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no", eval_strategy="no"),
+        train_dataset=rows, swap_args=SWAPArguments(switch_step=5, phase2_epochs=2, phase2_lr=1e-2,
+                                                    average_along="lawa", along_options={"k": 2}))
+    ends = EpochEnds(bn_run)
+    bn_run.callback_handler.callbacks.insert(0, ends)
+    bn_run.train()
+    every_ends = [None] * dist.get_world_size()
+    dist.all_gather_object(every_ends, ends.ends)
+    results["step_lawa_bn"] = {"start_step": bn_run._swap.start_step, "steps": bn_run.state.global_step,
+                               "phase": bn_run.swap_phase, "ends": every_ends, "weights": weights(bn_run.model),
+                               "x": xs}
+    results["example"] = example([str(OUT / "example"), "--swap", *EXAMPLE_ARGS])
+    return results
+
+
+results = {"runs": runs, "options": options}[PART]()
 if dist.get_rank() == 0:
-    torch.save(results, OUT / "results.pt")
+    torch.save(results, OUT / f"{PART}.pt")

@@ -1,6 +1,7 @@
 """SWAP in the Hugging Face Trainer (swap.hf.SWAPTrainer): two ranks on CPU (gloo) on Debian's fortunes,
-in one ``accelerate launch`` shared by the tests (tests/hf_ranks.py; the example script's SWAP run is
-its last training); misuse refused in this process; the example without SWAP in this process."""
+in a ``torchrun`` and an ``accelerate launch`` shared by the tests (tests/hf_ranks.py; the example
+script's SWAP run is the last training of the second); misuse refused in this process; the example
+without SWAP in this process."""
 from __future__ import annotations
 
 import json
@@ -28,18 +29,23 @@ SMALL = ["--epochs", "3", "--switch-epoch", "2", "--train-subset", "1024", "--ev
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, real_fortunes):
-    """What rank 0 of tests/hf_ranks.py wrote: five trainings of GPT-2 with SWAPTrainer on 2 ranks
-    started by ``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo), the printed
-    result of the example's among them."""
+    """What rank 0 of tests/hf_ranks.py wrote: GPT-2 trained with SWAPTrainer on 2 ranks on CPU (gloo),
+    part ``runs`` started by ``torchrun --nproc-per-node 2``, part ``options`` (the example's SWAP run
+    among them) by ``accelerate launch --multi_gpu --num_processes 2``."""
     out = tmp_path_factory.mktemp("hf_trainer")
-    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-                           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           str(ROOT / "tests" / "hf_ranks.py"), str(out), *SMALL],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "terminate called" not in done.stderr
-    printed = json.loads(done.stdout.strip().splitlines()[-1])          # rank 0's line, as users see it
-    return {"out": out, "printed": printed, **torch.load(out / "results.pt", weights_only=False)}
+    script = str(ROOT / "tests" / "hf_ranks.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    results = {"out": out}
+    for launch, part in ((torchrun, "runs"), (accelerate, "options")):
+        done = subprocess.run([*launch, script, str(out), part, *SMALL], cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "terminate called" not in done.stderr
+        results.update(torch.load(out / f"{part}.pt", weights_only=False))
+    results["printed"] = json.loads(done.stdout.strip().splitlines()[-1])    # rank 0's line, as users see it
+    return results
 
 
 def test_the_average_is_evaluated_saved_and_not_worse_than_its_workers(ranks):
@@ -171,7 +177,7 @@ def test_a_missing_accelerate_is_named_in_one_line():
 
 # ---- the example, as users launch it -----------------------------------------------------------------------
 def test_the_example_with_swap_under_accelerate_launch(ranks):
-    """The example's SWAP run in the ``accelerate launch`` of the fixture: 2 x 8 phase-1 updates, 16 of
+    """The example's SWAP run (its ``main``) in the ``accelerate launch`` of the fixture: 2 x 8 phase-1 updates, 16 of
     phase 2; the averaged model's held-out loss is below its workers' mean; rank 0 printed the result."""
     result = ranks["example"]
     assert ranks["printed"] == result

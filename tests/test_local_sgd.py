@@ -220,7 +220,7 @@ def test_swap_with_the_automatic_switch_stops_where_its_rule_says_and_logs_the_n
     summary, records = train_quick(tmp_path / "run", real_fashion, 2, "data.train_subset=4096", "data.test_subset=300",
                                    "phase1.batch_size=512", "phase1.max_epochs=15", "phase1.warmup_epochs=2",
                                    "phase1.stop.metric=auto", "phase1.stop.signal=plateau", "phase2.epochs=1",
-                                   "phase2.batch_size=128")
+                                   "phase2.batch_size=128", "phase2.layout=sequential")   # phase 1 is tested here
     losses = [r["train_loss"] for r in records if r["phase"] == "phase1"]
     stop = summary["epochs"]["phase1"]
     assert summary["switch"]["rule"] == "plateau" and summary["switch"]["epoch"] == stop == len(losses)

@@ -34,6 +34,7 @@ demo: data
 # (`# nosec BXXX`) under a comment that gives the reason
 test: data docs
 	$(BIN)/bandit -q -r swap
+	$(BIN)/python -m compileall -q swap examples tests >/dev/null    # .pyc once: each test's processes import them
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # The unit tests without the end-to-end runs (tests marked e2e in tests/conftest.py): the development loop

@@ -11,10 +11,12 @@ Peak LRs are chosen on a validation split (the last 1,024 training windows, seed
 then 3 seeds each on the held-out tail. Also the cost of SWAPTrainer per phase-1 update: its phase 1's
 seconds per update over ``trainer-large``'s (the same updates), median over the seeds.
 
-    .venv/bin/python benchmarks/hf_trainer.py          # ~10 minutes on 2 cores; writes results/hf_trainer.json
+    .venv/bin/python benchmarks/hf_trainer.py             # ~20 minutes on 2 cores; writes results/hf_trainer.json
+    .venv/bin/python benchmarks/hf_trainer.py --table     # the BENCHMARKS table of the results file
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "hf_trainer.json"
 COMMON = ["--train-subset", "4096", "--eval-subset", "1024", "--epochs", "4"]
 METHODS = {"trainer-small": ["--batch", "32"], "trainer-large": ["--batch", "64"],
            "trainer-large-cp": ["--batch", "64", "--max-steps", "160"],
@@ -50,7 +54,7 @@ def run(args: list[str]) -> dict:
     return result
 
 
-def main() -> None:
+def measure() -> None:
     tuning = {}
     for name in ("trainer-small", "trainer-large"):
         tuning[name] = {lr: run(METHODS[name] + [flag, lr, "--validation"])["eval_loss"] for flag, lr in GRID[name]}
@@ -75,14 +79,43 @@ def main() -> None:
     cost = [(s["phase1"]["train_s"] / s["phase1"]["steps"]) / (t["train_s"] / t["steps"])
             for s, t in zip(results["swap"], results["trainer-large"])]
     report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": _cpu(),
+              "transformers": metadata.version("transformers"), "accelerate": metadata.version("accelerate"),
               "command": "python benchmarks/hf_trainer.py", "lr": lr, "tuning": tuning, "rows": rows,
               "phase1_cost_ratio": {"median": statistics.median(cost), "each": cost}, "runs": results}
-    out = ROOT / "benchmarks" / "results" / "hf_trainer.json"
-    out.write_text(json.dumps(report, indent=1))
-    for name, row in rows.items():
-        print(f"{name:17s} {row['eval_loss_mean']:.4f} ± {row['eval_loss_sd']:.4f}  updates {row['updates']}  "
-              f"wall {row['wall_s_mean']:.1f} s")
-    print("phase-1 seconds per update, SWAPTrainer / Trainer:", [round(c, 3) for c in cost], "->", out)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print("->", RESULTS)
+
+
+def table(r: dict) -> str:
+    """The BENCHMARKS section of a results file (Markdown)."""
+    rows, lr = r["rows"], r["lr"]
+    names = {"trainer-small": f"Trainer, small batch (2 x 32), peak LR {lr['trainer-small']}",
+             "trainer-large": f"Trainer, large batch (2 x 64), peak LR {lr['trainer-large']}",
+             "trainer-large-cp": "Trainer, large batch, for SWAP's critical-path updates",
+             "swap": f"SWAPTrainer: phase 1 as the large batch for 3 epochs, 1 worker epoch at 64, "
+                     f"constant LR {lr['swap-phase2']}"}
+    out = ["| variant | held-out loss (nats/byte) | critical-path updates | wall (s) |", "|---|---:|---:|---:|"]
+    for k, name in names.items():
+        x = rows[k]
+        out.append(f"| {name} | {x['eval_loss_mean']:.4f} +- {x['eval_loss_sd']:.4f} | {x['updates']} "
+                   f"| {x['wall_s_mean']:.1f} |")
+    s, c = rows["swap"], r["phase1_cost_ratio"]
+    out += ["", f"SWAP's workers alone: {s['workers_eval_loss_mean']:.4f} on average; the average is below the "
+            f"better worker in {s['average_below_best_worker']} of {len(r['runs']['swap'])} seeds. Seconds per "
+            f"phase-1 update of `SWAPTrainer` over the Trainer's at the same batch: median {c['median']:.3f} "
+            f"(each seed: {', '.join(f'{v:.3f}' for v in c['each'])}). {r['cpu']}, torch {r['torch']}, "
+            f"transformers {r.get('transformers')}, accelerate {r.get('accelerate')}, {r['date']}."]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table", action="store_true", help="print the table of the results file; train nothing")
+    if p.parse_args().table:
+        print(table(json.loads(RESULTS.read_text())))
+    else:
+        measure()
 
 
 def _cpu() -> str:

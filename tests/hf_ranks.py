@@ -17,7 +17,8 @@ what the tests assert on to ``OUT/{part}.pt``. Part ``runs``:
 Part ``options``:
 
 - ``metric_ema``: the switch after the first evaluation (every 8 updates) whose loss is <= 4.5 nats
-  per byte, one phase-2 epoch, each worker its own EMA: the switch step, the EMA's samples, metrics.
+  per byte, one phase-2 epoch at 64 samples per update (16 updates), each worker its own EMA: the
+  switch step, the EMA's samples, metrics.
 - ``step_lawa_bn``: a small MLP with a BatchNorm layer (its own loss) on 512 fixed random samples, the
   switch at update 5, two phase-2 epochs of 16 updates, each worker its own LAWA of its two epoch-end
   weights: every worker's weights at each phase-2 epoch's end (gathered from both ranks), the final
@@ -139,7 +140,8 @@ def options() -> dict:
     """The metric switch with EMA workers, the step switch with LAWA workers on a BN model, the example."""
     results = {}
     ema = trainer(OUT / "metric_ema", SWAPArguments(switch_metric="eval_loss", stop_value=4.5, greater_is_better=False,
-                                                   phase2_epochs=1, phase2_lr=1e-3, average_along="ema",
+                                                   phase2_epochs=1, phase2_lr=1e-3, phase2_batch_size=64,
+                                                   average_along="ema",
                                                    along_options={"decay": 0.9}), 3,
                   eval_strategy="steps", eval_steps=8, save_strategy="no")
     ema.train()

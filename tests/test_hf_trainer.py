@@ -96,11 +96,11 @@ def test_the_step_and_the_epoch_go_on_across_phases_and_each_worker_is_logged(ra
 
 def test_the_switch_at_a_stopping_loss_with_each_worker_its_own_ema(ranks):
     """switch_metric eval_loss <= 4.5: the first evaluation (update 8) reaches it; phase 2 is one worker
-    epoch (32 updates), each an EMA sample; phase 3 averages the workers' EMAs."""
+    epoch at phase2_batch_size 64 (16 updates), each an EMA sample; phase 3 averages the workers' EMAs."""
     run = ranks["metric_ema"]
     first = next(e["step"] for e in run["log"] if e.get("eval_loss", 9.0) <= 4.5)
     assert run["start_step"] == first == 8
-    assert run["samples"] == 32 and run["steps"] == 8 + 32
+    assert run["samples"] == 16 and run["steps"] == 8 + 16
     workers = [w["loss"] for w in run["metrics"]["workers"]]
     assert run["metrics"]["average"]["loss"] <= sum(workers) / 2
 

@@ -143,7 +143,7 @@ def test_the_holdout_rule_stops_after_window_epochs_without_a_new_best_past_the_
 
 
 AUTO_MAX_EPOCHS = 9
-AUTO = ["data.train_subset=3072", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+AUTO = ["data.train_subset=2560", "data.holdout=512", "data.test_subset=500", "phase1.batch_size=512",
         f"phase1.max_epochs={AUTO_MAX_EPOCHS}", "phase1.warmup_epochs=2", "phase1.stop.metric=auto", "phase1.stop.window=2",
         "phase1.stop.every=2", "phase2.epochs=1", "phase2.batch_size=128", "phase2.layout=sequential"]
 
@@ -171,7 +171,7 @@ def test_a_validation_switch_stops_where_its_rule_says_and_resumes_to_the_same_s
     decisions = [rule(r["epoch"], r[key]) for r in read]
     assert decisions == [False] * (len(read) - 1) + [stop < AUTO_MAX_EPOCHS], decisions
     assert [r[key] for r in read] != [r["test_acc"] for r in read]
-    assert summary["updates"]["phase1"] == stop * 2048 // 512            # 3,072 less the 1,024 held out
+    assert summary["updates"]["phase1"] == stop * 2048 // 512            # 2,560 less the 512 held out
     trial_updates = len(read) * trial if signal_name == "trials" else 0
     assert summary["updates"].get("switch_trials", 0) == summary["switch"].get("trial_updates", 0) == trial_updates
     assert summary["updates"]["critical_path"] == stop * 4 + trial_updates + 2048 // 128
@@ -195,7 +195,7 @@ def test_trial_copies_leave_phase1_untouched_and_the_barrier_rule_switches_at_a_
     phase 1 with no rule at all; with ``barrier`` and a 100-point threshold the switch comes at the
     first trial after the warm-up (epoch 4), and the barrier recorded is the copies' mean
     validation accuracy minus their midpoint's."""
-    common = ["data.train_subset=3072", "data.holdout=1024", "data.test_subset=500", "phase1.batch_size=512",
+    common = ["data.train_subset=2560", "data.holdout=512", "data.test_subset=500", "phase1.batch_size=512",
               "phase1.max_epochs=6", "phase1.warmup_epochs=2", "phase2.epochs=1", "phase2.batch_size=128",
               "phase1.stop.every=2", "phase1.stop.trial_updates=8", "phase2.layout=sequential"]
     # one process (the test above runs trials on 2 ranks)

@@ -46,7 +46,8 @@ uninterrupted run's weights, bit for bit on CPU.
 Refused before any update, in one line (:class:`swap.errors.SwapError`): DeepSpeed, FSDP,
 ``nn.DataParallel`` (several GPUs in one process), one process, a switch that leaves no phase 1 or no
 phase 2, ``max_steps`` (the budget is in epochs), ``load_best_model_at_end`` (it would replace the
-average), a training dataset without a length. The Trainer internals this relies on are those of
+average), a training dataset without a length, a second ``train()`` of the same trainer (its model
+is already the average). The Trainer internals this relies on are those of
 ``transformers`` 5.x; :class:`SWAPTrainer` names the version if they moved. Needs
 ``pip install 'swap[hf]'`` (``transformers`` and ``accelerate``).
 """
@@ -254,6 +255,9 @@ class SWAPTrainer(Trainer):
     def _check(self) -> None:
         """The misuses refused before any update (module docstring)."""
         a, sw = self.args, self.swap_args
+        if self.swap_phase != 1:
+            raise SwapError(f"SWAPTrainer: this trainer has trained (it is in phase {self.swap_phase}; its model is "
+                            "the average at the end): build a new SWAPTrainer to train or resume again")
         if self.is_deepspeed_enabled or a.deepspeed:
             raise SwapError("SWAPTrainer does not support DeepSpeed: each phase-2 worker needs its whole model "
                             "and optimizer on its own rank (use plain DDP: torchrun without --deepspeed)")

@@ -140,6 +140,7 @@ def _trainer(tmp_path, swap_args, **args):
      "SWAPTrainer: load_best_model_at_end would replace the averaged model"),
     ({"num_train_epochs": 3}, {"is_deepspeed_enabled": True}, "SWAPTrainer does not support DeepSpeed"),
     ({"num_train_epochs": 3}, {"is_fsdp_enabled": True}, "SWAPTrainer does not support FSDP"),
+    ({"num_train_epochs": 3}, {"swap_phase": 3}, "SWAPTrainer: this trainer has trained (it is in phase 3"),
 ])
 def test_misuse_is_refused_before_any_update_in_one_line(tmp_path, args, extra, message):
     swap_args = SWAPArguments(phase2_lr=1e-3, switch_epoch=args.pop("switch_epoch", 1))

@@ -24,6 +24,30 @@ def test_idx_roundtrip_gz_and_raw(tmp_path):
     assert np.array_equal(read_idx(write_idx(tmp_path / "a", a, gz=False)), a)
 
 
+def test_a_file_read_again_comes_from_the_cache_until_its_bytes_change(tmp_path):
+    """The second read of the same bytes returns the kept read-only array; the same path rewritten
+    with other bytes of the same size (and the same timestamp) is read anew; at most CACHED files
+    are kept."""
+    import os
+
+    from swap.data import idx
+    a = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    path = write_idx(tmp_path / "a.gz", a)
+    first = read_idx(path)
+    assert read_idx(path) is first and not first.flags.writeable and np.array_equal(first, a)
+    with pytest.raises(ValueError):
+        first[0, 0, 0] = 1                                   # a shared array cannot be changed by a caller
+    stat = path.stat()
+    write_idx(path, a[::-1].copy())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = read_idx(path)
+    assert again is not first and np.array_equal(again, a[::-1]) and np.array_equal(first, a)
+    for n in range(idx.CACHED + 1):
+        read_idx(write_idx(tmp_path / f"b{n}.gz", a + n))
+    assert len(idx._cache) == idx.CACHED
+    assert read_idx(tmp_path / f"b{idx.CACHED}.gz") is read_idx(tmp_path / f"b{idx.CACHED}.gz")
+
+
 def test_fashion_loader_matches_written_arrays(tmp_path, no_system_data):
     arrays = write_fashion_files(tmp_path / "fm", n_train=20, n_test=10)
     train, test = load_dataset("fashion-mnist", str(tmp_path / "fm"))

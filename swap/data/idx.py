@@ -33,7 +33,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     the declared size (a decompression bomb) is refused after one byte more.
 
     The arrays read are kept per process, keyed by the file's bytes (a BLAKE2b digest: hashing
-    costs a tenth of inflating Fashion-MNIST's 26 MB), for the :data:`CACHED` latest distinct
+    costs a tenth of inflating Fashion-MNIST's 26 MB), for the ``CACHED`` (4) latest distinct
     files: a run's pre-launch check and its in-process rank, or a notebook's next run, read the
     same file again without inflating it; a file whose bytes changed is read anew.
 

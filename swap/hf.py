@@ -66,10 +66,11 @@ from safetensors.torch import load_file, save_file
 
 from .averaging import bn_buffer_names, distributed_average_, recompute_bn
 from .callbacks import LoopState
+from .checkpoint import atomic_paths, atomic_write_bytes
 from .data.loader import WorkerOrder, pass_slices, stream_seed
 from .distributed import teardown
 from .errors import SwapError
-from .schedules import warmup_decay
+from .schedules import PHASE2_SHAPES, phase2_schedule
 from .trajectory import EMA, LAWA
 
 try:
@@ -85,7 +86,6 @@ except ModuleNotFoundError as exc:                 # one line naming the extra
     raise ModuleNotFoundError(f"swap.hf needs {exc.name.split('.')[0]}; pip install 'swap[hf]'",
                               name=exc.name) from None
 
-SCHEDULES = ("linear", "cosine", "constant")
 ALONG = ("none", "ema", "lawa")
 STATE_FILE = "swap.json"                 # in every checkpoint: the phase and where phase 2 began
 # The Trainer methods this class overrides or calls beyond the public ones (transformers 5.x)
@@ -162,8 +162,8 @@ class SWAPArguments:
         if self.phase2_epochs is not None and not whole(self.phase2_epochs, 1):
             raise SwapError(f"SWAPArguments: phase2_epochs must be an integer >= 1 (a switch must leave a "
                             f"phase 2), got {self.phase2_epochs!r}")
-        if self.phase2_schedule not in SCHEDULES:
-            raise SwapError(f"SWAPArguments: phase2_schedule must be one of {', '.join(SCHEDULES)}, "
+        if self.phase2_schedule not in PHASE2_SHAPES:
+            raise SwapError(f"SWAPArguments: phase2_schedule must be one of {', '.join(PHASE2_SHAPES)}, "
                             f"got {self.phase2_schedule!r}")
         if not 0 <= self.phase2_min_lr <= self.phase2_lr:
             raise SwapError(f"SWAPArguments: need 0 <= phase2_min_lr ({self.phase2_min_lr}) <= phase2_lr "
@@ -366,8 +366,7 @@ class SWAPTrainer(Trainer):
         if self.lr_scheduler is None:
             optimizer = optimizer or self.optimizer
             sw = self.swap_args
-            lr_at = (lambda step: sw.phase2_lr) if sw.phase2_schedule == "constant" else \
-                warmup_decay(sw.phase2_lr, 0, num_training_steps, sw.phase2_schedule, sw.phase2_min_lr)
+            lr_at = phase2_schedule(sw.phase2_lr, num_training_steps, sw.phase2_schedule, sw.phase2_min_lr)
             first = optimizer.param_groups[0]
             base = float(first.get("initial_lr", first["lr"]))
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -478,14 +477,16 @@ class _Phases(TrainerCallback):
         if t.swap_phase == 2:
             rank = t.args.process_index
             weights = {k: v.detach().cpu().clone().contiguous() for k, v in t.model.state_dict().items()}
-            _atomic(os.path.join(folder, f"swap_worker{rank}.safetensors"), lambda p: save_file(weights, p))
             extra = {"optimizer": t.optimizer.state_dict(),
                      "along": self.along.state_dict() if self.along is not None else None}
-            _atomic(os.path.join(folder, f"swap_worker{rank}.pt"), lambda p: torch.save(extra, p))
+            files = (Path(folder) / f"swap_worker{rank}.safetensors", Path(folder) / f"swap_worker{rank}.pt")
+            with atomic_paths(*files) as (weights_tmp, extra_tmp):
+                save_file(weights, str(weights_tmp))
+                torch.save(extra, extra_tmp)
         if t.args.process_index == 0:
             state = {"phase": t.swap_phase, "switch_reached": self.switch_reached, "start_step": self.start_step,
                      "start_epoch": self.start_epoch, "world_size": t.args.world_size, "seed": self.seed}
-            _atomic(os.path.join(folder, STATE_FILE), lambda p: Path(p).write_text(json.dumps(state)))
+            atomic_write_bytes(Path(folder) / STATE_FILE, json.dumps(state).encode())
         if dist.is_initialized():
             dist.barrier()                     # every worker is on disk before trainer_state.json
 
@@ -627,12 +628,6 @@ def _read_state(folder: str) -> dict | None:
         state = json.load(f)
     state["folder"] = folder
     return state
-
-
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _strip(metrics: dict, prefix: str) -> dict:

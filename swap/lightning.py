@@ -53,7 +53,7 @@ from .data.loader import WorkerOrder, pass_slices, stream_seed
 from .distributed import teardown
 from .errors import SwapError
 from .optim.lr import apply_lr, record_lr_scales
-from .schedules import warmup_decay
+from .schedules import PHASE2_SHAPES, phase2_schedule
 
 try:
     import lightning.pytorch as pl
@@ -65,8 +65,6 @@ except ModuleNotFoundError as exc:                 # one line naming the extra
     if (exc.name or "").split(".")[0] != "lightning":
         raise
     raise ModuleNotFoundError("swap.lightning needs Lightning; pip install 'swap[lightning]'", name="lightning") from None
-
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 class _Recorder:
@@ -160,8 +158,9 @@ class SWAP(Callback):
             raise SwapError(f"SWAP: mode must be max or min, got {mode!r}")
         if phase2_epochs is not None and not (isinstance(phase2_epochs, int) and phase2_epochs >= 1):
             raise SwapError(f"SWAP: phase2_epochs must be an integer >= 1, got {phase2_epochs!r}")
-        if phase2_schedule not in SCHEDULES:
-            raise SwapError(f"SWAP: phase2_schedule must be one of {', '.join(SCHEDULES)}, got {phase2_schedule!r}")
+        if phase2_schedule not in PHASE2_SHAPES:
+            raise SwapError(f"SWAP: phase2_schedule must be one of {', '.join(PHASE2_SHAPES)}, "
+                            f"got {phase2_schedule!r}")
         if not 0 <= phase2_min_lr <= phase2_lr:
             raise SwapError(f"SWAP: need 0 <= phase2_min_lr ({phase2_min_lr}) <= phase2_lr ({phase2_lr})")
         if phase2_batch_size is not None and not (isinstance(phase2_batch_size, int) and phase2_batch_size >= 1):
@@ -321,9 +320,7 @@ class SWAP(Callback):
             apply_lr(opt, lr)
 
     def _schedule(self):
-        if self.phase2_schedule == "constant":
-            return lambda step: self.phase2_lr
-        return warmup_decay(self.phase2_lr, 0, self._total_steps, self.phase2_schedule, self.phase2_min_lr)
+        return phase2_schedule(self.phase2_lr, self._total_steps, self.phase2_schedule, self.phase2_min_lr)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (self.phase == 2 and trainer.current_epoch == self._end_epoch - 1

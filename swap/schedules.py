@@ -15,6 +15,7 @@ from typing import Callable
 from .errors import SwapError
 
 SHAPES = ("linear", "cosine")          # the decay after the warm-up (warmup_decay)
+PHASE2_SHAPES = (*SHAPES, "constant")  # the phase-2 LR of the Trainer integrations (phase2_schedule)
 
 Schedule = Callable[[int], float]
 
@@ -51,6 +52,19 @@ def warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int, shape: str
         return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     return lr_at
+
+
+def phase2_schedule(peak_lr: float, total_steps: int, shape: str, min_lr: float = 0.0) -> Schedule:
+    """SWAP's phase-2 LR over ``total_steps`` updates without a warm-up (Gupta et al., ICLR 2020,
+    Sec. 5): from ``peak_lr`` down to ``min_lr`` (``linear``, the paper's, or ``cosine``:
+    :func:`warmup_decay` with ``warmup_steps=0``), or ``peak_lr`` throughout (``constant``).
+
+    Raises:
+        SwapError: as :func:`warmup_decay` for ``linear`` and ``cosine`` (an unknown shape among them).
+    """
+    if shape == "constant":
+        return lambda step: peak_lr
+    return warmup_decay(peak_lr, 0, total_steps, shape, min_lr)
 
 
 def cyclic(lr_max: float, lr_min: float, cycle_steps: int) -> Schedule:
@@ -159,5 +173,5 @@ def samples_between(loader, first_epoch: int, end_epoch: int) -> int:
     return sum(n * b for _, n, b in (epoch_shape(loader, e) for e in range(first_epoch, end_epoch)))
 
 
-__all__ = ["SHAPES", "Schedule", "warmup_decay", "cyclic", "Segment", "parse_segments", "epoch_shape",
+__all__ = ["SHAPES", "PHASE2_SHAPES", "Schedule", "warmup_decay", "phase2_schedule", "cyclic", "Segment", "parse_segments", "epoch_shape",
            "updates_between", "samples_between"]

@@ -17,7 +17,6 @@ from torch import nn
 from swap.task import Task
 
 ROOT = Path(__file__).resolve().parent.parent
-FORTUNES = Path("/usr/share/games/fortunes")
 SHORT = ["procs=1", "phase2.layout=sequential", "phase1.max_epochs=1", "phase2.epochs=1", "data.test_subset=256"]
 
 
@@ -36,9 +35,7 @@ def _train(out: Path, config: str, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def hf_runs(tmp_path_factory):
-    if not FORTUNES.is_dir():
-        pytest.fail("the Hugging Face tests need Debian's fortunes (make data installs it)")
+def hf_runs(tmp_path_factory, real_fortunes):
     base = tmp_path_factory.mktemp("hf")
     return {"gpt2": (base / "gpt2", _train(base / "gpt2", "hf_gpt2_fortunes", "data.train_subset=1024")),
             "bert": (base / "bert", _train(base / "bert", "hf_bert_fortunes", "data.train_subset=1024"))}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from swap.errors import SwapError
 from swap.schedules import cyclic, warmup_decay
 
 
@@ -37,3 +38,17 @@ def test_cyclic_reaches_min_at_cycle_end():
     assert lr(9) == pytest.approx(0.005) and lr(19) == pytest.approx(0.005)
     assert lr(10) == pytest.approx(0.05 - 0.045 / 10)
     assert lr(0) == lr(10) == lr(20)
+
+
+def test_the_phase2_schedule_decays_from_the_peak_without_warm_up_or_stays_constant():
+    """Phase 2 of the Trainer integrations: linear/cosine are warmup_decay with no warm-up (the peak
+    at update 0, min_lr at the last), constant is the peak at every update; other shapes refused."""
+    from swap.schedules import PHASE2_SHAPES, phase2_schedule, warmup_decay
+    assert PHASE2_SHAPES == ("linear", "cosine", "constant")
+    for shape in ("linear", "cosine"):
+        lr, ref = phase2_schedule(0.1, 10, shape, 0.01), warmup_decay(0.1, 0, 10, shape, 0.01)
+        assert [lr(s) for s in range(12)] == [ref(s) for s in range(12)]
+        assert lr(0) == 0.1 and abs(lr(10) - 0.01) < 1e-12
+    assert {phase2_schedule(0.1, 10, "constant")(s) for s in range(12)} == {0.1}
+    with pytest.raises(SwapError, match="unknown schedule shape 'step'"):
+        phase2_schedule(0.1, 10, "step")

@@ -18,9 +18,9 @@ import swap.launch
 from swap.checkpoint import load_checkpoint, save_checkpoint
 from swap.config import SwapError, load_config
 
+from conftest import FORTUNES_DIR
 from test_generic import Tabular, TabularNet as BNTable      # BatchNorm1d, dict inputs
 
-FORTUNES = Path("/usr/share/games/fortunes")
 CATEGORIES = ("computers", "science", "law", "food", "education")      # a fortune's class: the file it is in
 
 
@@ -32,7 +32,7 @@ class Fortunes(Dataset):
     def __init__(self, train: bool, per_class: int = 190, max_len: int = 96):
         self.samples = []
         for label, name in enumerate(CATEGORIES):
-            texts = [t.strip() for t in (FORTUNES / name).read_bytes().split(b"\n%\n") if t.strip()][:per_class]
+            texts = [t.strip() for t in (FORTUNES_DIR / name).read_bytes().split(b"\n%\n") if t.strip()][:per_class]
             self.samples += [(torch.tensor(list(t[:max_len]), dtype=torch.int64), label)
                              for k, t in enumerate(texts) if (k % 5 == 4) != train]
 
@@ -246,7 +246,7 @@ class TokenPairs(Dataset):
     """Real text as (input, next byte) pairs of 16 bytes, bytes folded into 32 tokens."""
 
     def __init__(self, start: int, n: int):
-        data = torch.tensor(list((FORTUNES / "science").read_bytes()[:20000]), dtype=torch.int64) % 32
+        data = torch.tensor(list((FORTUNES_DIR / "science").read_bytes()[:20000]), dtype=torch.int64) % 32
         self.x = [data[start + 17 * i:start + 17 * i + 17] for i in range(n)]
 
     def __len__(self):

@@ -164,7 +164,8 @@ def finish_average(ctx: Context, along: trajectory.Along, phase: str, worker: in
         save_checkpoint(ctx.run.checkpoint(f"{name}_average"), model,
                         {"config_hash": ctx.cfg.hash(), "phase": phase, "worker": worker, **result})
         ctx.log({"phase": f"{phase}_{along.kind}", "worker": worker, "epoch": at[0], "update": at[1],
-                 "test_acc": result["test_acc"], "samples_averaged": along.count, "phase_wall_s": time.perf_counter() - t, "wall_s": time.time() - ctx.t0})
+                 "test_acc": result["test_acc"], "samples_averaged": along.count,
+                 "phase_wall_s": time.perf_counter() - t, "wall_s": time.time() - ctx.t0})
     return model, result
 
 
